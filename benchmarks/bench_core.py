@@ -1,0 +1,137 @@
+"""Core benchmark: peak memory and step time of HF+PEFT LoRA vs Jenga on one GPU, side by side.
+
+Each (method, length) runs in its own process so allocator peaks never leak between runs. Writes one
+JSON-lines log per run and a Markdown table (RESULTS-core.md) to --out.
+
+    python benchmarks/bench_core.py --model llama-2-7b --seqs 4096 8192 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from jenga import JengaConfig, apply_jenga
+from jenga.experiments.training import add_attention_lora, load_model, read_jsonl, train_steps
+from jenga.profiling import JsonlWriter, PhaseRecorder, run_header
+
+# Methods are data: None is the HF+PEFT baseline; a JengaConfig is applied on top of the same model.
+METHODS: dict[str, JengaConfig | None] = {
+    "lora": None,
+    # No elimination: sparse-saved MLP at keep 1.0 (saves only gate/up) and the segmented loss.
+    "jenga-dense": JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=1024),
+    # First 2 layers and the last dense; the rest keep half their blocks and half their MLP channels.
+    "jenga": JengaConfig(block_size=64, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=2, sink_blocks=1),
+    "jenga-0.25": JengaConfig(block_size=64, attn_keep=0.25, mlp_keep=0.25, dense_first_layers=2, sink_blocks=1),
+}
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    method, seq = args.worker[0], int(args.worker[1])
+    config = METHODS[method]
+    log = Path(args.out) / f"{Path(args.model).name}_{method}_{seq}.jsonl"
+    torch.manual_seed(0)
+    model, weights = load_model(args.model, seq, device="cuda" if torch.cuda.is_available() else "cpu")
+    model = add_attention_lora(model)
+    if config is not None:
+        apply_jenga(model, config)
+    header = run_header(
+        extra={
+            "experiment": "bench_core",
+            "model": args.model,
+            "weights": weights,
+            "method": method,
+            "seq_len": seq,
+            "batch": 1,
+            "dtype": "bfloat16",
+            "lora": "r=8 q/k/v/o",
+            "jenga_config": None if config is None else config.to_dict(),
+        }
+    )
+    with JsonlWriter(log, header=header) as writer:
+        stats = train_steps(
+            model, seq, args.steps, args.warmup, PhaseRecorder(), model.config.vocab_size, writer=writer
+        )
+        writer.write(stats.as_record())
+    print(f"{method} {seq}: {stats.status} peak={stats.peak_gib} step={stats.median_step_s}", flush=True)
+
+
+def summarize(out: Path, model: str, seqs: list[int], command: str) -> str:
+    rows, header = [], None
+    for seq in seqs:
+        base = None
+        for method in METHODS:
+            path = out / f"{Path(model).name}_{method}_{seq}.jsonl"
+            records = read_jsonl(path) if path.exists() else []
+            header = header or next((r for r in records if r.get("record") == "header"), None)
+            summary = next((r for r in records if r.get("record") == "summary"), {"status": "missing"})
+            first = next((r for r in records if r.get("record") == "step"), {})
+            if method == "lora":
+                base = summary
+            rows.append((seq, method, summary, first.get("loss"), base))
+    lines = [
+        f"## Core benchmark: {model}, batch 1, bf16, LoRA r=8 q/k/v/o, SDPA, AdamW, no gradient checkpointing",
+        "",
+        f"- device: {header and header.get('device')}; torch {header and header.get('torch')}, "
+        f"transformers {header and header.get('transformers')}, peft {header and header.get('peft')}, "
+        f"triton {header and header.get('triton')}; git {header and header.get('git_commit')}",
+        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; weights: "
+        f"{header and header.get('weights')}",
+        f"- command: `{command}`",
+        "- peak = torch.cuda.max_memory_allocated over all steps (weights included); step = median of the "
+        "measured steps after warm-up",
+        "",
+        "| length | method | peak GiB | peak / lora | step s | step / lora | first-step loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for seq, method, summary, loss, base in rows:
+        if summary.get("status") != "ok":
+            lines.append(f"| {seq} | {method} | {summary.get('status', 'missing').upper()} | | | | |")
+            continue
+        base = base if base is not None and base.get("status") == "ok" else {}
+        cells = [seq, method]
+        for key, digits in (("peak_gib", 1), ("median_step_s", 3)):
+            value, reference = summary.get(key), base.get(key)
+            cells.append("—" if value is None else f"{value:.{digits}f}")
+            cells.append("—" if value is None or not reference else f"{value / reference:.2f}")
+        cells.append(f"{loss:.4f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Methods:"]
+    for name, config in METHODS.items():
+        lines.append(f"- `{name}`: " + ("HF+PEFT baseline" if config is None else f"`{config.to_dict()}`"))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-2-7b")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/logs/core")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        run_worker(args)
+        return
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    for seq in args.seqs:
+        for method in args.methods:
+            worker = [*sys.argv, "--worker", method, str(seq)]
+            result = subprocess.run([sys.executable, *worker])
+            if result.returncode != 0:
+                print(f"worker {method} {seq} failed with exit code {result.returncode}", file=sys.stderr)
+    report = summarize(Path(args.out), args.model, args.seqs, command)
+    (Path(args.out) / "RESULTS-core.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

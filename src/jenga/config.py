@@ -1,0 +1,125 @@
+"""`JengaConfig`: what a user chooses (block size, sparsity schedules, loss segments), validated early.
+
+Schedules are either one ratio applied by a rule (the first ``dense_first_layers`` layers and, optionally,
+the last layer stay dense; the rest use the ratio) or an explicit per-layer list. Lists are checked against
+the model's layer count when `apply_jenga` resolves them, since only then is the count known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCORING_MODES = ("oracle", "predictor")
+
+
+class JengaConfigError(ValueError):
+    """A `JengaConfig` value is out of range or does not fit the model."""
+
+
+Schedule = float | list[float]
+
+
+@dataclass
+class JengaConfig:
+    """How Jenga sparsifies a model.
+
+    block_size: tokens per block; blocks are the unit of elimination (power of two).
+    attn_keep: fraction of blocks each sparse layer's attention sublayer keeps, or one ratio per layer.
+    mlp_keep: fraction of MLP channels whose activations are saved for backward, or one ratio per layer.
+    dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio.
+    sink_blocks: leading blocks every layer keeps (attention sinks).
+    segment_size: tokens per loss segment; 0 keeps the model's own loss.
+    scoring: "oracle" (exact q·k scores) or "predictor" (learned, pass a scorer to `apply_jenga`).
+    """
+
+    block_size: int = 64
+    attn_keep: Schedule = 0.5
+    mlp_keep: Schedule = 1.0
+    dense_first_layers: int = 2
+    dense_last_layer: bool = True
+    sink_blocks: int = 1
+    segment_size: int = 1024
+    scoring: str = "oracle"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `JengaConfigError` naming the field, the value and the fix."""
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
+            raise JengaConfigError(f"block_size must be a power of two (e.g. 64), got {bs!r}")
+        for name in ("attn_keep", "mlp_keep"):
+            value = getattr(self, name)
+            ratios = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and not value:
+                raise JengaConfigError(f"{name} is an empty list; give one ratio per layer or a single float")
+            for i, r in enumerate(ratios):
+                if isinstance(r, bool) or not isinstance(r, int | float) or not (0.0 < r <= 1.0):
+                    where = f"{name}[{i}]" if isinstance(value, list) else name
+                    raise JengaConfigError(f"{where} must be a keep ratio in (0, 1], got {r!r}")
+        if not isinstance(self.dense_first_layers, int) or self.dense_first_layers < 0:
+            raise JengaConfigError(f"dense_first_layers must be an int >= 0, got {self.dense_first_layers!r}")
+        if not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
+            raise JengaConfigError(f"sink_blocks must be an int >= 0, got {self.sink_blocks!r}")
+        if not isinstance(self.segment_size, int) or self.segment_size < 0:
+            raise JengaConfigError(
+                f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"
+            )
+        if self.scoring not in SCORING_MODES:
+            raise JengaConfigError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
+
+    def _resolve(self, name: str, num_layers: int) -> list[float]:
+        value = getattr(self, name)
+        if isinstance(value, list):
+            if len(value) != num_layers:
+                raise JengaConfigError(
+                    f"{name} lists {len(value)} ratios but the model has {num_layers} layers; "
+                    f"give exactly one ratio per layer or a single float"
+                )
+            return [float(r) for r in value]
+        last_dense = {num_layers - 1} if self.dense_last_layer else set()
+        return [1.0 if (i < self.dense_first_layers or i in last_dense) else float(value) for i in range(num_layers)]
+
+    def attn_schedule(self, num_layers: int) -> list[float]:
+        """Per-layer attention keep ratios for a model with `num_layers` layers."""
+        return self._resolve("attn_keep", num_layers)
+
+    def mlp_schedule(self, num_layers: int) -> list[float]:
+        """Per-layer MLP keep ratios for a model with `num_layers` layers."""
+        return self._resolve("mlp_keep", num_layers)
+
+    def kept_blocks(self, num_blocks: int, keep: float) -> int:
+        """How many of `num_blocks` blocks a layer with ratio `keep` keeps (at least the sinks, at least 1)."""
+        return min(num_blocks, max(math.ceil(keep * num_blocks), self.sink_blocks, 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JengaConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JengaConfigError(f"unknown JengaConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialize; also write to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> JengaConfig:
+        """Parse a JSON string, or read a file when given a path that exists."""
+        candidate = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = candidate.read_text() if candidate is not None and candidate.exists() else str(text_or_path)
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,145 @@
+"""Where tokens are chosen: block selection per sequence, and moving tensors to and from the kept subset.
+
+A layer keeps whole blocks of ``block_size`` tokens, chosen per sequence, in original order, so causal
+masking over the kept subset is causal masking by original position. Eliminated positions get a zero
+attention output. All shapes follow Hugging Face: hidden (B, S, D), masks (B, 1, S, S) or (B, S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .scoring import num_blocks
+
+
+def key_validity(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """(B, S) bool, False for keys no query may see (padding), from a layer's mask; None when all valid.
+
+    Works for causal and sliding-window masks: a valid key is seen at least by its own query row.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        valid = attention_mask.bool()
+    elif attention_mask.dim() == 4:
+        allowed = (
+            attention_mask
+            if attention_mask.dtype == torch.bool
+            else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        )
+        valid = allowed[:, 0, :, -seq_len:].any(dim=1)
+    else:
+        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} is neither (B, S) nor (B, 1, S, S)")
+    return None if bool(valid.all()) else valid
+
+
+def select_blocks(
+    scores: torch.Tensor,
+    keep: int,
+    sink_blocks: int = 0,
+    block_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices (B, keep) of the `keep` best blocks per sequence, ascending.
+
+    Sink blocks are always kept; blocks that hold only padding (``block_valid`` False) rank last.
+    """
+    ranked = scores.float().clone()
+    if block_valid is not None:
+        ranked = ranked.masked_fill(~block_valid, float("-inf"))
+    ranked[:, : min(sink_blocks, ranked.shape[1])] = float("inf")
+    return ranked.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+@dataclass
+class TokenSelection:
+    """The kept token positions of a batch, and how to move tensors between full and kept layouts.
+
+    index: (B, L) original positions (clamped into range); valid: (B, L) bool marking positions of a
+    kept partial block that lie past the sequence end, or None when every kept position is real.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor | None
+    seq_len: int
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, block_size: int, seq_len: int) -> TokenSelection:
+        offsets = torch.arange(block_size, device=blocks.device)
+        index = (blocks[:, :, None] * block_size + offsets).flatten(1)
+        valid = index < seq_len
+        overflow = (~valid).sum(dim=1)
+        if bool((overflow == overflow[0]).all()):
+            # Only the last block can be partial and it sorts last, so equal overflow means equal tails.
+            width = index.shape[1] - int(overflow[0])
+            return cls(index[:, :width].contiguous(), None, seq_len)
+        return cls(index.clamp(max=seq_len - 1), valid, seq_len)
+
+    @property
+    def num_kept(self) -> int:
+        return self.index.shape[1]
+
+    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Kept rows of `x` along `dim` (the sequence axis); broadcasts a batch dim of 1.
+
+        Uses `index_select` on a flattened view because its backward keeps only the index, whereas
+        `torch.gather` saves its whole input for backward.
+        """
+        bsz, kept = self.index.shape
+        moved = x.movedim(dim, 1)
+        rest = moved.shape[2:]
+        if moved.shape[0] == 1:
+            out = moved[0].index_select(0, self.index.reshape(-1))
+        else:
+            rows = torch.arange(bsz, device=self.index.device)[:, None] * moved.shape[1]
+            out = moved.reshape(-1, *rest).index_select(0, (self.index + rows).reshape(-1))
+        return out.view(bsz, kept, *rest).movedim(1, dim)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) kept-layout output → (B, S, D) with zeros at eliminated positions.
+
+        Positions past the sequence end go to a spare row that is dropped, so they never overwrite data.
+        """
+        bsz, _, width = y.shape
+        index = self.index if self.valid is None else self.index.masked_fill(~self.valid, self.seq_len)
+        out = y.new_zeros(bsz, self.seq_len + 1, width)
+        out = out.scatter(1, index[:, :, None].expand(-1, -1, width), y)
+        return out[:, : self.seq_len]
+
+    def gather_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The layer's mask restricted to kept queries and keys, with out-of-range keys masked."""
+        if attention_mask is None and self.valid is None:
+            return None
+        if attention_mask is None:
+            causal = torch.ones(self.num_kept, self.num_kept, dtype=torch.bool, device=self.index.device).tril()
+            return causal[None, None] & self.valid[:, None, None, :]
+        if attention_mask.dim() == 2:
+            mask = self.gather(attention_mask, dim=1)
+            return mask if self.valid is None else mask * self.valid.to(mask.dtype)
+        rows = self.gather(attention_mask[:, :, :, -self.seq_len :], dim=2)
+        mask = self.gather(rows, dim=3)
+        if self.valid is None:
+            return mask
+        key_ok = self.valid[:, None, None, :]
+        if mask.dtype == torch.bool:
+            return mask & key_ok
+        return mask.masked_fill(~key_ok, torch.finfo(mask.dtype).min)
+
+
+def select_tokens(
+    scores: torch.Tensor,
+    keep_blocks: int,
+    block_size: int,
+    seq_len: int,
+    sink_blocks: int,
+    token_valid: torch.Tensor | None,
+) -> TokenSelection:
+    """Turn block scores (B, nb) into the kept token positions of each sequence."""
+    nb = num_blocks(seq_len, block_size)
+    block_valid = None
+    if token_valid is not None:
+        padded = torch.nn.functional.pad(token_valid, (0, nb * block_size - seq_len))
+        block_valid = padded.view(-1, nb, block_size).any(dim=2)
+    blocks = select_blocks(scores, keep_blocks, sink_blocks, block_valid)
+    return TokenSelection.from_blocks(blocks, block_size, seq_len)

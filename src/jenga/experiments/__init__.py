@@ -1,0 +1,1 @@
+"""Experiment building blocks: models from architecture folders, methods, measured training steps."""

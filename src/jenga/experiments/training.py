@@ -1,0 +1,135 @@
+"""Build a model the way every experiment does and time/measure its training steps.
+
+Kept apart from the library core: the core knows nothing of experiments, and benchmarks and the runner
+share one definition of "a training step" (forward with labels, backward, AdamW step).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..profiling import JsonlWriter, PhaseRecorder
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CHECKPOINTS = REPO_ROOT / "checkpoints"
+
+
+def has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def load_model(
+    name: str,
+    max_length: int,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    attn_implementation: str = "sdpa",
+) -> tuple[torch.nn.Module, str]:
+    """Model from `checkpoints/<name>` (or any folder): real weights if present, random init otherwise.
+
+    Returns the model and "pretrained" or "random-init" for the log.
+    """
+    folder = Path(name) if Path(name).is_dir() else CHECKPOINTS / name
+    if not (folder / "config.json").exists():
+        known = sorted(p.name for p in CHECKPOINTS.iterdir() if (p / "config.json").exists())
+        raise FileNotFoundError(f"no config.json for model {name!r}; known architectures: {known}")
+    config = AutoConfig.from_pretrained(folder)
+    config.use_cache = False
+    config.max_position_embeddings = max(config.max_position_embeddings, max_length)
+    if has_weights(folder):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=dtype, attn_implementation=attn_implementation, device_map=device
+        )
+        return model, "pretrained"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model, "random-init"
+
+
+def add_attention_lora(model: torch.nn.Module, rank: int = 8) -> torch.nn.Module:
+    """LoRA on q/k/v/o, the paper's setting (alpha = 2·rank, no dropout)."""
+    out = "out_proj" if model.config.model_type == "opt" else "o_proj"
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", out]
+    )
+    return get_peft_model(model, config)
+
+
+@dataclass
+class StepStats:
+    """Summary of a measured run: median step time and peak allocated memory over all steps."""
+
+    status: str
+    steps: list[dict[str, Any]]
+    peak_gib: float | None = None
+    median_step_s: float | None = None
+    error: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "record": "summary",
+            "status": self.status,
+            "peak_gib": self.peak_gib,
+            "median_step_s": self.median_step_s,
+            "measured_steps": sum(1 for s in self.steps if not s["warmup"]),
+            "error": self.error,
+        }
+
+
+def train_steps(
+    model: torch.nn.Module,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    recorder: PhaseRecorder,
+    vocab_size: int,
+    writer: JsonlWriter | None = None,
+    seed: int = 0,
+) -> StepStats:
+    """Run `warmup + steps` AdamW steps on random tokens (batch 1); OOM ends the run as status "oom"."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    records: list[dict[str, Any]] = []
+    try:
+        for step in range(warmup + steps):
+            ids = torch.randint(0, vocab_size, (1, seq_len), generator=gen).to(device)
+            with recorder.phase("forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with recorder.phase("backward"):
+                loss.backward()
+            with recorder.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            record = recorder.step_summary(step)
+            record.update(warmup=step < warmup, loss=loss.item())
+            records.append(record)
+            if writer is not None:
+                writer.write(record)
+            del loss
+    except torch.cuda.OutOfMemoryError as exc:
+        if recorder.active is not None:
+            recorder.stop()
+        return StepStats("oom", records, error=str(exc).splitlines()[0])
+    measured = [r for r in records if not r["warmup"]]
+    peaks = [r["peak_gib"] for r in records if r["peak_gib"] is not None]
+    return StepStats(
+        "ok",
+        records,
+        peak_gib=max(peaks) if peaks else None,
+        median_step_s=statistics.median(r["step_s"] for r in measured) if measured else None,
+    )
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,150 @@
+"""Segmented causal-LM loss: the full (tokens x vocab) logits never exist at once.
+
+At long context the dense loss is dominated by its logits: 8K tokens x 32K vocab is 1 GiB of fp32 logits,
+plus as much again for the softmax that autograd keeps for backward. Here the logits are computed one
+segment of tokens at a time in forward, thrown away, and recomputed segment by segment in backward, so
+the extra memory is O(segment_size x vocab) while the result equals ``transformers``' ``ForCausalLMLoss``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = ["segmented_causal_lm_loss"]
+
+
+def _active_segment_starts(valid: Tensor, segment_size: int) -> list[int]:
+    """Start offsets of segments holding at least one supervised token (one host sync for all of them)."""
+    segment_ids = torch.unique(valid.nonzero().flatten() // segment_size)
+    return (segment_ids * segment_size).tolist()
+
+
+class _SegmentedCrossEntropySum(torch.autograd.Function):
+    """Sum of fp32 cross-entropy of ``linear(hidden, weight, bias)`` against labels, segment by segment.
+
+    Only the inputs (by reference) and the shifted labels are saved; backward recomputes each segment's
+    logits, which costs one extra lm_head matmul but keeps peak memory at one segment's logits.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        shift_labels: Tensor,
+        segment_size: int,
+        ignore_index: int,
+    ) -> Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        starts = _active_segment_starts(shift_labels != ignore_index, segment_size)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in starts:
+            logits = F.linear(flat[start : start + segment_size], weight, bias)
+            total += F.cross_entropy(
+                logits.float(),
+                shift_labels[start : start + segment_size],
+                ignore_index=ignore_index,
+                reduction="sum",
+            )
+        ctx.save_for_backward(hidden, weight, bias, shift_labels)
+        ctx.starts = starts
+        ctx.segment_size = segment_size
+        ctx.ignore_index = ignore_index
+        # Backward must recompute the logits exactly as forward did, including under Trainer's autocast.
+        device_type = hidden.device.type
+        ctx.autocast_kwargs = {
+            "device_type": device_type,
+            "dtype": torch.get_autocast_dtype(device_type),
+            "enabled": torch.is_autocast_enabled(device_type),
+        }
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_total: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        hidden, weight, bias, shift_labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        grad_flat = torch.zeros_like(flat) if need_hidden else None
+        # Weight/bias gradients sum over every segment, so accumulate them in fp32 whatever the model dtype.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        size = ctx.segment_size
+        with torch.autocast(**ctx.autocast_kwargs):
+            for start in ctx.starts:
+                h_seg = flat[start : start + size]
+                labels = shift_labels[start : start + size]
+                valid = labels != ctx.ignore_index
+                logits = F.linear(h_seg, weight, bias)
+                # d(sum CE)/d(logits) = softmax - one_hot(label) on supervised rows, 0 on ignored rows.
+                dlogits = logits.float().softmax(dim=-1)
+                target = torch.where(valid, labels, 0).unsqueeze(1)
+                dlogits.scatter_add_(1, target, -valid.to(dlogits.dtype).unsqueeze(1))
+                # where (not multiply) so an inf grad_total cannot turn ignored rows into nan.
+                dlogits.mul_(torch.where(valid, grad_total, 0.0).unsqueeze(1))
+                if grad_bias is not None:
+                    grad_bias += dlogits.sum(dim=0)
+                dlogits = dlogits.to(logits.dtype)
+                if grad_flat is not None:
+                    grad_flat[start : start + size] = dlogits @ weight
+                if grad_weight is not None:
+                    grad_weight += (dlogits.t() @ h_seg).float()
+        return (
+            grad_flat.view(hidden.shape) if grad_flat is not None else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def segmented_causal_lm_loss(
+    hidden_states: Tensor,
+    lm_head: nn.Linear,
+    labels: Tensor,
+    segment_size: int = 1024,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
+    """Causal-LM loss of ``lm_head(hidden_states)`` against ``labels`` without materializing all logits.
+
+    Same semantics as ``transformers.loss.loss_utils.ForCausalLMLoss``: logits in the lm_head's dtype,
+    upcast to fp32, labels shifted left by one (the last position ignored), cross-entropy ignoring
+    ``ignore_index``; mean over supervised tokens, or sum / ``num_items_in_batch`` when given (Trainer's
+    gradient accumulation). As there, a mean over zero supervised tokens is nan (0 / 0) while the
+    gradients are zero. Peak extra memory is O(``segment_size`` x vocab) in forward and backward.
+
+    Args:
+        hidden_states: (batch, seq, hidden) final hidden states.
+        lm_head: the model's output projection; a plain ``nn.Linear`` (an adapter-wrapped head would be
+            silently bypassed, so it is rejected).
+        labels: (batch, seq) token ids, unshifted, as passed to the model.
+        segment_size: tokens of the flattened batch x seq axis per logits segment.
+        ignore_index: label value that is not supervised.
+        num_items_in_batch: normalizer replacing the supervised-token count.
+    """
+    if segment_size < 1:
+        raise ValueError(f"segment_size must be >= 1, got {segment_size}")
+    if not isinstance(lm_head, nn.Linear):
+        raise TypeError(f"lm_head must be a torch.nn.Linear, got {type(lm_head).__name__}")
+    if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden_states.shape[:2]; "
+            f"hidden_states shape is {tuple(hidden_states.shape)} (expected (batch, seq, hidden))"
+        )
+    shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(hidden_states.device)
+    total = _SegmentedCrossEntropySum.apply(
+        hidden_states, lm_head.weight, lm_head.bias, shift_labels, segment_size, ignore_index
+    )
+    if num_items_in_batch is None:
+        return total / (shift_labels != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -1,0 +1,122 @@
+"""Sparse-saved MLP: an exact forward that keeps only the top channels' activations for backward.
+
+For a frozen MLP the backward pass needs only the input gradient, which flows through the channel
+activations. Saving the pre-activations of the `keep` fraction of channels with the largest activation norm
+(ranked per sequence) cuts the MLP's saved bytes to that fraction of one (gated: two) token×channel tensors,
+and the backward matmuls shrink by the same fraction. Frozen weights are saved by reference; the activation
+product that only a trainable down-projection would need is never saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def kept_channels(num_channels: int, keep: float) -> int:
+    return max(1, min(num_channels, math.ceil(keep * num_channels)))
+
+
+def _top_channels(act: torch.Tensor, count: int) -> torch.Tensor:
+    """(N, count) channel indices with the largest L2 norm over tokens, per row of the batch."""
+    norms = torch.linalg.vector_norm(act, dim=1, dtype=torch.float32)
+    return norms.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def _take(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 2, channels[:, None, :].expand(-1, x.shape[1], -1))
+
+
+def _activation_grads(act_fn: Activation, grad: torch.Tensor, *pre: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of act_fn(pre[0]) (* pre[1]) w.r.t. the saved pre-activations, recomputed locally."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(True) for p in pre]
+        out = act_fn(leaves[0]) if len(leaves) == 1 else act_fn(leaves[0]) * leaves[1]
+        return torch.autograd.grad(out, leaves, grad)
+
+
+class GatedMLPFunction(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)) for frozen projections; x is (N, T, D), channels ranked per row."""
+
+    @staticmethod
+    def forward(ctx, x, gate_w, gate_b, up_w, up_b, down_w, down_b, act_fn: Activation, keep: float):
+        gate = F.linear(x, gate_w, gate_b)
+        up = F.linear(x, up_w, up_b)
+        hidden = act_fn(gate) * up
+        out = F.linear(hidden, down_w, down_b)
+        count = kept_channels(gate.shape[-1], keep)
+        if count < gate.shape[-1]:
+            channels = _top_channels(hidden, count)
+            del hidden
+            gate, up = _take(gate, channels), _take(up, channels)
+        else:
+            channels = None
+        ctx.save_for_backward(gate, up, gate_w, up_w, down_w, channels)
+        ctx.act_fn = act_fn
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, gate_w, up_w, down_w, channels = ctx.saved_tensors
+        if channels is None:
+            grad_hidden = grad_out @ down_w
+            grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate, up)
+            grad_x = grad_gate @ gate_w + grad_up @ up_w
+        else:
+            grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
+            for row, idx in enumerate(channels):
+                grad_hidden = grad_out[row] @ down_w[:, idx]
+                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[row], up[row])
+                grad_x[row] = grad_gate @ gate_w[idx] + grad_up @ up_w[idx]
+        return grad_x, None, None, None, None, None, None, None, None
+
+
+class SparseActivationFunction(torch.autograd.Function):
+    """act(pre) for a frozen fc1→act→fc2 MLP, saving only the top channels of `pre` (N, T, C).
+
+    The returned gradient is zero outside the kept channels, so fc1's input gradient flows through them
+    only; fc1 and fc2 themselves save just their (frozen) weights.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, act_fn: Activation, keep: float):
+        out = act_fn(pre)
+        count = kept_channels(pre.shape[-1], keep)
+        channels = _top_channels(out, count) if count < pre.shape[-1] else None
+        ctx.save_for_backward(pre if channels is None else _take(pre, channels), channels)
+        ctx.act_fn = act_fn
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pre, channels = ctx.saved_tensors
+        if channels is None:
+            return _activation_grads(ctx.act_fn, grad_out, pre)[0], None, None
+        expanded = channels[:, None, :].expand(-1, grad_out.shape[1], -1)
+        (grad_kept,) = _activation_grads(ctx.act_fn, torch.gather(grad_out, 2, expanded), pre)
+        return torch.zeros_like(grad_out).scatter_(2, expanded, grad_kept), None, None
+
+
+def gated_mlp(
+    x: torch.Tensor,
+    gate: torch.nn.Linear,
+    up: torch.nn.Linear,
+    down: torch.nn.Linear,
+    act_fn: Activation,
+    keep: float,
+) -> torch.Tensor:
+    """Sparse-saved SwiGLU-style MLP on (B, T, D) or (T, D) input; channels ranked per sequence."""
+    x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+    out = GatedMLPFunction.apply(x3, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, act_fn, keep)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def sparse_activation(pre: torch.Tensor, act_fn: Activation, keep: float) -> torch.Tensor:
+    """Sparse-saved activation on (B, T, C) or (T, C) input; channels ranked per sequence (or per batch)."""
+    pre3 = pre if pre.dim() == 3 else pre.reshape(1, -1, pre.shape[-1])
+    return SparseActivationFunction.apply(pre3, act_fn, keep).view_as(pre)

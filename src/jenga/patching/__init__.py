@@ -1,0 +1,102 @@
+"""`apply_jenga` / `remove_jenga`: patch a Hugging Face causal LM (optionally PEFT-wrapped) in place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import JengaConfig, JengaConfigError
+from .base import (
+    BlockScorer,
+    FamilyAdapter,
+    JengaState,
+    UnsupportedModelError,
+    oracle_scorer,
+    patch_attention,
+    patch_causal_lm_loss,
+    restore_forward,
+)
+from .llama import LlamaFamilyAdapter
+from .opt import OPTAdapter
+
+ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamilyAdapter(), OPTAdapter())
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The `transformers` model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def find_adapter(model: nn.Module) -> FamilyAdapter:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types and model.get_output_embeddings() is not None:
+            return adapter
+    raise UnsupportedModelError(
+        f"Jenga does not support {type(model).__name__} (model_type={model_type!r}); supported causal LMs: "
+        f"{', '.join(supported_model_types())} (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+        "OPTForCausalLM)"
+    )
+
+
+def jenga_state(model: nn.Module) -> JengaState | None:
+    """The `JengaState` of a patched model, or None."""
+    return unwrap(model).__dict__.get("_jenga")
+
+
+def apply_jenga(model: nn.Module, config: JengaConfig | None = None, scorer: BlockScorer | None = None) -> nn.Module:
+    """Patch `model` in place for sparse long-context training and return it.
+
+    Works before or after `peft.get_peft_model`. Elimination and sparse saving act only in training mode;
+    `model.eval()` and generation run the dense model. `scorer` replaces the oracle block score (the
+    predictor issue plugs learned predictors in here); `config.scoring == "predictor"` requires one.
+    """
+    config = config or JengaConfig()
+    config.validate()
+    base = unwrap(model)
+    adapter = find_adapter(base)
+    if jenga_state(base) is not None:
+        raise RuntimeError("Jenga is already applied to this model; call remove_jenga(model) first")
+    if config.scoring == "predictor" and scorer is None:
+        raise JengaConfigError("scoring='predictor' needs a trained predictor: pass scorer=... to apply_jenga")
+    layers = adapter.decoder_layers(base)
+    state = JengaState(
+        config=config,
+        adapter=adapter,
+        attn_keep=config.attn_schedule(len(layers)),
+        mlp_keep=config.mlp_schedule(len(layers)),
+        scorer=scorer or oracle_scorer,
+    )
+    for idx, layer in enumerate(layers):
+        patch_attention(adapter.attention(layer), idx, state)
+        adapter.patch_mlp(layer, idx, state.mlp_keep[idx], state)
+    if config.segment_size > 0:
+        patch_causal_lm_loss(base, state)
+    base.__dict__["_jenga"] = state
+    return model
+
+
+def remove_jenga(model: nn.Module) -> nn.Module:
+    """Undo `apply_jenga`: every patched module gets its class forward back."""
+    base = unwrap(model)
+    state = base.__dict__.pop("_jenga", None)
+    if state is None:
+        raise RuntimeError("Jenga is not applied to this model")
+    for module in state.patched:
+        restore_forward(module)
+    return model
+
+
+__all__ = [
+    "FamilyAdapter",
+    "JengaState",
+    "UnsupportedModelError",
+    "apply_jenga",
+    "jenga_state",
+    "remove_jenga",
+    "supported_model_types",
+]

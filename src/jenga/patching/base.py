@@ -1,0 +1,239 @@
+"""The generic patch mechanism: instance-level `forward` overrides on attention, MLP and LM modules.
+
+Overriding `forward` on module instances (rather than swapping modules) keeps the module tree, parameter
+names and `state_dict` keys untouched, so PEFT can wrap layers before or after Jenga and checkpoints stay
+plain `transformers` checkpoints. Family adapters (`llama.py`, `opt.py`) are the only code that knows
+model internals; this file knows only the Hugging Face calling conventions shared by all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import JengaConfig
+from ..elimination import key_validity, select_tokens
+from ..loss import segmented_causal_lm_loss
+from ..scoring import block_scores, num_blocks
+
+logger = logging.getLogger("jenga")
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Log `message` once per process: per-step warnings would flood a training log."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+DENSE_MLP_MESSAGE = (
+    "Jenga: MLPs with trainable or non-standard projections (e.g. LoRA on MLP layers, quantized linears) "
+    "use the dense MLP path, which saves full activations for backward."
+)
+
+
+class UnsupportedModelError(TypeError):
+    """`apply_jenga` was given a model whose family has no adapter."""
+
+
+QueryKey = Callable[[], tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class BlockScorer(Protocol):
+    """Scores key blocks of one layer's input: (B, nb) higher = more informative.
+
+    `query_key` computes the layer's rotated q (B, H, S, d), k (B, Hkv, S, d) and softmax scale on demand;
+    the oracle uses it, a learned predictor can ignore it and read `hidden_states` instead.
+    """
+
+    def __call__(
+        self,
+        layer_idx: int,
+        hidden_states: torch.Tensor,
+        token_valid: torch.Tensor | None,
+        block_size: int,
+        query_key: QueryKey,
+    ) -> torch.Tensor: ...
+
+
+def oracle_scorer(
+    layer_idx: int,
+    hidden_states: torch.Tensor,
+    token_valid: torch.Tensor | None,
+    block_size: int,
+    query_key: QueryKey,
+) -> torch.Tensor:
+    """The exact score of `jenga.scoring.block_scores` from the layer's own q and k."""
+    q, k, scale = query_key()
+    return block_scores(q, k, block_size, scale, token_valid)
+
+
+class FamilyAdapter:
+    """What Jenga must know about one architecture family; subclasses fill in the internals."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The module that maps input ids to final hidden states."""
+        raise NotImplementedError
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Rotated/scaled q and k of all tokens for scoring, as the attention would compute them."""
+        raise NotImplementedError
+
+    def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
+        """Install the sparse-saved MLP on `layer`; return the module whose forward was overridden."""
+        raise NotImplementedError
+
+
+@dataclass
+class JengaState:
+    """What `apply_jenga` did to a model, so `remove_jenga` can undo it and tools can inspect it."""
+
+    config: JengaConfig
+    adapter: FamilyAdapter
+    attn_keep: list[float]
+    mlp_keep: list[float]
+    scorer: BlockScorer
+    patched: list[nn.Module] = field(default_factory=list)
+    last_kept_tokens: dict[int, int] = field(default_factory=dict)
+
+
+def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
+    """Bind `new_forward(self, *args, **kwargs)` as `module.forward`; the class forward stays reachable."""
+    module.forward = types.MethodType(new_forward, module)
+    state.patched.append(module)
+
+
+def restore_forward(module: nn.Module) -> None:
+    module.__dict__.pop("forward", None)
+
+
+def frozen_linears(*modules: nn.Module) -> bool:
+    """True when every module is a plain `nn.Linear` with no trainable parameter (the sparse-saved case)."""
+    return all(type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()) for m in modules)
+
+
+def _flatten_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """Name every argument of a call (self included) so inputs can be swapped by name."""
+    bound = signature.bind(*args, **kwargs)
+    named = dict(bound.arguments)
+    for param in signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(param.name, {}))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL and named.pop(param.name, ()):
+            raise TypeError(f"cannot patch a call with extra positional arguments to {signature}")
+    return named
+
+
+def _gather_positional(selection, value):
+    """Kept-subset view of a per-position input (position ids, rotary cos/sin)."""
+    if isinstance(value, tuple):
+        return tuple(_gather_positional(selection, v) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == selection.seq_len:
+        return selection.gather(value, dim=1)
+    return value
+
+
+def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState) -> None:
+    """Run the attention sublayer on the kept blocks only; eliminated positions get zero output."""
+    original = type(attn).forward
+    signature = inspect.signature(original)
+    keep = state.attn_keep[layer_idx]
+    config, adapter = state.config, state.adapter
+
+    def forward(self, *args, **kwargs):
+        if not self.training or keep >= 1.0:
+            return original(self, *args, **kwargs)
+        call = _flatten_call(signature, (self, *args), kwargs)
+        call.pop("self")
+        hidden = call["hidden_states"]
+        seq_len = hidden.shape[1]
+        nb = num_blocks(seq_len, config.block_size)
+        keep_blocks = config.kept_blocks(nb, keep)
+        if keep_blocks >= nb:
+            return original(self, **call)
+        mask = call.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(
+                f"Jenga needs a tensor attention mask or None, got {type(mask).__name__}; load the model with "
+                "attn_implementation='sdpa' or 'eager'"
+            )
+        token_valid = key_validity(mask, seq_len)
+        with torch.no_grad():
+            scores = state.scorer(
+                layer_idx,
+                hidden,
+                token_valid,
+                config.block_size,
+                functools.partial(adapter.query_key, self, hidden, call),
+            )
+            selection = select_tokens(scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid)
+        if call.get("past_key_values") is not None:
+            warn_once(
+                "cache",
+                "Jenga: training forward with a KV cache; eliminated layers do not fill it. "
+                "Pass use_cache=False (or set model.config.use_cache = False) when training.",
+            )
+            call["past_key_values"] = None
+        call["hidden_states"] = selection.gather(hidden)
+        call["attention_mask"] = selection.gather_mask(mask)
+        for name in ("position_ids", "position_embeddings"):
+            if name in call:
+                call[name] = _gather_positional(selection, call[name])
+        out, *rest = original(self, **call)
+        state.last_kept_tokens[layer_idx] = selection.num_kept
+        return (selection.scatter(out), *[None for _ in rest])
+
+    override_forward(attn, forward, state)
+
+
+def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
+    """Compute the training loss in segments from the backbone's hidden states (no full logits)."""
+    original = type(model).forward
+    signature = inspect.signature(original)
+    segment = state.config.segment_size
+    adapter = state.adapter
+
+    def forward(self, *args, **kwargs):
+        call = _flatten_call(signature, (self, *args), kwargs)
+        if not self.training or call.get("labels") is None:
+            return original(self, *args, **kwargs)
+        call.pop("self")
+        labels = call.pop("labels")
+        num_items = call.pop("num_items_in_batch", None)
+        call.pop("logits_to_keep", None)
+        outputs = adapter.backbone(self)(**call)
+        loss = segmented_causal_lm_loss(
+            outputs.last_hidden_state,
+            self.get_output_embeddings(),
+            labels,
+            segment_size=segment,
+            num_items_in_batch=num_items,
+        )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    override_forward(model, forward, state)

@@ -1,0 +1,47 @@
+"""Adapter for the LLaMA family (Llama, Mistral, Qwen2): rotary q/k, SwiGLU MLP, grouped-query attention."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from ..mlp import gated_mlp
+from .base import DENSE_MLP_MESSAGE, FamilyAdapter, JengaState, frozen_linears, override_forward, warn_once
+
+
+class LlamaFamilyAdapter(FamilyAdapter):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.layers)
+
+    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+        shape = (*hidden.shape[:2], -1, attn.head_dim)
+        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        cos, sin = call["position_embeddings"]
+        # Each family module defines its own apply_rotary_pos_emb; use the one the attention itself uses.
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, k = rotate(q, k, cos, sin)
+        return q, k, attn.scaling
+
+    def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
+        mlp = layer.mlp
+        original = type(mlp).forward
+
+        def forward(self, x):
+            if not (self.training and torch.is_grad_enabled()):
+                return original(self, x)
+            if not frozen_linears(self.gate_proj, self.up_proj, self.down_proj):
+                warn_once("mlp-dense", DENSE_MLP_MESSAGE)
+                return original(self, x)
+            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep)
+
+        override_forward(mlp, forward, state)
+        return mlp

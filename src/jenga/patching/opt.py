@@ -1,0 +1,47 @@
+"""Adapter for OPT: pre-scaled queries, learned positions (nothing to slice), fc1→ReLU→fc2 MLP."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..mlp import sparse_activation
+from .base import DENSE_MLP_MESSAGE, FamilyAdapter, JengaState, frozen_linears, override_forward, warn_once
+
+
+class OPTAdapter(FamilyAdapter):
+    name = "opt"
+    model_types = ("opt",)
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        return model.model.decoder
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.decoder.layers)
+
+    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+        shape = (*hidden.shape[:2], attn.num_heads, attn.head_dim)
+        q = (attn.q_proj(hidden) * attn.scaling).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        return q, k, 1.0
+
+    def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
+        """OPT's MLP is inline in the decoder layer, so the activation module carries the sparse saving.
+
+        PEFT never wraps the activation, so this stays correct whether LoRA is added before or after.
+        """
+        act = layer.activation_fn
+        original = type(act).forward
+
+        def forward(self, pre):
+            if not (layer.training and torch.is_grad_enabled() and pre.requires_grad):
+                return original(self, pre)
+            if not frozen_linears(layer.fc1, layer.fc2):
+                warn_once("mlp-dense", DENSE_MLP_MESSAGE)
+                return original(self, pre)
+            return sparse_activation(pre, functools.partial(original, self), keep)
+
+        override_forward(act, forward, state)
+        return act

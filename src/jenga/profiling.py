@@ -1,0 +1,393 @@
+"""Measurement utilities shared by every experiment: saved-activation bytes, phase timing/memory, JSONL logs.
+
+All numbers that end up in a results table are produced here so that every experiment measures the same
+way: activation memory as the bytes autograd keeps for backward (not allocator noise), step time split
+into forward / backward / optimizer, and one JSON object per line with a header describing the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+GIB = 2**30
+
+__all__ = [
+    "GIB",
+    "JengaProfilerCallback",
+    "JsonlWriter",
+    "PhaseRecorder",
+    "SavedTensorMeter",
+    "cuda_memory_snapshot",
+    "run_header",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Saved-tensor accounting
+# --------------------------------------------------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    """(device, storage address) identifying the memory a tensor keeps alive; None when it has no storage.
+
+    Views share their base's storage, so keying on the storage (not the tensor) counts a tensor saved
+    several times, or saved together with its views, exactly once.
+    """
+    try:
+        return str(t.device), t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _storage_nbytes(t: torch.Tensor) -> int:
+    """Bytes held by the tensor's whole storage (a saved slice pins all of it), else its dense size."""
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return t.numel() * t.element_size()
+
+
+class SavedTensorMeter:
+    """Counts the bytes autograd saves for backward during forward passes run inside the context.
+
+    This is the activation memory that token sparsity is meant to shrink, measured independently of the
+    caching allocator. Each underlying storage is counted once, by its full ``nbytes``; tensors without an
+    accessible storage (sparse tensors, some wrapper subclasses) fall back to ``numel * element_size`` and
+    are not de-duplicated. Empty storages are ignored. Storages of ``exclude`` (e.g. frozen weights, which
+    autograd saves by reference and which are not activations) are never counted.
+
+    A storage whose saved tensor has been freed (e.g. after ``backward``) may be re-used by the allocator;
+    if it is saved again it is counted again, so running several forward/backward iterations inside one
+    meter gives the sum over iterations.
+
+    PyTorch applies only the innermost ``saved_tensors_hooks``: inside a nested meter (or inside
+    non-reentrant ``torch.utils.checkpoint`` regions, which install their own hooks) the outer meter sees
+    nothing. The hooks never copy: pack returns the tensor itself, so measuring does not change memory.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] | None = None) -> None:
+        self._excluded = {key for t in exclude or () if (key := _storage_key(t)) is not None}
+        # key -> weak reference to the first saved tensor on that storage: a dead reference means the
+        # address may have been recycled for a different storage, which must then be counted again.
+        self._seen: dict[tuple[str, int], weakref.ref[torch.Tensor]] = {}
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self.bytes = 0
+        self.count = 0
+        self.by_dtype: dict[str, int] = {}
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> SavedTensorMeter:
+        """Meter that ignores all parameters and buffers of ``model`` (weights are not activations)."""
+        return cls(exclude=[*model.parameters(), *model.buffers()])
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        nbytes = _storage_nbytes(t)
+        if nbytes == 0:  # empty storages share address 0 and hold no memory
+            return t
+        key = _storage_key(t)
+        if key is not None:
+            if key in self._excluded:
+                return t
+            ref = self._seen.get(key)
+            if ref is not None and ref() is not None:
+                return t
+            self._seen[key] = weakref.ref(t)
+        dtype = str(t.dtype).removeprefix("torch.")
+        self.bytes += nbytes
+        self.count += 1
+        self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + nbytes
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._hooks is not None
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# JSON-lines logging
+# --------------------------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """Commit of the repository the run is launched from, so a log line can be traced back to code.
+
+    A copied working tree without `.git` (e.g. a remote GPU box) can pass it in ``JENGA_GIT_COMMIT``.
+    """
+    if os.environ.get("JENGA_GIT_COMMIT"):
+        return os.environ["JENGA_GIT_COMMIT"]
+    try:
+        cmd = ["git", "rev-parse", "HEAD"]
+        out = subprocess.run(cmd, cwd=os.getcwd(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def run_header(command: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Header record describing where and with what software a run happened (first line of each log)."""
+    cuda = torch.cuda.is_available()
+    header: dict[str, Any] = {
+        "record": "header",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join([sys.executable, *sys.argv]),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        **{pkg: _package_version(pkg) for pkg in ("torch", "transformers", "peft", "triton")},
+        "git_commit": _git_commit(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "gpu_memory_gib": (
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB if cuda else None
+        ),
+        "cuda": torch.version.cuda,
+    }
+    header.update(extra or {})
+    return header
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushed immediately so a crashed or killed run keeps its log.
+
+    Values JSON cannot encode natively (``torch.dtype``, ``Path``, ...) are written as ``str(value)``.
+    The header is written only when the file starts empty, so appending to an existing log (resumed
+    run) does not insert a second header in the middle.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        header: dict[str, Any] | None = None,
+        append: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        is_new = not append or not self.path.exists() or self.path.stat().st_size == 0
+        self._file = self.path.open("a" if append else "w", encoding="utf-8")
+        if header is not None and is_new:
+            self.write(header)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Phase timing and memory
+# --------------------------------------------------------------------------------------------------------
+
+
+_MEMORY_KEYS = ("allocated_gib", "peak_gib", "reserved_gib")
+
+
+def cuda_memory_snapshot() -> dict[str, float | None]:
+    """Allocator state of the current CUDA device in GiB (Nones without CUDA, so records keep their keys)."""
+    if not torch.cuda.is_available():
+        return dict.fromkeys(_MEMORY_KEYS)
+    return {
+        "allocated_gib": torch.cuda.memory_allocated() / GIB,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+        "reserved_gib": torch.cuda.memory_reserved() / GIB,
+    }
+
+
+class PhaseRecorder:
+    """Time and peak memory per named phase of a training step (forward / backward / optimizer ...).
+
+    On CUDA every phase boundary synchronizes (otherwise host timers only measure kernel launches) and
+    the allocator's peak counter is reset at phase start, so ``peak_gib`` is the peak *within* that phase.
+    Resetting is global: phases must not nest, and other code reading ``max_memory_allocated`` across a
+    phase boundary sees the reset. A phase name may occur several times per step (gradient accumulation);
+    the step summary sums its times and takes the max of its peaks.
+    """
+
+    def __init__(self, writer: JsonlWriter | None = None, cuda: bool | None = None) -> None:
+        self.writer = writer
+        self.cuda = torch.cuda.is_available() if cuda is None else cuda
+        self.records: list[dict[str, Any]] = []
+        self._active: str | None = None
+        self._start = 0.0
+
+    @property
+    def active(self) -> str | None:
+        """Name of the phase currently being timed, if any."""
+        return self._active
+
+    def start(self, name: str) -> None:
+        """Open a phase; prefer ``phase()`` unless start and stop happen in different callbacks/hooks."""
+        if self._active is not None:
+            raise RuntimeError(f"phase {name!r} started while phase {self._active!r} is still active")
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._active = name
+        self._start = time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        """Close the active phase and append its record."""
+        if self._active is None:
+            raise RuntimeError("no active phase to stop")
+        if self.cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self._start
+        memory = cuda_memory_snapshot() if self.cuda else dict.fromkeys(_MEMORY_KEYS)
+        record = {"phase": self._active, "time_s": elapsed, **memory}
+        self.records.append(record)
+        self._active = None
+        return record
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def step_summary(self, step: int) -> dict[str, Any]:
+        """One flat record for the step (``<phase>_s``, ``<phase>_peak_gib``, totals); clears the phases."""
+        if self._active is not None:
+            raise RuntimeError(f"step {step} summarized while phase {self._active!r} is still active")
+        summary: dict[str, Any] = {"record": "step", "step": step}
+        for rec in self.records:
+            name = rec["phase"]
+            summary[f"{name}_s"] = summary.get(f"{name}_s", 0.0) + rec["time_s"]
+            summary[f"{name}_peak_gib"] = _max_or_none(summary.get(f"{name}_peak_gib"), rec["peak_gib"])
+        summary["step_s"] = sum(rec["time_s"] for rec in self.records)
+        summary["peak_gib"] = None
+        for rec in self.records:
+            summary["peak_gib"] = _max_or_none(summary["peak_gib"], rec["peak_gib"])
+        self.records = []
+        return summary
+
+    def end_step(self, step: int) -> dict[str, Any]:
+        """``step_summary`` and, when a writer was given, log it."""
+        summary = self.step_summary(step)
+        if self.writer is not None:
+            self.writer.write(summary)
+        return summary
+
+
+def _max_or_none(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hugging Face Trainer integration
+# --------------------------------------------------------------------------------------------------------
+
+
+class JengaProfilerCallback(TrainerCallback):
+    """Logs per-step forward / backward / optimizer time and peak memory of a ``transformers.Trainer``.
+
+    Phases are delimited by hooks on the top-level model and by Trainer events:
+
+    - forward: model forward pre-hook -> forward hook (training-mode, grad-enabled calls only, so
+      evaluation is ignored; hooks sit on the top-level module, so gradient-checkpoint recomputation of
+      inner layers stays inside backward);
+    - backward: forward end -> next micro-batch's forward or ``on_pre_optimizer_step``. It also contains
+      whatever the Trainer does between them (loss scaling, NaN check, gradient clipping);
+    - optimizer: ``on_pre_optimizer_step`` -> ``on_optimizer_step``.
+
+    One ``{"record": "step", ...}`` line per optimizer step is written at ``on_step_end``. On CUDA each
+    boundary synchronizes, which slightly slows training; that is the price of attributable timings.
+    Given a path, the callback owns the log: it writes ``header`` (default ``run_header()``), closes the
+    file at ``on_train_end`` and appends on a later ``train()``. A given writer is left open.
+    """
+
+    def __init__(self, output: JsonlWriter | str | os.PathLike[str], header: dict[str, Any] | None = None):
+        self._path = None if isinstance(output, JsonlWriter) else Path(output)
+        self._header = header
+        self._started_log = False
+        self.recorder = PhaseRecorder(writer=output if isinstance(output, JsonlWriter) else None)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _forward_pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()) or self.recorder.active == "forward":
+            return
+        if self.recorder.active is not None:
+            self.recorder.stop()
+        self.recorder.start("forward")
+
+    def _forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.recorder.active == "forward":
+            self.recorder.stop()
+            self.recorder.start("backward")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._path is not None:
+            header = self._header if self._header is not None else run_header()
+            self.recorder.writer = JsonlWriter(self._path, header=header, append=self._started_log)
+            self._started_log = True
+        model: torch.nn.Module = kwargs["model"]
+        self._handles = [
+            model.register_forward_pre_hook(self._forward_pre_hook),
+            model.register_forward_hook(self._forward_hook),
+        ]
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recorder.active is not None:
+            self.recorder.stop()
+        self.recorder.start("optimizer")
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recorder.active == "optimizer":
+            self.recorder.stop()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.recorder.end_step(state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.recorder.active is not None:
+            self.recorder.stop()
+        self.recorder.records = []
+        if self._path is not None and self.recorder.writer is not None:
+            self.recorder.writer.close()
+            self.recorder.writer = None

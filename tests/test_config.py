@@ -1,0 +1,53 @@
+"""JengaConfig validation, schedules and JSON round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from jenga import JengaConfig, JengaConfigError
+
+
+def test_rule_schedule_and_explicit_list():
+    cfg = JengaConfig(attn_keep=0.25, dense_first_layers=2, dense_last_layer=True)
+    assert cfg.attn_schedule(6) == [1.0, 1.0, 0.25, 0.25, 0.25, 1.0]
+    assert cfg.mlp_schedule(3) == [1.0, 1.0, 1.0]
+    explicit = JengaConfig(attn_keep=[0.5, 0.75, 1.0])
+    assert explicit.attn_schedule(3) == [0.5, 0.75, 1.0]
+    with pytest.raises(JengaConfigError, match="lists 3 ratios but the model has 4 layers"):
+        explicit.attn_schedule(4)
+
+
+def test_json_roundtrip(tmp_path):
+    cfg = JengaConfig(block_size=128, attn_keep=[0.5, 1.0], mlp_keep=0.3, sink_blocks=2, segment_size=0)
+    assert JengaConfig.from_json(cfg.to_json()) == cfg
+    path = tmp_path / "jenga.json"
+    cfg.to_json(path)
+    assert JengaConfig.from_json(path) == cfg
+    with pytest.raises(JengaConfigError, match="unknown JengaConfig fields"):
+        JengaConfig.from_dict({"block_sz": 64})
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"block_size": 48}, "power of two"),
+        ({"block_size": 0}, "power of two"),
+        ({"attn_keep": 0.0}, r"attn_keep must be a keep ratio in \(0, 1\]"),
+        ({"attn_keep": 1.5}, r"\(0, 1\]"),
+        ({"mlp_keep": [0.5, -1.0]}, r"mlp_keep\[1\]"),
+        ({"attn_keep": []}, "empty"),
+        ({"scoring": "magic"}, "scoring must be one of"),
+        ({"segment_size": -1}, "segment_size"),
+        ({"sink_blocks": -2}, "sink_blocks"),
+    ],
+)
+def test_validation_errors(kwargs, match):
+    with pytest.raises(JengaConfigError, match=match):
+        JengaConfig(**kwargs)
+
+
+def test_kept_blocks_respects_sinks_and_minimum():
+    cfg = JengaConfig(sink_blocks=3)
+    assert cfg.kept_blocks(10, 0.1) == 3
+    assert cfg.kept_blocks(10, 0.55) == 6
+    assert cfg.kept_blocks(2, 0.5) == 2

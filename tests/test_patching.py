@@ -1,0 +1,367 @@
+"""apply_jenga on tiny Llama / GQA Llama / OPT models: exactness, elimination semantics, memory, robustness."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import MODEL_BUILDERS, add_lora, batch, lora_grads, tiny_llama, tiny_opt
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from jenga import JengaConfig, JengaConfigError, UnsupportedModelError, apply_jenga, jenga_state, remove_jenga
+from jenga.profiling import SavedTensorMeter
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def loss_and_grads(model, ids, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, **kwargs).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+DENSE = JengaConfig(block_size=32, attn_keep=1.0, mlp_keep=1.0, segment_size=64)
+
+
+@pytest.mark.parametrize("order", ["after_peft", "before_peft"])
+def test_elimination_off_matches_unpatched(family, order):
+    ids = batch(2, 150)
+    reference = add_lora(MODEL_BUILDERS[family]())
+    ref_loss, ref_grads = loss_and_grads(reference, ids)
+
+    base = MODEL_BUILDERS[family]()
+    if order == "before_peft":
+        apply_jenga(base, DENSE)
+        model = add_lora(base)
+    else:
+        model = apply_jenga(add_lora(base), DENSE)
+    loss, grads = loss_and_grads(model, ids)
+
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+def _naive_kept_attention(model, layer_idx, x, kept):
+    """Reference attention of one layer over the kept positions only, causal by original position."""
+    family = model.config.model_type
+    attn = (model.model.decoder.layers if family == "opt" else model.model.layers)[layer_idx].self_attn
+    outs = []
+    for b in range(x.shape[0]):
+        pos = kept[b]
+        xs = x[b : b + 1, pos]
+        heads = model.config.num_attention_heads
+        hd = model.config.hidden_size // heads
+        q = attn.q_proj(xs).view(1, len(pos), -1, hd).transpose(1, 2)
+        k = attn.k_proj(xs).view(1, len(pos), -1, hd).transpose(1, 2)
+        v = attn.v_proj(xs).view(1, len(pos), -1, hd).transpose(1, 2)
+        if family == "opt":
+            q, scale, o_proj = q * attn.scaling, 1.0, attn.out_proj
+        else:
+            cos, sin = model.model.rotary_emb(xs, pos[None])
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            scale, o_proj = attn.scaling, attn.o_proj
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        logits = (q @ k.transpose(-1, -2)) * scale
+        causal = pos[:, None] >= pos[None, :]
+        probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        outs.append(o_proj((probs @ v).transpose(1, 2).reshape(1, len(pos), -1)))
+    return outs
+
+
+def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink):
+    """Top blocks by the oracle score, computed here from the full S×S matrix (independent of scoring.py)."""
+    family = model.config.model_type
+    attn = (model.model.decoder.layers if family == "opt" else model.model.layers)[layer_idx].self_attn
+    bsz, seq, _ = x.shape
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    q = attn.q_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
+    if family == "opt":
+        q, scale = q * attn.scaling, 1.0
+    else:
+        cos, sin = model.model.rotary_emb(x, torch.arange(seq)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        scale = attn.scaling
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    full = ((q @ k.transpose(-1, -2)) * scale).relu().sum(1).tril()
+    nb = math.ceil(seq / block_size)
+    scores = torch.zeros(bsz, nb)
+    for j in range(nb):
+        cols = full[:, :, j * block_size : (j + 1) * block_size]
+        for i in range(nb):
+            scores[:, j] += cols[:, i * block_size : (i + 1) * block_size].amax(dim=(1, 2))
+    scores[:, :sink] = float("inf")
+    return scores.topk(keep_blocks, dim=1).indices.sort(dim=1).values
+
+
+@pytest.mark.parametrize("seq", [200, 256])
+def test_elimination_zero_output_and_kept_match_reference(family, seq):
+    model = MODEL_BUILDERS[family]()
+    bs, layer = 32, 1
+    config = JengaConfig(block_size=bs, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, sink_blocks=1)
+    apply_jenga(model, config)
+    torch.manual_seed(3)
+    x = torch.randn(2, seq, model.config.hidden_size)
+    x[0, 96:128] *= 8  # give each sequence a different high-energy block
+    x[1, 160:192] *= 8
+    attn = (model.model.decoder.layers if family == "opt" else model.model.layers)[layer].self_attn
+    kwargs = {}
+    if family != "opt":
+        pos = torch.arange(seq)[None]
+        kwargs = {"position_embeddings": model.model.rotary_emb(x, pos), "position_ids": pos}
+    with torch.no_grad():
+        out, _ = attn(hidden_states=x, attention_mask=None, **kwargs)
+        nb = math.ceil(seq / bs)
+        blocks = _oracle_kept_blocks(model, layer, x, bs, config.kept_blocks(nb, 0.5), 1)
+        kept = [torch.cat([torch.arange(b * bs, min((b + 1) * bs, seq)) for b in row]) for row in blocks]
+        reference = _naive_kept_attention(model, layer, x, kept)
+    assert not torch.equal(kept[0], kept[1]), "test needs sequences with different kept sets"
+    for b in range(2):
+        eliminated = torch.ones(seq, dtype=torch.bool)
+        eliminated[kept[b]] = False
+        assert eliminated.any()
+        assert torch.count_nonzero(out[b, eliminated]) == 0
+        torch.testing.assert_close(out[b, kept[b]], reference[b][0], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_partial_block_batch_uses_masked_path():
+    """One sequence keeps the partial last block, the other does not: outputs still exact."""
+    model = tiny_llama(kv_heads=2)
+    bs, seq = 32, 200  # 7 blocks, the last holds 8 tokens
+
+    def forced(layer_idx, hidden, valid, block_size, query_key):
+        scores = torch.zeros(2, 7)
+        scores[0, [2, 6]] = 1.0  # keeps the partial block
+        scores[1, [3, 5]] = 1.0
+        return scores
+
+    config = JengaConfig(block_size=bs, attn_keep=3 / 7, dense_first_layers=0, dense_last_layer=False)
+    apply_jenga(model, config, scorer=forced)
+    torch.manual_seed(4)
+    x = torch.randn(2, seq, 64)
+    pos = torch.arange(seq)[None]
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        out, _ = attn(
+            hidden_states=x, attention_mask=None, position_embeddings=model.model.rotary_emb(x, pos), position_ids=pos
+        )
+        kept = [
+            torch.cat([torch.arange(0, 32), torch.arange(64, 96), torch.arange(192, 200)]),
+            torch.cat([torch.arange(0, 32), torch.arange(96, 128), torch.arange(160, 192)]),
+        ]
+        reference = _naive_kept_attention(model, 0, x, kept)
+    for b in range(2):
+        torch.testing.assert_close(out[b, kept[b]], reference[b][0], rtol=1e-5, atol=1e-5)
+        eliminated = torch.ones(seq, dtype=torch.bool)
+        eliminated[kept[b]] = False
+        assert torch.count_nonzero(out[b, eliminated]) == 0
+
+
+def _saved_bytes(model, ids) -> int:
+    with SavedTensorMeter.for_model(model) as meter:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    return meter.bytes
+
+
+def _sublayer_bytes(module, *args, **kwargs) -> int:
+    with SavedTensorMeter.for_model(module) as meter:
+        out = module(*args, **kwargs)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    return meter.bytes
+
+
+def test_saved_activation_bytes_fall_by_expected_fraction():
+    seq, bsz, bs, attn_keep, mlp_keep = 256, 2, 32, 0.5, 0.25
+    ids = batch(bsz, seq)
+    model = add_lora(tiny_llama(kv_heads=2))
+    dense = _saved_bytes(model, ids)
+
+    base = model.get_base_model()
+    layers = base.model.layers
+    x = torch.randn(bsz, seq, 64, requires_grad=True)
+    pos = torch.arange(seq)[None]
+    attn_dense = _sublayer_bytes(
+        layers[0].self_attn,
+        hidden_states=x,
+        attention_mask=None,
+        position_embeddings=base.model.rotary_emb(x, pos),
+    )
+    mlp_dense = _sublayer_bytes(layers[0].mlp, x)
+
+    config = JengaConfig(
+        block_size=bs, attn_keep=attn_keep, mlp_keep=mlp_keep, dense_first_layers=0, dense_last_layer=False
+    )
+    apply_jenga(model, config)
+    model.zero_grad(set_to_none=True)
+    sparse = _saved_bytes(model, ids)
+
+    # From shapes: the sparse MLP saves gate and up pre-activations of the kept channels (fp32) plus their
+    # indices; attention's saved tensors are per token, so they scale with the kept fraction; the selection
+    # adds one int64 index per kept token.
+    num_layers, channels = len(layers), base.config.intermediate_size
+    kept_channels = math.ceil(mlp_keep * channels)
+    mlp_sparse = 2 * bsz * seq * kept_channels * 4 + bsz * kept_channels * 8
+    kept_tokens = int(attn_keep * seq)
+    expected_saving = num_layers * (mlp_dense - mlp_sparse + attn_dense * (1 - attn_keep) - bsz * kept_tokens * 8)
+    assert expected_saving > 0.3 * dense
+    assert dense - sparse >= expected_saving, (dense, sparse, expected_saving)
+    grads = lora_grads(model)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_padding_odd_length_ignored_labels(family, dtype):
+    model = add_lora(MODEL_BUILDERS[family]().to(dtype))
+    config = JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=1, segment_size=50)
+    apply_jenga(model, config)
+    ids = batch(2, 133)
+    mask = torch.ones_like(ids)
+    mask[1, 90:] = 0
+    labels = ids.clone()
+    labels[1, 90:] = -100
+    labels[0, :20] = -100
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = lora_grads(model)
+    assert all(torch.isfinite(g.float()).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    state = jenga_state(model)
+    nb = math.ceil(133 / 16)
+    assert state.last_kept_tokens[1] <= config.kept_blocks(nb, 0.4) * 16
+
+
+def test_padding_blocks_never_selected():
+    model = tiny_llama()
+    kept_sets = {}
+
+    def recording(layer_idx, hidden, valid, block_size, query_key):
+        from jenga.patching.base import oracle_scorer
+
+        scores = oracle_scorer(layer_idx, hidden, valid, block_size, query_key)
+        kept_sets[layer_idx] = valid
+        return scores
+
+    apply_jenga(model, JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0), scorer=recording)
+    ids = batch(2, 128)
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    valid = kept_sets[0]
+    assert valid is not None and valid[1, :40].all() and not valid[1, 40:].any() and valid[0].all()
+
+
+def test_eval_mode_is_dense_and_remove_restores(family):
+    ids = batch(1, 96)
+    model = MODEL_BUILDERS[family]()
+    model.eval()
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids).logits
+    train_ref = model.train()(input_ids=ids, labels=ids).loss.item()
+    apply_jenga(model, JengaConfig(block_size=16, attn_keep=0.3, dense_first_layers=0, mlp_keep=0.3))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref_logits)
+    model.train()
+    assert model(input_ids=ids, labels=ids).loss.item() != pytest.approx(train_ref, rel=1e-7)
+    remove_jenga(model)
+    assert jenga_state(model) is None
+    assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(train_ref, rel=1e-6)
+
+
+def test_state_dict_keys_unchanged(family):
+    model = add_lora(MODEL_BUILDERS[family]())
+    keys = list(model.state_dict())
+    apply_jenga(model, JengaConfig())
+    assert list(model.state_dict()) == keys
+
+
+def test_peft_jenga_checkpoint_roundtrip_without_jenga(tmp_path):
+    base = tiny_llama(kv_heads=2)
+    base.save_pretrained(tmp_path / "base")
+    model = apply_jenga(add_lora(base), JengaConfig(block_size=16, attn_keep=0.5, mlp_keep=0.5))
+    optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = batch(1, 128)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optim.step()
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        root = {str(tmp_path)!r}
+        data = torch.load(root + "/expected.pt")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root + "/base"), root + "/adapter")
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=data["ids"]).logits, data["logits"], rtol=1e-4, atol=1e-4)
+        model.merge_and_unload().save_pretrained(root + "/merged")
+        merged = AutoModelForCausalLM.from_pretrained(root + "/merged").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=data["ids"]).logits, data["logits"], rtol=1e-4, atol=1e-4)
+        assert not any(name.startswith("jenga") for name in sys.modules)
+        print("roundtrip ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "roundtrip ok" in result.stdout
+
+
+def test_unsupported_model_error():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="llama.*opt|OPTForCausalLM"):
+        apply_jenga(gpt2, JengaConfig())
+
+
+def test_schedule_length_mismatch():
+    with pytest.raises(JengaConfigError, match="3 layers"):
+        apply_jenga(tiny_opt(), JengaConfig(attn_keep=[0.5, 0.5]))
+
+
+def test_double_apply_and_remove_errors():
+    model = tiny_opt()
+    apply_jenga(model, JengaConfig())
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_jenga(model, JengaConfig())
+    remove_jenga(model)
+    with pytest.raises(RuntimeError, match="not applied"):
+        remove_jenga(model)
+
+
+def test_predictor_mode_needs_scorer():
+    with pytest.raises(JengaConfigError, match="scorer"):
+        apply_jenga(tiny_llama(), JengaConfig(scoring="predictor"))
+
+
+def test_trainable_mlp_uses_dense_path_and_logs_once(caplog):
+    from jenga.patching import base as patch_base
+
+    patch_base._warned.discard("mlp-dense")
+    model = add_lora(tiny_llama(), targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
+    apply_jenga(model, JengaConfig(block_size=16, attn_keep=1.0, mlp_keep=0.25))
+    ids = batch(1, 64)
+    with caplog.at_level("WARNING", logger="jenga"):
+        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert sum("dense MLP path" in r.message for r in caplog.records) == 1
