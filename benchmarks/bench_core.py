@@ -9,9 +9,9 @@ JSON-lines log per run and a Markdown table (RESULTS-core.md) to --out.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,6 +29,14 @@ METHODS: dict[str, JengaConfig | None] = {
     "jenga": JengaConfig(block_size=64, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=2, sink_blocks=1),
     "jenga-0.25": JengaConfig(block_size=64, attn_keep=0.25, mlp_keep=0.25, dense_first_layers=2, sink_blocks=1),
 }
+
+
+RESULTS_PREAMBLE = """# Benchmark results
+
+Generated from the JSON-lines logs in `benchmarks/logs/` by `bash RUNME-a.sh` (no GPU needed); the logs come
+from real runs of `benchmarks/bench_core.py` on the device named below. Do not edit by hand.
+
+"""
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -61,7 +69,8 @@ def run_worker(args: argparse.Namespace) -> None:
     print(f"{method} {seq}: {stats.status} peak={stats.peak_gib} step={stats.median_step_s}", flush=True)
 
 
-def summarize(out: Path, model: str, seqs: list[int], command: str) -> str:
+def summarize(out: Path, model: str, seqs: list[int]) -> str:
+    """Markdown table of the runs logged in `out`, with device, versions, date and command from their headers."""
     rows, header = [], None
     for seq in seqs:
         base = None
@@ -70,28 +79,33 @@ def summarize(out: Path, model: str, seqs: list[int], command: str) -> str:
             records = read_jsonl(path) if path.exists() else []
             header = header or next((r for r in records if r.get("record") == "header"), None)
             summary = next((r for r in records if r.get("record") == "summary"), {"status": "missing"})
-            first = next((r for r in records if r.get("record") == "step"), {})
+            steps = [r for r in records if r.get("record") == "step"]
+            first = steps[0] if steps else {}
+            measured = [r for r in steps if not r["warmup"]]
+            for phase in ("forward", "backward"):
+                summary[f"{phase}_s"] = statistics.median(r[f"{phase}_s"] for r in measured) if measured else None
             if method == "lora":
                 base = summary
             rows.append((seq, method, summary, first.get("loss"), base))
+    command = header and header["command"].split(" --worker ")[0]
     lines = [
         f"## Core benchmark: {model}, batch 1, bf16, LoRA r=8 q/k/v/o, SDPA, AdamW, no gradient checkpointing",
         "",
         f"- device: {header and header.get('device')}; torch {header and header.get('torch')}, "
         f"transformers {header and header.get('transformers')}, peft {header and header.get('peft')}, "
         f"triton {header and header.get('triton')}; git {header and header.get('git_commit')}",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; weights: "
-        f"{header and header.get('weights')}",
-        f"- command: `{command}`",
+        f"- date: {header and header.get('date')}; weights: {header and header.get('weights')}",
+        f"- command: `{command}` (each run in its own process: the same command plus `--worker METHOD LENGTH`)",
         "- peak = torch.cuda.max_memory_allocated over all steps (weights included); step = median of the "
         "measured steps after warm-up",
         "",
-        "| length | method | peak GiB | peak / lora | step s | step / lora | first-step loss |",
-        "|---|---|---|---|---|---|---|",
+        "| length | method | peak GiB | peak / lora | step s | step / lora | forward s | backward s "
+        "| first-step loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for seq, method, summary, loss, base in rows:
         if summary.get("status") != "ok":
-            lines.append(f"| {seq} | {method} | {summary.get('status', 'missing').upper()} | | | | |")
+            lines.append(f"| {seq} | {method} | {summary.get('status', 'missing').upper()} |" + " |" * 6)
             continue
         base = base if base is not None and base.get("status") == "ok" else {}
         cells = [seq, method]
@@ -99,6 +113,7 @@ def summarize(out: Path, model: str, seqs: list[int], command: str) -> str:
             value, reference = summary.get(key), base.get(key)
             cells.append("—" if value is None else f"{value:.{digits}f}")
             cells.append("—" if value is None or not reference else f"{value / reference:.2f}")
+        cells += [f"{summary[f'{phase}_s']:.3f}" for phase in ("forward", "backward")]
         cells.append(f"{loss:.4f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Methods:"]
@@ -115,21 +130,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/logs/core")
+    parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from the logs in --out")
+    parser.add_argument("--results", help="also write the table to this Markdown file")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.worker:
         run_worker(args)
         return
-    command = " ".join([Path(sys.executable).name, *sys.argv])
-    for seq in args.seqs:
+    for seq in [] if args.summarize_only else args.seqs:
         for method in args.methods:
             worker = [*sys.argv, "--worker", method, str(seq)]
             result = subprocess.run([sys.executable, *worker])
             if result.returncode != 0:
                 print(f"worker {method} {seq} failed with exit code {result.returncode}", file=sys.stderr)
-    report = summarize(Path(args.out), args.model, args.seqs, command)
-    (Path(args.out) / "RESULTS-core.md").write_text(report)
+    report = summarize(Path(args.out), args.model, args.seqs)
+    target = Path(args.results) if args.results else Path(args.out) / "RESULTS-core.md"
+    target.write_text(RESULTS_PREAMBLE + report)
     print(report)
 
 
