@@ -105,8 +105,8 @@ def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink):
     return scores.topk(keep_blocks, dim=1).indices.sort(dim=1).values
 
 
-@pytest.mark.parametrize("seq", [200, 256])
-def test_elimination_zero_output_and_kept_match_reference(family, seq):
+@pytest.mark.parametrize("seq,explicit_mask", [(200, False), (256, False), (200, True)])
+def test_elimination_zero_output_and_kept_match_reference(family, seq, explicit_mask):
     model = MODEL_BUILDERS[family]()
     bs, layer = 32, 1
     config = JengaConfig(block_size=bs, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, sink_blocks=1)
@@ -120,8 +120,9 @@ def test_elimination_zero_output_and_kept_match_reference(family, seq):
     if family != "opt":
         pos = torch.arange(seq)[None]
         kwargs = {"position_embeddings": model.model.rotary_emb(x, pos), "position_ids": pos}
+    mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(2, 1, seq, seq) if explicit_mask else None
     with torch.no_grad():
-        out, _ = attn(hidden_states=x, attention_mask=None, **kwargs)
+        out, _ = attn(hidden_states=x, attention_mask=mask, **kwargs)
         nb = math.ceil(seq / bs)
         blocks = _oracle_kept_blocks(model, layer, x, bs, config.kept_blocks(nb, 0.5), 1)
         kept = [torch.cat([torch.arange(b * bs, min((b + 1) * bs, seq)) for b in row]) for row in blocks]
@@ -365,3 +366,34 @@ def test_trainable_mlp_uses_dense_path_and_logs_once(caplog):
         model(input_ids=ids, labels=ids).loss.backward()
         model(input_ids=ids, labels=ids).loss.backward()
     assert sum("dense MLP path" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
+def test_llama_family_relatives(family_name):
+    """Mistral (sliding-window mask) and Qwen2 (q/k/v bias) share the Llama adapter."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family_name]
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4)
+    common.update(num_key_value_heads=2, vocab_size=128, use_cache=False, attn_implementation="sdpa")
+    extra = {"sliding_window": 64} if family_name == "mistral" else {}
+
+    def build():
+        torch.manual_seed(0)
+        return add_lora(model_cls(config_cls(**common, **extra)).train())
+
+    ids = batch(2, 150)
+    ref_loss, ref_grads = loss_and_grads(build(), ids)
+    model = apply_jenga(build(), DENSE)
+    loss, grads = loss_and_grads(model, ids)
+    assert rel_err(loss, ref_loss) < 1e-5
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+    remove_jenga(model)
+    apply_jenga(model, JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=0))
+    sparse_loss, sparse_grads = loss_and_grads(model, ids)
+    assert torch.isfinite(sparse_loss) and sparse_loss != loss
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in sparse_grads.values())
