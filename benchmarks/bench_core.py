@@ -18,7 +18,8 @@ import torch
 
 from jenga import JengaConfig, apply_jenga
 from jenga.experiments.training import add_attention_lora, load_model, read_jsonl, train_steps
-from jenga.profiling import JsonlWriter, PhaseRecorder, run_header
+from jenga.patching.base import oracle_scorer
+from jenga.profiling import JsonlWriter, PhaseRecorder, TimedScorer, run_header
 
 # Methods are data: None is the HF+PEFT baseline; a JengaConfig is applied on top of the same model.
 METHODS: dict[str, JengaConfig | None] = {
@@ -46,8 +47,10 @@ def run_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model, weights = load_model(args.model, seq, device="cuda" if torch.cuda.is_available() else "cpu")
     model = add_attention_lora(model)
+    timer = None
     if config is not None:
-        apply_jenga(model, config)
+        timer = TimedScorer(oracle_scorer)
+        apply_jenga(model, config, scorer=timer)
     header = run_header(
         extra={
             "experiment": "bench_core",
@@ -63,7 +66,14 @@ def run_worker(args: argparse.Namespace) -> None:
     )
     with JsonlWriter(log, header=header) as writer:
         stats = train_steps(
-            model, seq, args.steps, args.warmup, PhaseRecorder(), model.config.vocab_size, writer=writer
+            model,
+            seq,
+            args.steps,
+            args.warmup,
+            PhaseRecorder(),
+            model.config.vocab_size,
+            writer=writer,
+            scorer_timer=timer,
         )
         writer.write(stats.as_record())
     print(f"{method} {seq}: {stats.status} peak={stats.peak_gib} step={stats.median_step_s}", flush=True)
@@ -82,8 +92,12 @@ def summarize(out: Path, model: str, seqs: list[int]) -> str:
             steps = [r for r in records if r.get("record") == "step"]
             first = steps[0] if steps else {}
             measured = [r for r in steps if not r["warmup"]]
-            for phase in ("forward", "backward"):
-                summary[f"{phase}_s"] = statistics.median(r[f"{phase}_s"] for r in measured) if measured else None
+            for phase in ("forward", "backward", "scoring"):
+                summary[f"{phase}_s"] = (
+                    statistics.median(r[f"{phase}_s"] for r in measured)
+                    if measured and f"{phase}_s" in measured[0]
+                    else None
+                )
             if method == "lora":
                 base = summary
             rows.append((seq, method, summary, first.get("loss"), base))
@@ -100,12 +114,12 @@ def summarize(out: Path, model: str, seqs: list[int]) -> str:
         "measured steps after warm-up",
         "",
         "| length | method | peak GiB | peak / lora | step s | step / lora | forward s | backward s "
-        "| first-step loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scoring s | first-step loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for seq, method, summary, loss, base in rows:
         if summary.get("status") != "ok":
-            lines.append(f"| {seq} | {method} | {summary.get('status', 'missing').upper()} |" + " |" * 6)
+            lines.append(f"| {seq} | {method} | {summary.get('status', 'missing').upper()} |" + " |" * 7)
             continue
         base = base if base is not None and base.get("status") == "ok" else {}
         cells = [seq, method]
@@ -113,7 +127,10 @@ def summarize(out: Path, model: str, seqs: list[int]) -> str:
             value, reference = summary.get(key), base.get(key)
             cells.append("—" if value is None else f"{value:.{digits}f}")
             cells.append("—" if value is None or not reference else f"{value / reference:.2f}")
-        cells += [f"{summary[f'{phase}_s']:.3f}" for phase in ("forward", "backward")]
+        cells += [
+            "—" if summary[f"{phase}_s"] is None else f"{summary[f'{phase}_s']:.3f}"
+            for phase in ("forward", "backward", "scoring")
+        ]
         cells.append(f"{loss:.4f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Methods:"]

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Triton kernels run in the interpreter on machines without a GPU; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 

@@ -35,6 +35,7 @@ class JengaConfig:
     sink_blocks: leading blocks every layer keeps (attention sinks).
     segment_size: tokens per loss segment; 0 keeps the model's own loss.
     scoring: "oracle" (exact q·k scores) or "predictor" (learned, pass a scorer to `apply_jenga`).
+    lean_norms: replace norms whose autograd keeps fp32 copies by `jenga.norms` (same outputs, fewer bytes).
     """
 
     block_size: int = 64
@@ -45,6 +46,7 @@ class JengaConfig:
     sink_blocks: int = 1
     segment_size: int = 1024
     scoring: str = "oracle"
+    lean_norms: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +74,8 @@ class JengaConfig:
             raise JengaConfigError(
                 f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"
             )
+        if not isinstance(self.lean_norms, bool):
+            raise JengaConfigError(f"lean_norms must be True or False, got {self.lean_norms!r}")
         if self.scoring not in SCORING_MODES:
             raise JengaConfigError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
 

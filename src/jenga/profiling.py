@@ -32,6 +32,7 @@ __all__ = [
     "JsonlWriter",
     "PhaseRecorder",
     "SavedTensorMeter",
+    "TimedScorer",
     "cuda_memory_snapshot",
     "run_header",
 ]
@@ -391,3 +392,36 @@ class JengaProfilerCallback(TrainerCallback):
         if self._path is not None and self.recorder.writer is not None:
             self.recorder.writer.close()
             self.recorder.writer = None
+
+
+class TimedScorer:
+    """Wraps a block scorer and accumulates its GPU time with CUDA events (no sync per call).
+
+    Used to report what fraction of a training step selection costs; `take_seconds()` synchronizes once,
+    returns the time since the last call and resets. On CPU it falls back to wall-clock time.
+    """
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self._events: list[tuple[Any, Any]] = []
+        self._cpu_seconds = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.cuda.is_available():
+            start = time.perf_counter()
+            out = self.scorer(*args, **kwargs)
+            self._cpu_seconds += time.perf_counter() - start
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.scorer(*args, **kwargs)
+        end.record()
+        self._events.append((start, end))
+        return out
+
+    def take_seconds(self) -> float:
+        if self._events:
+            torch.cuda.synchronize()
+        total = self._cpu_seconds + sum(s.elapsed_time(e) for s, e in self._events) / 1000.0
+        self._events, self._cpu_seconds = [], 0.0
+        return total

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..profiling import JsonlWriter, PhaseRecorder
+from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CHECKPOINTS = REPO_ROOT / "checkpoints"
@@ -93,6 +93,7 @@ def train_steps(
     vocab_size: int,
     writer: JsonlWriter | None = None,
     seed: int = 0,
+    scorer_timer: TimedScorer | None = None,
 ) -> StepStats:
     """Run `warmup + steps` AdamW steps on random tokens (batch 1); OOM ends the run as status "oom"."""
     model.train()
@@ -113,6 +114,8 @@ def train_steps(
                 optimizer.zero_grad(set_to_none=True)
             record = recorder.step_summary(step)
             record.update(warmup=step < warmup, loss=loss.item())
+            if scorer_timer is not None:
+                record["scoring_s"] = scorer_timer.take_seconds()
             records.append(record)
             if writer is not None:
                 writer.write(record)

@@ -74,6 +74,8 @@ def apply_jenga(model: nn.Module, config: JengaConfig | None = None, scorer: Blo
     for idx, layer in enumerate(layers):
         patch_attention(adapter.attention(layer), idx, state)
         adapter.patch_mlp(layer, idx, state.mlp_keep[idx], state)
+    if config.lean_norms:
+        adapter.patch_norms(base, state)
     if config.segment_size > 0:
         patch_causal_lm_loss(base, state)
     base.__dict__["_jenga"] = state

@@ -73,8 +73,12 @@ def oracle_scorer(
     block_size: int,
     query_key: QueryKey,
 ) -> torch.Tensor:
-    """The exact score of `jenga.scoring.block_scores` from the layer's own q and k."""
+    """The exact score of `jenga.scoring.block_scores` from the layer's own q and k (Triton on CUDA)."""
     q, k, scale = query_key()
+    if q.is_cuda:
+        from ..kernels.scoring import block_tile_scores_triton
+
+        return block_tile_scores_triton(q, k, block_size, scale, token_valid).sum(dim=1)
     return block_scores(q, k, block_size, scale, token_valid)
 
 
@@ -101,6 +105,9 @@ class FamilyAdapter:
     def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
         """Install the sparse-saved MLP on `layer`; return the module whose forward was overridden."""
         raise NotImplementedError
+
+    def patch_norms(self, model: nn.Module, state: JengaState) -> None:
+        """Swap in lean norms where the family's norm saves more than it needs (default: nothing to do)."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..mlp import gated_mlp
+from ..norms import rms_norm
 from .base import DENSE_MLP_MESSAGE, FamilyAdapter, JengaState, frozen_linears, override_forward, warn_once
 
 
@@ -45,3 +46,16 @@ class LlamaFamilyAdapter(FamilyAdapter):
 
         override_forward(mlp, forward, state)
         return mlp
+
+    def patch_norms(self, model: nn.Module, state: JengaState) -> None:
+        """Every RMSNorm (two per layer and the final one) keeps its input, not an fp32 copy, for backward."""
+        norms = [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for norm in [*norms, model.model.norm]:
+            original = type(norm).forward
+
+            def forward(self, x, _original=original):
+                if not (self.training and torch.is_grad_enabled()):
+                    return _original(self, x)
+                return rms_norm(x, self.weight, self.variance_epsilon)
+
+            override_forward(norm, forward, state)

@@ -1,0 +1,154 @@
+"""Kernel-level GPU benchmark: bf16 correctness first, then scoring-kernel throughput and sparse attention.
+
+1. Checks (must pass before any timing): the Triton block-scoring kernel against the PyTorch reference and
+   kept-block attention (SDPA on gathered rows) against dense attention restricted to the kept set, in bf16,
+   relative error < 1e-2, forward and backward.
+2. bf16 matmul rate (8192³) as the yardstick; the scoring kernel's time and causal TFLOP/s at 8K–32K for MHA
+   (32/32 heads) and GQA (32/8).
+3. Attention forward+backward over kept blocks (gather q/k/v rows → causal SDPA → scatter) at keep ratios
+   1.0 / 0.75 / 0.5 / 0.25 against dense causal SDPA, 16K and 32K.
+
+    python benchmarks/bench_kernels.py --out $OUT/kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from jenga.elimination import TokenSelection
+from jenga.kernels.scoring import block_tile_scores_triton
+from jenga.profiling import JsonlWriter, run_header
+from jenga.scoring import block_tile_scores
+
+HEAD_DIM, HEADS, BLOCK = 128, 32, 64
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def random_selection(seq: int, keep: float, gen: torch.Generator) -> TokenSelection:
+    nb = -(-seq // BLOCK)
+    count = max(1, round(keep * nb))
+    blocks = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(nb - 1, generator=gen)[: count - 1]])
+    return TokenSelection.from_blocks(blocks.sort().values[None].cuda(), BLOCK, seq)
+
+
+def kept_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
+    """Attention of the kept rows only, written back at original positions (what a Jenga layer runs)."""
+    qs, ks, vs = (selection.gather(t, dim=2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=qs.shape[1] != ks.shape[1])
+    bsz, heads, kept, dim = out.shape
+    return selection.scatter(out.transpose(1, 2).reshape(bsz, kept, heads * dim)).view(bsz, -1, heads, dim)
+
+
+def checks(writer: JsonlWriter) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    ok = True
+    for kv_heads, seq in ((32, 2048), (8, 3000)):
+        q = torch.randn(1, HEADS, seq, HEAD_DIM, generator=gen).cuda().bfloat16()
+        k = torch.randn(1, kv_heads, seq, HEAD_DIM, generator=gen).cuda().bfloat16()
+        valid = torch.ones(1, seq, dtype=torch.bool, device="cuda")
+        valid[:, seq - 300 :] = False
+        err = rel_err(
+            block_tile_scores_triton(q, k, BLOCK, HEAD_DIM**-0.5, valid),
+            block_tile_scores(q, k, BLOCK, HEAD_DIM**-0.5, valid),
+        )
+        writer.write({"record": "check", "what": "scoring", "kv_heads": kv_heads, "seq": seq, "rel_err": err})
+        ok &= err < 1e-2
+        sel = random_selection(seq, 0.5, gen)
+        qkv = [t.requires_grad_(True) for t in (q.clone(), k.clone(), torch.randn_like(k))]
+        out = kept_attention(*qkv, sel)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref_qkv = [t.detach().float().requires_grad_(True) for t in qkv]
+        keep = torch.zeros(seq, dtype=torch.bool, device="cuda")
+        keep[sel.index[0]] = True
+        mask = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril() & keep[None, :]
+        groups = HEADS // kv_heads
+        rk, rv = (t.repeat_interleave(groups, dim=1) for t in ref_qkv[1:])
+        ref = F.scaled_dot_product_attention(ref_qkv[0], rk, rv, attn_mask=mask).transpose(1, 2)
+        ref = ref * keep[None, :, None, None]
+        ref.backward(grad.float())
+        errors = [rel_err(out, ref)] + [rel_err(a.grad, b.grad) for a, b in zip(qkv, ref_qkv, strict=True)]
+        writer.write({"record": "check", "what": "kept_attention", "kv_heads": kv_heads, "seq": seq, "rel_err": errors})
+        ok &= max(errors) < 1e-2
+    return ok
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ a, warmup=50, rep=300)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def scoring(writer: JsonlWriter, peak: float) -> None:
+    for kv_heads in (32, 8):
+        for seq in (8192, 16384, 32768):
+            q = torch.randn(1, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, kv_heads, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            ms = do_bench(lambda q=q, k=k: block_tile_scores_triton(q, k, BLOCK, 0.088), warmup=10, rep=100)
+            flops = 2 * HEADS * HEAD_DIM * seq * (seq + 1) / 2  # the causal half of q·kᵀ
+            tflops = flops / (ms * 1e-3) / 1e12
+            writer.write(
+                {
+                    "record": "scoring",
+                    "kv_heads": kv_heads,
+                    "seq": seq,
+                    "ms": ms,
+                    "tflops": tflops,
+                    "of_matmul": tflops / peak,
+                }
+            )
+            print(f"scoring kv={kv_heads} S={seq}: {ms:.2f} ms, {tflops:.0f} TFLOP/s ({tflops / peak:.0%} of matmul)")
+
+
+def attention_step(q, k, v, grad, selection: TokenSelection | None) -> None:
+    """Forward and backward of dense causal SDPA (selection None) or of the kept-block path."""
+    if selection is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    else:
+        out = kept_attention(q, k, v, selection)
+    torch.autograd.backward(out, grad)
+
+
+def attention(writer: JsonlWriter) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for seq in (16384, 32768):
+        shape = (1, HEADS, seq, HEAD_DIM)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        grad = torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        bench = functools.partial(do_bench, warmup=5, rep=50, grad_to_none=[q, k, v])
+        dense_ms = bench(functools.partial(attention_step, q, k, v, grad, None))
+        writer.write({"record": "attention", "seq": seq, "method": "dense_sdpa", "keep": 1.0, "ms": dense_ms})
+        for keep in (1.0, 0.75, 0.5, 0.25):
+            ms = bench(functools.partial(attention_step, q, k, v, grad, random_selection(seq, keep, gen)))
+            record = {"record": "attention", "seq": seq, "method": "kept_sdpa", "keep": keep, "ms": ms}
+            writer.write({**record, "vs_dense": ms / dense_ms})
+            print(f"attention S={seq} keep={keep}: {ms:.2f} ms vs dense {dense_ms:.2f} ms ({ms / dense_ms:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/logs/kernels")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with JsonlWriter(out / "kernels.jsonl", header=run_header(extra={"experiment": "bench_kernels"})) as writer:
+        if not checks(writer):
+            raise SystemExit("bf16 checks failed: see kernels.jsonl; no timings taken")
+        peak = matmul_tflops()
+        writer.write({"record": "matmul", "tflops": peak})
+        print(f"bf16 matmul: {peak:.0f} TFLOP/s")
+        scoring(writer, peak)
+        attention(writer)
+
+
+if __name__ == "__main__":
+    main()

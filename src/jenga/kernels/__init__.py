@@ -1,0 +1,1 @@
+"""Triton kernels, each the fast path of a PyTorch reference elsewhere in `jenga` that it must match."""

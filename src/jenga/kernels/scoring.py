@@ -1,0 +1,130 @@
+"""Triton block-informativeness kernel; must match `jenga.scoring.block_tile_scores`.
+
+One program owns a super-tile of TILE×TILE query×key positions (several `block_size` blocks per side),
+loops over heads accumulating relu(scale · q kᵀ) in fp32 registers, applies the causal and padding masks,
+and writes the per-block maxima. The S×S matrix never leaves registers; programs strictly above the
+diagonal exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_max_kernel(
+    q_ptr,
+    k_ptr,
+    valid_ptr,
+    out_ptr,
+    seq_len,
+    scale,
+    sq_b,
+    sq_h,
+    sq_s,
+    sk_b,
+    sk_h,
+    sk_s,
+    sv_b,
+    so_b,
+    so_q,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PER_TILE: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile_q = tl.program_id(0)
+    tile_k = tl.program_id(1)
+    batch = tl.program_id(2)
+    if tile_k > tile_q:
+        return
+    rows = tile_q * TILE + tl.arange(0, TILE)
+    cols = tile_k * TILE + tl.arange(0, TILE)
+    dims = tl.arange(0, DIM_PAD)
+    row_in = rows < seq_len
+    col_in = cols < seq_len
+    dim_in = dims < HEAD_DIM
+    q_base = q_ptr + batch * sq_b + rows[:, None] * sq_s + dims[None, :]
+    k_base = k_ptr + batch * sk_b + cols[:, None] * sk_s + dims[None, :]
+    q_mask = row_in[:, None] & dim_in[None, :]
+    k_mask = col_in[:, None] & dim_in[None, :]
+    acc = tl.zeros((TILE, TILE), dtype=tl.float32)
+    for head in range(NUM_HEADS):
+        q = tl.load(q_base + head * sq_h, mask=q_mask, other=0.0)
+        k = tl.load(k_base + (head // GROUP) * sk_h, mask=k_mask, other=0.0)
+        if IEEE:  # noqa: SIM108 (constexpr branch; Triton compiles one side)
+            logits = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            logits = tl.dot(q, tl.trans(k))
+        acc += tl.maximum(logits * scale, 0.0)
+    allowed = (rows[:, None] >= cols[None, :]) & row_in[:, None] & col_in[None, :]
+    if HAS_VALID:
+        row_ok = tl.load(valid_ptr + batch * sv_b + rows, mask=row_in, other=0) != 0
+        col_ok = tl.load(valid_ptr + batch * sv_b + cols, mask=col_in, other=0) != 0
+        allowed = allowed & row_ok[:, None] & col_ok[None, :]
+    acc = tl.where(allowed, acc, 0.0)
+    pooled = tl.max(tl.reshape(acc, (PER_TILE, BLOCK, PER_TILE, BLOCK)), axis=3)
+    pooled = tl.max(pooled, axis=1)
+    block_rows = tile_q * PER_TILE + tl.arange(0, PER_TILE)
+    block_cols = tile_k * PER_TILE + tl.arange(0, PER_TILE)
+    num_blocks = (seq_len + BLOCK - 1) // BLOCK
+    out = out_ptr + batch * so_b + block_rows[:, None] * so_q + block_cols[None, :]
+    tl.store(out, pooled, mask=(block_rows[:, None] < num_blocks) & (block_cols[None, :] < num_blocks))
+
+
+def block_tile_scores_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    scale: float,
+    valid: torch.Tensor | None = None,
+    tile: int | None = None,
+) -> torch.Tensor:
+    """Same contract as `jenga.scoring.block_tile_scores`: fp32 (B, nb, nb) tile maxima."""
+    bsz, heads, seq, dim = q.shape
+    kv_heads = k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k need a contiguous last (head_dim) axis")
+    tile = tile or max(block_size, 128 if dim <= 128 else 64)
+    if tile % block_size:
+        raise ValueError(f"tile ({tile}) must be a multiple of block_size ({block_size})")
+    nb = -(-seq // block_size)
+    out = torch.zeros(bsz, nb, nb, device=q.device, dtype=torch.float32)
+    tiles = -(-seq // tile)
+    valid_arg = valid.to(torch.int8).contiguous() if valid is not None else out
+    _tile_max_kernel[(tiles, tiles, bsz)](
+        q,
+        k,
+        valid_arg,
+        out,
+        seq,
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        valid_arg.stride(0) if valid is not None else 0,
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=heads,
+        GROUP=heads // kv_heads,
+        HEAD_DIM=dim,
+        DIM_PAD=max(16, triton.next_power_of_2(dim)),
+        TILE=tile,
+        BLOCK=block_size,
+        PER_TILE=tile // block_size,
+        HAS_VALID=valid is not None,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out

@@ -1,0 +1,37 @@
+"""Lean RMSNorm: the same forward as Hugging Face's LlamaRMSNorm, without its fp32 saved copies.
+
+HF's RMSNorm upcasts the input to fp32 and autograd keeps that copy (4 bytes per element) for backward,
+once per norm per layer. This function keeps the input in its own dtype plus one fp32 scale per token and
+recomputes the normalized values in backward: for bf16 that halves the norm's saved bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LeanRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight * (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_normed = (grad_out * weight).to(x.dtype).float()
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = (rstd * (grad_normed - normed * dot)).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * normalize(x)` exactly as LlamaRMSNorm computes it, saving x (not an fp32 copy) for backward."""
+    return LeanRMSNormFunction.apply(x, weight, eps)

@@ -1,0 +1,45 @@
+"""Lean RMSNorm: identical forward to LlamaRMSNorm, equal gradients, fewer saved bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from jenga.norms import rms_norm
+from jenga.profiling import SavedTensorMeter
+
+
+@pytest.mark.parametrize("dtype,trainable", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_matches_llama_rmsnorm(dtype, trainable):
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm.weight.requires_grad_(trainable)
+    x = torch.randn(2, 33, 48, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = rms_norm(x, norm.weight, norm.variance_epsilon)
+    ref = norm(x_ref)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_weight_grad = None
+    if trainable:
+        ref_weight_grad, norm.weight.grad = norm.weight.grad, None
+    ref.backward(grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), rtol=tol, atol=tol)
+    if trainable:
+        torch.testing.assert_close(ref_weight_grad, norm.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_saves_input_dtype_not_fp32_copy():
+    norm = LlamaRMSNorm(64).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(4, 128, 64, dtype=torch.bfloat16, requires_grad=True)
+    with SavedTensorMeter.for_model(norm) as hf:
+        norm(x)
+    with SavedTensorMeter.for_model(norm) as lean:
+        rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert hf.bytes >= 4 * 128 * 64 * 4  # the fp32 upcast
+    assert lean.bytes == 4 * 128 * 64 * 2 + 4 * 128 * 4  # x itself + one fp32 scale per token
