@@ -6,4 +6,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bash "$root/scripts/setup_env.sh"
 cd "$root"
-.venv/bin/python benchmarks/bench_core.py --summarize-only --out benchmarks/logs/core --results benchmarks/RESULTS.md
+.venv/bin/python benchmarks/report.py

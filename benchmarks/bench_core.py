@@ -12,6 +12,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,31 +22,49 @@ from jenga.experiments.training import add_attention_lora, load_model, read_json
 from jenga.patching.base import oracle_scorer
 from jenga.profiling import JsonlWriter, PhaseRecorder, TimedScorer, run_header
 
-# Methods are data: None is the HF+PEFT baseline; a JengaConfig is applied on top of the same model.
-METHODS: dict[str, JengaConfig | None] = {
-    "lora": None,
-    # No elimination: sparse-saved MLP at keep 1.0 (saves only gate/up) and the segmented loss.
-    "jenga-dense": JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=1024),
-    # First 2 layers and the last dense; the rest keep half their blocks and half their MLP channels.
-    "jenga": JengaConfig(block_size=64, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=2, sink_blocks=1),
-    "jenga-0.25": JengaConfig(block_size=64, attn_keep=0.25, mlp_keep=0.25, dense_first_layers=2, sink_blocks=1),
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmark method: an optional Jenga config on top of HF+PEFT, with or without checkpointing."""
+
+    jenga: JengaConfig | None = None
+    checkpointing: bool = False
+
+    @property
+    def baseline(self) -> str:
+        return "lora+ckpt" if self.checkpointing else "lora"
+
+
+HALF = JengaConfig(block_size=64, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=2, sink_blocks=1)
+QUARTER = JengaConfig(block_size=64, attn_keep=0.25, mlp_keep=0.25, dense_first_layers=2, sink_blocks=1)
+METHODS: dict[str, Method] = {
+    "lora": Method(),
+    "lora+ckpt": Method(checkpointing=True),
+    # No elimination: sparse-saved MLP at keep 1.0 (saves only gate/up), lean norms and the segmented loss.
+    "jenga-dense": Method(JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=1024)),
+    # First 2 layers and the last dense; the rest keep half (a quarter) of their blocks and MLP channels.
+    "jenga": Method(HALF),
+    "jenga-0.25": Method(QUARTER),
+    "jenga+ckpt": Method(HALF, checkpointing=True),
+    "jenga-0.25+ckpt": Method(QUARTER, checkpointing=True),
 }
 
 
-RESULTS_PREAMBLE = """# Benchmark results
-
-Generated from the JSON-lines logs in `benchmarks/logs/` by `bash RUNME-a.sh` (no GPU needed); the logs come
-from real runs of `benchmarks/bench_core.py` on the device named below. Do not edit by hand.
-
-"""
+def describe_run(header: dict) -> str:
+    """What a logged run did, from its own header (not from today's METHODS, which may have changed)."""
+    config = header.get("jenga_config")
+    what = "HF+PEFT baseline" if config is None else f"Jenga `{config}`"
+    return what + (" with gradient checkpointing" if header.get("gradient_checkpointing") else "")
 
 
 def run_worker(args: argparse.Namespace) -> None:
     method, seq = args.worker[0], int(args.worker[1])
-    config = METHODS[method]
+    config = METHODS[method].jenga
     log = Path(args.out) / f"{Path(args.model).name}_{method}_{seq}.jsonl"
     torch.manual_seed(0)
     model, weights = load_model(args.model, seq, device="cuda" if torch.cuda.is_available() else "cpu")
+    if METHODS[method].checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_attention_lora(model)
     timer = None
     if config is not None:
@@ -62,6 +81,7 @@ def run_worker(args: argparse.Namespace) -> None:
             "dtype": "bfloat16",
             "lora": "r=8 q/k/v/o",
             "jenga_config": None if config is None else config.to_dict(),
+            "gradient_checkpointing": METHODS[method].checkpointing,
         }
     )
     with JsonlWriter(log, header=header) as writer:
@@ -79,31 +99,33 @@ def run_worker(args: argparse.Namespace) -> None:
     print(f"{method} {seq}: {stats.status} peak={stats.peak_gib} step={stats.median_step_s}", flush=True)
 
 
-def summarize(out: Path, model: str, seqs: list[int]) -> str:
+def summarize(out: Path, model: str, seqs: list[int], title: str = "Core benchmark") -> str:
     """Markdown table of the runs logged in `out`, with device, versions, date and command from their headers."""
-    rows, header = [], None
+    rows, header, described = [], None, {}
     for seq in seqs:
-        base = None
+        summaries = {}
         for method in METHODS:
             path = out / f"{Path(model).name}_{method}_{seq}.jsonl"
-            records = read_jsonl(path) if path.exists() else []
-            header = header or next((r for r in records if r.get("record") == "header"), None)
-            summary = next((r for r in records if r.get("record") == "summary"), {"status": "missing"})
+            if not path.exists():
+                continue
+            records = read_jsonl(path)
+            run = next((r for r in records if r.get("record") == "header"), {})
+            header = header or run
+            described[method] = describe_run(run)
+            summary = next((r for r in records if r.get("record") == "summary"), {"status": "incomplete"})
             steps = [r for r in records if r.get("record") == "step"]
-            first = steps[0] if steps else {}
             measured = [r for r in steps if not r["warmup"]]
             for phase in ("forward", "backward", "scoring"):
-                summary[f"{phase}_s"] = (
-                    statistics.median(r[f"{phase}_s"] for r in measured)
-                    if measured and f"{phase}_s" in measured[0]
-                    else None
-                )
-            if method == "lora":
-                base = summary
-            rows.append((seq, method, summary, first.get("loss"), base))
+                values = [r[f"{phase}_s"] for r in measured if f"{phase}_s" in r]
+                summary[f"{phase}_s"] = statistics.median(values) if values else None
+            summary["first_loss"] = steps[0]["loss"] if steps else None
+            summaries[method] = summary
+        for method, summary in summaries.items():
+            base = summaries.get(METHODS[method].baseline, {})
+            rows.append((seq, method, summary, base if base.get("status") == "ok" else {}))
     command = header and header["command"].split(" --worker ")[0]
     lines = [
-        f"## Core benchmark: {model}, batch 1, bf16, LoRA r=8 q/k/v/o, SDPA, AdamW, no gradient checkpointing",
+        f"## {title}: {model}, batch 1, bf16, LoRA r=8 q/k/v/o, SDPA, AdamW",
         "",
         f"- device: {header and header.get('device')}; torch {header and header.get('torch')}, "
         f"transformers {header and header.get('transformers')}, peft {header and header.get('peft')}, "
@@ -113,15 +135,14 @@ def summarize(out: Path, model: str, seqs: list[int]) -> str:
         "- peak = torch.cuda.max_memory_allocated over all steps (weights included); step = median of the "
         "measured steps after warm-up",
         "",
-        "| length | method | peak GiB | peak / lora | step s | step / lora | forward s | backward s "
+        "| length | method | peak GiB | peak / base | step s | step / base | forward s | backward s "
         "| scoring s | first-step loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for seq, method, summary, loss, base in rows:
+    for seq, method, summary, base in rows:
         if summary.get("status") != "ok":
             lines.append(f"| {seq} | {method} | {summary.get('status', 'missing').upper()} |" + " |" * 7)
             continue
-        base = base if base is not None and base.get("status") == "ok" else {}
         cells = [seq, method]
         for key, digits in (("peak_gib", 1), ("median_step_s", 3)):
             value, reference = summary.get(key), base.get(key)
@@ -131,39 +152,35 @@ def summarize(out: Path, model: str, seqs: list[int]) -> str:
             "—" if summary[f"{phase}_s"] is None else f"{summary[f'{phase}_s']:.3f}"
             for phase in ("forward", "backward", "scoring")
         ]
-        cells.append(f"{loss:.4f}")
+        cells.append(f"{summary['first_loss']:.4f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", "Methods:"]
-    for name, config in METHODS.items():
-        lines.append(f"- `{name}`: " + ("HF+PEFT baseline" if config is None else f"`{config.to_dict()}`"))
+    lines += ["", "`base` is `lora`, or `lora+ckpt` for methods with gradient checkpointing. Methods:"]
+    lines += [f"- `{name}`: {text}" for name, text in described.items()]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-2-7b")
-    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/logs/core")
-    parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from the logs in --out")
-    parser.add_argument("--results", help="also write the table to this Markdown file")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.worker:
         run_worker(args)
         return
-    for seq in [] if args.summarize_only else args.seqs:
+    for seq in args.seqs:
         for method in args.methods:
             worker = [*sys.argv, "--worker", method, str(seq)]
             result = subprocess.run([sys.executable, *worker])
             if result.returncode != 0:
                 print(f"worker {method} {seq} failed with exit code {result.returncode}", file=sys.stderr)
     report = summarize(Path(args.out), args.model, args.seqs)
-    target = Path(args.results) if args.results else Path(args.out) / "RESULTS-core.md"
-    target.write_text(RESULTS_PREAMBLE + report)
+    (Path(args.out) / "RESULTS-core.md").write_text(report)
     print(report)
 
 

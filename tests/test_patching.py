@@ -397,3 +397,22 @@ def test_llama_family_relatives(family_name):
     sparse_loss, sparse_grads = loss_and_grads(model, ids)
     assert torch.isfinite(sparse_loss) and sparse_loss != loss
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in sparse_grads.values())
+
+
+def test_gradient_checkpointing_gives_same_gradients(family):
+    """With checkpointing, selection is recomputed in backward; it must pick the same blocks."""
+    ids = batch(2, 160)
+    config = JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=0)
+
+    def run(checkpointing: bool):
+        base = MODEL_BUILDERS[family]()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_jenga(add_lora(base), config)
+        return loss_and_grads(model, ids)
+
+    ref_loss, ref_grads = run(False)
+    loss, grads = run(True)
+    assert rel_err(loss, ref_loss) < 1e-6
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
