@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from jenga.elimination import TokenSelection
-from jenga.kernels.scoring import block_tile_scores_triton
+from jenga.kernels.scoring import LAUNCH_CANDIDATES, block_tile_scores_triton, chosen_launches, launch_tile_scores
 from jenga.profiling import JsonlWriter, run_header
 from jenga.scoring import block_tile_scores
 
@@ -41,8 +41,12 @@ def random_selection(seq: int, keep: float, gen: torch.Generator) -> TokenSelect
 
 
 def kept_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
-    """Attention of the kept rows only, written back at original positions (what a Jenga layer runs)."""
-    qs, ks, vs = (selection.gather(t, dim=2) for t in (q, k, v))
+    """Attention of the kept rows of (B, S, H, d) inputs, written back at original positions.
+
+    The (B, S, H, d) layout is the projections' own; gathering along S there is one contiguous row copy,
+    as in a Jenga layer (which gathers the hidden states even before the projections).
+    """
+    qs, ks, vs = (selection.gather(t, dim=1).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=qs.shape[1] != ks.shape[1])
     bsz, heads, kept, dim = out.shape
     return selection.scatter(out.transpose(1, 2).reshape(bsz, kept, heads * dim)).view(bsz, -1, heads, dim)
@@ -63,11 +67,11 @@ def checks(writer: JsonlWriter) -> bool:
         writer.write({"record": "check", "what": "scoring", "kv_heads": kv_heads, "seq": seq, "rel_err": err})
         ok &= err < 1e-2
         sel = random_selection(seq, 0.5, gen)
-        qkv = [t.requires_grad_(True) for t in (q.clone(), k.clone(), torch.randn_like(k))]
+        qkv = [t.transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, torch.randn_like(k))]
         out = kept_attention(*qkv, sel)
         grad = torch.randn_like(out)
         out.backward(grad)
-        ref_qkv = [t.detach().float().requires_grad_(True) for t in qkv]
+        ref_qkv = [t.detach().float().transpose(1, 2).requires_grad_(True) for t in qkv]
         keep = torch.zeros(seq, dtype=torch.bool, device="cuda")
         keep[sel.index[0]] = True
         mask = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril() & keep[None, :]
@@ -76,7 +80,9 @@ def checks(writer: JsonlWriter) -> bool:
         ref = F.scaled_dot_product_attention(ref_qkv[0], rk, rv, attn_mask=mask).transpose(1, 2)
         ref = ref * keep[None, :, None, None]
         ref.backward(grad.float())
-        errors = [rel_err(out, ref)] + [rel_err(a.grad, b.grad) for a, b in zip(qkv, ref_qkv, strict=True)]
+        errors = [rel_err(out, ref)] + [
+            rel_err(a.grad.transpose(1, 2), b.grad) for a, b in zip(qkv, ref_qkv, strict=True)
+        ]
         writer.write({"record": "check", "what": "kept_attention", "kv_heads": kv_heads, "seq": seq, "rel_err": errors})
         ok &= max(errors) < 1e-2
     return ok
@@ -89,30 +95,33 @@ def matmul_tflops() -> float:
 
 
 def scoring(writer: JsonlWriter, peak: float) -> None:
+    """Each launch candidate timed explicitly, then the default path (which picks one by a single timing)."""
     for kv_heads in (32, 8):
         for seq in (8192, 16384, 32768):
             q = torch.randn(1, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, kv_heads, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-            ms = do_bench(lambda q=q, k=k: block_tile_scores_triton(q, k, BLOCK, 0.088), warmup=10, rep=100)
             flops = 2 * HEADS * HEAD_DIM * seq * (seq + 1) / 2  # the causal half of q·kᵀ
+            candidates = {
+                str(launch): do_bench(
+                    functools.partial(launch_tile_scores, q, k, BLOCK, 0.088, None, launch), warmup=5, rep=30
+                )
+                for launch in LAUNCH_CANDIDATES
+            }
+            ms = do_bench(functools.partial(block_tile_scores_triton, q, k, BLOCK, 0.088), warmup=10, rep=100)
             tflops = flops / (ms * 1e-3) / 1e12
-            writer.write(
-                {
-                    "record": "scoring",
-                    "kv_heads": kv_heads,
-                    "seq": seq,
-                    "ms": ms,
-                    "tflops": tflops,
-                    "of_matmul": tflops / peak,
-                }
+            record = {"record": "scoring", "kv_heads": kv_heads, "seq": seq, "ms": ms, "tflops": tflops}
+            record.update(of_matmul=tflops / peak, chosen=chosen_launches(), candidates_ms=candidates)
+            writer.write(record)
+            print(
+                f"scoring kv={kv_heads} S={seq}: {ms:.2f} ms, {tflops:.0f} TFLOP/s ({tflops / peak:.0%}) {candidates}"
             )
-            print(f"scoring kv={kv_heads} S={seq}: {ms:.2f} ms, {tflops:.0f} TFLOP/s ({tflops / peak:.0%} of matmul)")
 
 
 def attention_step(q, k, v, grad, selection: TokenSelection | None) -> None:
     """Forward and backward of dense causal SDPA (selection None) or of the kept-block path."""
     if selection is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        out = out.transpose(1, 2)
     else:
         out = kept_attention(q, k, v, selection)
     torch.autograd.backward(out, grad)
@@ -121,7 +130,7 @@ def attention_step(q, k, v, grad, selection: TokenSelection | None) -> None:
 def attention(writer: JsonlWriter) -> None:
     gen = torch.Generator().manual_seed(1)
     for seq in (16384, 32768):
-        shape = (1, HEADS, seq, HEAD_DIM)
+        shape = (1, seq, HEADS, HEAD_DIM)
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         grad = torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         bench = functools.partial(do_bench, warmup=5, rep=50, grad_to_none=[q, k, v])

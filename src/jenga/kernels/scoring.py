@@ -79,24 +79,16 @@ def _tile_max_kernel(
     tl.store(out, pooled, mask=(block_rows[:, None] < num_blocks) & (block_cols[None, :] < num_blocks))
 
 
-def block_tile_scores_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    block_size: int,
-    scale: float,
-    valid: torch.Tensor | None = None,
-    tile: int | None = None,
-) -> torch.Tensor:
-    """Same contract as `jenga.scoring.block_tile_scores`: fp32 (B, nb, nb) tile maxima."""
+# (tile, num_warps, num_stages) candidates; the fastest per shape is measured once and cached.
+LAUNCH_CANDIDATES = ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (128, 8, 4))
+_chosen: dict[tuple, tuple[int, int, int]] = {}
+
+
+def launch_tile_scores(q, k, block_size, scale, valid, launch: tuple[int, int, int]) -> torch.Tensor:
+    """One kernel launch with an explicit (tile, num_warps, num_stages); inputs already validated."""
+    tile, num_warps, num_stages = launch
     bsz, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise ValueError("q and k need a contiguous last (head_dim) axis")
-    tile = tile or max(block_size, 128 if dim <= 128 else 64)
-    if tile % block_size:
-        raise ValueError(f"tile ({tile}) must be a multiple of block_size ({block_size})")
     nb = -(-seq // block_size)
     out = torch.zeros(bsz, nb, nb, device=q.device, dtype=torch.float32)
     tiles = -(-seq // tile)
@@ -126,5 +118,58 @@ def block_tile_scores_triton(
         PER_TILE=tile // block_size,
         HAS_VALID=valid is not None,
         IEEE=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
+
+
+def _fastest_launch(q, k, block_size, scale, valid) -> tuple[int, int, int]:
+    """Time each candidate once on this shape (CUDA only) and keep the fastest."""
+    key = (q.shape[1], k.shape[1], q.shape[3], block_size, q.dtype, -(-q.shape[2] // 4096), q.device)
+    if key not in _chosen:
+        timings = {}
+        for launch in (c for c in LAUNCH_CANDIDATES if c[0] % block_size == 0):
+            launch_tile_scores(q, k, block_size, scale, valid, launch)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch_tile_scores(q, k, block_size, scale, valid, launch)
+            end.record()
+            end.synchronize()
+            timings[launch] = start.elapsed_time(end)
+        _chosen[key] = min(timings, key=timings.get) if timings else (block_size, 4, 2)
+    return _chosen[key]
+
+
+def block_tile_scores_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    scale: float,
+    valid: torch.Tensor | None = None,
+    tile: int | None = None,
+) -> torch.Tensor:
+    """Same contract as `jenga.scoring.block_tile_scores`: fp32 (B, nb, nb) tile maxima.
+
+    `tile` (a multiple of `block_size`) fixes the super-tile; by default the fastest launch for the shape
+    is measured on first use (on CUDA), or one tile per block side is used (interpreter).
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k need a contiguous last (head_dim) axis")
+    if tile is not None and tile % block_size:
+        raise ValueError(f"tile ({tile}) must be a multiple of block_size ({block_size})")
+    if tile is not None:
+        launch = (tile, 4, 2)
+    elif q.is_cuda:
+        launch = _fastest_launch(q, k, block_size, scale, valid)
+    else:
+        launch = (max(block_size, 64), 4, 2)
+    return launch_tile_scores(q, k, block_size, scale, valid, launch)
+
+
+def chosen_launches() -> dict[str, tuple[int, int, int]]:
+    """The launch picked per shape so far (for benchmark logs)."""
+    return {str(key[:6]): launch for key, launch in _chosen.items()}
