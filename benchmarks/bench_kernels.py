@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
 from jenga.elimination import TokenSelection
