@@ -101,7 +101,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 def summarize(out: Path, model: str, seqs: list[int], title: str = "Core benchmark") -> str:
     """Markdown table of the runs logged in `out`, with device, versions, date and command from their headers."""
-    rows, header, described = [], None, {}
+    rows, header, described, commands = [], None, {}, set()
     for seq in seqs:
         summaries = {}
         for method in METHODS:
@@ -111,6 +111,7 @@ def summarize(out: Path, model: str, seqs: list[int], title: str = "Core benchma
             records = read_jsonl(path)
             run = next((r for r in records if r.get("record") == "header"), {})
             header = header or run
+            commands.add(run.get("command", "").split(" --worker ")[0])
             described[method] = describe_run(run)
             summary = next((r for r in records if r.get("record") == "summary"), {"status": "incomplete"})
             steps = [r for r in records if r.get("record") == "step"]
@@ -123,7 +124,6 @@ def summarize(out: Path, model: str, seqs: list[int], title: str = "Core benchma
         for method, summary in summaries.items():
             base = summaries.get(METHODS[method].baseline, {})
             rows.append((seq, method, summary, base if base.get("status") == "ok" else {}))
-    command = header and header["command"].split(" --worker ")[0]
     lines = [
         f"## {title}: {model}, batch 1, bf16, LoRA r=8 q/k/v/o, SDPA, AdamW",
         "",
@@ -131,7 +131,8 @@ def summarize(out: Path, model: str, seqs: list[int], title: str = "Core benchma
         f"transformers {header and header.get('transformers')}, peft {header and header.get('peft')}, "
         f"triton {header and header.get('triton')}; git {header and header.get('git_commit')}",
         f"- date: {header and header.get('date')}; weights: {header and header.get('weights')}",
-        f"- command: `{command}` (each run in its own process: the same command plus `--worker METHOD LENGTH`)",
+        "- commands (each run in its own process: the command plus `--worker METHOD LENGTH`): "
+        + "; ".join(f"`{c}`" for c in sorted(commands)),
         "- peak = torch.cuda.max_memory_allocated over all steps (weights included); step = median of the "
         "measured steps after warm-up",
         "",
