@@ -34,6 +34,7 @@ __all__ = [
     "SavedTensorMeter",
     "TimedScorer",
     "cuda_memory_snapshot",
+    "read_jsonl",
     "run_header",
 ]
 
@@ -176,6 +177,11 @@ def run_header(command: str | None = None, extra: dict[str, Any] | None = None) 
     }
     header.update(extra or {})
     return header
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a JSON-lines log (the one reader every table and plot uses)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class JsonlWriter:

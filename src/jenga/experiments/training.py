@@ -6,7 +6,6 @@ share one definition of "a training step" (forward with labels, backward, AdamW 
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +131,3 @@ def train_steps(
         peak_gib=max(peaks) if peaks else None,
         median_step_s=statistics.median(r["step_s"] for r in measured) if measured else None,
     )
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

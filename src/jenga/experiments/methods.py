@@ -1,0 +1,69 @@
+"""Methods as data: what each compared system does to the same HF+PEFT model before training.
+
+Every name also exists with a "+ckpt" suffix (gradient checkpointing on). Adding a method means adding one
+entry here; the runner, sweeps and plots pick it up by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..config import JengaConfig
+
+HALF = JengaConfig(block_size=64, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=2, sink_blocks=1)
+QUARTER = JengaConfig(block_size=64, attn_keep=0.25, mlp_keep=0.25, dense_first_layers=2, sink_blocks=1)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared system. `jenga` is applied after LoRA; the flags select the baselines' own changes."""
+
+    name: str
+    description: str
+    jenga: JengaConfig | None = None
+    checkpointing: bool = False
+    s2attn: bool = False
+    liger: bool = False
+    train_embed_norm: bool = False
+
+    @property
+    def baseline(self) -> str:
+        """The method this one is compared against (same checkpointing setting)."""
+        return "lora+ckpt" if self.checkpointing else "lora"
+
+
+_BASE = [
+    Method("lora", "HF+PEFT LoRA r=8 on q/k/v/o, SDPA (baseline)"),
+    Method(
+        "longlora",
+        "LongLoRA: shifted sparse attention (4 groups, half the heads shifted by half a group), LoRA plus "
+        "trainable embeddings and norms",
+        s2attn=True,
+        train_embed_norm=True,
+    ),
+    Method("liger", "Liger Kernel fused RMSNorm, RoPE, SwiGLU and linear cross-entropy on the LoRA model", liger=True),
+    Method(
+        "jenga-dense",
+        "Jenga with no elimination: sparse-saved MLP at keep 1.0, lean norms, segmented loss",
+        jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0),
+    ),
+    Method("jenga", "Jenga, attention and MLP keep 0.5 (first 2 layers and the last dense)", jenga=HALF),
+    Method("jenga-0.25", "Jenga, attention and MLP keep 0.25 (first 2 layers and the last dense)", jenga=QUARTER),
+    Method("jenga-2d", "Jenga (keep 0.5) combined with LongLoRA's shifted sparse attention", jenga=HALF, s2attn=True),
+]
+
+METHODS: dict[str, Method] = {m.name: m for m in _BASE}
+METHODS.update(
+    {
+        f"{m.name}+ckpt": replace(
+            m, name=f"{m.name}+ckpt", description=m.description + ", gradient checkpointing", checkpointing=True
+        )
+        for m in _BASE
+    }
+)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,1 @@
+"""Tables and figures drawn from JSON-lines logs only (never from models)."""

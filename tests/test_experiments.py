@@ -1,0 +1,85 @@
+"""Runner pieces: methods registry, LongLoRA S2-Attn, length search, a real tiny run and its table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import batch, tiny_llama
+
+from jenga.experiments import longlora
+from jenga.experiments.methods import METHODS, get_method
+from jenga.experiments.run import longest_fitting, main
+from jenga.plotting.tables import runs_table
+
+
+def test_every_method_has_a_checkpointing_twin():
+    for name, method in METHODS.items():
+        if not name.endswith("+ckpt"):
+            twin = METHODS[f"{name}+ckpt"]
+            assert twin.checkpointing and twin.jenga == method.jenga and twin.baseline == "lora+ckpt"
+    with pytest.raises(KeyError, match="known methods"):
+        get_method("lora-typo")
+
+
+@pytest.mark.parametrize(
+    "limit,expected",
+    [(12288, (12288, 16384)), (4096, (4096, 8192)), (1000, (0, 4096)), (10**9, (65536, None))],
+)
+def test_longest_fitting(limit, expected):
+    probed = []
+
+    def fits(seq):
+        probed.append(seq)
+        return seq <= limit
+
+    assert longest_fitting(fits, 4096, 65536) == expected
+    assert len(probed) == len(set(probed))
+
+
+def test_s2_attention_groups_and_shift():
+    class Training(torch.nn.Module):
+        training = True
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 16, 8) for _ in range(3))
+    out, _ = longlora.s2_attention_forward(Training(), q, k, v, None, scaling=8**-0.5)
+    plain = F.scaled_dot_product_attention(q[:, :1, 4:8], k[:, :1, 4:8], v[:, :1, 4:8], is_causal=True)
+    torch.testing.assert_close(out[:, 4:8, 0], plain[:, 0])
+    qs, ks, vs = (t[:, 3:4].roll(-2, dims=2)[:, :, 0:4] for t in (q, k, v))
+    shifted = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    torch.testing.assert_close(out[:, 2:6, 3], shifted[:, 0])
+
+
+def test_s2_attention_in_a_model_and_with_jenga():
+    from jenga import JengaConfig, apply_jenga
+
+    longlora.register()
+    model = tiny_llama(kv_heads=2)
+    model.set_attn_implementation(longlora.NAME)
+    ids = batch(1, 128)
+    dense = tiny_llama(kv_heads=2)(input_ids=ids, labels=ids).loss
+    s2 = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(s2) and s2 != dense
+    apply_jenga(model, JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_runner_logs_a_run_and_renders_a_table(tmp_path):
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2).config.save_pretrained(folder)
+    logs = tmp_path / "logs"
+    main(["--model", str(folder), "--methods", "lora", "jenga", "--seqs", "96", "--steps", "1", "--logs", str(logs)])
+    records = [json.loads(line) for line in (logs / "arch_jenga_96.jsonl").read_text().splitlines()]
+    assert records[0]["record"] == "header" and records[0]["method"] == "jenga"
+    assert records[0]["weights"] == "random-init" and "jenga.experiments.run" in records[0]["command"]
+    assert [r["record"] for r in records[1:]] == ["step", "step", "summary"] and records[-1]["status"] == "ok"
+    oom = {"record": "summary", "status": "oom"}
+    (logs / "arch_lora+ckpt_96.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps(oom) + "\n")
+    table = runs_table(logs, "arch", "test")
+    assert "| 96 | lora | — | — |" in table and "| 96 | lora+ckpt | OOM |" in table and "| 96 | jenga |" in table
+    before = (logs / "arch_lora_96.jsonl").read_text()
+    main(["--model", str(folder), "--methods", "lora", "--seqs", "96", "--steps", "1", "--logs", str(logs)])
+    assert (logs / "arch_lora_96.jsonl").read_text() == before  # complete logs are skipped
