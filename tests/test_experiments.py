@@ -37,6 +37,10 @@ def test_longest_fitting(limit, expected):
 
     assert longest_fitting(fits, 4096, 65536) == expected
     assert len(probed) == len(set(probed))
+    if limit >= 8192:
+        probed.clear()
+        assert longest_fitting(fits, 4096, 65536, start=8192) == expected
+        assert probed[0] == 8192
 
 
 def test_s2_attention_groups_and_shift():

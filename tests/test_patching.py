@@ -404,15 +404,29 @@ def test_gradient_checkpointing_gives_same_gradients(family):
     ids = batch(2, 160)
     config = JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=0)
 
-    def run(checkpointing: bool):
+    calls = []
+
+    def counting(*args):
+        from jenga.patching.base import oracle_scorer
+
+        calls.append(args[0])
+        return oracle_scorer(*args)
+
+    def run(checkpointing: bool, reentrant: bool = False):
         base = MODEL_BUILDERS[family]()
         if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = apply_jenga(add_lora(base), config)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            base.enable_input_require_grads()
+        model = apply_jenga(add_lora(base), config, scorer=counting)
         return loss_and_grads(model, ids)
 
+    sparse_layers = [i for i, keep in enumerate(config.attn_schedule(3)) if keep < 1.0]
     ref_loss, ref_grads = run(False)
-    loss, grads = run(True)
-    assert rel_err(loss, ref_loss) < 1e-6
-    for name, grad in grads.items():
-        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+    assert sorted(calls) == sparse_layers
+    for reentrant in (False, True):
+        calls.clear()
+        loss, grads = run(True, reentrant)
+        assert sorted(calls) == sparse_layers, "the recompute must reuse the forward's selection"
+        assert rel_err(loss, ref_loss) < 1e-6
+        for name, grad in grads.items():
+            assert rel_err(grad, ref_grads[name]) < 1e-5, name

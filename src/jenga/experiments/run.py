@@ -139,13 +139,15 @@ def sweep(args: argparse.Namespace) -> None:
         tqdm.write(f"{method} {seq}: {summary.get('status')} peak={peak} step={step}")
 
 
-def longest_fitting(fits: Callable[[int], bool], step: int, cap: int) -> tuple[int, int | None]:
+def longest_fitting(
+    fits: Callable[[int], bool], step: int, cap: int, start: int | None = None
+) -> tuple[int, int | None]:
     """(longest multiple of `step` for which `fits` holds, first failing length or None up to `cap`).
 
-    Doubles from `step` until a failure or `cap`, then bisects in multiples of `step`; assumes that fitting
-    is monotone in the length (memory grows with it).
+    Doubles from `start` (default `step`) until a failure or `cap`, then bisects in multiples of `step`;
+    assumes that fitting is monotone in the length (memory grows with it).
     """
-    good, bad, seq = 0, None, step
+    good, bad, seq = 0, None, start or step
     while seq <= cap:
         if not fits(seq):
             bad = seq
@@ -170,7 +172,7 @@ def max_length(args: argparse.Namespace) -> None:
             tqdm.write(f"{method} {seq}: {probes[seq]}")
             return probes[seq] == "ok"
 
-        good, bad = longest_fitting(fits, args.length_step, args.cap)
+        good, bad = longest_fitting(fits, args.length_step, args.cap, args.start)
         header = run_header(extra={"experiment": "max_length", "model": Path(args.model).name, "method": method})
         result_path = args.logs / "maxlen" / f"{Path(args.model).name}_{method}.jsonl"
         result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", action="store_true", help="search the longest trainable length instead")
     parser.add_argument("--length-step", type=int, default=4096)
     parser.add_argument("--cap", type=int, default=131072, help="longest length the search tries")
+    parser.add_argument("--start", type=int, help="first length the search tries (a multiple of --length-step)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sweep-command", help=argparse.SUPPRESS)

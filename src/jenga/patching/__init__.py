@@ -72,7 +72,7 @@ def apply_jenga(model: nn.Module, config: JengaConfig | None = None, scorer: Blo
         scorer=scorer or oracle_scorer,
     )
     for idx, layer in enumerate(layers):
-        patch_attention(adapter.attention(layer), idx, state)
+        patch_attention(adapter.attention(layer), idx, state, layer)
         adapter.patch_mlp(layer, idx, state.mlp_keep[idx], state)
     if config.lean_norms:
         adapter.patch_norms(base, state)

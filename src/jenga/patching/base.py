@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import types
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -121,6 +122,8 @@ class JengaState:
     scorer: BlockScorer
     patched: list[nn.Module] = field(default_factory=list)
     last_kept_tokens: dict[int, int] = field(default_factory=dict)
+    # Selections of checkpointed layers, made in forward and reused by the backward-time recompute.
+    pending: dict[int, deque] = field(default_factory=dict)
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -159,8 +162,22 @@ def _gather_positional(selection, value):
     return value
 
 
-def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState) -> None:
-    """Run the attention sublayer on the kept blocks only; eliminated positions get zero output."""
+# Forwards whose selections may wait for their recompute (e.g. several micro-batches before one backward).
+MAX_PENDING = 16
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, which is where checkpointed layers recompute their forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: nn.Module) -> None:
+    """Run the attention sublayer on the kept blocks only; eliminated positions get zero output.
+
+    Under gradient checkpointing the layer's forward runs again in backward; it then reuses the selection
+    its first forward made (first in, first out) instead of scoring again, which halves scoring cost and
+    guarantees the recompute sees the same blocks.
+    """
     original = type(attn).forward
     signature = inspect.signature(original)
     keep = state.attn_keep[layer_idx]
@@ -184,15 +201,31 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState) -> None:
                 "attn_implementation='sdpa' or 'eager'"
             )
         token_valid = key_validity(mask, seq_len)
-        with torch.no_grad():
-            scores = state.scorer(
-                layer_idx,
-                hidden,
-                token_valid,
-                config.block_size,
-                functools.partial(adapter.query_key, self, hidden, call),
-            )
-            selection = select_tokens(scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid)
+        # Reentrant checkpointing runs the first forward under no_grad, so grad mode cannot tell us here.
+        checkpointed = getattr(layer, "gradient_checkpointing", False)
+        pending = state.pending.setdefault(layer_idx, deque())
+        recompute = checkpointed and _in_backward()
+        if recompute and pending and pending[0].seq_len == seq_len and pending[0].index.shape[0] == hidden.shape[0]:
+            selection = pending.popleft()
+        else:
+            with torch.no_grad():
+                scores = state.scorer(
+                    layer_idx,
+                    hidden,
+                    token_valid,
+                    config.block_size,
+                    functools.partial(adapter.query_key, self, hidden, call),
+                )
+                selection = select_tokens(
+                    scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid
+                )
+            if checkpointed and not recompute:
+                pending.append(selection)
+                if len(pending) > MAX_PENDING:
+                    pending.popleft()
+                    warn_once(
+                        "pending", "Jenga: forwards without backward under checkpointing; dropping old selections"
+                    )
         if call.get("past_key_values") is not None:
             warn_once(
                 "cache",
