@@ -37,19 +37,29 @@ def max_length_section() -> str | None:
     if not paths:
         return None
     lines = [
-        "## Longest trainable sequence (one training step without OOM; doubling then bisection in 4K steps)",
+        "## Longest trainable sequence (one training step without OOM: doubling, then bisection)",
         "",
-        "| model | method | longest OK | first OOM | probes |",
-        "|---|---|---|---|---|",
+        "| model | method | longest OK | first OOM | bisection step | probes (length: status) |",
+        "|---|---|---|---|---|---|",
     ]
     for path in paths:
         records = read_jsonl(path)
         header, result = records[0], next(r for r in records if r.get("record") == "max_length")
         probes = ", ".join(f"{k}: {v}" for k, v in sorted(result["probes"].items(), key=lambda kv: int(kv[0])))
         first_oom = result["first_oom"] or f"none up to {result['cap']}"
-        lines.append(f"| {header['model']} | {result['method']} | {result['max_ok']} | {first_oom} | {probes} |")
+        command = header.get("command", "").split()
+        step = result.get("step") or int(
+            command[command.index("--length-step") + 1] if "--length-step" in command else 4096
+        )
+        lines.append(
+            f"| {header['model']} | {result['method']} | {result['max_ok']} | {first_oom} | {step} | {probes} |"
+        )
     first = read_jsonl(paths[0])[0]
-    lines += ["", f"Device {first['device']}, git {first['git_commit']}, {first['date']}."]
+    lines += [
+        "",
+        f"Device {first['device']}, git {first['git_commit']}, {first['date']}; probe logs in `logs/e2e/probes/`; "
+        "the first probe length comes from the runner's `--start` (a length the sweep showed to fit).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -184,6 +184,7 @@ def max_length(args: argparse.Namespace) -> None:
                     "max_ok": good,
                     "first_oom": bad,
                     "cap": args.cap,
+                    "step": args.length_step,
                     "probes": probes,
                 }
             )

@@ -54,7 +54,8 @@ def runs_table(folder: Path, model: str, title: str) -> str | None:
         f"## {title}: {model}, batch 1, bf16, LoRA r=8 q/k/v/o, AdamW",
         "",
         f"- device: {first.get('device')}; torch {first.get('torch')}, transformers {first.get('transformers')}, "
-        f"peft {first.get('peft')}, triton {first.get('triton')}; git {first.get('git_commit')}",
+        f"peft {first.get('peft')}, triton {first.get('triton')}; git "
+        + ", ".join(sorted({str(h.get("git_commit")) for h in headers})),
         f"- dates: {min(h['date'] for h in headers)} to {max(h['date'] for h in headers)}; weights: "
         f"{first.get('weights')}",
         "- commands (each run in its own process): " + "; ".join(f"`{c}`" for c in commands),
