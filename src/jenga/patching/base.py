@@ -22,7 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import JengaConfig
-from ..elimination import key_validity, select_tokens
+from ..elimination import TokenSelection, key_validity, select_tokens
 from ..loss import segmented_causal_lm_loss
 from ..scoring import block_scores, num_blocks
 
@@ -77,7 +77,7 @@ def oracle_scorer(
     """The exact score of `jenga.scoring.block_scores` from the layer's own q and k (Triton on CUDA)."""
     q, k, scale = query_key()
     if q.is_cuda:
-        from ..kernels.scoring import block_tile_scores_triton
+        from ..kernels.scoring import block_tile_scores_triton  # Triton is needed on the GPU path only
 
         return block_tile_scores_triton(q, k, block_size, scale, token_valid).sum(dim=1)
     return block_scores(q, k, block_size, scale, token_valid)
@@ -171,13 +171,42 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: nn.Module) -> None:
-    """Run the attention sublayer on the kept blocks only; eliminated positions get zero output.
+def _choose_tokens(
+    state: JengaState,
+    layer_idx: int,
+    layer: nn.Module,
+    keep_blocks: int,
+    hidden: torch.Tensor,
+    token_valid: torch.Tensor | None,
+    query_key: QueryKey,
+) -> TokenSelection:
+    """Score and select this layer's kept tokens, or reuse the selection a checkpointed forward made.
 
-    Under gradient checkpointing the layer's forward runs again in backward; it then reuses the selection
-    its first forward made (first in, first out) instead of scoring again, which halves scoring cost and
-    guarantees the recompute sees the same blocks.
+    Under gradient checkpointing the layer's forward runs again in backward; reusing the first forward's
+    selection (first in, first out) halves the scoring cost and guarantees the recompute sees the same
+    blocks. Reentrant checkpointing runs the first forward under no_grad, so grad mode cannot tell the two
+    passes apart; being inside a backward pass can.
     """
+    config = state.config
+    seq_len = hidden.shape[1]
+    checkpointed = getattr(layer, "gradient_checkpointing", False)
+    pending = state.pending.setdefault(layer_idx, deque())
+    recompute = checkpointed and _in_backward()
+    if recompute and pending and pending[0].seq_len == seq_len and pending[0].index.shape[0] == hidden.shape[0]:
+        return pending.popleft()
+    with torch.no_grad():
+        scores = state.scorer(layer_idx, hidden, token_valid, config.block_size, query_key)
+        selection = select_tokens(scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid)
+    if checkpointed and not recompute:
+        pending.append(selection)
+        if len(pending) > MAX_PENDING:
+            pending.popleft()
+            warn_once("pending", "Jenga: checkpointed forwards without a backward; dropping their selections")
+    return selection
+
+
+def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: nn.Module) -> None:
+    """Run the attention sublayer on the kept blocks only; eliminated positions get zero output."""
     original = type(attn).forward
     signature = inspect.signature(original)
     keep = state.attn_keep[layer_idx]
@@ -189,8 +218,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         call = _flatten_call(signature, (self, *args), kwargs)
         call.pop("self")
         hidden = call["hidden_states"]
-        seq_len = hidden.shape[1]
-        nb = num_blocks(seq_len, config.block_size)
+        nb = num_blocks(hidden.shape[1], config.block_size)
         keep_blocks = config.kept_blocks(nb, keep)
         if keep_blocks >= nb:
             return original(self, **call)
@@ -200,32 +228,9 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 f"Jenga needs a tensor attention mask or None, got {type(mask).__name__}; load the model with "
                 "attn_implementation='sdpa' or 'eager'"
             )
-        token_valid = key_validity(mask, seq_len)
-        # Reentrant checkpointing runs the first forward under no_grad, so grad mode cannot tell us here.
-        checkpointed = getattr(layer, "gradient_checkpointing", False)
-        pending = state.pending.setdefault(layer_idx, deque())
-        recompute = checkpointed and _in_backward()
-        if recompute and pending and pending[0].seq_len == seq_len and pending[0].index.shape[0] == hidden.shape[0]:
-            selection = pending.popleft()
-        else:
-            with torch.no_grad():
-                scores = state.scorer(
-                    layer_idx,
-                    hidden,
-                    token_valid,
-                    config.block_size,
-                    functools.partial(adapter.query_key, self, hidden, call),
-                )
-                selection = select_tokens(
-                    scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid
-                )
-            if checkpointed and not recompute:
-                pending.append(selection)
-                if len(pending) > MAX_PENDING:
-                    pending.popleft()
-                    warn_once(
-                        "pending", "Jenga: forwards without backward under checkpointing; dropping old selections"
-                    )
+        token_valid = key_validity(mask, hidden.shape[1])
+        query_key = functools.partial(adapter.query_key, self, hidden, call)
+        selection = _choose_tokens(state, layer_idx, layer, keep_blocks, hidden, token_valid, query_key)
         if call.get("past_key_values") is not None:
             warn_once(
                 "cache",
