@@ -38,7 +38,7 @@ def load_model(
     """
     folder = Path(name) if Path(name).is_dir() else CHECKPOINTS / name
     if not (folder / "config.json").exists():
-        known = sorted(p.name for p in CHECKPOINTS.iterdir() if (p / "config.json").exists())
+        known = sorted(p.parent.name for p in CHECKPOINTS.glob("*/config.json"))
         raise FileNotFoundError(f"no config.json for model {name!r}; known architectures: {known}")
     config = AutoConfig.from_pretrained(folder)
     config.use_cache = False
