@@ -351,7 +351,7 @@ def test_double_apply_and_remove_errors():
 
 
 def test_predictor_mode_needs_scorer():
-    with pytest.raises(JengaConfigError, match="scorer"):
+    with pytest.raises(JengaConfigError, match="pass predictor="):
         apply_jenga(tiny_llama(), JengaConfig(scoring="predictor"))
 
 

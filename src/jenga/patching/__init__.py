@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from ..config import JengaConfig, JengaConfigError
+from ..predictor.bundle import PredictorBundle
 from .base import (
     BlockScorer,
     FamilyAdapter,
@@ -48,21 +51,38 @@ def jenga_state(model: nn.Module) -> JengaState | None:
     return unwrap(model).__dict__.get("_jenga")
 
 
-def apply_jenga(model: nn.Module, config: JengaConfig | None = None, scorer: BlockScorer | None = None) -> nn.Module:
+def apply_jenga(
+    model: nn.Module,
+    config: JengaConfig | None = None,
+    scorer: BlockScorer | None = None,
+    predictor: str | Path | PredictorBundle | None = None,
+) -> nn.Module:
     """Patch `model` in place for sparse long-context training and return it.
 
     Works before or after `peft.get_peft_model`. Elimination and sparse saving act only in training mode;
     `model.eval()` and generation run the dense model. `scorer` replaces the oracle block score (the
-    predictor issue plugs learned predictors in here); `config.scoring == "predictor"` requires one.
+    predictor issue plugs learned predictors in here); `predictor` (a folder written by
+    `python -m jenga.predictor.train`, or a loaded `PredictorBundle`) selects blocks with learned predictors
+    and, when `config` is None, brings the config it was trained with.
     """
-    config = config or JengaConfig()
-    config.validate()
     base = unwrap(model)
     adapter = find_adapter(base)
     if jenga_state(base) is not None:
         raise RuntimeError("Jenga is already applied to this model; call remove_jenga(model) first")
+    if predictor is not None:
+        bundle = predictor if isinstance(predictor, PredictorBundle) else PredictorBundle.load(predictor)
+        config = config or bundle.config
+        layers = adapter.decoder_layers(base)
+        sparse = [i for i, keep in enumerate(config.attn_schedule(len(layers))) if keep < 1.0]
+        bundle.check_fits(base.config.hidden_size, len(layers), sparse)
+        bundle.to(next(base.parameters()).device).eval()
+        scorer = bundle.scorer()
+    config = config or JengaConfig()
+    config.validate()
     if config.scoring == "predictor" and scorer is None:
-        raise JengaConfigError("scoring='predictor' needs a trained predictor: pass scorer=... to apply_jenga")
+        raise JengaConfigError(
+            "scoring='predictor' needs a trained predictor: pass predictor='path/to/predictor' to apply_jenga"
+        )
     layers = adapter.decoder_layers(base)
     state = JengaState(
         config=config,

@@ -1,0 +1,112 @@
+"""A model's predictors: one `BlockPredictor` per sparse layer, saved as safetensors plus a JSON manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import JengaConfig
+from .model import BlockPredictor
+
+WEIGHTS, MANIFEST = "predictors.safetensors", "predictor.json"
+
+
+class PredictorMismatchError(ValueError):
+    """A saved predictor does not fit the model it is applied to."""
+
+
+class PredictorBundle(nn.Module):
+    """Predictors keyed by layer index, with what they were built for (hidden size, layer count, config)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_layers: int,
+        layers: list[int],
+        config: JengaConfig,
+        units: int = 256,
+        out_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        self.hidden_size, self.num_layers, self.config = hidden_size, num_layers, config
+        self.out_dim = out_dim
+        self.predictors = nn.ModuleDict({str(i): BlockPredictor(hidden_size, units, out_dim) for i in layers})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(i) for i in self.predictors)
+
+    def __getitem__(self, layer_idx: int) -> BlockPredictor:
+        return self.predictors[str(layer_idx)]
+
+    def sizes(self) -> dict[int, dict[str, int]]:
+        return {i: self[i].sizes() for i in self.layers}
+
+    def scorer(self):
+        """A `BlockScorer` for `apply_jenga` that reads hidden states instead of computing q and k."""
+
+        def score(layer_idx, hidden_states, token_valid, block_size, query_key):
+            if str(layer_idx) not in self.predictors:
+                raise PredictorMismatchError(
+                    f"no predictor for sparse layer {layer_idx}; predictors cover {self.layers}"
+                )
+            return self[layer_idx].block_scores(hidden_states, block_size, token_valid)
+
+        return score
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, folder / WEIGHTS)
+        manifest = {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "out_dim": self.out_dim,
+            "sizes": {str(i): s for i, s in self.sizes().items()},
+            "jenga_config": self.config.to_dict(),
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> PredictorBundle:
+        folder = Path(folder)
+        if not (folder / MANIFEST).exists():
+            raise FileNotFoundError(f"{folder} holds no {MANIFEST}; train one with `python -m jenga.predictor.train`")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        sizes = {int(i): s for i, s in manifest["sizes"].items()}
+        bundle = cls(
+            manifest["hidden_size"],
+            manifest["num_layers"],
+            sorted(sizes),
+            JengaConfig.from_dict(manifest["jenga_config"]),
+            out_dim=manifest["out_dim"],
+        )
+        for i, s in sizes.items():
+            bundle.predictors[str(i)] = _sized(manifest["hidden_size"], s, manifest["out_dim"])
+        bundle.load_state_dict(load_file(folder / WEIGHTS))
+        return bundle
+
+    def check_fits(self, hidden_size: int, num_layers: int, sparse_layers: list[int]) -> None:
+        """Raise `PredictorMismatchError` naming what differs between these predictors and a model."""
+        if (hidden_size, num_layers) != (self.hidden_size, self.num_layers):
+            raise PredictorMismatchError(
+                f"predictors were trained for {self.num_layers} layers of hidden size {self.hidden_size}, but the "
+                f"model has {num_layers} layers of hidden size {hidden_size}; train predictors for this model"
+            )
+        missing = sorted(set(sparse_layers) - set(self.layers))
+        if missing:
+            raise PredictorMismatchError(
+                f"the schedule makes layers {missing} sparse but the predictors cover only {self.layers}; "
+                "use the JengaConfig the predictors were trained with (bundle.config)"
+            )
+
+
+def _sized(hidden_size: int, sizes: dict[str, int], out_dim: int) -> BlockPredictor:
+    """An empty predictor whose towers have the saved (possibly pruned) unit counts."""
+    predictor = BlockPredictor(hidden_size, sizes["query_units"], out_dim)
+    if sizes["key_units"] != sizes["query_units"]:
+        predictor.key = type(predictor.key)(hidden_size, sizes["key_units"], out_dim)
+    return predictor

@@ -1,0 +1,254 @@
+"""Train a model's block predictors against the oracle score.
+
+    python -m jenga.predictor.train --model checkpoints/<name> --data data.jsonl --out predictors/<name>
+
+1. Collect: the frozen model runs over the data (eval mode, no grad); a pre-hook on each sparse layer's
+   attention records its input hidden states pooled per block and the oracle block scores (Triton kernel on
+   GPU, PyTorch reference on CPU) computed from that layer's own q and k.
+2. Train: all predictors together with a listwise ranking loss (cross-entropy between the softmax of the
+   standardized oracle scores and the softmax of the predicted scores), pruning rarely active units every
+   `--prune-every` steps. Loss per step goes to a JSON-lines log; a progress bar shows it.
+3. Evaluate top-k block recall against the oracle at each layer's keep ratio on held-out sequences, and save
+   `predictors.safetensors` + `predictor.json` that `apply_jenga(model, predictor=folder)` loads.
+
+Data: JSON lines with `input_ids` (token lists) or `text` (tokenized with the model folder's tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import JengaConfig
+from ..patching import find_adapter, unwrap
+from ..profiling import JsonlWriter, run_header
+from ..scoring import block_scores
+from .bundle import PredictorBundle
+from .model import pool_blocks
+
+
+@dataclass
+class LayerSamples:
+    """What one layer saw: pooled hidden states (N, nb, D) and oracle block scores (N, nb)."""
+
+    pooled: list[torch.Tensor]
+    oracle: list[torch.Tensor]
+
+
+def sequences_from_jsonl(path: Path, seq_len: int, model_folder: Path | None) -> list[torch.Tensor]:
+    """Cut every record's tokens into windows of `seq_len` (shorter tails are dropped)."""
+    tokenizer = None
+    windows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "input_ids" in record:
+            ids = record["input_ids"]
+        elif "text" in record:
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                if model_folder is None:
+                    raise ValueError("records with `text` need a model folder that holds a tokenizer")
+                tokenizer = AutoTokenizer.from_pretrained(model_folder)
+            ids = tokenizer(record["text"])["input_ids"]
+        else:
+            raise ValueError(f"{path}: each record needs `input_ids` or `text`, got keys {sorted(record)}")
+        windows += [torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    if not windows:
+        raise ValueError(f"{path} holds no sequence of {seq_len} tokens; lower --seq-len or add data")
+    return windows
+
+
+@torch.no_grad()
+def collect(model: torch.nn.Module, sequences: list[torch.Tensor], config: JengaConfig) -> dict[int, LayerSamples]:
+    """Run the frozen model over `sequences` and record each sparse layer's pooled inputs and oracle scores."""
+    base = unwrap(model)
+    adapter = find_adapter(base)
+    layers = adapter.decoder_layers(base)
+    sparse = [i for i, keep in enumerate(config.attn_schedule(len(layers))) if keep < 1.0]
+    samples = {i: LayerSamples([], []) for i in sparse}
+    hooks = []
+    for idx in sparse:
+        attn = adapter.attention(layers[idx])
+
+        def record(module, args, kwargs, idx=idx):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            q, k, scale = adapter.query_key(module, hidden, kwargs)
+            if q.is_cuda:
+                from ..kernels.scoring import block_tile_scores_triton
+
+                oracle = block_tile_scores_triton(q, k, config.block_size, scale).sum(1)
+            else:
+                oracle = block_scores(q, k, config.block_size, scale)
+            samples[idx].pooled.append(pool_blocks(hidden.float(), config.block_size).cpu())
+            samples[idx].oracle.append(oracle.float().cpu())
+
+        hooks.append(attn.register_forward_pre_hook(record, with_kwargs=True))
+    was_training = base.training
+    base.eval()
+    device = next(base.parameters()).device
+    try:
+        for ids in tqdm(sequences, desc="collect oracle scores", unit="seq"):
+            base(input_ids=ids[None].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        base.train(was_training)
+    return samples
+
+
+def listwise_loss(predicted: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy from softmax(standardized oracle) to softmax(predicted), averaged over sequences."""
+    target = (oracle - oracle.mean(-1, keepdim=True)) / oracle.std(-1, keepdim=True).clamp_min(1e-6)
+    return -(target.softmax(-1) * predicted.log_softmax(-1)).sum(-1).mean()
+
+
+def topk_recall(predicted: torch.Tensor, oracle: torch.Tensor, keep: int, sinks: int) -> float:
+    """Mean fraction of the oracle's top-`keep` blocks (sinks forced in both) that the predictor also picks."""
+    forced = torch.zeros_like(oracle)
+    forced[:, :sinks] = float("inf")
+    pred_top = (predicted + forced).topk(keep, dim=-1).indices
+    true_top = (oracle + forced).topk(keep, dim=-1).indices
+    hits = (pred_top[:, :, None] == true_top[:, None, :]).any(-1).float().sum(-1)
+    return (hits / keep).mean().item()
+
+
+def train_bundle(
+    samples: dict[int, LayerSamples],
+    hidden_size: int,
+    num_layers: int,
+    config: JengaConfig,
+    steps: int,
+    lr: float = 1e-3,
+    batch: int = 8,
+    units: int = 256,
+    out_dim: int = 64,
+    prune_every: int = 0,
+    prune_threshold: float = 0.01,
+    log: JsonlWriter | None = None,
+    seed: int = 0,
+) -> PredictorBundle:
+    """Train one predictor per layer in `samples` on the pooled-input → oracle-score pairs."""
+    torch.manual_seed(seed)
+    bundle = PredictorBundle(hidden_size, num_layers, sorted(samples), config, units=units, out_dim=out_dim)
+    data = {i: (torch.cat(s.pooled), torch.cat(s.oracle)) for i, s in samples.items()}
+    optimizer = torch.optim.Adam(bundle.parameters(), lr=lr)
+    gen = random.Random(seed)
+    bundle.train()
+    progress = tqdm(range(steps), desc="train predictors", unit="step")
+    for step in progress:
+        losses = {}
+        for i, (pooled, oracle) in data.items():
+            rows = torch.tensor([gen.randrange(len(pooled)) for _ in range(batch)])
+            predicted = bundle[i].pooled_tile_scores(pooled[rows]).sum(1)
+            losses[i] = listwise_loss(predicted, oracle[rows])
+        total = torch.stack(list(losses.values())).mean()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        record = {
+            "record": "step",
+            "step": step,
+            "loss": total.item(),
+            "layer_loss": {i: v.item() for i, v in losses.items()},
+        }
+        if prune_every and (step + 1) % prune_every == 0 and step + 1 < steps:
+            record["pruned"] = {i: bundle[i].prune(prune_threshold) for i in data}
+            record["sizes"] = bundle.sizes()
+            optimizer = torch.optim.Adam(bundle.parameters(), lr=lr)
+        progress.set_postfix(loss=f"{total.item():.4f}")
+        if log is not None:
+            log.write(record)
+    return bundle.eval()
+
+
+@torch.no_grad()
+def evaluate(bundle: PredictorBundle, samples: dict[int, LayerSamples], config: JengaConfig) -> dict[int, float]:
+    """Top-k recall per layer at that layer's keep ratio on the given (held-out) samples."""
+    schedule = config.attn_schedule(bundle.num_layers)
+    recalls = {}
+    for i, s in samples.items():
+        pooled, oracle = torch.cat(s.pooled), torch.cat(s.oracle)
+        predicted = bundle[i].pooled_tile_scores(pooled).sum(1)
+        keep = config.kept_blocks(oracle.shape[1], schedule[i])
+        recalls[i] = topk_recall(predicted, oracle, keep, config.sink_blocks)
+    return recalls
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train Jenga's block predictors against the oracle score")
+    parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer)")
+    parser.add_argument("--data", required=True, type=Path, help="JSON lines with input_ids or text")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--config", type=Path, help="JengaConfig JSON (default: JengaConfig())")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--max-sequences", type=int, default=64)
+    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of sequences kept for recall")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--units", type=int, default=256)
+    parser.add_argument("--out-dim", type=int, default=64)
+    parser.add_argument("--prune-every", type=int, default=100)
+    parser.add_argument("--prune-threshold", type=float, default=0.01)
+    args = parser.parse_args(argv)
+
+    from ..experiments.training import load_model
+
+    config = JengaConfig.from_json(args.config) if args.config else JengaConfig()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, weights = load_model(args.model, args.seq_len, dtype=dtype, device=device)
+    folder = Path(args.model) if Path(args.model).is_dir() else None
+    sequences = sequences_from_jsonl(args.data, args.seq_len, folder)[: args.max_sequences]
+    held = max(1, int(len(sequences) * args.holdout)) if len(sequences) > 1 else 0
+    train_seqs, eval_seqs = sequences[held:], sequences[:held]
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = run_header(
+        extra={
+            "experiment": "predictor_train",
+            "model": args.model,
+            "weights": weights,
+            "data": str(args.data),
+            "sequences": len(train_seqs),
+            "held_out": len(eval_seqs),
+            "jenga_config": config.to_dict(),
+        }
+    )
+    with JsonlWriter(args.out / "train_log.jsonl", header=header) as log:
+        samples = collect(model, train_seqs, config)
+        bundle = train_bundle(
+            samples,
+            model.config.hidden_size,
+            model.config.num_hidden_layers,
+            config,
+            args.steps,
+            lr=args.lr,
+            units=args.units,
+            out_dim=args.out_dim,
+            prune_every=args.prune_every,
+            prune_threshold=args.prune_threshold,
+            log=log,
+        )
+        recall = evaluate(bundle, collect(model, eval_seqs, config), config) if eval_seqs else {}
+        log.write(
+            {
+                "record": "eval",
+                "recall": recall,
+                "mean_recall": sum(recall.values()) / max(1, len(recall)),
+                "sizes": bundle.sizes(),
+            }
+        )
+    bundle.save(args.out)
+    print(f"saved predictors for layers {bundle.layers} to {args.out}; held-out recall {recall}")
+
+
+if __name__ == "__main__":
+    main()
