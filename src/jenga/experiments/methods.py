@@ -25,6 +25,7 @@ class Method:
     s2attn: bool = False
     liger: bool = False
     train_embed_norm: bool = False
+    predictor: str | None = None  # a predictor folder, or "random-init" (timing only: same cost as trained)
 
     @property
     def baseline(self) -> str:
@@ -50,6 +51,13 @@ _BASE = [
     Method("jenga", "Jenga, attention and MLP keep 0.5 (first 2 layers and the last dense)", jenga=HALF),
     Method("jenga-0.25", "Jenga, attention and MLP keep 0.25 (first 2 layers and the last dense)", jenga=QUARTER),
     Method("jenga-2d", "Jenga (keep 0.5) combined with LongLoRA's shifted sparse attention", jenga=HALF, s2attn=True),
+    Method(
+        "jenga-predictor-timing",
+        "Jenga (keep 0.5) selecting with two-tower predictors (random-init weights: timing and memory only, not "
+        "quality)",
+        jenga=replace(HALF, scoring="predictor"),
+        predictor="random-init",
+    ),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _BASE}

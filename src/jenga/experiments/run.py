@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .. import apply_jenga
 from ..patching.base import oracle_scorer
+from ..predictor import PredictorBundle
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer, read_jsonl, run_header
 from . import longlora
 from .methods import METHODS, Method, get_method
@@ -56,9 +57,20 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
                 param.requires_grad_(True)
     timer = None
     if method.jenga is not None:
-        timer = TimedScorer(oracle_scorer)
+        timer = TimedScorer(oracle_scorer if method.predictor is None else predictor_scorer(method, model))
         apply_jenga(model, method.jenga, scorer=timer)
     return model, weights, timer
+
+
+def predictor_scorer(method: Method, model: torch.nn.Module):
+    """The scorer of the method's predictors: a trained folder, or random-init ones of the default size."""
+    config = model.get_base_model().config
+    if method.predictor == "random-init":
+        sparse = [i for i, keep in enumerate(method.jenga.attn_schedule(config.num_hidden_layers)) if keep < 1.0]
+        bundle = PredictorBundle(config.hidden_size, config.num_hidden_layers, sparse, method.jenga)
+    else:
+        bundle = PredictorBundle.load(method.predictor)
+    return bundle.to(next(model.parameters()).device).eval().scorer()
 
 
 def run_one(
@@ -90,6 +102,7 @@ def run_one(
         "lora": "r=8 q/k/v/o",
         "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
         "gradient_checkpointing": method.checkpointing,
+        "predictor": method.predictor,
         "memory_cap_gib": memory_gib if capped is not None else None,
     }
     with JsonlWriter(path, header=None) as writer:

@@ -1,0 +1,1 @@
+"""Locally built data: corpus, instruction sets, tokenizer."""

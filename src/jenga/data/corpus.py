@@ -1,0 +1,135 @@
+"""Local training data built from text already on the machine (nothing is downloaded).
+
+    python -m jenga.data.corpus --out dataset
+
+- A long-document corpus: Python's standard library source (written by people, PSF licence), one document
+  per top-level module or package (a package's files concatenated, like repository-level code context),
+  split into train / validation / test by document.
+- An instruction-style long-context set built from the same documents: key-value facts planted at random
+  depths of a long context, with an instruction to retrieve one of them.
+- A byte-level BPE tokenizer trained on the train split, saved so `AutoTokenizer` loads it.
+- PROVENANCE.md listing every source file, the split and the licence note. Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "_bundled", "lib2to3", "turtledemo"}
+SPLITS = {0: "test", 1: "validation"}
+
+
+def split_of(name: str) -> str:
+    """Stable document-level split: 10% test, 10% validation, 80% train (by a hash of the name)."""
+    return SPLITS.get(int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10, "train")
+
+
+def stdlib_documents(root: Path | None = None) -> list[tuple[str, list[Path]]]:
+    """(name, files) per top-level stdlib module or package, in name order."""
+    root = root or Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_file() and entry.suffix == ".py":
+            docs.append((entry.stem, [entry]))
+        elif entry.is_dir() and entry.name not in SKIP_DIRS and (entry / "__init__.py").exists():
+            files = sorted(p for p in entry.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(entry).parts))
+            docs.append((entry.name, files))
+    return docs
+
+
+def document_text(root: Path, files: list[Path]) -> str:
+    return "\n".join(f"# file: {p.relative_to(root)}\n{p.read_text(errors='replace')}" for p in files)
+
+
+def retrieval_records(text: str, name: str, context_chars: int, facts: int, rng: random.Random) -> list[dict]:
+    """Instruction records: plant `facts` key = value lines in a context window and ask for one of them."""
+    records = []
+    for start in range(0, max(1, len(text) - context_chars + 1), context_chars):
+        lines = text[start : start + context_chars].splitlines()
+        keys = [f"KEY_{rng.randrange(10**6):06d}" for _ in range(facts)]
+        values = [str(rng.randrange(10**6)) for _ in range(facts)]
+        for key, value in zip(keys, values, strict=True):
+            lines.insert(rng.randrange(len(lines) + 1), f"# fact: {key} = {value}")
+        ask = rng.randrange(facts)
+        instruction = f"Read the code below and report the value recorded for {keys[ask]}."
+        records.append(
+            {
+                "source": name,
+                "instruction": instruction,
+                "context": "\n".join(lines),
+                "answers": [values[ask]],
+                "text": f"### Instruction\n{instruction}\n### Context\n"
+                + "\n".join(lines)
+                + f"\n### Answer\n{values[ask]}",
+            }
+        )
+    return records
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    wrapped.save_pretrained(folder)
+
+
+def build(out: Path, vocab_size: int = 4096, context_chars: int = 6000, facts: int = 4, seed: int = 0) -> dict:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rng = random.Random(seed)
+    corpus = {"train": [], "validation": [], "test": []}
+    provenance = []
+    for name, files in stdlib_documents(root):
+        split = split_of(name)
+        corpus[split].append({"source": name, "text": document_text(root, files)})
+        provenance.append(
+            f"| {name} | {split} | {len(files)} | " + ", ".join(str(p.relative_to(root)) for p in files) + " |"
+        )
+    for split, docs in corpus.items():
+        _write_jsonl(out / "code-corpus" / f"{split}.jsonl", docs)
+        records = [r for d in docs for r in retrieval_records(d["text"], d["source"], context_chars, facts, rng)]
+        _write_jsonl(out / "instructions" / f"{split}.jsonl", records)
+    train_tokenizer([d["text"] for d in corpus["train"]], vocab_size, out / "tokenizer")
+    counts = {split: len(docs) for split, docs in corpus.items()}
+    (out / "PROVENANCE.md").write_text(
+        "# Provenance of the locally built data\n\n"
+        f"Built by `python -m jenga.data.corpus --out {out}` (seed {seed}, vocabulary {vocab_size}).\n\n"
+        f"Source: the Python {sysconfig.get_python_version()} standard library at `{root}` (PSF License "
+        "Agreement; see LICENSE.txt there), tests and bundled wheels excluded. One document per top-level module "
+        f"or package. Documents per split: {counts}. Instruction records plant {facts} `# fact: KEY = value` lines in "
+        f"each {context_chars}-character window of a document and ask for one value.\n\n"
+        "| document | split | files | files |\n|---|---|---|---|\n" + "\n".join(provenance) + "\n"
+    )
+    return counts
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the local corpus, instruction set and tokenizer")
+    parser.add_argument("--out", type=Path, default=Path("dataset"))
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    args = parser.parse_args(argv)
+    print(build(args.out, args.vocab_size))
+
+
+if __name__ == "__main__":
+    main()
