@@ -19,6 +19,7 @@ from real runs of the commands named in each section, on the device each section
 
 RUN_FOLDERS = [
     ("e2e", "End-to-end sweep"),
+    ("predictor-timing", "Selection cost: oracle scoring vs two-tower predictors (random-init weights, timing only)"),
     ("core", "Core benchmark (Triton block scoring, lean norms)"),
     ("core-reference-scorer", "Core benchmark, first run (PyTorch reference scorer, no lean norms)"),
 ]
