@@ -87,3 +87,29 @@ def test_runner_logs_a_run_and_renders_a_table(tmp_path):
     before = (logs / "arch_lora_96.jsonl").read_text()
     main(["--model", str(folder), "--methods", "lora", "--seqs", "96", "--steps", "1", "--logs", str(logs)])
     assert (logs / "arch_lora_96.jsonl").read_text() == before  # complete logs are skipped
+
+
+def test_out_of_memory_is_recorded_not_raised():
+    from jenga.experiments.training import train_steps
+    from jenga.profiling import PhaseRecorder
+
+    class Exhausted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    stats = train_steps(Exhausted(), 16, steps=2, warmup=1, recorder=PhaseRecorder(cuda=False), vocab_size=8)
+    assert stats.status == "oom" and "out of memory" in stats.error and stats.as_record()["status"] == "oom"
+
+
+@pytest.mark.parametrize("name", ["opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "llama-2-7b", "llama-3-8b"])
+def test_shipped_architectures_load_as_configs(name):
+    from transformers import AutoConfig
+
+    from jenga.experiments.training import CHECKPOINTS
+
+    config = AutoConfig.from_pretrained(CHECKPOINTS / name)
+    assert config.num_hidden_layers in (24, 32) and config.hidden_size >= 1024

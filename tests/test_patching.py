@@ -430,3 +430,33 @@ def test_gradient_checkpointing_gives_same_gradients(family):
         assert rel_err(loss, ref_loss) < 1e-6
         for name, grad in grads.items():
             assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+def test_opt_350m_shape_projected_embeddings_and_post_norm():
+    """OPT-350m projects 512-wide embeddings to hidden 1024 and normalizes after each sublayer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        config = OPTConfig(
+            hidden_size=64,
+            ffn_dim=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=128,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
+            dropout=0.0,
+            use_cache=False,
+        )
+        return add_lora(OPTForCausalLM(config).train())
+
+    ids = batch(2, 120)
+    ref_loss, ref_grads = loss_and_grads(build(), ids)
+    loss, grads = loss_and_grads(apply_jenga(build(), DENSE), ids)
+    assert rel_err(loss, ref_loss) < 1e-5
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+    sparse = apply_jenga(build(), JengaConfig(block_size=16, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=0))
+    sparse_loss, _ = loss_and_grads(sparse, ids)
+    assert torch.isfinite(sparse_loss)
