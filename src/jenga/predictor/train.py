@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--max-sequences", type=int, default=64)
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of sequences kept for recall")
+    parser.add_argument("--eval-data", type=Path, help="held-out JSON lines for recall (instead of --holdout)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--units", type=int, default=256)
@@ -207,9 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, weights = load_model(args.model, args.seq_len, dtype=dtype, device=device)
     folder = Path(args.model) if Path(args.model).is_dir() else None
-    sequences = sequences_from_jsonl(args.data, args.seq_len, folder)[: args.max_sequences]
-    held = max(1, int(len(sequences) * args.holdout)) if len(sequences) > 1 else 0
-    train_seqs, eval_seqs = sequences[held:], sequences[:held]
+    sequences = sequences_from_jsonl(args.data, args.seq_len, folder)
+    random.Random(0).shuffle(sequences)
+    if args.eval_data is not None:
+        train_seqs = sequences[: args.max_sequences]
+        eval_seqs = sequences_from_jsonl(args.eval_data, args.seq_len, folder)[: max(1, args.max_sequences // 4)]
+    else:
+        sequences = sequences[: args.max_sequences]
+        held = max(1, int(len(sequences) * args.holdout)) if len(sequences) > 1 else 0
+        train_seqs, eval_seqs = sequences[held:], sequences[:held]
     args.out.mkdir(parents=True, exist_ok=True)
     header = run_header(
         extra={
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": args.model,
             "weights": weights,
             "data": str(args.data),
+            "eval_data": None if args.eval_data is None else str(args.eval_data),
             "sequences": len(train_seqs),
             "held_out": len(eval_seqs),
             "jenga_config": config.to_dict(),
