@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
             "eval_data": None if args.eval_data is None else str(args.eval_data),
             "sequences": len(train_seqs),
             "held_out": len(eval_seqs),
+            "units": args.units,
+            "out_dim": args.out_dim,
             "jenga_config": config.to_dict(),
         }
     )

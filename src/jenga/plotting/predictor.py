@@ -1,0 +1,53 @@
+"""Figure 16 (left): predictor training loss per data source, and elastic sizes per layer.
+
+Reads `<logs>/<source>/train_log.jsonl` files written by `python -m jenga.predictor.train`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..profiling import read_jsonl
+from .style import color, figure, save
+
+
+def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
+    """Draw `out/predictor.png` (+ caption) from every `<source>/train_log.jsonl` under `logs`."""
+    runs = {p.parent.name: read_jsonl(p) for p in sorted(logs.glob("*/train_log.jsonl"))}
+    if not runs:
+        return []
+    fig, axes = figure(9.6, 3.4, ncols=2)
+    loss_ax, size_ax = axes[0]
+    width = 0.8 / (2 * len(runs))
+    notes = []
+    for i, (source, records) in enumerate(runs.items()):
+        header = records[0]
+        steps = [r for r in records if r.get("record") == "step"]
+        final = next(r for r in records if r.get("record") == "eval")
+        loss_ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color=color(source, i), lw=1, label=source)
+        layers = sorted(int(k) for k in final["sizes"])
+        after = [final["sizes"][str(k)]["query_units"] + final["sizes"][str(k)]["key_units"] for k in layers]
+        xs = [x + 2 * i * width for x in range(len(layers))]
+        size_ax.bar(
+            xs,
+            [2 * header["units"]] * len(layers),
+            width,
+            color=color(source, i),
+            alpha=0.35,
+            label=f"{source}: before pruning",
+        )
+        size_ax.bar_label(
+            size_ax.bar([x + width for x in xs], after, width, color=color(source, i), label=f"{source}: after"),
+            fontsize=7,
+        )
+        notes.append(f"{source}: held-out top-k recall {final['mean_recall']:.3f} on {header['device']}")
+    size_ax.set_xticks([x + width * len(runs) - width / 2 for x in range(len(layers))], [f"layer {k}" for k in layers])
+    loss_ax.set(xlabel="training step", ylabel="listwise ranking loss", title="predictor training loss")
+    loss_ax.legend()
+    size_ax.set(ylabel="hidden units (query + key towers)", title="elastic predictor size per layer")
+    size_ax.legend(fontsize=7)
+    caption = (
+        "Paper figure 16 (left): predictor training loss for two data sources, and per-layer predictor size "
+        f"before and after elastic pruning. Logs: {logs}. " + "; ".join(notes)
+    )
+    return [save(fig, out / "predictor.png", caption)]

@@ -1,0 +1,38 @@
+"""One look for every figure: colours per method, sizes, and how figures are saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"lora": "#7f7f7f", "longlora": "#1f77b4", "liger": "#9467bd", "jenga": "#d62728"}
+PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+
+
+def color(name: str, index: int = 0) -> str:
+    """Colour of a method (by its family prefix), or the palette's `index`-th colour."""
+    for family, value in COLORS.items():
+        if name.startswith(family):
+            return value
+    return PALETTE[index % len(PALETTE)]
+
+
+def figure(width: float = 6.4, height: float = 3.6, ncols: int = 1):
+    plt.rcParams.update(
+        {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
+    )
+    return plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+
+
+def save(fig, path: Path, caption: str) -> Path:
+    """Write the PNG and a one-line caption file beside it (what it shows, from which logs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    path.with_suffix(".txt").write_text(caption.strip() + "\n")
+    return path
