@@ -24,7 +24,14 @@ def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
         header = records[0]
         steps = [r for r in records if r.get("record") == "step"]
         final = next(r for r in records if r.get("record") == "eval")
-        loss_ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color=color(source, i), lw=1, label=source)
+        xs_loss, ys_loss = [r["step"] for r in steps], [r["loss"] for r in steps]
+        loss_ax.plot(xs_loss, ys_loss, color=color(source, i), lw=0.6, alpha=0.3)
+        window = max(1, min(50, len(ys_loss) // 10))
+        smooth = [
+            sum(ys_loss[max(0, k - window + 1) : k + 1]) / len(ys_loss[max(0, k - window + 1) : k + 1])
+            for k in range(len(ys_loss))
+        ]
+        loss_ax.plot(xs_loss, smooth, color=color(source, i), lw=1.5, label=f"{source} ({window}-step mean)")
         layers = sorted(int(k) for k in final["sizes"])
         after = [final["sizes"][str(k)]["query_units"] + final["sizes"][str(k)]["key_units"] for k in layers]
         xs = [x + 2 * i * width for x in range(len(layers))]
@@ -45,6 +52,7 @@ def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
     loss_ax.set(xlabel="training step", ylabel="listwise ranking loss", title="predictor training loss")
     loss_ax.legend()
     size_ax.set(ylabel="hidden units (query + key towers)", title="elastic predictor size per layer")
+    size_ax.set_ylim(0, size_ax.get_ylim()[1] * 1.45)
     size_ax.legend(fontsize=7)
     caption = (
         "Paper figure 16 (left): predictor training loss for two data sources, and per-layer predictor size "

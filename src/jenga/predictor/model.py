@@ -1,8 +1,10 @@
 """Per-layer block predictors: small two-tower networks that guess oracle block scores from hidden states.
 
-A layer's input hidden states are mean-pooled per block of `block_size` tokens. A query tower and a key
-tower (ReLU MLPs, shared across heads because the oracle sums heads) embed each block; the causal tile
-score is relu(query_i · key_j) and a key block's score is its column sum, which is what the oracle ranks by.
+A layer's input hidden states are mean-pooled per block of `block_size` tokens and normalized. A query
+tower and a key tower (ReLU MLPs, shared across heads because the oracle sums heads) embed each block; the
+causal tile score is softplus(query_i · key_j) and a key block's score is its column sum, which is what the
+oracle ranks by. Softplus rather than ReLU: pooled blocks look alike at initialization, so their dot
+products share a sign and a ReLU would start (and stay) at zero with no gradient.
 Costs O(nb² · out_dim) instead of the oracle's O(S² · H · head_dim) plus two full projections.
 
 Elastic size: each tower's hidden units count how often they are active during training; `prune()` drops
@@ -91,12 +93,14 @@ class BlockPredictor(nn.Module):
 
     def __init__(self, hidden_size: int, units: int = 256, out_dim: int = 64) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.query = Tower(hidden_size, units, out_dim)
         self.key = Tower(hidden_size, units, out_dim)
 
     def pooled_tile_scores(self, pooled: torch.Tensor, block_valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, nb, nb) causal tile scores from pooled blocks; tiles above the diagonal and padding blocks are 0."""
-        tiles = F.relu(self.query(pooled) @ self.key(pooled).transpose(1, 2))
+        pooled = self.norm(pooled)
+        tiles = F.softplus(self.query(pooled) @ self.key(pooled).transpose(1, 2))
         nb = tiles.shape[1]
         allowed = torch.ones(nb, nb, dtype=torch.bool, device=tiles.device).tril()
         if block_valid is not None:

@@ -7,7 +7,8 @@
    GPU, PyTorch reference on CPU) computed from that layer's own q and k.
 2. Train: all predictors together with a listwise ranking loss (cross-entropy between the softmax of the
    standardized oracle scores and the softmax of the predicted scores), pruning rarely active units every
-   `--prune-every` steps. Loss per step goes to a JSON-lines log; a progress bar shows it.
+   `--prune-every` steps (the loss standardizes both score vectors, see `listwise_loss`). Loss per step
+   goes to a JSON-lines log; a progress bar shows it.
 3. Evaluate top-k block recall against the oracle at each layer's keep ratio on held-out sequences, and save
    `predictors.safetensors` + `predictor.json` that `apply_jenga(model, predictor=folder)` loads.
 
@@ -105,10 +106,18 @@ def collect(model: torch.nn.Module, sequences: list[torch.Tensor], config: Jenga
     return samples
 
 
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+
+
 def listwise_loss(predicted: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy from softmax(standardized oracle) to softmax(predicted), averaged over sequences."""
-    target = (oracle - oracle.mean(-1, keepdim=True)) / oracle.std(-1, keepdim=True).clamp_min(1e-6)
-    return -(target.softmax(-1) * predicted.log_softmax(-1)).sum(-1).mean()
+    """Cross-entropy from softmax(standardized oracle) to softmax(standardized predicted), mean over sequences.
+
+    Standardizing both sides makes the loss depend on the ranking-relevant shape only. Without it, the
+    quickest way down from a badly scaled start is to collapse every score to the same value (seen: the
+    loss then sits at log(#blocks) and the predictor ranks nothing).
+    """
+    return -(_standardize(oracle).softmax(-1) * _standardize(predicted).log_softmax(-1)).sum(-1).mean()
 
 
 def topk_recall(predicted: torch.Tensor, oracle: torch.Tensor, keep: int, sinks: int) -> float:
