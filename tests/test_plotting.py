@@ -55,3 +55,19 @@ def test_predictor_figure_from_training_logs(tmp_path):
 def test_plotting_without_logs_says_so(tmp_path, capsys):
     plot_all(["--logs", str(tmp_path / "none"), "--out", str(tmp_path / "figs")])
     assert "no logs yet" in capsys.readouterr().out
+
+
+def test_committed_logs_render(tmp_path):
+    """What RUNME-a.sh does, on the logs in the repository (into a temporary folder)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    plot_all(["--logs", str(root / "logs"), "--out", str(tmp_path)])
+    assert (tmp_path / "ablations" / "predictor" / "predictor.png").exists()
+    spec = importlib.util.spec_from_file_location("report", root / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    sections = report.run_sections()
+    assert any("End-to-end sweep: llama-2-7b" in s for s in sections)
+    assert "Longest trainable" in report.max_length_section() and "TFLOP/s" in report.kernel_section()
