@@ -81,3 +81,13 @@ def family(request) -> str:
 def batch(bsz: int = 2, seq: int = 200, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (bsz, seq), generator=gen)
+
+
+def write_token_jsonl(path, sequences: int, length: int, seed: int = 0):
+    """A JSON-lines file of random token sequences (`input_ids`), as the predictor trainer reads them."""
+    import json
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = [{"input_ids": torch.randint(0, VOCAB, (length,), generator=gen).tolist()} for _ in range(sequences)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, write_token_jsonl
 
 from jenga import JengaConfig
 from jenga.plotting.__main__ import main as plot_all
@@ -17,11 +14,8 @@ def test_predictor_figure_from_training_logs(tmp_path):
     tiny_llama(kv_heads=2).save_pretrained(model_dir)
     config = tmp_path / "config.json"
     config.write_text(JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=1).to_json())
-    gen = torch.Generator().manual_seed(0)
-    for source in ("corpus", "instructions"):
-        data = tmp_path / f"{source}.jsonl"
-        rows = [{"input_ids": torch.randint(0, 128, (140,), generator=gen).tolist()} for _ in range(4)]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seed, source in enumerate(("corpus", "instructions")):
+        data = write_token_jsonl(tmp_path / f"{source}.jsonl", sequences=4, length=140, seed=seed)
         out = tmp_path / "logs" / "ablations" / "predictor" / source
         train_predictors(
             [

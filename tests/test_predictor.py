@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import add_lora, batch, lora_grads, tiny_llama
+from conftest import add_lora, batch, lora_grads, tiny_llama, write_token_jsonl
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from jenga import JengaConfig, apply_jenga
@@ -126,13 +126,7 @@ def test_ranking_helpers():
 def test_training_pipeline_cli(tmp_path):
     model_dir = tmp_path / "model"
     tiny_llama(kv_heads=2).save_pretrained(model_dir)
-    data = tmp_path / "data.jsonl"
-    gen = torch.Generator().manual_seed(0)
-    data.write_text(
-        "".join(
-            json.dumps({"input_ids": torch.randint(0, 128, (260,), generator=gen).tolist()}) + "\n" for _ in range(6)
-        )
-    )
+    data = write_token_jsonl(tmp_path / "data.jsonl", sequences=6, length=260)
     (tmp_path / "config.json").write_text(CONFIG.to_json())
     out = tmp_path / "pred"
     main(
