@@ -113,3 +113,11 @@ def test_shipped_architectures_load_as_configs(name):
 
     config = AutoConfig.from_pretrained(CHECKPOINTS / name)
     assert config.num_hidden_layers in (24, 32) and config.hidden_size >= 1024
+
+
+def test_hello_world_checks_pass(capsys):
+    from jenga.experiments import hello
+
+    assert hello.main() == 0
+    out = capsys.readouterr().out
+    assert "[PASS] jenga step" in out and "[PASS] kernel" in out and "all checks passed" in out

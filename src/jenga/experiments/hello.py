@@ -1,0 +1,139 @@
+"""Checks a set-up, one PASS / FAIL / INFO line per check (run by hello_world.sh); exit code 1 on a FAIL."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _versions() -> str:
+    names = ("torch", "transformers", "peft", "triton", "accelerate")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise RuntimeError(
+                f"{name} is not installed; run `pip install -e .` (or bash scripts/setup_env.sh)"
+            ) from None
+    return ", ".join(f"{k} {v}" for k, v in found.items())
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    return "no GPU: CPU only (GPU experiments need CUDA; tests and RUNME-a.sh do not)"
+
+
+def _listing(folder: Path, pattern: str, hint: str) -> Callable[[], str]:
+    def check() -> str:
+        found = sorted(str(p.parent.relative_to(REPO)) for p in folder.glob(pattern))
+        return ", ".join(found) if found else f"none found ({hint})"
+
+    return check
+
+
+def _models() -> str:
+    from .training import has_weights
+
+    folders = sorted(p.parent for p in (REPO / "checkpoints").glob("*/config.json"))
+    return ", ".join(f"{p.name} ({'weights' if has_weights(p) else 'architecture only'})" for p in folders)
+
+
+def _kernel() -> str:
+    import torch
+
+    from ..kernels.scoring import block_tile_scores_triton
+    from ..scoring import block_tile_scores
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k = (
+        torch.randn(1, 4, 200, 32, device=device, dtype=dtype),
+        torch.randn(1, 2, 200, 32, device=device, dtype=dtype),
+    )
+    ref = block_tile_scores(q, k, 32, 0.2)
+    err = ((block_tile_scores_triton(q, k, 32, 0.2) - ref).norm() / ref.norm()).item()
+    if err > 1e-2:
+        raise RuntimeError(f"Triton block scoring differs from the reference: relative error {err:.2e}")
+    return f"Triton block scoring matches the reference on {device} ({dtype}): relative error {err:.1e}"
+
+
+def _tiny_training_step() -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .. import JengaConfig, apply_jenga
+
+    def model():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            use_cache=False,
+        )
+        lora = LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        return get_peft_model(LlamaForCausalLM(config).train(), lora)
+
+    ids = torch.randint(0, 128, (2, 160), generator=torch.Generator().manual_seed(0))
+    dense = model()(input_ids=ids, labels=ids).loss
+    same = apply_jenga(model(), JengaConfig(block_size=32, attn_keep=1.0))(input_ids=ids, labels=ids).loss
+    if abs(same.item() - dense.item()) > 1e-5 * abs(dense.item()):
+        raise RuntimeError(f"Jenga with sparsity off changed the loss: {same.item()} vs {dense.item()}")
+    sparse_model = apply_jenga(model(), JengaConfig(block_size=32, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=0))
+    loss = sparse_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in sparse_model.parameters() if p.requires_grad]
+    if not torch.isfinite(loss) or any(g is None or not torch.isfinite(g).all() for g in grads):
+        raise RuntimeError("a sparse forward/backward produced a non-finite loss or gradient")
+    return (
+        f"tiny Llama + LoRA: dense-equivalent loss {same.item():.4f}; sparse step loss {loss.item():.4f}, finite grads"
+    )
+
+
+CHECKS: list[tuple[str, str, Callable[[], str]]] = [
+    ("PASS", "libraries", _versions),
+    ("INFO", "device", _device),
+    ("INFO", "models", _models),
+    ("INFO", "data", _listing(REPO / "dataset", "*/train.jsonl", "build with `python -m jenga.data.corpus`")),
+    (
+        "INFO",
+        "predictors",
+        _listing(REPO / "logs", "**/predictor.json", "train with `python -m jenga.predictor.train`"),
+    ),
+    ("PASS", "kernel", _kernel),
+    ("PASS", "jenga step", _tiny_training_step),
+]
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton runs in its interpreter without a GPU
+    failed = 0
+    for kind, name, check in CHECKS:
+        try:
+            print(f"[{kind}] {name}: {check()}", flush=True)
+        except Exception as exc:  # every check reports; one failure must not hide the others
+            failed += 1
+            print(f"[FAIL] {name}: {exc}", flush=True)
+    print("hello_world: all checks passed" if not failed else f"hello_world: {failed} check(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
