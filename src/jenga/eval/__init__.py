@@ -1,0 +1,1 @@
+"""Evaluation: LongBench-style scores and long-context perplexity."""
