@@ -65,3 +65,22 @@ def test_committed_logs_render(tmp_path):
     sections = report.run_sections()
     assert any("End-to-end sweep: llama-2-7b" in s for s in sections)
     assert "Longest trainable" in report.max_length_section() and "TFLOP/s" in report.kernel_section()
+
+
+def test_end2end_figures_from_runner_logs(tmp_path):
+    """Bars and length lines from real runner logs of a tiny model, with an OOM run drawn as OOM."""
+    from jenga.experiments.run import main as run
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(kv_heads=2).config.save_pretrained(model_dir)
+    logs = tmp_path / "logs" / "end2end" / "80gb"
+    args = ["--model", str(model_dir), "--steps", "1"]
+    run(args + ["--methods", "lora", "jenga", "--seqs", "64", "--logs", str(logs)])
+    run(args + ["--methods", "jenga", "--seqs", "64", "128", "--logs", str(logs / "length")])
+    header = (logs / "tiny_lora_64.jsonl").read_text().splitlines()[0]
+    (logs / "tiny_longlora_64.jsonl").write_text(header + '\n{"record": "summary", "status": "oom"}\n')
+    plot_all(["--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "figs")])
+    figs = tmp_path / "figs" / "end2end"
+    for name in ("memory/80gb_64.png", "time/80gb_64.png", "memory/80gb_tiny_length.png"):
+        assert (figs / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "ran out of memory" in (figs / "memory" / "80gb_64.txt").read_text()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .end2end import plot_end2end
 from .predictor import plot_predictor_ablation
 
-FIGURES = [("ablations/predictor", plot_predictor_ablation)]
+FIGURES = [("end2end", plot_end2end), ("ablations/predictor", plot_predictor_ablation)]
 
 
 def main(argv: list[str] | None = None) -> None:
