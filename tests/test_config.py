@@ -46,6 +46,11 @@ def test_validation_errors(kwargs, match):
         JengaConfig(**kwargs)
 
 
+def test_sparse_layers():
+    assert JengaConfig(attn_keep=0.5, dense_first_layers=2).sparse_layers(5) == [2, 3]
+    assert JengaConfig(attn_keep=[1.0, 0.3, 1.0]).sparse_layers(3) == [1]
+
+
 def test_kept_blocks_respects_sinks_and_minimum():
     cfg = JengaConfig(sink_blocks=3)
     assert cfg.kept_blocks(10, 0.1) == 3

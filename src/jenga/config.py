@@ -94,6 +94,10 @@ class JengaConfig:
         """Per-layer attention keep ratios for a model with `num_layers` layers."""
         return self._resolve("attn_keep", num_layers)
 
+    def sparse_layers(self, num_layers: int) -> list[int]:
+        """Indices of the layers whose attention keeps fewer than all blocks (the ones that need scoring)."""
+        return [i for i, keep in enumerate(self.attn_schedule(num_layers)) if keep < 1.0]
+
     def mlp_schedule(self, num_layers: int) -> list[float]:
         """Per-layer MLP keep ratios for a model with `num_layers` layers."""
         return self._resolve("mlp_keep", num_layers)

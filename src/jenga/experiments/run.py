@@ -66,7 +66,7 @@ def predictor_scorer(method: Method, model: torch.nn.Module):
     """The scorer of the method's predictors: a trained folder, or random-init ones of the default size."""
     config = model.get_base_model().config
     if method.predictor == "random-init":
-        sparse = [i for i, keep in enumerate(method.jenga.attn_schedule(config.num_hidden_layers)) if keep < 1.0]
+        sparse = method.jenga.sparse_layers(config.num_hidden_layers)
         bundle = PredictorBundle(config.hidden_size, config.num_hidden_layers, sparse, method.jenga)
     else:
         bundle = PredictorBundle.load(method.predictor)

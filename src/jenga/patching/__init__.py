@@ -73,7 +73,7 @@ def apply_jenga(
         bundle = predictor if isinstance(predictor, PredictorBundle) else PredictorBundle.load(predictor)
         config = config or bundle.config
         layers = adapter.decoder_layers(base)
-        sparse = [i for i, keep in enumerate(config.attn_schedule(len(layers))) if keep < 1.0]
+        sparse = config.sparse_layers(len(layers))
         bundle.check_fits(base.config.hidden_size, len(layers), sparse)
         bundle.to(next(base.parameters()).device).eval()
         scorer = bundle.scorer()

@@ -74,7 +74,7 @@ def collect(model: torch.nn.Module, sequences: list[torch.Tensor], config: Jenga
     base = unwrap(model)
     adapter = find_adapter(base)
     layers = adapter.decoder_layers(base)
-    sparse = [i for i, keep in enumerate(config.attn_schedule(len(layers))) if keep < 1.0]
+    sparse = config.sparse_layers(len(layers))
     samples = {i: LayerSamples([], []) for i in sparse}
     hooks = []
     for idx in sparse:
