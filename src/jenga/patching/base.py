@@ -23,8 +23,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import JengaConfig
 from ..elimination import TokenSelection, key_validity, select_tokens
+from ..kernels import block_scores
 from ..loss import segmented_causal_lm_loss
-from ..scoring import block_scores, num_blocks
+from ..scoring import num_blocks
 
 logger = logging.getLogger("jenga")
 _warned: set[str] = set()
@@ -76,10 +77,6 @@ def oracle_scorer(
 ) -> torch.Tensor:
     """The exact score of `jenga.scoring.block_scores` from the layer's own q and k (Triton on CUDA)."""
     q, k, scale = query_key()
-    if q.is_cuda:
-        from ..kernels.scoring import block_tile_scores_triton  # Triton is needed on the GPU path only
-
-        return block_tile_scores_triton(q, k, block_size, scale, token_valid).sum(dim=1)
     return block_scores(q, k, block_size, scale, token_valid)
 
 

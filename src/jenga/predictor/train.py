@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from ..config import JengaConfig
+from ..kernels import block_scores
 from ..patching import find_adapter, unwrap
 from ..profiling import JsonlWriter, run_header
-from ..scoring import block_scores
 from .bundle import PredictorBundle
 from .model import pool_blocks
 
@@ -83,12 +83,7 @@ def collect(model: torch.nn.Module, sequences: list[torch.Tensor], config: Jenga
         def record(module, args, kwargs, idx=idx):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             q, k, scale = adapter.query_key(module, hidden, kwargs)
-            if q.is_cuda:
-                from ..kernels.scoring import block_tile_scores_triton
-
-                oracle = block_tile_scores_triton(q, k, config.block_size, scale).sum(1)
-            else:
-                oracle = block_scores(q, k, config.block_size, scale)
+            oracle = block_scores(q, k, config.block_size, scale)
             samples[idx].pooled.append(pool_blocks(hidden.float(), config.block_size).cpu())
             samples[idx].oracle.append(oracle.float().cpu())
 
