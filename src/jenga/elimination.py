@@ -129,6 +129,13 @@ class TokenSelection:
         return mask.masked_fill(~key_ok, torch.finfo(mask.dtype).min)
 
 
+def block_validity(token_valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, nb) bool: True for blocks holding at least one valid (non-padding) token."""
+    nb = num_blocks(token_valid.shape[1], block_size)
+    padded = torch.nn.functional.pad(token_valid, (0, nb * block_size - token_valid.shape[1]))
+    return padded.view(-1, nb, block_size).any(dim=2)
+
+
 def select_tokens(
     scores: torch.Tensor,
     keep_blocks: int,
@@ -138,10 +145,6 @@ def select_tokens(
     token_valid: torch.Tensor | None,
 ) -> TokenSelection:
     """Turn block scores (B, nb) into the kept token positions of each sequence."""
-    nb = num_blocks(seq_len, block_size)
-    block_valid = None
-    if token_valid is not None:
-        padded = torch.nn.functional.pad(token_valid, (0, nb * block_size - seq_len))
-        block_valid = padded.view(-1, nb, block_size).any(dim=2)
+    block_valid = None if token_valid is None else block_validity(token_valid, block_size)
     blocks = select_blocks(scores, keep_blocks, sink_blocks, block_valid)
     return TokenSelection.from_blocks(blocks, block_size, seq_len)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..elimination import block_validity
+
 
 class Tower(nn.Module):
     """Linear → ReLU → Linear whose hidden units can be pruned; records unit activity while training."""
@@ -110,11 +112,7 @@ class BlockPredictor(nn.Module):
     def tile_scores(self, hidden: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, nb, nb) causal tile scores of a layer's input hidden states (B, S, D)."""
         pooled = pool_blocks(hidden.to(self.query.fc1.weight.dtype), block_size, valid)
-        block_valid = None
-        if valid is not None:
-            nb = pooled.shape[1]
-            block_valid = F.pad(valid, (0, nb * block_size - valid.shape[1])).view(-1, nb, block_size).any(2)
-        return self.pooled_tile_scores(pooled, block_valid)
+        return self.pooled_tile_scores(pooled, None if valid is None else block_validity(valid, block_size))
 
     def block_scores(self, hidden: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, nb) predicted informativeness of each key block (column sums of the tiles)."""

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import JengaConfig
+from ..elimination import select_blocks
 from ..kernels import block_scores
 from ..patching import find_adapter, unwrap
 from ..profiling import JsonlWriter, run_header
@@ -116,11 +117,9 @@ def listwise_loss(predicted: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor
 
 
 def topk_recall(predicted: torch.Tensor, oracle: torch.Tensor, keep: int, sinks: int) -> float:
-    """Mean fraction of the oracle's top-`keep` blocks (sinks forced in both) that the predictor also picks."""
-    forced = torch.zeros_like(oracle)
-    forced[:, :sinks] = float("inf")
-    pred_top = (predicted + forced).topk(keep, dim=-1).indices
-    true_top = (oracle + forced).topk(keep, dim=-1).indices
+    """Mean fraction of the oracle's top-`keep` blocks that the predictor also picks, both chosen exactly as
+    the model chooses them (`select_blocks`: sinks forced)."""
+    pred_top, true_top = select_blocks(predicted, keep, sinks), select_blocks(oracle, keep, sinks)
     hits = (pred_top[:, :, None] == true_top[:, None, :]).any(-1).float().sum(-1)
     return (hits / keep).mean().item()
 
