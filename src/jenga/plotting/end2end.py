@@ -1,8 +1,8 @@
 """Figures 12 and 13: peak memory and step time per model and method, and memory against length.
 
 Reads runner logs `<model>_<method>_<length>.jsonl` from `<logs>/<card>/` (bars) and
-`<logs>/<card>/length/` (lines). Runs that ran out of memory are drawn as hatched bars labelled OOM (and as
-an x on the length plots), never left out.
+`<logs>/<card>/length/` plus the same card's per-model runs of that model (lines). Runs that ran out of
+memory are drawn as hatched bars labelled OOM (and as an x on the length plots), never left out.
 """
 
 from __future__ import annotations
@@ -74,8 +74,11 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
                 )
                 path = _bars(runs, seq, key, ylabel, out / folder / f"{card.name}_{seq}.png", caption)
                 written += [path] if path else []
-        lengths = _runs(card / "length") if (card / "length").is_dir() else {}
-        for model in sorted({m for m, _, _ in lengths}):
+        swept = _runs(card / "length") if (card / "length").is_dir() else {}
+        models = {m for m, _, _ in swept}
+        # the length sweeps skip the per-model set's lengths: those points come from the same card's runs
+        lengths = {**{k: v for k, v in runs.items() if k[0] in models}, **swept}
+        for model in sorted(models):
             fig, axes = figure(5.6, 3.4)
             ax = axes[0][0]
             for j, method in enumerate(METHODS):
@@ -100,7 +103,8 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
                 ax.legend(fontsize=7)
             caption = (
                 f"Paper figure 12 (right): peak memory against sequence length for {model}, {card.name} set; "
-                f"logs {card / 'length'}; device {_device(lengths)}. x marks lengths that ran out of memory."
+                f"logs {card / 'length'} and {card}; device {_device(lengths)}. x marks lengths that ran out of "
+                "memory."
             )
             written.append(save(fig, out / "memory" / f"{card.name}_{model}_length.png", caption))
     return written
