@@ -6,7 +6,7 @@ import random
 
 from transformers import AutoTokenizer
 
-from jenga.data.corpus import document_text, retrieval_records, split_of, stdlib_documents, train_tokenizer
+from jenga.data.corpus import document_text, retrieval_records, split_of, source_documents, train_tokenizer
 
 
 def test_documents_group_packages_and_skip_tests(tmp_path):
@@ -18,7 +18,7 @@ def test_documents_group_packages_and_skip_tests(tmp_path):
     (tmp_path / "pkg" / "tests" / "t.py").write_text("assert True\n")
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "__init__.py").write_text("")
-    docs = dict(stdlib_documents(tmp_path))
+    docs = dict(source_documents(tmp_path))
     assert sorted(docs) == ["a", "pkg"]
     assert [p.name for p in docs["pkg"]] == ["__init__.py", "m.py"]
     text = document_text(tmp_path, docs["pkg"])

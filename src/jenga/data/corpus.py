@@ -2,12 +2,16 @@
 
     python -m jenga.data.corpus --out dataset
 
-- A long-document corpus: Python's standard library source (written by people, PSF licence), one document
-  per top-level module or package (a package's files concatenated, like repository-level code context),
-  split into train / validation / test by document.
+- A long-document corpus: Python's standard library source plus the pure-Python source of a few packages
+  pinned in the CI environment (written by people; licences in PROVENANCE.md), one document per top-level
+  module or subpackage (a package's files concatenated, like repository-level code context), split into
+  train / validation / test by document.
 - An instruction-style long-context set built from the same documents: key-value facts planted at random
   depths of a long context, with an instruction to retrieve one of them.
-- A byte-level BPE tokenizer trained on the train split, saved so `AutoTokenizer` loads it.
+- A byte-level BPE tokenizer trained on the train split, saved so `AutoTokenizer` loads it, and every split
+  tokenized once (`tokens/<split>.pt`) so GPU jobs carry ids, not text.
+- Long-context evaluation sets in LongBench's JSONL format (`longbench/<task>.jsonl`, see `jenga.data.tasks`)
+  built from the test documents.
 - PROVENANCE.md listing every source file, the split and the licence note. Everything is deterministic.
 """
 
@@ -20,6 +24,13 @@ import random
 import sysconfig
 from pathlib import Path
 
+import torch
+
+from .tasks import TASKS, eval_records
+
+PACKAGES = {"peft": "Apache-2.0", "accelerate": "Apache-2.0", "pandas": "BSD-3-Clause", "matplotlib": "PSF-style"}
+EVAL_LENGTHS = (1024, 2048, 3072, 4096)
+EVAL_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "_bundled", "lib2to3", "turtledemo"}
 SPLITS = {0: "test", 1: "validation"}
 
@@ -29,9 +40,8 @@ def split_of(name: str) -> str:
     return SPLITS.get(int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10, "train")
 
 
-def stdlib_documents(root: Path | None = None) -> list[tuple[str, list[Path]]]:
-    """(name, files) per top-level stdlib module or package, in name order."""
-    root = root or Path(sysconfig.get_paths()["stdlib"])
+def source_documents(root: Path) -> list[tuple[str, list[Path]]]:
+    """(name, files) per top-level module or package under `root`, in name order."""
     docs = []
     for entry in sorted(root.iterdir()):
         if entry.is_file() and entry.suffix == ".py":
@@ -89,33 +99,78 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> None:
     wrapped.save_pretrained(folder)
 
 
+def corpus_sources() -> list[tuple[str, Path, list[tuple[str, list[Path]]]]]:
+    """(label, root the file names are relative to, documents) for the stdlib and each package in PACKAGES."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    sources = [("stdlib", stdlib, source_documents(stdlib))]
+    for package in PACKAGES:
+        if not (purelib / package / "__init__.py").exists():
+            raise FileNotFoundError(f"package {package!r} is not installed in {purelib}; run scripts/setup_env.sh")
+        docs = [(f"{package}.{name}", files) for name, files in source_documents(purelib / package)]
+        sources.append((package, purelib, docs))
+    return sources
+
+
+def tokenize_split(tokenizer, texts: list[str]) -> dict:
+    """All documents of a split as one id tensor plus document offsets (int16 ids: vocabularies < 32768)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = torch.tensor([len(x) for x in ids])
+    return {
+        "ids": torch.tensor([t for x in ids for t in x], dtype=torch.int16),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+    }
+
+
 def build(out: Path, vocab_size: int = 4096, context_chars: int = 6000, facts: int = 4, seed: int = 0) -> dict:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    from transformers import AutoTokenizer
+
     rng = random.Random(seed)
     corpus = {"train": [], "validation": [], "test": []}
     provenance = []
-    for name, files in stdlib_documents(root):
-        split = split_of(name)
-        corpus[split].append({"source": name, "text": document_text(root, files)})
-        provenance.append(
-            f"| {name} | {split} | {len(files)} | " + ", ".join(str(p.relative_to(root)) for p in files) + " |"
-        )
+    sources = corpus_sources()
+    for label, root, docs in sources:
+        for name, files in docs:
+            split = split_of(name)
+            corpus[split].append({"source": name, "text": document_text(root, files)})
+            provenance.append(
+                f"| {name} | {label} | {split} | {len(files)} | "
+                + ", ".join(str(p.relative_to(root)) for p in files)
+                + " |"
+            )
     for split, docs in corpus.items():
         _write_jsonl(out / "code-corpus" / f"{split}.jsonl", docs)
         records = [r for d in docs for r in retrieval_records(d["text"], d["source"], context_chars, facts, rng)]
         _write_jsonl(out / "instructions" / f"{split}.jsonl", records)
     train_tokenizer([d["text"] for d in corpus["train"]], vocab_size, out / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    (out / "tokens").mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, docs in corpus.items():
+        splits[split] = tokenize_split(tokenizer, [d["text"] for d in docs])
+        torch.save(splits[split], out / "tokens" / f"{split}.pt")
+    test = splits["test"]
+    fillers = [test["ids"][a:b].tolist() for a, b in zip(test["offsets"][:-1], test["offsets"][1:], strict=True)]
+    for task in TASKS:
+        records = eval_records(task, fillers, tokenizer, EVAL_LENGTHS, EVAL_DEPTHS, per_cell=8, seed=seed)
+        _write_jsonl(out / "longbench" / f"{task}.jsonl", records)
     counts = {split: len(docs) for split, docs in corpus.items()}
+    tokens = {split: len(t["ids"]) for split, t in splits.items()}
+    licences = "; ".join(f"{p}: {lic}" for p, lic in PACKAGES.items())
     (out / "PROVENANCE.md").write_text(
         "# Provenance of the locally built data\n\n"
         f"Built by `python -m jenga.data.corpus --out {out}` (seed {seed}, vocabulary {vocab_size}).\n\n"
-        f"Source: the Python {sysconfig.get_python_version()} standard library at `{root}` (PSF License "
-        "Agreement; see LICENSE.txt there), tests and bundled wheels excluded. One document per top-level module "
-        f"or package. Documents per split: {counts}. Instruction records plant {facts} `# fact: KEY = value` lines in "
-        f"each {context_chars}-character window of a document and ask for one value.\n\n"
-        "| document | split | files | files |\n|---|---|---|---|\n" + "\n".join(provenance) + "\n"
+        f"Sources: the Python {sysconfig.get_python_version()} standard library (PSF License Agreement; see "
+        "LICENSE.txt there) and the pure-Python source of the packages pinned in `.ci/requirements-ci.txt` that "
+        f"are listed here with their licences ({licences}; each package's licence file ships in its "
+        "dist-info folder). Tests and bundled wheels are excluded. One document per top-level module or "
+        f"subpackage. Documents per split: {counts}. Tokens per split: {tokens}. Instruction records plant "
+        f"{facts} `# fact: KEY = value` lines in each {context_chars}-character window of a document and ask for "
+        f"one value. Evaluation sets (`longbench/`): {', '.join(TASKS)} at lengths {list(EVAL_LENGTHS)} tokens "
+        f"and depths {list(EVAL_DEPTHS)}, 8 records per cell, from test documents.\n\n"
+        "| document | source | split | files | files |\n|---|---|---|---|---|\n" + "\n".join(provenance) + "\n"
     )
-    return counts
+    return {"documents": counts, "tokens": tokens}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -1,17 +1,19 @@
 """Pretrain a small LLaMA-architecture model from scratch on the local corpus (CPU or GPU).
 
-    python -m jenga.experiments.pretrain --data dataset --out checkpoints/tiny-code-llama --minutes 10
+    python -m jenga.experiments.pretrain --data dataset --out checkpoints/code-llama --minutes 3
 
 Random weights have no attention pattern, so predictor quality and accuracy experiments need a model that
-learned something. This trains one on `dataset/code-corpus` with the locally trained tokenizer, logs the
-loss per step and validation loss as JSON lines, and saves a standard Hugging Face checkpoint (bf16).
+learned something. This trains one on the built corpus (`dataset/tokens`) with the locally trained
+tokenizer; a `--task-fraction` of the rows are short retrieval examples (`jenga.data.tasks`), so the base
+model can retrieve within its trained context before long-context fine-tuning extends it. It logs the loss
+per step and the validation loss as JSON lines and saves a standard Hugging Face checkpoint (bf16).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -19,20 +21,23 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from ..data.loaders import load_documents
+from ..data.tasks import training_example
 from ..profiling import JsonlWriter, run_header
 
 
-def token_stream(path: Path, tokenizer) -> torch.Tensor:
-    ids: list[int] = []
-    for line in path.read_text().splitlines():
-        ids += tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id]
-    return torch.tensor(ids)
+def token_stream(docs: list[torch.Tensor], eos: int) -> torch.Tensor:
+    """Documents joined by end-of-sequence tokens."""
+    sep = torch.tensor([eos])
+    return torch.cat([t for d in docs for t in (d, sep)])
 
 
 @torch.no_grad()
-def validation_loss(model, tokens: torch.Tensor, seq_len: int, device: str, max_windows: int = 32) -> float:
+def validation_loss(model, tokens: torch.Tensor, seq_len: int, device: str, max_windows: int = 64) -> float:
+    """Mean loss over `max_windows` windows spread evenly over the validation stream."""
     model.eval()
-    windows = tokens[: (len(tokens) // seq_len) * seq_len].view(-1, seq_len)[:max_windows].to(device)
+    windows = tokens[: (len(tokens) // seq_len) * seq_len].view(-1, seq_len)
+    windows = windows[torch.linspace(0, len(windows) - 1, min(max_windows, len(windows))).long()].to(device)
     losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
     model.train()
     return sum(losses) / len(losses)
@@ -43,20 +48,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("dataset"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--task-fraction", type=float, default=0.25, help="share of rows that are retrieval tasks")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget")
     parser.add_argument("--max-steps", type=int, default=100_000)
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between validation losses")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(args.data / "tokenizer")
-    train = token_stream(args.data / "code-corpus" / "train.jsonl", tokenizer)
-    valid = token_stream(args.data / "code-corpus" / "validation.jsonl", tokenizer)
+    train_docs = load_documents(args.data, "train", tokenizer)
+    train = token_stream(train_docs, tokenizer.eos_token_id)
+    valid = token_stream(load_documents(args.data, "validation", tokenizer), tokenizer.eos_token_id)
+    fillers = [d.tolist() for d in train_docs if len(d) > args.seq_len]
+    rng = random.Random(0)
     config = LlamaConfig(
         hidden_size=args.hidden,
         intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
@@ -94,14 +104,24 @@ def main(argv: list[str] | None = None) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
             starts = torch.randint(0, len(train) - args.seq_len, (args.batch,), generator=gen)
-            batch = torch.stack([train[s : s + args.seq_len] for s in starts]).to(device)
-            loss = model(input_ids=batch, labels=batch).loss
+            rows = [
+                torch.tensor(training_example(fillers, tokenizer, args.seq_len, rng))
+                if rng.random() < args.task_fraction
+                else train[s : s + args.seq_len]
+                for s in starts
+            ]
+            batch = torch.stack(rows).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step, seen = step + 1, seen + batch.numel()
             log.write({"record": "step", "step": step, "loss": loss.item(), "tokens": seen})
+            if step % args.eval_every == 0:
+                val = validation_loss(model, valid, args.seq_len, device)
+                log.write({"record": "validation", "step": step, "validation_loss": val, "tokens": seen})
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
         val = validation_loss(model, valid, args.seq_len, device)

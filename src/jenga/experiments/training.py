@@ -25,6 +25,16 @@ def has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
 
+def interpolate_positions(config, seq_len: int):
+    """Linear RoPE scaling (position interpolation, as LongLoRA extends context) from the trained length up to
+    `seq_len`; returns `config`, changed in place, unchanged when `seq_len` fits."""
+    trained = config.max_position_embeddings
+    if seq_len > trained:
+        config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": seq_len / trained}
+        config.max_position_embeddings = seq_len
+    return config
+
+
 def load_model(
     name: str,
     max_length: int,
@@ -34,7 +44,8 @@ def load_model(
 ) -> tuple[torch.nn.Module, str]:
     """Model from `checkpoints/<name>` (or any folder): real weights if present, random init otherwise.
 
-    Returns the model and "pretrained" or "random-init" for the log.
+    Returns the model and "pretrained" or "random-init" for the log. Trained weights run beyond their
+    trained length with interpolated positions; random-init ones just get a longer position table.
     """
     folder = Path(name) if Path(name).is_dir() else CHECKPOINTS / name
     if not (folder / "config.json").exists():
@@ -42,12 +53,13 @@ def load_model(
         raise FileNotFoundError(f"no config.json for model {name!r}; known architectures: {known}")
     config = AutoConfig.from_pretrained(folder)
     config.use_cache = False
-    config.max_position_embeddings = max(config.max_position_embeddings, max_length)
     if has_weights(folder):
+        interpolate_positions(config, max_length)
         model = AutoModelForCausalLM.from_pretrained(
             folder, config=config, dtype=dtype, attn_implementation=attn_implementation, device_map=device
         )
         return model, "pretrained"
+    config.max_position_embeddings = max(config.max_position_embeddings, max_length)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model, "random-init"

@@ -12,7 +12,8 @@
 3. Evaluate top-k block recall against the oracle at each layer's keep ratio on held-out sequences, and save
    `predictors.safetensors` + `predictor.json` that `apply_jenga(model, predictor=folder)` loads.
 
-Data: JSON lines with `input_ids` (token lists) or `text` (tokenized with the model folder's tokenizer).
+Data: JSON lines with `input_ids` (token lists) or `text` (tokenized with the model folder's tokenizer), or a
+folder built by `python -m jenga.data.corpus` (train documents; validation ones for --eval-data).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import JengaConfig
+from ..data.loaders import load_documents
 from ..elimination import select_blocks
 from ..kernels import block_scores
 from ..patching import find_adapter, unwrap
@@ -43,8 +45,17 @@ class LayerSamples:
     oracle: list[torch.Tensor]
 
 
-def sequences_from_jsonl(path: Path, seq_len: int, model_folder: Path | None) -> list[torch.Tensor]:
-    """Cut every record's tokens into windows of `seq_len` (shorter tails are dropped)."""
+def sequences_from_jsonl(
+    path: Path, seq_len: int, model_folder: Path | None, split: str = "train"
+) -> list[torch.Tensor]:
+    """Cut every record's tokens into windows of `seq_len` (shorter tails are dropped). A folder built by
+    `python -m jenga.data.corpus` gives its `split` documents from the token cache."""
+    if path.is_dir():
+        docs = load_documents(path, split)
+        windows = [d[i : i + seq_len] for d in docs for i in range(0, len(d) - seq_len + 1, seq_len)]
+        if not windows:
+            raise ValueError(f"{path} holds no {split} document of {seq_len} tokens; lower --seq-len")
+        return windows
     tokenizer = None
     windows = []
     for line in path.read_text().splitlines():
@@ -215,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     random.Random(0).shuffle(sequences)
     if args.eval_data is not None:
         train_seqs = sequences[: args.max_sequences]
-        eval_seqs = sequences_from_jsonl(args.eval_data, args.seq_len, folder)[: max(1, args.max_sequences // 4)]
+        eval_seqs = sequences_from_jsonl(args.eval_data, args.seq_len, folder, "validation")[
+            : max(1, args.max_sequences // 4)
+        ]
     else:
         sequences = sequences[: args.max_sequences]
         held = max(1, int(len(sequences) * args.holdout)) if len(sequences) > 1 else 0

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The accuracy study (issue: Jenga fine-tuning must match dense LoRA). GPU stages, each resumable:
+#   bash scripts/accuracy/run.sh pretrain            # base model, 1K context -> checkpoints/code-llama
+#   bash scripts/accuracy/run.sh predictor           # predictors on the base at 4K -> logs/ablations/predictor/code-llama
+#   bash scripts/accuracy/run.sh finetune SEED...    # lora / longlora / jenga / jenga-predictor at 4K
+#   bash scripts/accuracy/run.sh eval                # perplexity + retrieval of base and every fine-tune
+#   bash scripts/accuracy/run.sh lm_eval             # CPU: merge seed-0 fine-tunes, run the lm_eval tasks
+# Needs the built dataset (python -m jenga.data.corpus --out dataset). --force-style reruns: delete the output.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+py="${PYTHON:-python}"
+base=checkpoints/code-llama
+logs=logs/end2end/accuracy
+runs=$logs/runs
+predictor=logs/ablations/predictor/code-llama
+seq=4096
+steps="${STEPS:-200}"
+stage="${1:?usage: run.sh pretrain|predictor|finetune SEED...|eval|lm_eval}"
+shift
+case "$stage" in
+  pretrain)
+    [ -f $base/model.safetensors ] || $py -m jenga.experiments.pretrain --data dataset --out $base \
+      --hidden 256 --layers 6 --heads 4 --seq-len 1024 --batch 32 --lr 2e-3 --minutes "${MINUTES:-2.5}" ;;
+  predictor)
+    [ -f $predictor/predictor.json ] || $py -m jenga.predictor.train --model $base --data dataset \
+      --eval-data dataset --out $predictor --config logs/end2end/accuracy/jenga-config.json --seq-len $seq \
+      --max-sequences 96 --steps 1500 --prune-every 300 ;;
+  finetune)
+    for seed in "$@"; do
+      for method in lora longlora jenga jenga-predictor; do
+        out=$runs/$method-s$seed
+        [ -f $out/adapter/seq_len ] && continue
+        extra=(); [ $method = jenga-predictor ] && extra=(--predictor $predictor)
+        $py -m jenga.experiments.finetune --base $base --method $method --seed "$seed" --seq-len $seq \
+          --steps "$steps" --batch 8 --lr 1e-3 --data dataset --out $out "${extra[@]}"
+      done
+    done ;;
+  eval)
+    todo=(); for run in $runs/*/; do [ -f $logs/$(basename $run).jsonl ] || todo+=("${run%/}"); done
+    skip=(); [ -f $logs/base.jsonl ] && skip=(--skip-base)
+    $py -m jenga.experiments.accuracy --base $base --runs "${todo[@]}" --data dataset --logs $logs "${skip[@]}" ;;
+  lm_eval)
+    mkdir -p $logs/lm_eval
+    for run in $runs/*-s0; do
+      name=code-llama-4k-$(basename $run)
+      [ -d checkpoints/$name ] || $py -m jenga.experiments.merge --base $base --run $run --out checkpoints/$name
+      lm_eval run --model hf --model_args pretrained=./checkpoints/$name,max_length=4096 --tasks jenga_longcontext \
+        --include_path tasks --device cpu --limit "${LIMIT:-20}" --output_path $logs/lm_eval/$name
+    done ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac

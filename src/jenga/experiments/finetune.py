@@ -1,0 +1,198 @@
+"""Long-context LoRA fine-tuning of a trained base model with one compared method (the accuracy study).
+
+    python -m jenga.experiments.finetune --base checkpoints/code-llama --method jenga --seed 0 \
+        --seq-len 4096 --steps 300 --data dataset --out runs/jenga-s0
+
+The context grows by position interpolation (linear RoPE scaling by seq_len / the base's trained length,
+as LongLoRA does). Every method trains the same LoRA (r=8 on q/k/v/o) plus the norms (`--trainable`), on
+the same batches (fixed by the seed: code windows mixed with long-context retrieval examples), with the
+same learning rate and steps; only what the method changes differs (shifted sparse attention, Jenga's
+elimination with oracle or predictor scoring). Writes a JSON-lines log, the PEFT adapter (with the extra
+trainable weights) and, with --merged, a merged Hugging Face checkpoint that any tool loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .. import apply_jenga, jenga_state, remove_jenga
+from ..data.loaders import load_documents
+from ..data.tasks import training_example
+from ..profiling import JsonlWriter, run_header
+from . import longlora
+from .methods import Method, get_method
+from .training import add_attention_lora, interpolate_positions
+
+ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
+TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
+EXTRAS = "extra_trainables.safetensors"
+
+
+def accuracy_method(name: str, predictor: Path | None) -> Method:
+    """The benchmark method of that name, minus its own extra trainables (every method here trains the same
+    parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder."""
+    if name not in ACCURACY_METHODS:
+        raise ValueError(f"unknown method {name!r}; the accuracy study compares {', '.join(ACCURACY_METHODS)}")
+    if name == "jenga-predictor":
+        if predictor is None or not (Path(predictor) / "predictor.json").exists():
+            raise ValueError(f"method jenga-predictor needs --predictor <folder with predictor.json>, got {predictor}")
+        jenga = get_method("jenga").jenga
+        return replace(
+            get_method("jenga"), name=name, jenga=replace(jenga, scoring="predictor"), predictor=str(predictor)
+        )
+    return replace(get_method(name), train_embed_norm=False)
+
+
+def scaled_config(base: Path, seq_len: int):
+    """The base's config with positions interpolated up to `seq_len`."""
+    config = interpolate_positions(AutoConfig.from_pretrained(base), seq_len)
+    config.use_cache = False
+    return config
+
+
+def load_finetune_model(base: Path, seq_len: int, method: Method, device: str, trainable: list[str]):
+    """Base weights (fp32: the tiny model's trainable weights need full-precision updates) + LoRA + method."""
+    attn = longlora.register() if method.s2attn else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(
+        base, config=scaled_config(base, seq_len), dtype=torch.float32, attn_implementation=attn
+    ).to(device)
+    model = add_attention_lora(model)
+    for name, param in model.named_parameters():
+        if any(TRAINABLE[t] in name for t in trainable):
+            param.requires_grad_(True)
+    if method.jenga is not None:
+        apply_jenga(model, method.jenga, predictor=method.predictor)
+    return model
+
+
+def batches(docs: list[torch.Tensor], tokenizer, seq_len: int, batch: int, task_fraction: float, seed: int):
+    """Endless batches of `seq_len`-token rows: random code windows, or retrieval examples with probability
+    `task_fraction`. The stream depends on the seed only, so every method sees the same rows."""
+    rng = random.Random(seed)
+    long_docs = [d for d in docs if len(d) > seq_len]
+    if not long_docs:
+        raise ValueError(f"no training document is longer than {seq_len} tokens; lower --seq-len")
+    fillers = [d.tolist() for d in long_docs]
+    weights = [len(d) for d in long_docs]
+    while True:
+        rows = []
+        for _ in range(batch):
+            if rng.random() < task_fraction:
+                rows.append(torch.tensor(training_example(fillers, tokenizer, seq_len, rng)))
+            else:
+                doc = rng.choices(long_docs, weights)[0]
+                start = rng.randrange(len(doc) - seq_len + 1)
+                rows.append(doc[start : start + seq_len])
+        yield torch.stack(rows)
+
+
+def save_outputs(model, tokenizer, out: Path, seq_len: int, merged: bool) -> None:
+    """The adapter, the extra trainables (PEFT saves LoRA weights only) and the context length always; a
+    merged bf16 checkpoint when asked."""
+    if jenga_state(model) is not None:
+        remove_jenga(model)
+    adapter = out / "adapter"
+    model.save_pretrained(adapter)
+    extras = {
+        name.removeprefix("base_model.model."): p.detach().cpu().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in name
+    }
+    save_file(extras, adapter / EXTRAS)
+    (adapter / "seq_len").write_text(str(seq_len))
+    if merged:
+        full = model.merge_and_unload()
+        full.config.use_cache = True
+        full.to(torch.bfloat16).save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+
+
+def load_merged(run: Path, base: Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """A fine-tune as a plain model: its merged folder, or base + extra trainables + adapter merged here."""
+    if (run / "merged" / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(run / "merged", dtype=dtype).to(device)
+    adapter = run / "adapter"
+    config = scaled_config(base, int((adapter / "seq_len").read_text()))
+    config.use_cache = True
+    model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32)
+    if (adapter / EXTRAS).exists():
+        unexpected = model.load_state_dict(load_file(adapter / EXTRAS), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{adapter / EXTRAS} holds weights the base model lacks: {unexpected[:3]}")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().to(device=device, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Long-context LoRA fine-tuning with one compared method")
+    parser.add_argument("--base", type=Path, required=True, help="trained base model folder (with tokenizer)")
+    parser.add_argument("--method", required=True, choices=ACCURACY_METHODS)
+    parser.add_argument("--predictor", type=Path, help="predictor folder for jenga-predictor")
+    parser.add_argument("--data", type=Path, default=Path("dataset"), help="built dataset or JSONL / datasets folder")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task-fraction", type=float, default=0.5, help="share of rows that are retrieval tasks")
+    parser.add_argument("--trainable", nargs="*", default=["norm"], choices=list(TRAINABLE))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--merged", action="store_true", help="also save a merged bf16 checkpoint")
+    args = parser.parse_args(argv)
+
+    method = accuracy_method(args.method, args.predictor)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    docs = load_documents(args.data, "train", tokenizer)
+    model = load_finetune_model(args.base, args.seq_len, method, device, args.trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = run_header(
+        extra={
+            "experiment": "finetune",
+            "base": str(args.base),
+            "method": method.name,
+            "method_description": method.description,
+            "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
+            "trainable_params": sum(p.numel() for p in params),
+            "rope_parameters": model.config.rope_parameters,
+            "dtype": "float32 (tf32 matmuls on GPU)",
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
+    )
+    model.train()
+    stream = batches(docs, tokenizer, args.seq_len, args.batch, args.task_fraction, args.seed)
+    started = time.perf_counter()
+    with JsonlWriter(args.out / "finetune_log.jsonl", header=header) as log:
+        progress = tqdm(range(args.steps), desc=f"finetune {method.name} s{args.seed}", unit="step")
+        for step in progress:
+            ids = next(stream).to(device)
+            loss = model(input_ids=ids, labels=ids).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            log.write({"record": "step", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        log.write({"record": "summary", "status": "ok", "steps": args.steps, "seconds": time.perf_counter() - started})
+    save_outputs(model, tokenizer, args.out, args.seq_len, args.merged)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

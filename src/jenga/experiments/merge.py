@@ -1,0 +1,31 @@
+"""Write a fine-tune (base + committed adapter) as a merged Hugging Face checkpoint that lm_eval loads.
+
+    python -m jenga.experiments.merge --base checkpoints/code-llama \
+        --run logs/end2end/accuracy/runs/jenga-s0 --out checkpoints/code-llama-4k-jenga-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from .finetune import load_merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Merge a fine-tune's adapter into its base model")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--run", type=Path, required=True, help="fine-tune folder holding adapter/")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if not (args.run / "adapter" / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{args.run} holds no adapter/adapter_config.json; is it a fine-tune folder?")
+    load_merged(args.run, args.base).save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(args.base).save_pretrained(args.out)
+    print(f"merged {args.run} into {args.out}")
+
+
+if __name__ == "__main__":
+    main()
