@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ __all__ = [
     "JsonlWriter",
     "PhaseRecorder",
     "SavedTensorMeter",
+    "SublayerSavedMeter",
     "TimedScorer",
     "cuda_memory_snapshot",
     "read_jsonl",
@@ -128,6 +130,67 @@ class SavedTensorMeter:
         assert self._hooks is not None
         self._hooks.__exit__(*exc)
         self._hooks = None
+
+
+# Module-name patterns (matched against the end of qualified names) and the sublayer they stand for, for
+# Hugging Face decoder models (Llama-family `mlp`, OPT `fc1`/`fc2`/`activation_fn`); the innermost match wins.
+SUBLAYER_RULES: tuple[tuple[str, str], ...] = (
+    (r"\.layers\.\d+", "layer norms & residual"),
+    (r"\.self_attn", "attention"),
+    (r"\.(mlp|fc1|fc2|activation_fn)", "mlp"),
+)
+OUTSIDE_LAYERS = "embedding, final norm, LM head & loss"
+
+
+class SublayerSavedMeter(SavedTensorMeter):
+    """A `SavedTensorMeter` that also splits the saved bytes by the sublayer running when each was saved.
+
+    Forward hooks on the modules that `rules` name keep a stack of active sublayers; a saved tensor is
+    charged to the innermost one, or to `OUTSIDE_LAYERS` when none is active (embedding, final norm, LM head,
+    loss). `by_sublayer` sums to `bytes`. This is where activation memory goes, per technique (figure 14).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, rules: Iterable[tuple[str, str]] = SUBLAYER_RULES, **kwargs: Any
+    ) -> None:
+        super().__init__(exclude=kwargs.pop("exclude", [*model.parameters(), *model.buffers()]), **kwargs)
+        compiled = [(re.compile(pattern + "$"), name) for pattern, name in rules]
+        self._modules = [
+            (module, name)
+            for qualified, module in model.named_modules()
+            for pattern, name in compiled
+            if pattern.search(qualified)
+        ]
+        self._stack: list[str] = []
+        self._handles: list[Any] = []
+        self.by_sublayer: dict[str, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        before = self.bytes
+        out = super()._pack(t)
+        if self.bytes > before:
+            where = self._stack[-1] if self._stack else OUTSIDE_LAYERS
+            self.by_sublayer[where] = self.by_sublayer.get(where, 0) + self.bytes - before
+        return out
+
+    def _enter(self, name: str) -> None:  # hooks must return None (a forward hook's value replaces the output)
+        self._stack.append(name)
+
+    def _exit(self) -> None:
+        self._stack.pop()
+
+    def __enter__(self) -> SublayerSavedMeter:
+        for module, name in self._modules:
+            self._handles.append(module.register_forward_pre_hook(lambda *_, name=name: self._enter(name)))
+            self._handles.append(module.register_forward_hook(lambda *_: self._exit()))
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._stack = [], []
 
 
 # --------------------------------------------------------------------------------------------------------

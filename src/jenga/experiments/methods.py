@@ -1,7 +1,7 @@
 """Methods as data: what each compared system does to the same HF+PEFT model before training.
 
-Every name also exists with a "+ckpt" suffix (gradient checkpointing on). Adding a method means adding one
-entry here; the runner, sweeps and plots pick it up by name.
+Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient checkpointing on). Adding a
+method means adding one entry here; the runner, sweeps and plots pick it up by name.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class Method:
     liger: bool = False
     train_embed_norm: bool = False
     predictor: str | None = None  # a predictor folder, or "random-init" (timing only: same cost as trained)
+    offload: str | None = None  # activation offloading policy of `jenga.offload` ("uniform" / "sparsity")
+    offload_resident: float = 0.5  # fraction of the layers' saved bytes that stays on the GPU
 
     @property
     def baseline(self) -> str:
@@ -48,7 +50,22 @@ _BASE = [
         "Jenga with no elimination: sparse-saved MLP at keep 1.0, lean norms, segmented loss",
         jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0),
     ),
+    Method(
+        "jenga-lean",
+        "Jenga with no elimination and the model's own loss: sparse-saved MLP at keep 1.0 and lean norms",
+        jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=0),
+    ),
+    Method(
+        "jenga-attn",
+        "Jenga with attention elimination only: attention keep 0.5, MLP keep 1.0, segmented loss",
+        jenga=replace(HALF, mlp_keep=1.0),
+    ),
     Method("jenga", "Jenga, attention and MLP keep 0.5 (first 2 layers and the last dense)", jenga=HALF),
+    Method(
+        "jenga-noseg",
+        "Jenga (keep 0.5) with the model's own loss instead of the segmented loss",
+        jenga=replace(HALF, segment_size=0),
+    ),
     Method("jenga-0.25", "Jenga, attention and MLP keep 0.25 (first 2 layers and the last dense)", jenga=QUARTER),
     Method("jenga-2d", "Jenga (keep 0.5) combined with LongLoRA's shifted sparse attention", jenga=HALF, s2attn=True),
     Method(
@@ -60,7 +77,29 @@ _BASE = [
     ),
 ]
 
-METHODS: dict[str, Method] = {m.name: m for m in _BASE}
+# Offloading uses saved-tensor hooks, which gradient checkpointing overrides: these have no +ckpt twin.
+_OFFLOAD = [
+    Method(
+        "lora-offload",
+        "HF+PEFT LoRA with half of the layers' saved activations offloaded to CPU, the same budget per layer",
+        offload="uniform",
+    ),
+    Method(
+        "jenga-offload",
+        "Jenga (keep 0.5) with half of the layers' saved activations offloaded to CPU, the same budget per layer",
+        jenga=HALF,
+        offload="uniform",
+    ),
+    Method(
+        "jenga-offload-sparse",
+        "Jenga (keep 0.5) with half of the layers' saved activations offloaded to CPU, per-layer budgets "
+        "proportional to the layer's keep ratios",
+        jenga=HALF,
+        offload="sparsity",
+    ),
+]
+
+METHODS: dict[str, Method] = {m.name: m for m in _BASE + _OFFLOAD}
 METHODS.update(
     {
         f"{m.name}+ckpt": replace(

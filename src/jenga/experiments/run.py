@@ -6,13 +6,25 @@
 A sweep runs each configuration in a fresh process (allocator peaks never leak between runs) and skips
 configurations whose log is already complete unless --force. `--max-length` finds the longest sequence
 (in steps of --length-step) that trains one step without running out of memory: doubling, then bisection.
+
+Extra records a run can add after its measured steps: `--breakdown` runs one more, untimed step that splits
+memory into weights, optimizer state, gradients and saved activations per sublayer (figure 14);
+`--snapshot` records that step's allocator history as `<log>.snapshot.pickle.gz` (figure 18). Jenga runs
+always log the per-layer keep ratios and what selection kept in their last step (figure 15). `--fork` forks
+each configuration's process from the sweep's, which has imported torch but not touched CUDA: still one
+process (and CUDA context) per configuration, without paying the imports each time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import multiprocessing
+import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +33,13 @@ import torch
 from tqdm import tqdm
 
 from .. import apply_jenga
+from ..elimination import select_blocks
+from ..mlp import kept_channels
+from ..offload import ActivationOffloader
+from ..patching import jenga_state
 from ..patching.base import oracle_scorer
 from ..predictor import PredictorBundle
-from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer, read_jsonl, run_header
+from ..profiling import GIB, JsonlWriter, PhaseRecorder, SublayerSavedMeter, TimedScorer, read_jsonl, run_header
 from . import longlora
 from .methods import METHODS, Method, get_method
 from .training import add_attention_lora, load_model, train_steps
@@ -35,6 +51,19 @@ def log_path(logs: Path, model: str, method: str, seq: int) -> Path:
 
 def is_complete(path: Path) -> bool:
     return path.exists() and any(r.get("record") == "summary" for r in read_jsonl(path))
+
+
+class SelectionRecorder:
+    """Wraps a block scorer and keeps each layer's latest scores, to log what selection kept per layer."""
+
+    def __init__(self, scorer: Callable[..., torch.Tensor]) -> None:
+        self.scorer = scorer
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer_idx: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scores = self.scorer(layer_idx, *args, **kwargs)
+        self.scores[layer_idx] = scores.detach()
+        return scores
 
 
 def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, str, TimedScorer | None]:
@@ -57,7 +86,8 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
                 param.requires_grad_(True)
     timer = None
     if method.jenga is not None:
-        timer = TimedScorer(oracle_scorer if method.predictor is None else predictor_scorer(method, model))
+        scorer = oracle_scorer if method.predictor is None else predictor_scorer(method, model)
+        timer = TimedScorer(SelectionRecorder(scorer))
         apply_jenga(model, method.jenga, scorer=timer)
     return model, weights, timer
 
@@ -73,6 +103,115 @@ def predictor_scorer(method: Method, model: torch.nn.Module):
     return bundle.to(next(model.parameters()).device).eval().scorer()
 
 
+POSITION_BINS = 8
+SNAPSHOT_ENTRIES = 40000  # allocator events kept in a snapshot: one 7B step at 8K-16K, a few MB gzipped
+
+
+def layer_sparsity_record(model: torch.nn.Module, recorder: SelectionRecorder | None) -> dict[str, Any]:
+    """Per-layer keep ratios and what selection kept in the last step (figure 15).
+
+    For each layer: the configured attention and MLP keep ratios, MLP channels saved, tokens the attention
+    ran on, and, where the layer scored blocks, the kept fraction of blocks in each of `POSITION_BINS` equal
+    position ranges and the share of the layer's total block score that the kept blocks hold.
+    """
+    state = jenga_state(model)
+    config = model.get_base_model().config
+    channels = getattr(config, "intermediate_size", None) or config.ffn_dim
+    layers = []
+    for i, (attn_keep, mlp_keep) in enumerate(zip(state.attn_keep, state.mlp_keep, strict=True)):
+        layer: dict[str, Any] = {
+            "layer": i,
+            "attn_keep": attn_keep,
+            "mlp_keep": mlp_keep,
+            "mlp_channels_saved": kept_channels(channels, mlp_keep),
+            "mlp_channels": channels,
+            "kept_tokens": state.last_kept_tokens.get(i),
+        }
+        scores = None if recorder is None else recorder.scores.get(i)
+        if scores is not None:
+            nb = scores.shape[1]
+            kept = state.config.kept_blocks(nb, attn_keep)
+            blocks = select_blocks(scores, kept, state.config.sink_blocks)
+            mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, blocks, True)
+            bins = torch.tensor_split(mask.float(), min(POSITION_BINS, nb), dim=1)
+            total = scores.float().sum().item()
+            layer.update(
+                num_blocks=nb,
+                kept_blocks=kept,
+                kept_by_position=[b.mean().item() for b in bins],
+                kept_score_share=scores.float()[mask].sum().item() / total if total > 0 else None,
+            )
+        layers.append(layer)
+    return {"record": "layer_sparsity", "layers": layers}
+
+
+def make_offloader(method: Method, model: torch.nn.Module) -> ActivationOffloader:
+    """The method's offloader over the decoder layers; budgets come from its first (warm-up) forward."""
+    base = model.get_base_model()
+    layers = base.model.decoder.layers if base.config.model_type == "opt" else base.model.layers
+    state = jenga_state(model)
+    keeps = {} if state is None else {"attn_keep": state.attn_keep, "mlp_keep": state.mlp_keep}
+    return ActivationOffloader.for_model(
+        list(layers), model, resident_fraction=method.offload_resident, policy=method.offload, **keeps
+    )
+
+
+def profile_step(model: torch.nn.Module, seq: int, snapshot: Path | None = None) -> dict[str, Any]:
+    """One extra, untimed AdamW step that splits memory into its parts (figure 14).
+
+    Weights are the model's parameters and buffers; "predictor & other persistent" is what else is
+    allocated before the step (predictor networks, caches); saved activations are split by sublayer with
+    `SublayerSavedMeter`; gradients and optimizer state are read after the step. `peak_gib` is this step's
+    allocator peak. With `snapshot`, the step's allocator history is written there (gzipped pickle).
+    """
+    cuda = torch.cuda.is_available()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    weights = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    persistent = torch.cuda.memory_allocated() if cuda else weights
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if snapshot is not None and cuda:
+        torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES)
+    meter = SublayerSavedMeter(model)
+    with meter:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+    optimizer.step()
+    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    optimizer.zero_grad(set_to_none=True)
+    del loss
+    record: dict[str, Any] = {
+        "record": "memory_breakdown",
+        "weights_gib": weights / GIB,
+        "other_persistent_gib": max(0, persistent - weights) / GIB,
+        "gradients_gib": grads / GIB,
+        "optimizer_gib": state / GIB,
+        "saved_gib": {k: v / GIB for k, v in sorted(meter.by_sublayer.items())},
+        "saved_total_gib": meter.bytes / GIB,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+    }
+    if snapshot is not None and cuda:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "snapshot.pickle"
+            torch.cuda.memory._dump_snapshot(str(raw))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            with raw.open("rb") as src, gzip.open(snapshot, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        record.update(snapshot=snapshot.name, allocated_before_gib=persistent / GIB)
+    return record
+
+
+def load_snapshot(path: Path) -> dict[str, Any]:
+    """A snapshot written by `profile_step` (gzipped `torch.cuda.memory._dump_snapshot` pickle)."""
+    with gzip.open(path, "rb") as f:
+        return pickle.load(f)
+
+
 def run_one(
     model_name: str,
     method_name: str,
@@ -82,8 +221,13 @@ def run_one(
     path: Path,
     memory_gib: float | None,
     command: str | None = None,
+    breakdown: bool = False,
+    snapshot: bool = False,
 ) -> dict:
-    """Train `steps` measured steps in this process and log them; returns the summary record."""
+    """Train `steps` measured steps in this process and log them; returns the summary record.
+
+    `breakdown` / `snapshot` add the records of `profile_step` after the measured steps.
+    """
     method = get_method(method_name)
     capped = None
     if memory_gib is not None and torch.cuda.is_available():
@@ -103,6 +247,7 @@ def run_one(
         "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
         "gradient_checkpointing": method.checkpointing,
         "predictor": method.predictor,
+        "offload": None if method.offload is None else {"policy": method.offload, "resident": method.offload_resident},
         "memory_cap_gib": memory_gib if capped is not None else None,
     }
     with JsonlWriter(path, header=None) as writer:
@@ -114,26 +259,59 @@ def run_one(
             writer.write(summary)
             return summary
         writer.write(run_header(command, extra={**header, "weights": weights}))
+        offloader = None if method.offload is None else make_offloader(method, model)
         stats = train_steps(
-            model, seq, steps, warmup, PhaseRecorder(), model.config.vocab_size, writer=writer, scorer_timer=timer
+            model,
+            seq,
+            steps,
+            warmup,
+            PhaseRecorder(),
+            model.config.vocab_size,
+            writer=writer,
+            scorer_timer=timer,
+            forward_context=offloader,
         )
+        if stats.status == "ok" and method.jenga is not None:
+            writer.write(layer_sparsity_record(model, timer.scorer))
+        if stats.status == "ok" and offloader is not None:
+            writer.write({"record": "offload", **offloader.summary()})
+        if stats.status == "ok" and (breakdown or snapshot):
+            target = path.with_name(path.stem + ".snapshot.pickle.gz") if snapshot else None
+            try:
+                writer.write(profile_step(model, seq, target))
+            except torch.cuda.OutOfMemoryError as exc:
+                writer.write({"record": "memory_breakdown", "status": "oom", "error": str(exc).splitlines()[0]})
         summary = stats.as_record()
         writer.write(summary)
     return summary
 
 
-def spawn(args: argparse.Namespace, method: str, seq: int, path: Path, steps: int, warmup: int) -> dict:
-    """Run one configuration in a fresh process and return its summary (status "failed" if it crashed)."""
-    cmd = [sys.executable, "-m", "jenga.experiments.run", "--model", args.model, "--worker", method, str(seq)]
-    cmd += ["--steps", str(steps), "--warmup", str(warmup), "--log", str(path)]
-    cmd += ["--sweep-command", " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])]
-    if args.memory_gib is not None:
-        cmd += ["--memory-gib", str(args.memory_gib)]
-    result = subprocess.run(cmd)
+def spawn(
+    args: argparse.Namespace, method: str, seq: int, path: Path, steps: int, warmup: int, extra: dict | None = None
+) -> dict:
+    """Run one configuration in a fresh process and return its summary (status "failed" if it crashed).
+
+    `extra` holds `run_one`'s optional switches (breakdown, snapshot), taken from `args` when None.
+    """
+    extra = {"breakdown": args.breakdown, "snapshot": args.snapshot} if extra is None else extra
+    command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
+    if args.fork:
+        worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
+        process = multiprocessing.get_context("fork").Process(target=run_one, args=worker, kwargs=extra)
+        process.start()
+        process.join()
+        exit_code = process.exitcode
+    else:
+        cmd = [sys.executable, "-m", "jenga.experiments.run", "--model", args.model, "--worker", method, str(seq)]
+        cmd += ["--steps", str(steps), "--warmup", str(warmup), "--log", str(path), "--sweep-command", command]
+        cmd += [f"--{name}" for name, on in extra.items() if on]
+        if args.memory_gib is not None:
+            cmd += ["--memory-gib", str(args.memory_gib)]
+        exit_code = subprocess.run(cmd).returncode
     records = read_jsonl(path) if path.exists() else []
     summary = next((r for r in records if r.get("record") == "summary"), None)
     if summary is None:
-        summary = {"record": "summary", "status": "failed", "exit_code": result.returncode}
+        summary = {"record": "summary", "status": "failed", "exit_code": exit_code}
         with JsonlWriter(path, append=True) as writer:
             writer.write(summary)
     return summary
@@ -181,7 +359,7 @@ def max_length(args: argparse.Namespace) -> None:
             path = log_path(args.logs / "probes", args.model, method, seq)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
-            probes[seq] = spawn(args, method, seq, path, steps=1, warmup=0)["status"]
+            probes[seq] = spawn(args, method, seq, path, 1, 0, {"breakdown": False, "snapshot": False})["status"]
             tqdm.write(f"{method} {seq}: {probes[seq]}")
             return probes[seq] == "ok"
 
@@ -218,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length-step", type=int, default=4096)
     parser.add_argument("--cap", type=int, default=131072, help="longest length the search tries")
     parser.add_argument("--start", type=int, help="first length the search tries (a multiple of --length-step)")
+    parser.add_argument("--breakdown", action="store_true", help="log a memory breakdown step (figure 14)")
+    parser.add_argument("--snapshot", action="store_true", help="save that step's allocator history (figure 18)")
+    parser.add_argument("--fork", action="store_true", help="fork configurations from this process (faster)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sweep-command", help=argparse.SUPPRESS)
@@ -232,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
             args.log,
             args.memory_gib,
             command=args.sweep_command,
+            breakdown=args.breakdown,
+            snapshot=args.snapshot,
         )
         return
     args.logs.mkdir(parents=True, exist_ok=True)

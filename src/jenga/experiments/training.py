@@ -7,6 +7,7 @@ share one definition of "a training step" (forward with labels, backward, AdamW 
 from __future__ import annotations
 
 import statistics
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,12 @@ def train_steps(
     writer: JsonlWriter | None = None,
     seed: int = 0,
     scorer_timer: TimedScorer | None = None,
+    forward_context: AbstractContextManager | None = None,
 ) -> StepStats:
-    """Run `warmup + steps` AdamW steps on random tokens (batch 1); OOM ends the run as status "oom"."""
+    """Run `warmup + steps` AdamW steps on random tokens (batch 1); OOM ends the run as status "oom".
+
+    `forward_context` (re-entered every step, e.g. an activation offloader) wraps each forward pass.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -116,7 +121,7 @@ def train_steps(
     try:
         for step in range(warmup + steps):
             ids = torch.randint(0, vocab_size, (1, seq_len), generator=gen).to(device)
-            with recorder.phase("forward"):
+            with recorder.phase("forward"), forward_context or nullcontext():
                 loss = model(input_ids=ids, labels=ids).loss
             with recorder.phase("backward"):
                 loss.backward()
