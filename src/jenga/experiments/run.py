@@ -194,6 +194,7 @@ def profile_step(model: torch.nn.Module, seq: int, snapshot: Path | None = None)
         "saved_gib": {k: v / GIB for k, v in sorted(meter.by_sublayer.items())},
         "saved_total_gib": meter.bytes / GIB,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "allocated_before_gib": persistent / GIB,
     }
     if snapshot is not None and cuda:
         with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +203,7 @@ def profile_step(model: torch.nn.Module, seq: int, snapshot: Path | None = None)
             torch.cuda.memory._record_memory_history(enabled=None)
             with raw.open("rb") as src, gzip.open(snapshot, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        record.update(snapshot=snapshot.name, allocated_before_gib=persistent / GIB)
+        record["snapshot"] = snapshot.name
     return record
 
 

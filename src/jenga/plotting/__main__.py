@@ -5,10 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .algorithm import plot_algorithm
+from .breakdown import plot_memory_breakdown, plot_time_breakdown
 from .end2end import plot_end2end
+from .extension import plot_2d, plot_offload
 from .predictor import plot_predictor_ablation
+from .segment import plot_segment
 
-FIGURES = [("end2end", plot_end2end), ("ablations/predictor", plot_predictor_ablation)]
+FIGURES = [
+    ("end2end", plot_end2end),
+    ("ablations/memory-breakdown", plot_memory_breakdown),
+    ("ablations/time-breakdown", plot_time_breakdown),
+    ("ablations/algorithm", plot_algorithm),
+    ("ablations/predictor", plot_predictor_ablation),
+    ("ablations/segment", plot_segment),
+    ("extension/2d", plot_2d),
+    ("extension/offload", plot_offload),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,56 @@
+"""Figure 15: the per-layer sparsity Jenga uses, and where in the sequence selection kept blocks.
+
+Reads the `layer_sparsity` record of Jenga runs (`<logs>/<card>/<model>_<method>_<len>.jsonl`). Left: per
+layer, the configured attention keep ratio, the fraction of tokens the attention actually ran on, and the
+fraction of MLP channels saved for backward. Right: per layer and position range, the fraction of blocks
+selection kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..profiling import read_jsonl
+from .style import color, figure, save
+
+
+def plot_algorithm(logs: Path, out: Path) -> list[Path]:
+    written = []
+    for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
+        for path in sorted(card.glob("*_*_*.jsonl")):
+            records = read_jsonl(path)
+            header = next((r for r in records if r.get("record") == "header"), {})
+            sparsity = next((r for r in records if r.get("record") == "layer_sparsity"), None)
+            if sparsity is None:
+                continue
+            layers, seq = sparsity["layers"], header.get("seq_len")
+            index = [la["layer"] for la in layers]
+            fig, axes = figure(10.0, 3.6, ncols=2)
+            left, right = axes[0]
+            left.step(index, [la["attn_keep"] for la in layers], where="mid", color="black", label="attention keep")
+            ran = [(la["layer"], la["kept_tokens"] / seq) for la in layers if la.get("kept_tokens") and seq]
+            if ran:
+                left.plot(*zip(*ran, strict=True), "o", color=color("jenga"), ms=4, label="tokens attention ran on")
+            mlp = [la["mlp_channels_saved"] / la["mlp_channels"] for la in layers]
+            left.plot(index, mlp, "s", mfc="none", color="#1f77b4", ms=5, label="MLP channels saved")
+            left.set(xlabel="layer", ylabel="fraction kept", ylim=(0, 1.08), title="per-layer sparsity")
+            left.legend(fontsize=7, loc="lower right")
+            scored = [la for la in layers if la.get("kept_by_position")]
+            if scored:
+                bins = max(len(la["kept_by_position"]) for la in scored)
+                grid = [la.get("kept_by_position") or [1.0] * bins for la in layers]
+                image = right.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=1, origin="lower")
+                fig.colorbar(image, ax=right, label="fraction of blocks kept")
+                right.set_xticks(range(bins), [f"{k + 1}/{bins}" for k in range(bins)], fontsize=7)
+                right.set(xlabel="position range in the sequence", ylabel="layer", title="where blocks were kept")
+                right.grid(False)
+            model, method = header.get("model", path.stem), header.get("method", "")
+            fig.suptitle(f"{model} {method}, {seq} tokens ({header.get('weights')} weights)", fontsize=9)
+            caption = (
+                f"Paper figure 15: per-layer attention/MLP sparsity of {model} ({method}, {seq} tokens) and where "
+                f"block selection kept blocks in the last step (dense layers drawn as fully kept); weights "
+                f"{header.get('weights')}, so positions show the mechanism rather than trained attention "
+                f"patterns. Log {path}; device {header.get('device')}."
+            )
+            written.append(save(fig, out / f"{card.name}_{path.stem}.png", caption))
+    return written

@@ -1,0 +1,136 @@
+"""Figure 14: where memory and time go as Jenga's techniques are added one at a time.
+
+Reads the runner logs of `scripts/ablations/memory-breakdown/run.sh` (`<logs>/<card>/<model>_<method>_<len>.jsonl`).
+Memory: the `memory_breakdown` record of each run (weights, other persistent memory, gradients, optimizer
+state, saved activations per sublayer), stacked, with the run's measured peak as a marker. Time: medians of
+the timed steps split into forward (less block scoring), scoring, backward and optimizer. The time-breakdown
+figure reads the same logs (`logs/ablations/memory-breakdown`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ..profiling import read_jsonl
+from .bars import devices, runs_by_key
+from .style import PALETTE, figure, save
+
+PART_COLORS = [*PALETTE, "#bcbd22", "#17becf"]
+
+# The ladder, in the order the techniques are added; other methods found in the logs follow.
+LADDER = {
+    "lora": "LoRA",
+    "jenga-lean": "+lean norms\n& MLP path",
+    "jenga-dense": "+segmented\nloss",
+    "jenga-attn": "+attention\nelimination",
+    "jenga": "+MLP\nelimination",
+    "jenga-predictor-timing": "+predictors\n(random-init)",
+}
+PARTS = (
+    ("weights_gib", "weights"),
+    ("other_persistent_gib", "predictor & other persistent"),
+    ("gradients_gib", "gradients"),
+    ("optimizer_gib", "optimizer state"),
+    ("attention", "attention activations"),
+    ("mlp", "MLP activations"),
+    ("layer norms & residual", "norm & residual activations"),
+    ("embedding, final norm, LM head & loss", "loss/logits (LM head, final norm, embedding)"),
+)
+PHASE_PARTS = (("forward_only", "forward (less scoring)"), ("scoring", "block scoring"), ("backward", "backward"))
+PHASE_PARTS += (("optimizer", "optimizer"),)
+
+
+def _records(path: Path, kind: str) -> list[dict]:
+    return [r for r in read_jsonl(path) if r.get("record") == kind]
+
+
+def _methods(runs: dict, model: str, seq: int) -> list[str]:
+    found = {me for (m, me, s) in runs if m == model and s == seq}
+    return [m for m in LADDER if m in found] + sorted(found - set(LADDER))
+
+
+def _median(steps: list[dict], key: str) -> float:
+    values = [s.get(key) or 0.0 for s in steps if not s.get("warmup")]
+    return statistics.median(values) if values else 0.0
+
+
+def _stack(ax, x: int, parts: list[float], colors: list[str], labels: list[str] | None) -> float:
+    bottom = 0.0
+    for k, value in enumerate(parts):
+        ax.bar(x, value, 0.6, bottom=bottom, color=colors[k], label=None if labels is None else labels[k])
+        bottom += value
+    return bottom
+
+
+def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
+    written = []
+    for card in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        runs = runs_by_key(card)
+        for model, seq in sorted({(m, s) for m, _, s in runs}):
+            methods = _methods(runs, model, seq)
+            fig, axes = figure(max(6.4, 1.25 * len(methods) + 2.6), 3.8)
+            ax = axes[0][0]
+            parts = PARTS if kind == "memory" else PHASE_PARTS
+            colors = PART_COLORS[: len(parts)]
+            top, first = 1.0, True
+            for i, method in enumerate(methods):
+                path = card / f"{model}_{method}_{seq}.jsonl"
+                header, summary = runs[(model, method, seq)]
+                breakdown = next(iter(_records(path, "memory_breakdown")), None)
+                if summary.get("status") != "ok" or (kind == "memory" and not breakdown):
+                    status = summary.get("status", "incomplete") if summary.get("status") != "ok" else "no breakdown"
+                    ax.text(i, 0, status.upper(), ha="center", va="bottom", fontsize=7, rotation=90)
+                    continue
+                if kind == "memory":
+                    saved = breakdown.get("saved_gib", {})
+                    values = [breakdown.get(key, saved.get(key, 0.0)) or 0.0 for key, _ in PARTS]
+                    total = _stack(ax, i, values, colors, [name for _, name in PARTS] if first else None)
+                    peak = summary.get("peak_gib")
+                    if peak is not None:
+                        ax.plot(
+                            [i - 0.35, i + 0.35],
+                            [peak, peak],
+                            color="black",
+                            lw=1.5,
+                            label="measured peak" if first else None,
+                        )
+                        ax.text(i, max(peak, total) * 1.02, f"{peak:.1f}", ha="center", fontsize=7)
+                    top = max(top, total, peak or 0.0)
+                else:
+                    steps = _records(path, "step")
+                    forward, scoring = _median(steps, "forward_s"), _median(steps, "scoring_s")
+                    values = [forward - scoring, scoring, _median(steps, "backward_s"), _median(steps, "optimizer_s")]
+                    total = _stack(ax, i, values, colors, [name for _, name in PHASE_PARTS] if first else None)
+                    ax.text(i, total * 1.02, f"{summary['median_step_s']:.2f}", ha="center", fontsize=7)
+                    top = max(top, total)
+                first = False
+            ax.set_xticks(range(len(methods)), [LADDER.get(m, m) for m in methods], fontsize=7)
+            ax.set_ylim(0, top * 1.15)
+            ylabel = "memory (GiB)" if kind == "memory" else "step time (s)"
+            ax.set(ylabel=ylabel, title=f"{model}, {seq // 1024}K tokens: {kind} by part")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            what = (
+                "memory split into weights, gradients, optimizer state and saved activations per sublayer (one "
+                "extra untimed step per run; the black line is the run's measured peak, the gap above the stack "
+                "is transient memory)"
+                if kind == "memory"
+                else "median step time split into forward (less block scoring), scoring, backward and optimizer"
+            )
+            caption = (
+                f"Paper figure 14 ({'upper' if kind == 'memory' else 'lower'}): {model} at {seq} tokens, LoRA then "
+                f"Jenga adding one technique at a time; {what}. Logs {card}; device {devices(runs)}."
+            )
+            written.append(save(fig, out / f"{card.name}_{model}_{seq}.png", caption))
+    return written
+
+
+def plot_memory_breakdown(logs: Path, out: Path) -> list[Path]:
+    """Figure 14 upper from `logs` (= logs/ablations/memory-breakdown)."""
+    return _panels(logs, out, "memory")
+
+
+def plot_time_breakdown(logs: Path, out: Path) -> list[Path]:
+    """Figure 14 lower; its runs are the memory-breakdown runs, so it reads the sibling folder of `logs`."""
+    return _panels(logs.parent / "memory-breakdown", out, "time")

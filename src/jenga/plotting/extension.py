@@ -1,0 +1,79 @@
+"""Figure 19: Jenga combined with shifted sparse attention (upper) and with activation offloading (lower).
+
+Reads runner logs `<logs>/<card>/<model>_<method>_<len>.jsonl` of `scripts/extension/{2d,offload}/run.sh`:
+peak memory and median step time per method and length, OOM hatched, missing runs marked "not run". The
+offload figure also prints how many GiB each offloading run moved to the CPU per step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..profiling import GIB, read_jsonl
+from .bars import cell, devices, grouped_bars, runs_by_key
+from .style import figure, save
+
+TWO_D = ("longlora+ckpt", "jenga+ckpt", "jenga-2d+ckpt")
+OFFLOAD = ("lora", "lora-offload", "jenga", "jenga-offload", "jenga-offload-sparse")
+
+
+def _offloaded_gib(path: Path) -> float | None:
+    record = next((r for r in read_jsonl(path) if r.get("record") == "offload"), None)
+    return None if record is None else sum(record["offloaded_bytes"]) / GIB
+
+
+def _figure(logs: Path, out: Path, order: tuple[str, ...], paper: str, what: str) -> list[Path]:
+    written = []
+    for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
+        runs = runs_by_key(card)
+        for model in sorted({m for m, _, _ in runs}):
+            keys = [k for k in runs if k[0] == model]
+            seqs = sorted({s for _, _, s in keys})
+            found = {me for _, me, _ in keys}
+            methods = [m for m in order if m in found] + sorted(found - set(order))
+            groups = [f"{s // 1024}K" for s in seqs]
+            fig, axes = figure(11.0, 3.8, ncols=2)
+            for ax, field, ylabel, fmt in (
+                (axes[0][0], "peak_gib", "peak memory (GiB)", "%.1f"),
+                (axes[0][1], "median_step_s", "step time (s)", "%.2f"),
+            ):
+                values = {
+                    (g, m): cell(runs, (model, m, s), field) for g, s in zip(groups, seqs, strict=True) for m in methods
+                }
+                grouped_bars(ax, groups, methods, values, fmt, ylabel)
+                ax.set(xlabel="sequence length", title=f"{model}: {ylabel}")
+            offloaded = [
+                f"{m} {g}: {gib:.1f} GiB"
+                for g, s in zip(groups, seqs, strict=True)
+                for m in methods
+                if (gib := _offloaded_gib(card / f"{model}_{m}_{s}.jsonl")) is not None and (model, m, s) in runs
+            ]
+            note = f" Offloaded to CPU per step: {'; '.join(offloaded)}." if offloaded else ""
+            caption = (
+                f"Paper figure 19 ({paper}): {what} for {model}; hatched bars ran out of memory.{note} Logs {card}; "
+                f"device {devices(runs)}."
+            )
+            written.append(save(fig, out / f"{card.name}_{model}.png", caption))
+    return written
+
+
+def plot_2d(logs: Path, out: Path) -> list[Path]:
+    return _figure(
+        logs,
+        out,
+        TWO_D,
+        "upper",
+        "peak memory and step time of LongLoRA's shifted sparse attention, Jenga, and both combined (jenga-2d), "
+        "all with gradient checkpointing",
+    )
+
+
+def plot_offload(logs: Path, out: Path) -> list[Path]:
+    return _figure(
+        logs,
+        out,
+        OFFLOAD,
+        "lower",
+        "peak memory and step time with activation offloading to CPU (half of the layers' saved bytes resident; "
+        "the same budget per layer, or budgets sized by Jenga's keep ratios: jenga-offload-sparse)",
+    )
