@@ -6,7 +6,7 @@ import random
 
 from transformers import AutoTokenizer
 
-from jenga.data.corpus import document_text, retrieval_records, split_of, source_documents, train_tokenizer
+from jenga.data.corpus import document_text, retrieval_records, source_documents, split_of, train_tokenizer
 
 
 def test_documents_group_packages_and_skip_tests(tmp_path):

@@ -36,8 +36,9 @@ case "$stage" in
       done
     done ;;
   eval)
-    todo=(); for run in $runs/*/; do [ -f $logs/$(basename $run).jsonl ] || todo+=("${run%/}"); done
-    skip=(); [ -f $logs/base.jsonl ] && skip=(--skip-base)
+    done_() { grep -qs '"record": "summary"' "$logs/$1.jsonl"; }
+    todo=(); for run in $runs/*/; do done_ "$(basename "$run")" || todo+=("${run%/}"); done
+    skip=(); done_ base && skip=(--skip-base)
     $py -m jenga.experiments.accuracy --base $base --runs "${todo[@]}" --data dataset --logs $logs "${skip[@]}" ;;
   lm_eval)
     mkdir -p $logs/lm_eval

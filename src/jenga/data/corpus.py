@@ -122,13 +122,23 @@ def tokenize_split(tokenizer, texts: list[str]) -> dict:
     }
 
 
-def build(out: Path, vocab_size: int = 4096, context_chars: int = 6000, facts: int = 4, seed: int = 0) -> dict:
+def build(
+    out: Path,
+    vocab_size: int = 4096,
+    context_chars: int = 6000,
+    facts: int = 4,
+    seed: int = 0,
+    sources: list[tuple[str, Path, list[tuple[str, list[Path]]]]] | None = None,
+    eval_lengths: tuple[int, ...] = EVAL_LENGTHS,
+    per_cell: int = 8,
+) -> dict:
+    """Write everything under `out`; `sources` defaults to `corpus_sources()` (tests pass a small tree)."""
     from transformers import AutoTokenizer
 
     rng = random.Random(seed)
     corpus = {"train": [], "validation": [], "test": []}
     provenance = []
-    sources = corpus_sources()
+    sources = corpus_sources() if sources is None else sources
     for label, root, docs in sources:
         for name, files in docs:
             split = split_of(name)
@@ -152,7 +162,7 @@ def build(out: Path, vocab_size: int = 4096, context_chars: int = 6000, facts: i
     test = splits["test"]
     fillers = [test["ids"][a:b].tolist() for a, b in zip(test["offsets"][:-1], test["offsets"][1:], strict=True)]
     for task in TASKS:
-        records = eval_records(task, fillers, tokenizer, EVAL_LENGTHS, EVAL_DEPTHS, per_cell=8, seed=seed)
+        records = eval_records(task, fillers, tokenizer, eval_lengths, EVAL_DEPTHS, per_cell=per_cell, seed=seed)
         _write_jsonl(out / "longbench" / f"{task}.jsonl", records)
     counts = {split: len(docs) for split, docs in corpus.items()}
     tokens = {split: len(t["ids"]) for split, t in splits.items()}
@@ -166,8 +176,8 @@ def build(out: Path, vocab_size: int = 4096, context_chars: int = 6000, facts: i
         "dist-info folder). Tests and bundled wheels are excluded. One document per top-level module or "
         f"subpackage. Documents per split: {counts}. Tokens per split: {tokens}. Instruction records plant "
         f"{facts} `# fact: KEY = value` lines in each {context_chars}-character window of a document and ask for "
-        f"one value. Evaluation sets (`longbench/`): {', '.join(TASKS)} at lengths {list(EVAL_LENGTHS)} tokens "
-        f"and depths {list(EVAL_DEPTHS)}, 8 records per cell, from test documents.\n\n"
+        f"one value. Evaluation sets (`longbench/`): {', '.join(TASKS)} at lengths {list(eval_lengths)} tokens "
+        f"and depths {list(EVAL_DEPTHS)}, {per_cell} records per cell, from test documents.\n\n"
         "| document | source | split | files | files |\n|---|---|---|---|---|\n" + "\n".join(provenance) + "\n"
     )
     return {"documents": counts, "tokens": tokens}

@@ -1,0 +1,220 @@
+"""The accuracy study's pipeline on a tiny built dataset and a tiny base model: tasks, loaders, fine-tune
+(every method), merge, evaluation and the lm_eval tasks."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from jenga.data import corpus, loaders, tasks
+from jenga.experiments import accuracy, finetune, merge
+from jenga.predictor import PredictorBundle
+
+REPO = Path(__file__).resolve().parents[1]
+LENGTHS = (384, 512)
+
+
+def _source_tree(root: Path, docs: int = 30) -> list[tuple[str, Path, list[tuple[str, list[Path]]]]]:
+    rng = random.Random(0)
+    for i in range(docs):
+        lines = [f"def f_{i}_{j}(x):\n    return x * {rng.randrange(100)} + {j}\n" for j in range(60)]
+        (root / f"mod_{i}.py").write_text("".join(lines))
+    return [("tiny", root, corpus.source_documents(root))]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("src")
+    out = tmp_path_factory.mktemp("data")
+    corpus.build(out, vocab_size=600, sources=_source_tree(root), eval_lengths=LENGTHS, per_cell=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(built, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("base")
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_build_is_deterministic(built, tmp_path):
+    again = tmp_path / "again"
+    source = tmp_path / "src"
+    source.mkdir()
+    corpus.build(again, vocab_size=600, sources=_source_tree(source), eval_lengths=LENGTHS, per_cell=1)
+    for rel in ["code-corpus/train.jsonl", "tokenizer/tokenizer.json", "longbench/passkey.jsonl"]:
+        assert (again / rel).read_bytes() == (built / rel).read_bytes(), rel
+    assert torch.equal(torch.load(again / "tokens/train.pt")["ids"], torch.load(built / "tokens/train.pt")["ids"])
+
+
+def test_examples_have_exact_length_and_the_answer_in_context(built):
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    filler = loaders.load_documents(built, "train")[0].tolist() * 4
+    rng = random.Random(1)
+    for task in tasks.TASKS:
+        example = tasks.make_example(task, filler, tokenizer, 300, rng, depth=0.5)
+        assert len(example.ids) == 300
+        record = example.record(tokenizer, 0)
+        assert record["length"] == 300 and record["dataset"] == task
+        if task == "var_tracking":
+            names = record["answers"][0].split()
+            assert len(names) == tasks.CHAIN and all(name in record["context"] for name in names)
+            assert record["depth"] is None
+        else:
+            assert record["answers"][0] in record["context"]
+    passkey = tasks.make_example("passkey", filler, tokenizer, 300, random.Random(2), depth=0.0)
+    assert tokenizer.decode(passkey.context_ids).startswith("# The pass key is")
+
+
+def test_examples_reject_lengths_that_cannot_hold_the_task(built):
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    with pytest.raises(ValueError, match="too short"):
+        tasks.make_example("kv_retrieval", list(range(500)), tokenizer, 20, random.Random(0))
+    with pytest.raises(ValueError, match="filler holds"):
+        tasks.make_example("passkey", [5] * 10, tokenizer, 200, random.Random(0))
+
+
+def test_eval_sets_cover_every_cell(built):
+    records = [json.loads(line) for line in (built / "longbench/passkey.jsonl").read_text().splitlines()]
+    cells = {(r["length"], r["depth"]) for r in records}
+    assert cells == {(n, d) for n in LENGTHS for d in corpus.EVAL_DEPTHS}
+    assert set(records[0]) >= {"input", "context", "answers", "length", "_id", "dataset"}
+
+
+def test_loaders_read_user_formats(tmp_path):
+    rows = [
+        {"text": "plain document"},
+        {"messages": [{"role": "user", "content": "question"}, {"role": "assistant", "content": "reply"}]},
+        {"context": "ctx", "input": "what?", "answers": ["this"]},
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = loaders.load_texts(tmp_path)
+    assert texts[0] == "plain document"
+    assert "### User\nquestion" in texts[1] and "### Assistant\nreply" in texts[1]
+    assert texts[2].endswith("### Question\nwhat?\n### Answer\nthis")
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(loaders.DataFormatError, match="train.jsonl:1.*`text`"):
+        loaders.load_texts(path)
+    with pytest.raises(FileNotFoundError):
+        loaders.load_texts(tmp_path / "missing")
+
+
+def test_loaders_read_a_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "ds"))
+    assert loaders.load_texts(tmp_path / "ds") == ["one", "two"]
+
+
+def test_token_cache_matches_the_text(built):
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    cached = loaders.load_documents(built, "train")
+    text = [json.loads(line)["text"] for line in (built / "code-corpus/train.jsonl").read_text().splitlines()]
+    assert len(cached) == len(text)
+    assert cached[0].tolist() == tokenizer(text[0], add_special_tokens=False)["input_ids"]
+
+
+def _finetune(base: Path, built: Path, out: Path, method: str, *extra: str) -> None:
+    argv = ["--base", str(base), "--method", method, "--seq-len", "384", "--steps", "2", "--batch", "2"]
+    finetune.main([*argv, "--data", str(built), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def predictor(base, tmp_path_factory) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = finetune.accuracy_method("jenga", None).jenga
+    bundle = PredictorBundle(model.config.hidden_size, model.config.num_hidden_layers, [2], config, units=16)
+    folder = tmp_path_factory.mktemp("predictor")
+    bundle.save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", finetune.ACCURACY_METHODS)
+def test_every_method_finetunes_and_merges_to_the_same_model(base, built, predictor, tmp_path, method):
+    extra = ["--predictor", str(predictor)] if method == "jenga-predictor" else []
+    _finetune(base, built, tmp_path / "run", method, "--merged", *extra)
+    log = [json.loads(line) for line in (tmp_path / "run/finetune_log.jsonl").read_text().splitlines()]
+    assert log[0]["method"] == method and log[-1]["status"] == "ok"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if r.get("record") == "step")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run/merged", dtype=torch.float32)
+    assert merged.config.rope_parameters["rope_type"] == "linear" and merged.config.rope_parameters["factor"] == 2.0
+    shutil.rmtree(tmp_path / "run/merged")
+    rebuilt = finetune.load_merged(tmp_path / "run", base, dtype=torch.float32)
+    ids = torch.arange(40)[None] % merged.config.vocab_size
+    torch.testing.assert_close(rebuilt(ids).logits, merged(ids).logits, atol=0.05, rtol=0.05)
+    extras = (tmp_path / "run/adapter" / finetune.EXTRAS).exists()
+    assert extras, "the trained norms must be saved beside the LoRA weights"
+
+
+def test_finetune_names_missing_predictor():
+    with pytest.raises(ValueError, match="--predictor"):
+        finetune.accuracy_method("jenga-predictor", None)
+    with pytest.raises(ValueError, match="accuracy study compares"):
+        finetune.accuracy_method("liger", None)
+
+
+def test_evaluation_logs_perplexity_and_every_cell(base, built, tmp_path):
+    _finetune(base, built, tmp_path / "runs/lora-s0", "lora")
+    logs = tmp_path / "logs"
+    accuracy.main(
+        ["--base", str(base), "--runs", str(tmp_path / "runs/lora-s0"), "--data", str(built), "--windows", "64"]
+        + ["--limit", "4", "--logs", str(logs)]
+    )
+    for name in ("base", "lora-s0"):
+        records = [json.loads(line) for line in (logs / f"{name}.jsonl").read_text().splitlines()]
+        ppl = [r for r in records if r["record"] == "perplexity"]
+        assert ppl[0]["window"] == 64 and ppl[0]["perplexity"] > 1 and ppl[0]["tokens"] > 0
+        cells = [r for r in records if r["record"] == "task"]
+        assert {r["task"] for r in cells} == set(tasks.TASKS)
+        assert sum(r["samples"] for r in cells) == 4 * len(tasks.TASKS)
+        assert all(0 <= r["score"] <= 100 for r in cells)
+    assert records[0]["method"] == "lora" and records[0]["seed"] == 0
+
+
+def test_merge_command_writes_a_loadable_checkpoint(base, built, tmp_path):
+    _finetune(base, built, tmp_path / "run", "jenga")
+    merge.main(["--base", str(base), "--run", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.config.max_position_embeddings == 384
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        merge.main(["--base", str(base), "--run", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_lm_eval_tasks_run_on_a_tiny_checkpoint(base, built, tmp_path):
+    if shutil.which("lm_eval") is None and not (Path(sys.executable).parent / "lm_eval").exists():
+        pytest.fail("lm_eval is part of the test environment (.ci/requirements-ci.txt); install it")
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "tasks", work / "tasks")
+    shutil.copytree(built / "longbench", work / "dataset/longbench")
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "run", "--model", "hf"]
+    cmd += ["--model_args", f"pretrained={base}", "--tasks", "jenga_longcontext", "--include_path", "tasks"]
+    cmd += ["--device", "cpu", "--limit", "2", "--output_path", str(tmp_path / "out")]
+    result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    produced = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    for task in tasks.TASKS:
+        assert 0 <= produced[f"jenga_{task}"]["score,none"] <= 100
