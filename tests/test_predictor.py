@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from jenga import JengaConfig, apply_jenga
 from jenga.predictor import BlockPredictor, PredictorBundle, PredictorMismatchError
 from jenga.predictor.model import Tower
-from jenga.predictor.train import listwise_loss, main, topk_recall
+from jenga.predictor.train import LayerSamples, listwise_loss, main, positional_prior_recall, topk_recall
 from jenga.scoring import block_scores
 
 CONFIG = JengaConfig(block_size=16, attn_keep=0.5, mlp_keep=1.0, dense_first_layers=1, dense_last_layer=True)
@@ -123,6 +123,15 @@ def test_ranking_helpers():
     assert listwise_loss(oracle * 10, oracle) < listwise_loss(-oracle * 10, oracle)
 
 
+def test_positional_prior_recall_is_exact_on_a_fixed_pattern_and_blind_to_input():
+    pattern = torch.tensor([9.0, 1.0, 2.0, 8.0, 3.0, 7.0, 0.0, 6.0])
+    fixed = {2: LayerSamples(pooled=[torch.zeros(4, 8, 16)], oracle=[pattern.expand(4, 8).clone()])}
+    flipped = {2: LayerSamples(pooled=[torch.zeros(4, 8, 16)], oracle=[(-pattern).expand(4, 8).clone()])}
+    config = JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=2, sink_blocks=1)
+    assert positional_prior_recall(fixed, fixed, config, num_layers=4) == {2: 1.0}
+    assert positional_prior_recall(fixed, flipped, config, num_layers=4)[2] < 0.5
+
+
 def test_training_pipeline_cli(tmp_path):
     model_dir = tmp_path / "model"
     tiny_llama(kv_heads=2).save_pretrained(model_dir)
@@ -157,6 +166,7 @@ def test_training_pipeline_cli(tmp_path):
     assert len(steps) == 30 and any("pruned" in r for r in steps)
     evaluation = records[-1]
     assert evaluation["record"] == "eval" and 0.0 <= evaluation["mean_recall"] <= 1.0
+    assert 0.0 <= evaluation["mean_positional_prior_recall"] <= 1.0
     model = add_lora(tiny_llama(kv_heads=2))
     apply_jenga(model, predictor=out)
     ids = batch(1, 128)

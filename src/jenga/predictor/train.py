@@ -197,6 +197,22 @@ def evaluate(bundle: PredictorBundle, samples: dict[int, LayerSamples], config: 
     return recalls
 
 
+@torch.no_grad()
+def positional_prior_recall(
+    train: dict[int, LayerSamples], held_out: dict[int, LayerSamples], config: JengaConfig, num_layers: int
+) -> dict[int, float]:
+    """Recall of the best input-blind rule: keep the blocks whose mean oracle score over the training
+    sequences is highest at that position. A predictor must beat it to be worth its cost."""
+    schedule = config.attn_schedule(num_layers)
+    recalls = {}
+    for i, s in held_out.items():
+        oracle = torch.cat(s.oracle)
+        prior = torch.cat(train[i].oracle).mean(0, keepdim=True).expand_as(oracle)
+        keep = config.kept_blocks(oracle.shape[1], schedule[i])
+        recalls[i] = topk_recall(prior, oracle, keep, config.sink_blocks)
+    return recalls
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train Jenga's block predictors against the oracle score")
     parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer)")
@@ -263,12 +279,16 @@ def main(argv: list[str] | None = None) -> None:
             prune_threshold=args.prune_threshold,
             log=log,
         )
-        recall = evaluate(bundle, collect(model, eval_seqs, config), config) if eval_seqs else {}
+        held_out = collect(model, eval_seqs, config) if eval_seqs else {}
+        recall = evaluate(bundle, held_out, config) if held_out else {}
+        prior = positional_prior_recall(samples, held_out, config, model.config.num_hidden_layers) if held_out else {}
         log.write(
             {
                 "record": "eval",
                 "recall": recall,
                 "mean_recall": sum(recall.values()) / max(1, len(recall)),
+                "positional_prior_recall": prior,
+                "mean_positional_prior_recall": sum(prior.values()) / max(1, len(prior)),
                 "sizes": bundle.sizes(),
             }
         )

@@ -1,0 +1,119 @@
+"""The accuracy tables and figure (the paper's perplexity and LongBench tables): base model and each
+fine-tuning method, mean and spread over seeds, read from `python -m jenga.experiments.accuracy` logs."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ..profiling import read_jsonl
+from .style import color, figure, save
+
+METHOD_ORDER = ("base", "lora", "longlora", "jenga", "jenga-predictor")
+
+
+def load_accuracy(logs: Path) -> dict[str, list[dict]]:
+    """Complete evaluation logs grouped by method: per run, its header, perplexities and task cells."""
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(logs.glob("*.jsonl")):
+        records = read_jsonl(path)
+        if not records or records[0].get("experiment") != "accuracy":
+            continue
+        if not any(r.get("record") == "summary" for r in records):
+            continue
+        header = records[0]
+        runs[header["method"]].append(
+            {
+                "header": header,
+                "ppl": {r["window"]: r["perplexity"] for r in records if r.get("record") == "perplexity"},
+                "cells": [r for r in records if r.get("record") == "task"],
+            }
+        )
+    return dict(sorted(runs.items(), key=lambda kv: METHOD_ORDER.index(kv[0]) if kv[0] in METHOD_ORDER else 99))
+
+
+def task_means(run: dict, by: str | None = None) -> dict:
+    """Sample-weighted mean score per task (or per (task, `by`) value)."""
+    sums: dict = defaultdict(float)
+    counts: dict = defaultdict(int)
+    for cell in run["cells"]:
+        key = cell["task"] if by is None else (cell["task"], cell[by])
+        sums[key] += cell["score"] * cell["samples"]
+        counts[key] += cell["samples"]
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def _mean_spread(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def accuracy_table(runs: dict[str, list[dict]]) -> str:
+    """Markdown: perplexity per window and score per task, mean ± half-range over seeds, plus Jenga vs LoRA."""
+    windows = sorted({w for rs in runs.values() for r in rs for w in r["ppl"]})
+    task_names = sorted({c["task"] for rs in runs.values() for r in rs for c in r["cells"]})
+    head = ["method", "seeds"] + [f"ppl @{w}" for w in windows] + task_names
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, rs in runs.items():
+        seeds = ", ".join(str(r["header"]["seed"]) for r in rs if r["header"].get("seed") is not None) or "—"
+        cells = [_mean_spread([r["ppl"][w] for r in rs if w in r["ppl"]], 3) for w in windows]
+        cells += [_mean_spread([task_means(r)[t] for r in rs if t in task_means(r)], 1) for t in task_names]
+        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+    if "lora" in runs:
+        lines += ["", "Against dense LoRA (means over seeds): perplexity ratio and score difference in points.", ""]
+        lines += ["| method | " + " | ".join([f"ppl @{w}" for w in windows] + task_names) + " |"]
+        lines += ["|---|" + "---|" * (len(windows) + len(task_names))]
+        ref = runs["lora"]
+        for method in [m for m in runs if m.startswith("jenga") or m == "longlora"]:
+            rs = runs[method]
+            row = []
+            for w in windows:
+                row.append(
+                    f"{statistics.mean(r['ppl'][w] for r in rs) / statistics.mean(r['ppl'][w] for r in ref):.4f}"
+                )
+            for t in task_names:
+                delta = statistics.mean(task_means(r)[t] for r in rs) - statistics.mean(task_means(r)[t] for r in ref)
+                row.append(f"{delta:+.1f}")
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(logs: Path, out: Path) -> list[Path]:
+    """`out/accuracy.md` (tables) and `out/retrieval.png` (score vs context length per task and method)."""
+    runs = load_accuracy(logs)
+    if not runs:
+        return []
+    first = next(iter(runs.values()))[0]["header"]
+    provenance = (
+        f"Logs: {logs} (device {first.get('device')}, torch {first.get('torch')}, transformers "
+        f"{first.get('transformers')}, git {first.get('git_commit')}, {first.get('date')}). Scores are LongBench "
+        "metrics ×100 (retrieval accuracy for passkey and kv_retrieval, token F1 for var_tracking), averaged over "
+        "depths; perplexity is sliding-window (stride = window / 2) over the held-out test documents; ± is half "
+        "the range over seeds."
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "accuracy.md"
+    table.write_text("# Accuracy of long-context fine-tuning (paper tables: perplexity and LongBench)\n\n")
+    with table.open("a") as f:
+        f.write(provenance + "\n\n" + accuracy_table(runs))
+    task_names = sorted({c["task"] for rs in runs.values() for r in rs for c in r["cells"]})
+    fig, axes = figure(3.2 * len(task_names), 3.2, ncols=len(task_names))
+    for ax, task in zip(axes[0], task_names, strict=True):
+        for i, (method, rs) in enumerate(runs.items()):
+            per_length: dict[int, list[float]] = defaultdict(list)
+            for r in rs:
+                for (t, length), value in task_means(r, by="length").items():
+                    if t == task:
+                        per_length[length].append(value)
+            xs = sorted(per_length)
+            ys = [statistics.mean(per_length[x]) for x in xs]
+            ax.plot(xs, ys, marker="o", color=color(method, i), label=method, ls="--" if method == "base" else "-")
+        ax.set_title(task)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylim(-2, 102)
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(fontsize=7)
+    png = save(fig, out / "retrieval.png", "Retrieval by context length per fine-tuning method. " + provenance)
+    return [table, png]
