@@ -139,8 +139,8 @@ def eval_records(
         raise ValueError(f"no filler document has {max(lengths)} tokens; add longer documents or lower the lengths")
     records = []
     cells = [(n, d) for n in lengths for d in (depths if task != "var_tracking" else [None] * len(depths))]
-    for length, depth in cells:
-        for _ in range(per_cell):
+    for _ in range(per_cell):  # cells interleaved: the first N records (lm_eval --limit N) span every cell
+        for length, depth in cells:
             filler = long_enough[rng.randrange(len(long_enough))]
             records.append(make_example(task, filler, tokenizer, length, rng, depth).record(tokenizer, len(records)))
     return records

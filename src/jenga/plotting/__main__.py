@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .accuracy import plot_accuracy
 from .algorithm import plot_algorithm
 from .breakdown import plot_memory_breakdown, plot_time_breakdown
 from .end2end import plot_end2end
@@ -14,6 +15,7 @@ from .segment import plot_segment
 
 FIGURES = [
     ("end2end", plot_end2end),
+    ("end2end/accuracy", plot_accuracy),
     ("ablations/memory-breakdown", plot_memory_breakdown),
     ("ablations/time-breakdown", plot_time_breakdown),
     ("ablations/algorithm", plot_algorithm),
