@@ -4,7 +4,7 @@
 #   bash scripts/accuracy/run.sh predictor           # predictors on the base at 4K -> logs/ablations/predictor/code-llama
 #   bash scripts/accuracy/run.sh finetune SEED...    # lora / longlora / jenga / jenga-predictor at 4K
 #   bash scripts/accuracy/run.sh eval                # perplexity + retrieval of base and every fine-tune
-#   bash scripts/accuracy/run.sh lm_eval             # CPU: merge seed-0 fine-tunes, run the lm_eval tasks
+#   bash scripts/accuracy/run.sh lm_eval             # CPU: merge seed-0 fine-tunes, lm_eval on them and the base
 # Needs the built dataset (python -m jenga.data.corpus --out dataset). --force-style reruns: delete the output.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -42,11 +42,15 @@ case "$stage" in
     $py -m jenga.experiments.accuracy --base $base --runs "${todo[@]}" --data dataset --logs $logs "${skip[@]}" ;;
   lm_eval)
     mkdir -p $logs/lm_eval
+    models=($base)
     for run in $runs/*-s0; do
-      name=code-llama-4k-$(basename $run)
-      [ -d checkpoints/$name ] || $py -m jenga.experiments.merge --base $base --run $run --out checkpoints/$name
-      lm_eval run --model hf --model_args pretrained=./checkpoints/$name,max_length=4096 --tasks jenga_longcontext \
-        --include_path tasks --device cpu --limit "${LIMIT:-20}" --output_path $logs/lm_eval/$name
+      name=checkpoints/code-llama-4k-$(basename $run)
+      [ -d $name ] || $py -m jenga.experiments.merge --base $base --run $run --out $name
+      models+=($name)
+    done
+    for model in "${models[@]}"; do
+      lm_eval run --model hf --model_args pretrained=./$model,max_length=4096 --tasks jenga_longcontext \
+        --include_path tasks --device cpu --limit "${LIMIT:-20}" --output_path $logs/lm_eval/$(basename $model)
     done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
