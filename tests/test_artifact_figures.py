@@ -100,7 +100,9 @@ def test_every_new_figure_renders(tiny_logs):
     assert "figure 15" in _png(figs / "ablations/algorithm/80gb_tiny_jenga_256.png")
     assert "figure 18" in _png(figs / "ablations/segment/80gb_memory_over_time.png")
     assert "ran out of memory" in _png(figs / "extension/2d/80gb_tiny.png")
-    assert "Offloaded to CPU per step: jenga-offload-sparse 0K" in _png(figs / "extension/offload/80gb_tiny.png")
+    assert "Offloaded to CPU per step: jenga-offload-sparse 256: 0.0 GiB" in _png(
+        figs / "extension/offload/80gb_tiny.png"
+    )
 
 
 def test_memory_curve_follows_allocations_and_rejects_empty_traces():

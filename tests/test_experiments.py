@@ -79,7 +79,8 @@ def test_runner_logs_a_run_and_renders_a_table(tmp_path):
     records = [json.loads(line) for line in (logs / "arch_jenga_96.jsonl").read_text().splitlines()]
     assert records[0]["record"] == "header" and records[0]["method"] == "jenga"
     assert records[0]["weights"] == "random-init" and "jenga.experiments.run" in records[0]["command"]
-    assert [r["record"] for r in records[1:]] == ["step", "step", "summary"] and records[-1]["status"] == "ok"
+    kinds = [r["record"] for r in records[1:]]
+    assert kinds == ["step", "step", "layer_sparsity", "summary"] and records[-1]["status"] == "ok"
     oom = {"record": "summary", "status": "oom"}
     (logs / "arch_lora+ckpt_96.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps(oom) + "\n")
     table = runs_table(logs, "arch", "test")

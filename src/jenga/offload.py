@@ -4,7 +4,8 @@ Offloading trades PCIe traffic for GPU memory. Under Jenga the layers save very 
 first/last layers, sparse middle ones), so one budget per layer (`uniform_budgets`) leaves budget unused in
 sparse layers and pushes dense layers over it, while `sparsity_budgets` sizes each layer's budget by its
 keep ratios. Both split the same total, which `ActivationOffloader` measures on its first (calibration)
-forward when it is given a resident fraction instead of budgets.
+forward when it is given a resident fraction instead of budgets; that forward offloads everything, so it
+fits wherever the budgeted ones do.
 
 Mechanics: `torch.autograd.graph.saved_tensors_hooks` see every tensor autograd saves; forward hooks on the
 decoder layers say which layer is running. On CUDA a tensor over budget is copied into pinned host memory on
@@ -58,8 +59,8 @@ class ActivationOffloader:
     """Context manager for the forward pass: offloads what each decoder layer saves beyond its budget.
 
     layers: the decoder layers, in order. budgets: bytes each layer may keep on its device; or give
-    `resident_fraction` and `policy` instead: the first forward then offloads nothing, measures the bytes each
-    layer saves, and sets budgets that keep that fraction of the total resident, split by `policy` ("uniform",
+    `resident_fraction` and `policy` instead: the first forward then offloads everything, measures the bytes
+    each layer saves, and sets budgets that keep that fraction of the total resident, split by `policy` ("uniform",
     or "sparsity" with `attn_keep` / `mlp_keep`). Tensors under `min_bytes`, parameters and buffers are never
     offloaded. `saved`, `offloaded` and `resident` count bytes per layer for the last forward.
     """
@@ -126,7 +127,7 @@ class ActivationOffloader:
         if layer is None or nbytes < self.min_bytes or t.untyped_storage().data_ptr() in self._excluded:
             return t
         self.saved[layer] += nbytes
-        if self.budgets is None or self.resident[layer] + nbytes <= self.budgets[layer]:
+        if self.budgets is not None and self.resident[layer] + nbytes <= self.budgets[layer]:
             self.resident[layer] += nbytes
             return t
         self.offloaded[layer] += nbytes

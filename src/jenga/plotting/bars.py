@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..profiling import read_jsonl
 from .style import PALETTE, color
 from .tables import load_run
 
@@ -28,6 +29,15 @@ def cell(runs: dict, key: tuple[str, str, int], field: str) -> Cell:
     return summary.get(field) if summary.get("status") == "ok" else summary.get("status", "incomplete")
 
 
+def measured_peak(path: Path) -> Cell:
+    """Peak memory over a run's measured steps (warm-up excluded: an offloading run calibrates there)."""
+    _, summary = load_run(path)
+    if summary.get("status") != "ok":
+        return summary.get("status", "incomplete")
+    peaks = [r["peak_gib"] for r in read_jsonl(path) if r.get("record") == "step" and not r.get("warmup")]
+    return max((p for p in peaks if p is not None), default=None) or summary.get("peak_gib")
+
+
 def devices(runs: dict) -> str:
     return ", ".join(sorted({str(h.get("device")) for h, _ in runs.values() if h})) or "unknown"
 
@@ -37,7 +47,8 @@ def series_colors(series: Sequence[str]) -> dict[str, str]:
     colors: dict[str, str] = {}
     for j, name in enumerate(series):
         family = color(name, j)
-        colors[name] = family if family not in colors.values() else PALETTE[(j + 2) % len(PALETTE)]
+        free = [c for c in PALETTE if c not in colors.values()] or PALETTE
+        colors[name] = family if family not in colors.values() else free[0]
     return colors
 
 

@@ -1,8 +1,8 @@
 """Figure 19: Jenga combined with shifted sparse attention (upper) and with activation offloading (lower).
 
 Reads runner logs `<logs>/<card>/<model>_<method>_<len>.jsonl` of `scripts/extension/{2d,offload}/run.sh`:
-peak memory and median step time per method and length, OOM hatched, missing runs marked "not run". The
-offload figure also prints how many GiB each offloading run moved to the CPU per step.
+peak memory over the measured steps and median step time per method and length, OOM hatched, missing runs
+marked "not run". The offload figure also prints how many GiB each offloading run moved to the CPU per step.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..profiling import GIB, read_jsonl
-from .bars import cell, devices, grouped_bars, runs_by_key
+from .bars import Cell, cell, devices, grouped_bars, measured_peak, runs_by_key
 from .style import figure, save
 
 TWO_D = ("longlora+ckpt", "jenga+ckpt", "jenga-2d+ckpt")
@@ -22,6 +22,13 @@ def _offloaded_gib(path: Path) -> float | None:
     return None if record is None else sum(record["offloaded_bytes"]) / GIB
 
 
+def _value(card: Path, runs: dict, key: tuple[str, str, int], field: str) -> Cell:
+    """Median step time from the summary; peak memory over the measured steps (see `measured_peak`)."""
+    if field == "peak_gib" and key in runs:
+        return measured_peak(card / f"{key[0]}_{key[1]}_{key[2]}.jsonl")
+    return cell(runs, key, field)
+
+
 def _figure(logs: Path, out: Path, order: tuple[str, ...], paper: str, what: str) -> list[Path]:
     written = []
     for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
@@ -31,14 +38,16 @@ def _figure(logs: Path, out: Path, order: tuple[str, ...], paper: str, what: str
             seqs = sorted({s for _, _, s in keys})
             found = {me for _, me, _ in keys}
             methods = [m for m in order if m in found] + sorted(found - set(order))
-            groups = [f"{s // 1024}K" for s in seqs]
+            groups = [f"{s // 1024}K" if s % 1024 == 0 else str(s) for s in seqs]
             fig, axes = figure(11.0, 3.8, ncols=2)
             for ax, field, ylabel, fmt in (
                 (axes[0][0], "peak_gib", "peak memory (GiB)", "%.1f"),
                 (axes[0][1], "median_step_s", "step time (s)", "%.2f"),
             ):
                 values = {
-                    (g, m): cell(runs, (model, m, s), field) for g, s in zip(groups, seqs, strict=True) for m in methods
+                    (g, m): _value(card, runs, (model, m, s), field)
+                    for g, s in zip(groups, seqs, strict=True)
+                    for m in methods
                 }
                 grouped_bars(ax, groups, methods, values, fmt, ylabel)
                 ax.set(xlabel="sequence length", title=f"{model}: {ylabel}")
@@ -46,7 +55,7 @@ def _figure(logs: Path, out: Path, order: tuple[str, ...], paper: str, what: str
                 f"{m} {g}: {gib:.1f} GiB"
                 for g, s in zip(groups, seqs, strict=True)
                 for m in methods
-                if (gib := _offloaded_gib(card / f"{model}_{m}_{s}.jsonl")) is not None and (model, m, s) in runs
+                if (model, m, s) in runs and (gib := _offloaded_gib(card / f"{model}_{m}_{s}.jsonl")) is not None
             ]
             note = f" Offloaded to CPU per step: {'; '.join(offloaded)}." if offloaded else ""
             caption = (

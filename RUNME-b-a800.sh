@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every GPU experiment of the 80 GB set (A800 in the paper; any 80 GB card such as the H100 here; the logs name
+# the real device), then redraws all figures. Each script is resumable: logs that are complete are skipped,
+# so an interrupted run continues where it stopped. Extra arguments go to every runner call (e.g. --force to
+# rerun, --fork to fork each configuration from the sweep process instead of starting Python anew).
+# Needs a CUDA GPU, the packages of requirements.txt, and `python` on PATH.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+bash scripts/end2end/run.sh 80 "$@"                      # figures 12, 13
+bash scripts/ablations/memory-breakdown/run.sh "$@"      # figure 14 (memory and time split)
+bash scripts/ablations/algorithm/run.sh "$@"             # figure 15
+bash scripts/ablations/segment/run.sh "$@"               # figure 18
+bash scripts/extension/2d/run.sh "$@"                    # figure 19 upper
+bash scripts/extension/offload/run.sh "$@"               # figure 19 lower
+python -m jenga.plotting --logs logs --out output_figures
