@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates every result that has committed logs, on a CPU machine (no GPU needed).
-# Sets up .venv on first use. Figures for the paper's evaluation land in output_figures/ as their
-# experiments are added; today it rebuilds benchmarks/RESULTS.md and the figures whose logs exist.
+# Regenerates every result from the committed logs on a CPU machine (no GPU needed); sets up .venv on first use.
+# Rebuilds benchmarks/RESULTS.md and every figure in output_figures/ whose logs exist (which ones, and which
+# configurations did not run, is listed in output_figures/README.md). The GPU runs that write those logs are
+# RUNME-b-a800.sh (80 GB set) and RUNME-b-a40.sh (48 GB set).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bash "$root/scripts/setup_env.sh"
