@@ -39,6 +39,7 @@ def test_json_roundtrip(tmp_path):
         ({"scoring": "magic"}, "scoring must be one of"),
         ({"segment_size": -1}, "segment_size"),
         ({"sink_blocks": -2}, "sink_blocks"),
+        ({"recent_blocks": -1}, "recent_blocks"),
     ],
 )
 def test_validation_errors(kwargs, match):
@@ -52,7 +53,8 @@ def test_sparse_layers():
 
 
 def test_kept_blocks_respects_sinks_and_minimum():
-    cfg = JengaConfig(sink_blocks=3)
+    cfg = JengaConfig(sink_blocks=3, recent_blocks=0)
     assert cfg.kept_blocks(10, 0.1) == 3
+    assert JengaConfig(sink_blocks=3, recent_blocks=2).kept_blocks(10, 0.1) == 5
     assert cfg.kept_blocks(10, 0.55) == 6
     assert cfg.kept_blocks(2, 0.5) == 2

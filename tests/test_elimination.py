@@ -14,6 +14,14 @@ def test_select_blocks_sinks_padding_and_order():
     assert kept.tolist() == [[0, 1, 3], [0, 1, 2]]
 
 
+def test_select_blocks_keeps_the_last_real_blocks():
+    scores = torch.tensor([[9.0, 5.0, 1.0, 8.0, 0.0, 0.5], [7.0, 6.0, 8.0, 0.0, 1.0, 2.0]])
+    valid = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
+    kept = select_blocks(scores, 3, sink_blocks=1, block_valid=valid, recent_blocks=1)
+    assert kept.tolist() == [[0, 3, 5], [0, 2, 3]]  # row 2: its last real block is 3, padding never kept
+    assert select_blocks(scores, 4, recent_blocks=2).tolist() == [[0, 3, 4, 5], [0, 2, 4, 5]]
+
+
 def test_selection_from_blocks_drops_common_tail():
     sel = TokenSelection.from_blocks(torch.tensor([[0, 2]]), block_size=4, seq_len=10)
     assert sel.valid is None and sel.index.tolist() == [[0, 1, 2, 3, 8, 9]]

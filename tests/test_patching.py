@@ -79,7 +79,7 @@ def _naive_kept_attention(model, layer_idx, x, kept):
     return outs
 
 
-def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink):
+def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink, recent=0):
     """Top blocks by the oracle score, computed here from the full S×S matrix (independent of scoring.py)."""
     family = model.config.model_type
     attn = (model.model.decoder.layers if family == "opt" else model.model.layers)[layer_idx].self_attn
@@ -102,6 +102,7 @@ def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink):
         for i in range(nb):
             scores[:, j] += cols[:, i * block_size : (i + 1) * block_size].amax(dim=(1, 2))
     scores[:, :sink] = float("inf")
+    scores[:, nb - recent :] = float("inf")
     return scores.topk(keep_blocks, dim=1).indices.sort(dim=1).values
 
 
@@ -124,7 +125,7 @@ def test_elimination_zero_output_and_kept_match_reference(family, seq, explicit_
     with torch.no_grad():
         out, _ = attn(hidden_states=x, attention_mask=mask, **kwargs)
         nb = math.ceil(seq / bs)
-        blocks = _oracle_kept_blocks(model, layer, x, bs, config.kept_blocks(nb, 0.5), 1)
+        blocks = _oracle_kept_blocks(model, layer, x, bs, config.kept_blocks(nb, 0.5), 1, config.recent_blocks)
         kept = [torch.cat([torch.arange(b * bs, min((b + 1) * bs, seq)) for b in row]) for row in blocks]
         reference = _naive_kept_attention(model, layer, x, kept)
     assert not torch.equal(kept[0], kept[1]), "test needs sequences with different kept sets"
@@ -147,7 +148,7 @@ def test_mixed_partial_block_batch_uses_masked_path():
         scores[1, [3, 5]] = 1.0
         return scores
 
-    config = JengaConfig(block_size=bs, attn_keep=3 / 7, dense_first_layers=0, dense_last_layer=False)
+    config = JengaConfig(block_size=bs, attn_keep=3 / 7, dense_first_layers=0, dense_last_layer=False, recent_blocks=0)
     apply_jenga(model, config, scorer=forced)
     torch.manual_seed(4)
     x = torch.randn(2, seq, 64)

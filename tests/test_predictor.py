@@ -127,7 +127,7 @@ def test_positional_prior_recall_is_exact_on_a_fixed_pattern_and_blind_to_input(
     pattern = torch.tensor([9.0, 1.0, 2.0, 8.0, 3.0, 7.0, 0.0, 6.0])
     fixed = {2: LayerSamples(pooled=[torch.zeros(4, 8, 16)], oracle=[pattern.expand(4, 8).clone()])}
     flipped = {2: LayerSamples(pooled=[torch.zeros(4, 8, 16)], oracle=[(-pattern).expand(4, 8).clone()])}
-    config = JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=2, sink_blocks=1)
+    config = JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=2, sink_blocks=1, recent_blocks=0)
     assert positional_prior_recall(fixed, fixed, config, num_layers=4) == {2: 1.0}
     assert positional_prior_recall(fixed, flipped, config, num_layers=4)[2] < 0.5
 

@@ -33,6 +33,10 @@ class JengaConfig:
     mlp_keep: fraction of MLP channels whose activations are saved for backward, or one ratio per layer.
     dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio.
     sink_blocks: leading blocks every layer keeps (attention sinks).
+    recent_blocks: trailing blocks every layer keeps. The oracle score of a key block sums over the query
+        blocks that can see it, so under the causal mask the end of a sequence ranks last; without these
+        blocks the newest tokens (in instruction data: the question and the answer) never attend in a
+        sparse layer and fine-tuning cannot learn to answer (measured: see the accuracy study).
     segment_size: tokens per loss segment; 0 keeps the model's own loss.
     scoring: "oracle" (exact q·k scores) or "predictor" (learned, pass a scorer to `apply_jenga`).
     lean_norms: replace norms whose autograd keeps fp32 copies by `jenga.norms` (same outputs, fewer bytes).
@@ -44,6 +48,7 @@ class JengaConfig:
     dense_first_layers: int = 2
     dense_last_layer: bool = True
     sink_blocks: int = 1
+    recent_blocks: int = 1
     segment_size: int = 1024
     scoring: str = "oracle"
     lean_norms: bool = True
@@ -67,8 +72,10 @@ class JengaConfig:
                     raise JengaConfigError(f"{where} must be a keep ratio in (0, 1], got {r!r}")
         if not isinstance(self.dense_first_layers, int) or self.dense_first_layers < 0:
             raise JengaConfigError(f"dense_first_layers must be an int >= 0, got {self.dense_first_layers!r}")
-        if not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
-            raise JengaConfigError(f"sink_blocks must be an int >= 0, got {self.sink_blocks!r}")
+        for name in ("sink_blocks", "recent_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise JengaConfigError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.segment_size, int) or self.segment_size < 0:
             raise JengaConfigError(
                 f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"
@@ -103,8 +110,8 @@ class JengaConfig:
         return self._resolve("mlp_keep", num_layers)
 
     def kept_blocks(self, num_blocks: int, keep: float) -> int:
-        """How many of `num_blocks` blocks a layer with ratio `keep` keeps (at least the sinks, at least 1)."""
-        return min(num_blocks, max(math.ceil(keep * num_blocks), self.sink_blocks, 1))
+        """How many of `num_blocks` blocks a layer with ratio `keep` keeps (at least the forced ones, at least 1)."""
+        return min(num_blocks, max(math.ceil(keep * num_blocks), self.sink_blocks + self.recent_blocks, 1))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,12 +40,18 @@ def select_blocks(
     keep: int,
     sink_blocks: int = 0,
     block_valid: torch.Tensor | None = None,
+    recent_blocks: int = 0,
 ) -> torch.Tensor:
     """Indices (B, keep) of the `keep` best blocks per sequence, ascending.
 
-    Sink blocks are always kept; blocks that hold only padding (``block_valid`` False) rank last.
+    The first `sink_blocks` and the last `recent_blocks` real blocks are always kept; blocks that hold only
+    padding (``block_valid`` False) rank last.
     """
     ranked = scores.float().clone()
+    if recent_blocks:
+        valid = torch.ones_like(ranked, dtype=torch.bool) if block_valid is None else block_valid
+        from_end = valid.flip(1).cumsum(1).flip(1)  # 1 at the last real block, 2 at the one before, ...
+        ranked = ranked.masked_fill(valid & (from_end <= recent_blocks), float("inf"))
     if block_valid is not None:
         ranked = ranked.masked_fill(~block_valid, float("-inf"))
     ranked[:, : min(sink_blocks, ranked.shape[1])] = float("inf")
@@ -143,8 +149,9 @@ def select_tokens(
     seq_len: int,
     sink_blocks: int,
     token_valid: torch.Tensor | None,
+    recent_blocks: int = 0,
 ) -> TokenSelection:
     """Turn block scores (B, nb) into the kept token positions of each sequence."""
     block_valid = None if token_valid is None else block_validity(token_valid, block_size)
-    blocks = select_blocks(scores, keep_blocks, sink_blocks, block_valid)
+    blocks = select_blocks(scores, keep_blocks, sink_blocks, block_valid, recent_blocks)
     return TokenSelection.from_blocks(blocks, block_size, seq_len)

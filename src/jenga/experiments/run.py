@@ -131,7 +131,7 @@ def layer_sparsity_record(model: torch.nn.Module, recorder: SelectionRecorder | 
         if scores is not None:
             nb = scores.shape[1]
             kept = state.config.kept_blocks(nb, attn_keep)
-            blocks = select_blocks(scores, kept, state.config.sink_blocks)
+            blocks = select_blocks(scores, kept, state.config.sink_blocks, recent_blocks=state.config.recent_blocks)
             mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, blocks, True)
             bins = torch.tensor_split(mask.float(), min(POSITION_BINS, nb), dim=1)
             total = scores.float().sum().item()

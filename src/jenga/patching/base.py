@@ -193,7 +193,9 @@ def _choose_tokens(
         return pending.popleft()
     with torch.no_grad():
         scores = state.scorer(layer_idx, hidden, token_valid, config.block_size, query_key)
-        selection = select_tokens(scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid)
+        selection = select_tokens(
+            scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid, config.recent_blocks
+        )
     if checkpointed and not recompute:
         pending.append(selection)
         if len(pending) > MAX_PENDING:

@@ -3,6 +3,7 @@ fine-tuning method, mean and spread over seeds, read from `python -m jenga.exper
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 from ..profiling import read_jsonl
 from .style import color, figure, save
 
-METHOD_ORDER = ("base", "lora", "longlora", "jenga", "jenga-predictor")
+METHOD_ORDER = ("base", "lora", "longlora", "jenga", "jenga-predictor", "jenga-norecent", "jenga-predictor-norecent")
 
 
 def load_accuracy(logs: Path) -> dict[str, list[dict]]:
-    """Complete evaluation logs grouped by method: per run, its header, perplexities and task cells."""
+    """Complete evaluation logs grouped by method (the log's name without its `-s<seed>`): per run, its header,
+    perplexities and task cells."""
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(logs.glob("*.jsonl")):
         records = read_jsonl(path)
@@ -23,7 +25,7 @@ def load_accuracy(logs: Path) -> dict[str, list[dict]]:
         if not any(r.get("record") == "summary" for r in records):
             continue
         header = records[0]
-        runs[header["method"]].append(
+        runs[re.sub(r"-s\d+$", "", path.stem)].append(
             {
                 "header": header,
                 "ppl": {r["window"]: r["perplexity"] for r in records if r.get("record") == "perplexity"},

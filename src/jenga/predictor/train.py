@@ -127,10 +127,11 @@ def listwise_loss(predicted: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor
     return -(_standardize(oracle).softmax(-1) * _standardize(predicted).log_softmax(-1)).sum(-1).mean()
 
 
-def topk_recall(predicted: torch.Tensor, oracle: torch.Tensor, keep: int, sinks: int) -> float:
+def topk_recall(predicted: torch.Tensor, oracle: torch.Tensor, keep: int, sinks: int, recent: int = 0) -> float:
     """Mean fraction of the oracle's top-`keep` blocks that the predictor also picks, both chosen exactly as
-    the model chooses them (`select_blocks`: sinks forced)."""
-    pred_top, true_top = select_blocks(predicted, keep, sinks), select_blocks(oracle, keep, sinks)
+    the model chooses them (`select_blocks`: sinks and recent blocks forced)."""
+    pred_top = select_blocks(predicted, keep, sinks, recent_blocks=recent)
+    true_top = select_blocks(oracle, keep, sinks, recent_blocks=recent)
     hits = (pred_top[:, :, None] == true_top[:, None, :]).any(-1).float().sum(-1)
     return (hits / keep).mean().item()
 
@@ -193,7 +194,7 @@ def evaluate(bundle: PredictorBundle, samples: dict[int, LayerSamples], config: 
         pooled, oracle = torch.cat(s.pooled), torch.cat(s.oracle)
         predicted = bundle[i].pooled_tile_scores(pooled).sum(1)
         keep = config.kept_blocks(oracle.shape[1], schedule[i])
-        recalls[i] = topk_recall(predicted, oracle, keep, config.sink_blocks)
+        recalls[i] = topk_recall(predicted, oracle, keep, config.sink_blocks, config.recent_blocks)
     return recalls
 
 
@@ -209,7 +210,7 @@ def positional_prior_recall(
         oracle = torch.cat(s.oracle)
         prior = torch.cat(train[i].oracle).mean(0, keepdim=True).expand_as(oracle)
         keep = config.kept_blocks(oracle.shape[1], schedule[i])
-        recalls[i] = topk_recall(prior, oracle, keep, config.sink_blocks)
+        recalls[i] = topk_recall(prior, oracle, keep, config.sink_blocks, config.recent_blocks)
     return recalls
 
 
