@@ -170,6 +170,14 @@ def test_every_method_finetunes_and_merges_to_the_same_model(base, built, predic
     assert extras, "the trained norms must be saved beside the LoRA weights"
 
 
+def test_ablations_change_one_schedule_field():
+    jenga = finetune.accuracy_method("jenga", None).jenga
+    for name, change in finetune.JENGA_ABLATIONS.items():
+        config = finetune.accuracy_method(name, None).jenga
+        differs = {k for k, v in config.to_dict().items() if v != jenga.to_dict()[k]}
+        assert differs == set(change), name
+
+
 def test_finetune_names_missing_predictor():
     with pytest.raises(ValueError, match="--predictor"):
         finetune.accuracy_method("jenga-predictor", None)

@@ -3,6 +3,7 @@
 #   bash scripts/accuracy/run.sh pretrain            # base model, 1K context -> checkpoints/code-llama
 #   bash scripts/accuracy/run.sh predictor           # predictors on the base at 4K -> logs/ablations/predictor/code-llama
 #   bash scripts/accuracy/run.sh finetune SEED...    # lora / longlora / jenga / jenga-predictor at 4K
+#   bash scripts/accuracy/run.sh ablation SEED...    # jenga with one schedule field changed (see finetune.py)
 #   bash scripts/accuracy/run.sh eval                # perplexity + retrieval of base and every fine-tune
 #   bash scripts/accuracy/run.sh lm_eval             # CPU: merge seed-0 fine-tunes, lm_eval on them and the base
 # Needs the built dataset (python -m jenga.data.corpus --out dataset). --force-style reruns: delete the output.
@@ -25,9 +26,11 @@ case "$stage" in
     [ -f $predictor/predictor.json ] || $py -m jenga.predictor.train --model $base --data dataset \
       --eval-data dataset --out $predictor --config logs/end2end/accuracy/jenga-config.json --seq-len $seq \
       --max-sequences 96 --steps 1500 --prune-every 300 ;;
-  finetune)
+  finetune|ablation)
+    methods=(lora longlora jenga jenga-predictor)
+    [ "$stage" = ablation ] && methods=(jenga-attn0.75 jenga-mlpdense jenga-norecent)
     for seed in "$@"; do
-      for method in lora longlora jenga jenga-predictor; do
+      for method in "${methods[@]}"; do
         out=$runs/$method-s$seed
         [ -f $out/adapter/seq_len ] && continue
         extra=(); [ $method = jenga-predictor ] && extra=(--predictor $predictor)

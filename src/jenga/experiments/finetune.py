@@ -34,22 +34,30 @@ from .methods import Method, get_method
 from .training import add_attention_lora, interpolate_positions
 
 ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
+# Schedule ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes.
+JENGA_ABLATIONS = {
+    "jenga-norecent": {"recent_blocks": 0},
+    "jenga-attn0.75": {"attn_keep": 0.75},
+    "jenga-mlpdense": {"mlp_keep": 1.0},
+}
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 EXTRAS = "extra_trainables.safetensors"
 
 
 def accuracy_method(name: str, predictor: Path | None) -> Method:
     """The benchmark method of that name, minus its own extra trainables (every method here trains the same
-    parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder."""
+    parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder; the ablations are
+    `jenga` with one schedule field changed."""
+    jenga = get_method("jenga")
+    if name in JENGA_ABLATIONS:
+        return replace(jenga, name=name, jenga=replace(jenga.jenga, **JENGA_ABLATIONS[name]))
     if name not in ACCURACY_METHODS:
-        raise ValueError(f"unknown method {name!r}; the accuracy study compares {', '.join(ACCURACY_METHODS)}")
+        known = ", ".join([*ACCURACY_METHODS, *JENGA_ABLATIONS])
+        raise ValueError(f"unknown method {name!r}; the accuracy study compares {known}")
     if name == "jenga-predictor":
         if predictor is None or not (Path(predictor) / "predictor.json").exists():
             raise ValueError(f"method jenga-predictor needs --predictor <folder with predictor.json>, got {predictor}")
-        jenga = get_method("jenga").jenga
-        return replace(
-            get_method("jenga"), name=name, jenga=replace(jenga, scoring="predictor"), predictor=str(predictor)
-        )
+        return replace(jenga, name=name, jenga=replace(jenga.jenga, scoring="predictor"), predictor=str(predictor))
     return replace(get_method(name), train_embed_norm=False)
 
 
@@ -135,7 +143,7 @@ def load_merged(run: Path, base: Path, device: str = "cpu", dtype: torch.dtype =
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Long-context LoRA fine-tuning with one compared method")
     parser.add_argument("--base", type=Path, required=True, help="trained base model folder (with tokenizer)")
-    parser.add_argument("--method", required=True, choices=ACCURACY_METHODS)
+    parser.add_argument("--method", required=True, choices=[*ACCURACY_METHODS, *JENGA_ABLATIONS])
     parser.add_argument("--predictor", type=Path, help="predictor folder for jenga-predictor")
     parser.add_argument("--data", type=Path, default=Path("dataset"), help="built dataset or JSONL / datasets folder")
     parser.add_argument("--seq-len", type=int, default=4096)
