@@ -46,8 +46,9 @@ case "$stage" in
   lm_eval)
     mkdir -p $logs/lm_eval
     models=($base)
-    for run in $runs/*-s0; do
-      name=checkpoints/code-llama-4k-$(basename $run)
+    for method in lora longlora jenga jenga-predictor; do
+      run=$runs/$method-s0
+      name=checkpoints/code-llama-4k-$method-s0
       [ -d $name ] || $py -m jenga.experiments.merge --base $base --run $run --out $name
       models+=($name)
     done
