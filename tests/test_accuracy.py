@@ -226,3 +226,48 @@ def test_lm_eval_tasks_run_on_a_tiny_checkpoint(base, built, tmp_path):
     produced = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     for task in tasks.TASKS:
         assert 0 <= produced[f"jenga_{task}"]["score,none"] <= 100
+
+
+def _accuracy_log(path: Path, method: str, seed: int, ppl: float, passkey: list[float]) -> None:
+    records = [{"record": "header", "experiment": "accuracy", "method": method, "seed": seed, "device": "cpu"}]
+    records.append({"record": "perplexity", "window": 4096, "perplexity": ppl})
+    records += [
+        {"record": "task", "task": "passkey", "length": 1024 * (i + 1), "depth": 0.5, "samples": 10, "score": s}
+        for i, s in enumerate(passkey)
+    ]
+    records.append({"record": "summary", "status": "ok"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_accuracy_tables_average_seeds_and_compare_with_lora(tmp_path):
+    from jenga.plotting.accuracy import plot_accuracy
+
+    _accuracy_log(tmp_path / "lora-s0.jsonl", "lora", 0, 10.0, [60.0, 40.0])
+    _accuracy_log(tmp_path / "lora-s1.jsonl", "lora", 1, 12.0, [80.0, 60.0])
+    _accuracy_log(tmp_path / "jenga-s0.jsonl", "jenga", 0, 11.55, [50.0, 50.0])
+    (tmp_path / "incomplete-s0.jsonl").write_text(json.dumps({"record": "header", "experiment": "accuracy"}) + "\n")
+    written = plot_accuracy(tmp_path, tmp_path / "out")
+    table = written[0].read_text()
+    assert "| lora | 0, 1 | 11.000 ± 1.000 | 60.0 ± 10.0 |" in table
+    assert "| jenga | 0 | 11.550 | 50.0 |" in table
+    assert "| jenga | 1.0500 | -10.0 |" in table
+    assert "incomplete" not in table and written[1].exists()
+
+
+def test_lm_eval_table_reads_the_newest_results_per_checkpoint(tmp_path):
+    from jenga.plotting.accuracy import lm_eval_table
+
+    def results(score: float) -> dict:
+        return {
+            "results": {"jenga_passkey": {"score,none": score}},
+            "n-samples": {"jenga_passkey": {"original": 160, "effective": 20}},
+            "lm_eval_version": "0.4.13",
+        }
+
+    folder = tmp_path / "lm_eval" / "ckpt-a" / ".__ckpt-a"
+    folder.mkdir(parents=True)
+    (folder / "results_2026-01-01T00-00-00.json").write_text(json.dumps(results(10.0)))
+    (folder / "results_2026-02-01T00-00-00.json").write_text(json.dumps(results(45.0)))
+    table = lm_eval_table(tmp_path / "lm_eval")
+    assert "| ckpt-a | 45.0 |" in table and "samples per task: 20" in table
+    assert lm_eval_table(tmp_path / "missing") is None

@@ -3,13 +3,14 @@ fine-tuning method, mean and spread over seeds, read from `python -m jenga.exper
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from ..profiling import read_jsonl
-from .style import color, figure, save
+from .style import PALETTE, color, figure, save
 
 METHOD_ORDER = ("base", "lora", "longlora", "jenga", "jenga-predictor", "jenga-norecent", "jenga-predictor-norecent")
 
@@ -82,15 +83,44 @@ def accuracy_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lm_eval_table(folder: Path) -> str | None:
+    """Markdown of the newest lm_eval results file per model folder under `folder` (None if there are none)."""
+    rows = []
+    for model in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        files = sorted(model.rglob("results_*.json"))
+        if not files:
+            continue
+        data = json.loads(files[-1].read_text())
+        results = data["results"]
+        tasks = sorted(results)
+        samples = {t: data["n-samples"][t]["effective"] for t in tasks}
+        rows.append((model.name, {t: results[t]["score,none"] for t in tasks}, samples, data.get("lm_eval_version")))
+    if not rows:
+        return None
+    tasks = sorted({t for _, scores, _, _ in rows for t in scores})
+    lines = [
+        f"lm_eval {rows[0][3]} (`--model hf --device cpu`, the repository's `tasks/`), merged seed-0 checkpoints; "
+        f"samples per task: {rows[0][2][tasks[0]]} (the first records, which span every length × depth cell).",
+        "",
+        "| checkpoint | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    lines += [f"| {name} | " + " | ".join(f"{scores[t]:.1f}" for t in tasks) + " |" for name, scores, _, _ in rows]
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy(logs: Path, out: Path) -> list[Path]:
     """`out/accuracy.md` (tables) and `out/retrieval.png` (score vs context length per task and method)."""
     runs = load_accuracy(logs)
     if not runs:
         return []
-    first = next(iter(runs.values()))[0]["header"]
+    headers = [r["header"] for rs in runs.values() for r in rs]
+    first = headers[0]
+    commits = ", ".join(sorted({str(h.get("git_commit")) for h in headers}))
+    dates = sorted(str(h.get("date")) for h in headers)
     provenance = (
         f"Logs: {logs} (device {first.get('device')}, torch {first.get('torch')}, transformers "
-        f"{first.get('transformers')}, git {first.get('git_commit')}, {first.get('date')}). Scores are LongBench "
+        f"{first.get('transformers')}, git {commits}, {dates[0]} to {dates[-1]}). Scores are LongBench "
         "metrics ×100 (retrieval accuracy for passkey and kv_retrieval, token F1 for var_tracking), averaged over "
         "depths; perplexity is sliding-window (stride = window / 2) over the held-out test documents; ± is half "
         "the range over seeds."
@@ -100,6 +130,9 @@ def plot_accuracy(logs: Path, out: Path) -> list[Path]:
     table.write_text("# Accuracy of long-context fine-tuning (paper tables: perplexity and LongBench)\n\n")
     with table.open("a") as f:
         f.write(provenance + "\n\n" + accuracy_table(runs))
+        harness = lm_eval_table(logs / "lm_eval")
+        if harness:
+            f.write("\n## lm_eval on the merged checkpoints\n\n" + harness)
     task_names = sorted({c["task"] for rs in runs.values() for r in rs for c in r["cells"]})
     fig, axes = figure(3.2 * len(task_names), 3.2, ncols=len(task_names))
     for ax, task in zip(axes[0], task_names, strict=True):
@@ -111,7 +144,12 @@ def plot_accuracy(logs: Path, out: Path) -> list[Path]:
                         per_length[length].append(value)
             xs = sorted(per_length)
             ys = [statistics.mean(per_length[x]) for x in xs]
-            ax.plot(xs, ys, marker="o", color=color(method, i), label=method, ls="--" if method == "base" else "-")
+            own = [c for c in PALETTE if c not in (color("lora"), color("longlora"))]
+            shade = (
+                "black" if method == "base" else color(method) if method in ("lora", "longlora") else own[i % len(own)]
+            )
+            style = "--" if method == "base" else ":" if "norecent" in method else "-"
+            ax.plot(xs, ys, marker="o", ms=3, color=shade, label=method, ls=style)
         ax.set_title(task)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylim(-2, 102)

@@ -47,7 +47,13 @@ def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
             size_ax.bar([x + width for x in xs], after, width, color=color(source, i), label=f"{source}: after"),
             fontsize=7,
         )
-        notes.append(f"{source}: held-out top-k recall {final['mean_recall']:.3f} on {header['device']}")
+        prior = final.get("mean_positional_prior_recall")
+        notes.append(
+            f"{source} (model {Path(str(header.get('model'))).name}, data {Path(str(header.get('data'))).name}): "
+            f"held-out top-k recall {final['mean_recall']:.3f}"
+            + ("" if prior is None else f" (positional prior {prior:.3f})")
+            + f" on {header['device']}"
+        )
     size_ax.set_xticks([x + width * len(runs) - width / 2 for x in range(len(layers))], [f"layer {k}" for k in layers])
     loss_ax.set(xlabel="training step", ylabel="listwise ranking loss", title="predictor training loss")
     loss_ax.legend()
@@ -55,7 +61,8 @@ def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
     size_ax.set_ylim(0, size_ax.get_ylim()[1] * 1.45)
     size_ax.legend(fontsize=7)
     caption = (
-        "Paper figure 16 (left): predictor training loss for two data sources, and per-layer predictor size "
+        "Paper figure 16 (left): predictor training loss per run (data sources and models below), and per-layer "
+        "predictor size "
         f"before and after elastic pruning. Logs: {logs}. " + "; ".join(notes)
     )
     return [save(fig, out / "predictor.png", caption)]
