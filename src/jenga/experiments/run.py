@@ -399,7 +399,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", type=int, help="first length the search tries (a multiple of --length-step)")
     parser.add_argument("--breakdown", action="store_true", help="log a memory breakdown step (figure 14)")
     parser.add_argument("--snapshot", action="store_true", help="save that step's allocator history (figure 18)")
-    parser.add_argument("--fork", action="store_true", help="fork configurations from this process (faster)")
+    parser.add_argument(
+        "--fork",
+        action="store_true",
+        help="fork configurations from this process (faster; for the command line: a process that already ran "
+        "torch CPU ops can hang its forked children in OpenMP)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sweep-command", help=argparse.SUPPRESS)
