@@ -384,6 +384,8 @@ def max_length(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from . import distributed  # imports this module (its `build`), so not at the top
+
     parser = argparse.ArgumentParser(description="Jenga experiment runner (see module docstring)")
     parser.add_argument("--model", required=True, help="folder under checkpoints/ or a path with config.json")
     parser.add_argument("--methods", nargs="+", default=["lora", "jenga"], choices=list(METHODS))
@@ -405,6 +407,10 @@ def main(argv: list[str] | None = None) -> None:
         help="fork configurations from this process (faster; for the command line: a process that already ran "
         "torch CPU ops can hang its forked children in OpenMP)",
     )
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per run; >1 launches through accelerate")
+    parser.add_argument(
+        "--backend", choices=distributed.BACKENDS, default="deepspeed-zero2", help="engine when --num-gpus > 1"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sweep-command", help=argparse.SUPPRESS)
@@ -423,7 +429,16 @@ def main(argv: list[str] | None = None) -> None:
             snapshot=args.snapshot,
         )
         return
+    if args.num_gpus < 1:
+        parser.error("--num-gpus must be at least 1")
+    single_only = {"--max-length": args.max_length, "--breakdown": args.breakdown, "--snapshot": args.snapshot}
+    single_only.update({"--fork": args.fork, "--memory-gib": args.memory_gib is not None})
+    if args.num_gpus > 1 and any(single_only.values()):
+        parser.error(f"{', '.join(k for k, v in single_only.items() if v)}: single-GPU runs only (--num-gpus 1)")
     args.logs.mkdir(parents=True, exist_ok=True)
+    if args.num_gpus > 1:
+        distributed.sweep(args)
+        return
     (max_length if args.max_length else sweep)(args)
 
 

@@ -11,6 +11,7 @@ from .breakdown import plot_memory_breakdown, plot_time_breakdown
 from .end2end import plot_end2end
 from .extension import plot_2d, plot_offload
 from .predictor import plot_predictor_ablation
+from .scalability import plot_scalability
 from .segment import plot_segment
 
 FIGURES = [
@@ -23,6 +24,7 @@ FIGURES = [
     ("ablations/segment", plot_segment),
     ("extension/2d", plot_2d),
     ("extension/offload", plot_offload),
+    ("scalability", plot_scalability),
 ]
 
 

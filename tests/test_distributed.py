@@ -1,0 +1,250 @@
+"""Distributed Jenga on the CPU: 2 gloo ranks against one process, the runner's launch path, figure 20's plot.
+
+Ranks run in processes from a forkserver that has imported torch/transformers/peft but never run a torch op
+(forking pytest itself, which has, can hang a child in OpenMP; spawning would import everything twice).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate.commands.launch import launch_command_parser
+from conftest import add_lora, batch, lora_grads, tiny_llama
+from transformers import LlamaConfig
+
+from jenga import JengaConfig, apply_jenga
+from jenga.experiments import distributed, run
+from jenga.patching.base import oracle_scorer
+from jenga.plotting.scalability import plot_scalability
+from jenga.profiling import JsonlWriter, read_jsonl
+
+WORLD = 2
+SEQ = 128
+CONFIG = JengaConfig(
+    block_size=16, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=0, dense_last_layer=False, segment_size=48
+)
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(["torch", "transformers", "peft", "accelerate", "jenga.experiments.distributed"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _patched_model() -> tuple[torch.nn.Module, run.SelectionRecorder]:
+    """Tiny fp32 Llama + LoRA + Jenga (every layer sparse, segmented loss), recording each layer's scores."""
+    recorder = run.SelectionRecorder(oracle_scorer)
+    model = add_lora(tiny_llama(layers=3))
+    apply_jenga(model, CONFIG, scorer=recorder)
+    return model, recorder
+
+
+def _in_ranks(target, *args) -> None:
+    """Run `target(rank, port, *args)` on WORLD forkserver processes; every one must exit cleanly."""
+    port = _free_port()
+    procs = [CTX.Process(target=target, args=(rank, port, *args)) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+
+
+def _grad_rank(rank: int, port: int, out: str) -> None:
+    """DDP, then FSDP2 (`fully_shard` per decoder layer, as accelerate's fsdp_version 2 wraps), on row `rank`."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    _init(rank, port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    ids = batch(WORLD, SEQ)[rank : rank + 1]
+    results = {}
+    for wrap in ("ddp", "fsdp"):
+        model, recorder = _patched_model()
+        if wrap == "ddp":
+            wrapped = DistributedDataParallel(model)
+        else:
+            for layer in model.get_base_model().model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {
+            n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        results[wrap] = {"grads": grads, "scores": recorder.scores, "loss": loss.item()}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
+    """Averaged LoRA gradients of 2 gloo ranks (one sequence each) equal one process's on both sequences,
+    and each rank's block scores are its sequence's row of the batched run: selection never crosses ranks."""
+    model, recorder = _patched_model()
+    ids = batch(WORLD, SEQ)
+    model(input_ids=ids, labels=ids).loss.backward()
+    reference = lora_grads(model)
+    _in_ranks(_grad_rank, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for wrap in ("ddp", "fsdp"):
+        got = ranks[0][wrap]["grads"]
+        assert got.keys() == reference.keys() and len(got) == 4 * 2 * 3  # q/k/v/o A and B, 3 layers
+        for name, grad in reference.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-5, msg=f"{wrap} {name}")
+            torch.testing.assert_close(ranks[1][wrap]["grads"][name], got[name], rtol=0, atol=0)
+        for rank, result in enumerate(ranks):
+            assert result[wrap]["scores"].keys() == recorder.scores.keys() == {0, 1, 2}
+            for layer, scores in recorder.scores.items():
+                torch.testing.assert_close(result[wrap]["scores"][layer], scores[rank : rank + 1], rtol=1e-5, atol=0)
+
+
+def _worker_rank(rank: int, port: int, model_dir: str, log: str) -> None:
+    """The runner's worker under accelerate on the CPU (MULTI_CPU: accelerate wraps DDP; its FSDP and DeepSpeed
+    engines need an accelerator device, so those run on GPUs only)."""
+    from accelerate import Accelerator
+
+    _init(rank, port)
+    accelerator = Accelerator(cpu=True)
+    distributed.run_rank(accelerator, model_dir, "jenga", 256, "fsdp", 2, 1, Path(log), command="test")
+    dist.destroy_process_group()
+
+
+def test_worker_logs_every_rank_with_the_run_header(tmp_path):
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, vocab_size=128
+    )
+    config.save_pretrained(tmp_path / "tiny")
+    log = tmp_path / "tiny_jenga_256.jsonl"
+    _in_ranks(_worker_rank, str(tmp_path / "tiny"), str(log))
+    records = read_jsonl(log)
+    header, steps, summary = records[0], records[1:-1], records[-1]
+    assert header["record"] == "header" and header["command"] == "test" and "torch" in header
+    assert (header["num_gpus"], header["global_batch"], header["engine"]) == (WORLD, WORLD, "MULTI_CPU")
+    assert (header["backend"], header["method"], header["seq_len"]) == ("fsdp", "jenga", 256)
+    assert [s["step"] for s in steps] == [0, 1, 2] and [s["warmup"] for s in steps] == [True, False, False]
+    for step in steps:
+        assert [r["rank"] for r in step["ranks"]] == [0, 1]
+        assert step["step_s"] == max(r["step_s"] for r in step["ranks"])
+        assert step["ranks"][0]["loss"] != step["ranks"][1]["loss"]  # each rank trains its own sequence
+    assert summary["status"] == "ok" and summary["measured_steps"] == 2 and len(summary["rank_median_step_s"]) == 2
+    assert run.is_complete(log)
+
+
+def test_deepspeed_backends_name_the_install_when_it_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # find_spec -> None, as when it is not installed
+    for backend in ("deepspeed-zero2", "deepspeed-zero3"):
+        with pytest.raises(RuntimeError, match="pip install deepspeed"):
+            distributed.launch_command("m", "jenga", 1024, 2, backend, 1, 0, tmp_path / "x.jsonl", "c")
+    with pytest.raises(RuntimeError, match="pip install deepspeed"):
+        run.main(["--model", "m", "--num-gpus", "2", "--backend", "deepspeed-zero3", "--logs", str(tmp_path)])
+    distributed.require_deepspeed("fsdp")  # FSDP needs only torch and accelerate
+
+
+def test_launch_commands(monkeypatch, tmp_path):
+    log = tmp_path / "m_jenga_1024.jsonl"
+    cmd = distributed.launch_command("llama-2-7b", "jenga", 1024, 4, "fsdp", 3, 1, log, "the sweep")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--num_processes") + 1] == "4"
+    assert "--use_fsdp" in cmd and cmd[cmd.index("--fsdp_version") + 1] == "2" and "--use_deepspeed" not in cmd
+    worker = cmd[cmd.index("--module") + 1 :]
+    assert worker[0] == "jenga.experiments.distributed" and worker[-2:] == ["--command", "the sweep"]
+    assert worker[worker.index("--seq") + 1] == "1024" and worker[worker.index("--log") + 1] == str(log)
+    monkeypatch.setattr(distributed, "require_deepspeed", lambda backend: None)
+    for stage in (2, 3):
+        cmd = distributed.launch_command("m", "lora", 2048, 2, f"deepspeed-zero{stage}", 3, 1, log, "c")
+        config_file = Path(cmd[cmd.index("--deepspeed_config_file") + 1])
+        assert "--use_deepspeed" in cmd and config_file.exists() and "--use_fsdp" not in cmd
+        config = json.loads(config_file.read_text())
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["train_micro_batch_size_per_gpu"] == 1 and "optimizer" not in config  # the runner's AdamW
+        parsed = launch_command_parser().parse_args(cmd[3:])  # accelerate's own parser takes every flag
+        assert parsed.use_deepspeed and parsed.module and parsed.training_script == "jenga.experiments.distributed"
+    with pytest.raises(ValueError, match="unknown backend"):
+        distributed.launch_command("m", "lora", 2048, 2, "zero9", 3, 1, log, "c")
+
+
+def test_launch_logs_a_crashed_job(monkeypatch, tmp_path):
+    """A job that dies before rank 0's summary (one rank out of memory) still gets a summary."""
+    crash = [sys.executable, "-c", "raise SystemExit('torch.OutOfMemoryError: CUDA out of memory')"]
+    monkeypatch.setattr(distributed, "launch_command", lambda *args: crash)
+    log = tmp_path / "m_lora_4096.jsonl"
+    summary = distributed.launch("m", "lora", 4096, 2, "fsdp", 1, 0, log, "c")
+    assert summary["status"] == "oom" and summary["exit_code"] == 1 and read_jsonl(log) == [summary]
+    assert "OutOfMemoryError" in (tmp_path / "m_lora_4096.launch.txt").read_text() and run.is_complete(log)
+
+
+def test_runner_num_gpus_dispatch(monkeypatch, tmp_path):
+    launched, single = [], []
+
+    def fake_launch(model, method, seq, num_gpus, backend, steps, warmup, log, command):
+        launched.append((method, seq, num_gpus, backend, log.name))
+        return {"status": "ok"}
+
+    monkeypatch.setattr(distributed, "launch", fake_launch)
+    monkeypatch.setattr(run, "sweep", lambda args: single.append(args))
+    with JsonlWriter(run.log_path(tmp_path, "m", "lora", 1024)) as writer:
+        writer.write({"record": "summary", "status": "ok"})
+    argv = ["--model", "m", "--methods", "lora", "jenga", "--seqs", "1024", "--logs", str(tmp_path)]
+    run.main([*argv, "--num-gpus", "2", "--backend", "fsdp"])
+    assert launched == [("jenga", 1024, 2, "fsdp", "m_jenga_1024.jsonl")]  # lora's complete log is skipped
+    assert not single
+    run.main(argv)  # --num-gpus 1 (the default) is the single-GPU sweep, unchanged
+    assert len(single) == 1 and single[0].num_gpus == 1 and len(launched) == 1
+    for bad in (["--num-gpus", "2", "--max-length"], ["--num-gpus", "2", "--breakdown"], ["--num-gpus", "0"]):
+        with pytest.raises(SystemExit):
+            run.main([*argv, *bad])
+    with pytest.raises(SystemExit):
+        run.main([*argv, "--num-gpus", "2", "--backend", "horovod"])
+
+
+def _log(folder: Path, model: str, method: str, seq: int, gpus: int, backend: str | None, summary: dict) -> None:
+    header = {"record": "header", "device": "H100", "model": model, "method": method, "seq_len": seq}
+    if backend is not None:
+        header.update(num_gpus=gpus, backend=backend)
+    with JsonlWriter(folder / f"{model}_{method}_{seq}.jsonl") as writer:
+        writer.write(header)
+        writer.write(
+            {"record": "step", "step": 0, "warmup": False, "step_s": summary.get("median_step_s"), "loss": 5.0}
+        )
+        writer.write({"record": "summary", **summary})
+
+
+def test_scalability_plot_from_fixture_logs(tmp_path):
+    logs, out = tmp_path / "logs" / "scalability", tmp_path / "figures"
+    assert plot_scalability(logs, out) == []  # no logs: nothing drawn (RUNME-a.sh on a fresh checkout)
+    card = logs / "80gb"
+    for model in ("llama-2-7b", "opt-6.7b"):
+        for seq in (1024, 2048):
+            for method, peak in (("lora", 30.0), ("jenga", 20.0)):
+                ok = {"status": "ok", "peak_gib": peak, "median_step_s": 0.5}
+                _log(card / "1gpu", model, method, seq, 1, None, ok)
+                for stage, gpus in (("zero2", 2), ("zero3", 2), ("zero3", 4)):
+                    summary = ok | {"peak_gib": peak * (0.9 if stage == "zero2" else 1.5) / gpus}
+                    if (model, method, seq, gpus) == ("opt-6.7b", "lora", 2048, 4):
+                        summary = {"status": "oom"}
+                    _log(card / f"{stage}_{gpus}gpu", model, method, seq, gpus, f"deepspeed-{stage}", summary)
+    written = plot_scalability(logs, out)
+    names = sorted(str(p.relative_to(out)) for p in written)
+    assert names == [f"{k}/80gb_{m}.png" for k in ("memory", "time") for m in ("llama-2-7b", "opt-6.7b")]
+    for path in written:
+        assert path.stat().st_size > 0
+        caption = path.with_suffix(".txt").read_text()
+        assert "figure 20" in caption and "H100" in caption
