@@ -88,8 +88,17 @@ def task_scores(model, tokenizer, records: dict[str, list[dict]], batch: int) ->
 
 
 def evaluate_model(
-    name: str, model, tokenizer, stream: torch.Tensor, records: dict, windows: list[int], batch: int, path: Path, info
+    name: str,
+    model,
+    tokenizer,
+    stream: torch.Tensor,
+    records: dict[str, list[dict]],
+    windows: list[int],
+    batch: int,
+    path: Path,
+    info: dict,
 ) -> None:
+    """Write one model's log: perplexity per window, then one record per task cell, then a summary."""
     header = run_header(extra={"experiment": "accuracy", "model": name, **info})
     with JsonlWriter(path, header=header) as log:
         for window in windows:
