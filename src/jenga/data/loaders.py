@@ -71,3 +71,9 @@ def load_documents(source: Path, split: str = "train", tokenizer=None) -> list[t
     if tokenizer is None:
         raise DataFormatError(f"{source} has no token cache ({cache}); pass a tokenizer to tokenize its text")
     return [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in load_texts(source, split)]
+
+
+def join_documents(docs: list[torch.Tensor], eos: int) -> torch.Tensor:
+    """Documents as one id stream, each followed by the end-of-sequence token."""
+    sep = torch.tensor([eos])
+    return torch.cat([t for d in docs for t in (d, sep)])

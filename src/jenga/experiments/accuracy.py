@@ -20,19 +20,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..data.loaders import load_documents
+from ..data.loaders import join_documents, load_documents
 from ..data.tasks import METRIC, prompt_text
 from ..eval.metrics import score
 from ..eval.perplexity import sliding_window_perplexity
 from ..profiling import JsonlWriter, read_jsonl, run_header
 from .finetune import load_merged
-
-
-def test_stream(data: Path, tokenizer) -> torch.Tensor:
-    """Held-out documents joined by end-of-sequence tokens."""
-    docs = load_documents(data, "test", tokenizer)
-    eos = torch.tensor([tokenizer.eos_token_id])
-    return torch.cat([t for d in docs for t in (d, eos)])
 
 
 def load_task_records(folder: Path, limit: int | None = None) -> dict[str, list[dict]]:
@@ -141,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    stream = test_stream(args.data, tokenizer)
+    stream = join_documents(load_documents(args.data, "test", tokenizer), tokenizer.eos_token_id)
     records = load_task_records(args.tasks_dir or args.data / "longbench", args.limit)
     args.logs.mkdir(parents=True, exist_ok=True)
     if not args.skip_base:

@@ -186,14 +186,7 @@ def distributed_steps(
         if writer is not None:
             writer.write(record)
         del loss
-    measured = [r for r in records if not r["warmup"]]
-    peaks = [r["peak_gib"] for r in records if r["peak_gib"] is not None]
-    return StepStats(
-        "ok",
-        records,
-        peak_gib=max(peaks) if peaks else None,
-        median_step_s=statistics.median(r["step_s"] for r in measured) if measured else None,
-    )
+    return StepStats.completed(records)
 
 
 def gather(record: dict[str, Any]) -> list[dict[str, Any]]:

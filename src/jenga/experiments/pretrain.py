@@ -21,15 +21,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ..data.loaders import load_documents
+from ..data.loaders import join_documents, load_documents
 from ..data.tasks import training_example
 from ..profiling import JsonlWriter, run_header
-
-
-def token_stream(docs: list[torch.Tensor], eos: int) -> torch.Tensor:
-    """Documents joined by end-of-sequence tokens."""
-    sep = torch.tensor([eos])
-    return torch.cat([t for d in docs for t in (d, sep)])
 
 
 @torch.no_grad()
@@ -63,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(args.data / "tokenizer")
     train_docs = load_documents(args.data, "train", tokenizer)
-    train = token_stream(train_docs, tokenizer.eos_token_id)
-    valid = token_stream(load_documents(args.data, "validation", tokenizer), tokenizer.eos_token_id)
+    train = join_documents(train_docs, tokenizer.eos_token_id)
+    valid = join_documents(load_documents(args.data, "validation", tokenizer), tokenizer.eos_token_id)
     fillers = [d.tolist() for d in train_docs if len(d) > args.seq_len]
     rng = random.Random(0)
     config = LlamaConfig(

@@ -85,6 +85,18 @@ class StepStats:
     median_step_s: float | None = None
     error: str | None = None
 
+    @classmethod
+    def completed(cls, records: list[dict[str, Any]]) -> StepStats:
+        """Status "ok": peak over every step, median time over the measured (non-warm-up) steps."""
+        measured = [r for r in records if not r["warmup"]]
+        peaks = [r["peak_gib"] for r in records if r["peak_gib"] is not None]
+        return cls(
+            "ok",
+            records,
+            peak_gib=max(peaks) if peaks else None,
+            median_step_s=statistics.median(r["step_s"] for r in measured) if measured else None,
+        )
+
     def as_record(self) -> dict[str, Any]:
         return {
             "record": "summary",
@@ -140,11 +152,4 @@ def train_steps(
         if recorder.active is not None:
             recorder.stop()
         return StepStats("oom", records, error=str(exc).splitlines()[0])
-    measured = [r for r in records if not r["warmup"]]
-    peaks = [r["peak_gib"] for r in records if r["peak_gib"] is not None]
-    return StepStats(
-        "ok",
-        records,
-        peak_gib=max(peaks) if peaks else None,
-        median_step_s=statistics.median(r["step_s"] for r in measured) if measured else None,
-    )
+    return StepStats.completed(records)

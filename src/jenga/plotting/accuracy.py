@@ -17,7 +17,7 @@ METHOD_ORDER = ("base", "lora", "longlora", "jenga", "jenga-predictor", "jenga-n
 
 def load_accuracy(logs: Path) -> dict[str, list[dict]]:
     """Complete evaluation logs grouped by method (the log's name without its `-s<seed>`): per run, its header,
-    perplexities and task cells."""
+    perplexities, task cells and per-task mean scores."""
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(logs.glob("*.jsonl")):
         records = read_jsonl(path)
@@ -25,14 +25,13 @@ def load_accuracy(logs: Path) -> dict[str, list[dict]]:
             continue
         if not any(r.get("record") == "summary" for r in records):
             continue
-        header = records[0]
-        runs[re.sub(r"-s\d+$", "", path.stem)].append(
-            {
-                "header": header,
-                "ppl": {r["window"]: r["perplexity"] for r in records if r.get("record") == "perplexity"},
-                "cells": [r for r in records if r.get("record") == "task"],
-            }
-        )
+        run = {
+            "header": records[0],
+            "ppl": {r["window"]: r["perplexity"] for r in records if r.get("record") == "perplexity"},
+            "cells": [r for r in records if r.get("record") == "task"],
+        }
+        run["means"] = task_means(run)
+        runs[re.sub(r"-s\d+$", "", path.stem)].append(run)
     return dict(sorted(runs.items(), key=lambda kv: METHOD_ORDER.index(kv[0]) if kv[0] in METHOD_ORDER else 99))
 
 
@@ -62,7 +61,7 @@ def accuracy_table(runs: dict[str, list[dict]]) -> str:
     for method, rs in runs.items():
         seeds = ", ".join(str(r["header"]["seed"]) for r in rs if r["header"].get("seed") is not None) or "—"
         cells = [_mean_spread([r["ppl"][w] for r in rs if w in r["ppl"]], 3) for w in windows]
-        cells += [_mean_spread([task_means(r)[t] for r in rs if t in task_means(r)], 1) for t in task_names]
+        cells += [_mean_spread([r["means"][t] for r in rs if t in r["means"]], 1) for t in task_names]
         lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
     if "lora" in runs:
         lines += ["", "Against dense LoRA (means over seeds): perplexity ratio and score difference in points.", ""]
@@ -77,7 +76,7 @@ def accuracy_table(runs: dict[str, list[dict]]) -> str:
                     f"{statistics.mean(r['ppl'][w] for r in rs) / statistics.mean(r['ppl'][w] for r in ref):.4f}"
                 )
             for t in task_names:
-                delta = statistics.mean(task_means(r)[t] for r in rs) - statistics.mean(task_means(r)[t] for r in ref)
+                delta = statistics.mean(r["means"][t] for r in rs) - statistics.mean(r["means"][t] for r in ref)
                 row.append(f"{delta:+.1f}")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
