@@ -5,8 +5,10 @@
    relative error < 1e-2, forward and backward.
 2. bf16 matmul rate (8192³) as the yardstick; the scoring kernel's time and causal TFLOP/s at 8K–32K for MHA
    (32/32 heads) and GQA (32/8).
-3. Attention forward+backward over kept blocks (gather q/k/v rows → causal SDPA → scatter) at keep ratios
-   1.0 / 0.75 / 0.5 / 0.25 against dense causal SDPA, 16K and 32K.
+3. Attention forward+backward over kept blocks at keep ratios 1.0 / 0.75 / 0.5 / 0.25 against dense causal
+   SDPA, 16K and 32K, two ways: gather q/k/v rows → causal SDPA → scatter (what Jenga runs), and the
+   permutation-free alternative, FlexAttention reading the rows in place through a block mask of the kept
+   blocks (compiled; outputs and gradients land at original positions, eliminated rows are zero).
 
     python benchmarks/bench_kernels.py --out $OUT/kernels
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
@@ -51,6 +54,29 @@ def kept_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
     out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=qs.shape[1] != ks.shape[1])
     bsz, heads, kept, dim = out.shape
     return selection.scatter(out.transpose(1, 2).reshape(bsz, kept, heads * dim)).view(bsz, -1, heads, dim)
+
+
+def kept_block_mask(selection: TokenSelection, seq: int) -> BlockMask:
+    """FlexAttention block mask: causal attention among the kept positions, nothing for eliminated queries."""
+    kept = torch.zeros(selection.index.shape[0], seq, dtype=torch.bool, device=selection.index.device)
+    kept.scatter_(1, selection.index, True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kept[b, q_idx] & kept[b, kv_idx] & (q_idx >= kv_idx)
+
+    return create_block_mask(mask_mod, kept.shape[0], None, seq, seq, device=kept.device, BLOCK_SIZE=BLOCK)
+
+
+@functools.cache
+def compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_kept_attention(q, k, v, block_mask: BlockMask) -> torch.Tensor:
+    """Attention of the kept rows of (B, S, H, d) inputs read in place; eliminated rows come out zero."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
 
 
 def checks(writer: JsonlWriter) -> bool:
@@ -86,6 +112,13 @@ def checks(writer: JsonlWriter) -> bool:
         ]
         writer.write({"record": "check", "what": "kept_attention", "kv_heads": kv_heads, "seq": seq, "rel_err": errors})
         ok &= max(errors) < 1e-2
+        flex_qkv = [t.detach().clone().requires_grad_(True) for t in qkv]
+        flex_kept_attention(*flex_qkv, kept_block_mask(sel, seq)).backward(grad)
+        errors = [rel_err(flex_kept_attention(*flex_qkv, kept_block_mask(sel, seq)), ref)] + [
+            rel_err(a.grad.transpose(1, 2), b.grad) for a, b in zip(flex_qkv, ref_qkv, strict=True)
+        ]
+        writer.write({"record": "check", "what": "flex_attention", "kv_heads": kv_heads, "seq": seq, "rel_err": errors})
+        ok &= max(errors) < 1e-2
     return ok
 
 
@@ -119,11 +152,13 @@ def scoring(writer: JsonlWriter, peak: float) -> None:
             )
 
 
-def attention_step(q, k, v, grad, selection: TokenSelection | None) -> None:
-    """Forward and backward of dense causal SDPA (selection None) or of the kept-block path."""
+def attention_step(q, k, v, grad, selection: TokenSelection | BlockMask | None) -> None:
+    """Forward and backward of dense causal SDPA (None), the gathered kept-block path or FlexAttention."""
     if selection is None:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         out = out.transpose(1, 2)
+    elif isinstance(selection, BlockMask):
+        out = flex_kept_attention(q, k, v, selection)
     else:
         out = kept_attention(q, k, v, selection)
     torch.autograd.backward(out, grad)
@@ -139,10 +174,12 @@ def attention(writer: JsonlWriter) -> None:
         dense_ms = bench(functools.partial(attention_step, q, k, v, grad, None))
         writer.write({"record": "attention", "seq": seq, "method": "dense_sdpa", "keep": 1.0, "ms": dense_ms})
         for keep in (1.0, 0.75, 0.5, 0.25):
-            ms = bench(functools.partial(attention_step, q, k, v, grad, random_selection(seq, keep, gen)))
-            record = {"record": "attention", "seq": seq, "method": "kept_sdpa", "keep": keep, "ms": ms}
-            writer.write({**record, "vs_dense": ms / dense_ms})
-            print(f"attention S={seq} keep={keep}: {ms:.2f} ms vs dense {dense_ms:.2f} ms ({ms / dense_ms:.2f}x)")
+            selection = random_selection(seq, keep, gen)
+            for method, arg in (("kept_sdpa", selection), ("flex_block_mask", kept_block_mask(selection, seq))):
+                ms = bench(functools.partial(attention_step, q, k, v, grad, arg))
+                record = {"record": "attention", "seq": seq, "method": method, "keep": keep, "ms": ms}
+                writer.write({**record, "vs_dense": ms / dense_ms})
+                print(f"attention {method} S={seq} keep={keep}: {ms:.2f} ms vs dense {dense_ms:.2f} ms")
 
 
 def main() -> None:

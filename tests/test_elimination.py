@@ -69,3 +69,34 @@ def test_key_validity_from_4d_mask_and_select_tokens():
     assert key_validity(torch.ones(2, 1, seq, seq, dtype=torch.bool).tril(), seq) is None
     sel = select_tokens(torch.tensor([[0.0, 1.0], [0.0, 5.0]]), 1, 4, seq, 0, valid)
     assert sel.index.tolist() == [[4, 5, 6, 7], [4, 5, 6, 7]]  # block 1 of row 1 is partly valid
+
+
+def test_gather_and_scatter_gradients_match_indexing_with_clamped_tail():
+    """Clamped tail positions repeat the last real row; only real kept positions may receive gradient."""
+    sel = TokenSelection.from_blocks(torch.tensor([[0, 2], [0, 1]]), block_size=4, seq_len=10)
+    x = torch.randn(2, 10, 3, requires_grad=True)
+    weight = torch.randn(2, 8, 3)
+    (sel.gather(x) * weight).sum().backward()
+    expected = torch.zeros(2, 10, 3)
+    for b in range(2):
+        for j, (pos, ok) in enumerate(zip(sel.index[b].tolist(), sel.valid[b].tolist(), strict=True)):
+            if ok:
+                expected[b, pos] += weight[b, j]
+    assert torch.equal(x.grad, expected)
+
+    kept = torch.randn(2, 8, 3, requires_grad=True)
+    upstream = torch.randn(2, 10, 3)
+    (sel.scatter(kept) * upstream).sum().backward()
+    reference = torch.stack([upstream[b, sel.index[b]] * sel.valid[b, :, None] for b in range(2)])
+    assert torch.equal(kept.grad, reference)
+
+
+def test_gather_of_a_shared_row_table_sums_gradients_over_the_batch():
+    sel = TokenSelection.from_blocks(torch.tensor([[0], [1]]), block_size=2, seq_len=4)
+    table = torch.ones(1, 4, 2, requires_grad=True)
+    sel.gather(table).sum().backward()
+    assert table.grad[0, :, 0].tolist() == [1.0, 1.0, 1.0, 1.0]
+    sel = TokenSelection.from_blocks(torch.tensor([[1], [1]]), block_size=2, seq_len=4)
+    table.grad = None
+    sel.gather(table).sum().backward()
+    assert table.grad[0, :, 0].tolist() == [0.0, 0.0, 2.0, 2.0]

@@ -43,6 +43,18 @@ def test_longest_fitting(limit, expected):
         assert probed[0] == 8192
 
 
+@pytest.mark.parametrize("limit,expected", [(10**9, (65536, None)), (50000, (49152, 53248))])
+def test_longest_fitting_tries_the_cap_when_doubling_passes_it(limit, expected):
+    probed = []
+
+    def fits(seq):
+        probed.append(seq)
+        return seq <= limit
+
+    assert longest_fitting(fits, 4096, 65536, start=40960) == expected
+    assert probed[:2] == [40960, 65536]
+
+
 def test_s2_attention_groups_and_shift():
     class Training(torch.nn.Module):
         training = True

@@ -140,7 +140,7 @@ def test_run_header_keys_and_extra():
     header = run_header(command="train.py --x", extra={"seq_len": 4096, "torch": "overridden"})
     expected = {
         "record", "date", "command", "host", "python", "torch", "transformers", "peft", "triton",
-        "git_commit", "device", "gpu_memory_gib", "cuda", "seq_len",
+        "git_commit", "device", "gpu_memory_gib", "cuda", "cuda_alloc_conf", "seq_len",
     }  # fmt: skip
     assert set(header) == expected
     assert header["record"] == "header"

@@ -31,6 +31,8 @@ class JengaConfig:
     block_size: tokens per block; blocks are the unit of elimination (power of two).
     attn_keep: fraction of blocks each sparse layer's attention sublayer keeps, or one ratio per layer.
     mlp_keep: fraction of MLP channels whose activations are saved for backward, or one ratio per layer.
+    mlp_chunk: tokens a gated (SwiGLU) MLP processes at once; bounds its channel-wide temporaries, which
+        dominate a layer's peak at long lengths. Channels are ranked per chunk.
     dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio.
     sink_blocks: leading blocks every layer keeps (attention sinks).
     recent_blocks: trailing blocks every layer keeps. The oracle score of a key block sums over the query
@@ -45,6 +47,7 @@ class JengaConfig:
     block_size: int = 64
     attn_keep: Schedule = 0.5
     mlp_keep: Schedule = 1.0
+    mlp_chunk: int = 4096
     dense_first_layers: int = 2
     dense_last_layer: bool = True
     sink_blocks: int = 1
@@ -76,6 +79,8 @@ class JengaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise JengaConfigError(f"{name} must be an int >= 0, got {value!r}")
+        if isinstance(self.mlp_chunk, bool) or not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 1:
+            raise JengaConfigError(f"mlp_chunk must be a positive int of tokens (e.g. 4096), got {self.mlp_chunk!r}")
         if not isinstance(self.segment_size, int) or self.segment_size < 0:
             raise JengaConfigError(
                 f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"

@@ -58,6 +58,44 @@ def select_blocks(
     return ranked.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
 
 
+class _RowGather(torch.autograd.Function):
+    """Rows `rows` of a 2D tensor; the backward copies gradient rows back to `grad_rows` (unique, plus spares).
+
+    Kept rows are distinct, so the backward is a plain row copy into zeros rather than `index_select`'s
+    `index_add_` (atomic adds on the GPU). Repeated rows (clamped tail positions) carry their own
+    `grad_rows` entry pointing past the end, into a spare row that is dropped.
+    """
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad_rows)
+        ctx.source_rows = source.shape[0]
+        return source.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad_rows,) = ctx.saved_tensors
+        full = grad.new_zeros(ctx.source_rows + 1, *grad.shape[1:]).index_copy_(0, grad_rows, grad)
+        return full[: ctx.source_rows], None, None
+
+
+class _RowScatter(torch.autograd.Function):
+    """A zero tensor of `rows_out` rows with `source` copied into rows `rows`; the backward gathers those rows.
+
+    Unlike `index_copy`, whose autograd saves the source tensor, only the index is kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, rows: torch.Tensor, rows_out: int) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return source.new_zeros(rows_out, *source.shape[1:]).index_copy_(0, rows, source)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None
+
+
 @dataclass
 class TokenSelection:
     """The kept token positions of a batch, and how to move tensors between full and kept layouts.
@@ -91,29 +129,33 @@ class TokenSelection:
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Kept rows of `x` along `dim` (the sequence axis); broadcasts a batch dim of 1.
 
-        Uses `index_select` on a flattened view because its backward keeps only the index, whereas
-        `torch.gather` saves its whole input for backward.
+        Moves whole rows (`_RowGather`): the backward writes each gradient row once instead of adding into a
+        zero tensor, and saves only the index, whereas `torch.gather` saves its whole input.
         """
         bsz, kept = self.index.shape
         moved = x.movedim(dim, 1)
         rest = moved.shape[2:]
-        if moved.shape[0] == 1:
+        if moved.shape[0] == 1 and bsz > 1:  # shared rows (e.g. rotary tables): index_select sums their grads
             out = moved[0].index_select(0, self.index.reshape(-1))
-        else:
-            rows = torch.arange(bsz, device=self.index.device)[:, None] * moved.shape[1]
-            out = moved.reshape(-1, *rest).index_select(0, (self.index + rows).reshape(-1))
+            return out.view(bsz, kept, *rest).movedim(1, dim)
+        offsets = torch.arange(bsz, device=self.index.device)[:, None] * moved.shape[1]
+        rows, source_rows = (self.index + offsets).reshape(-1), bsz * moved.shape[1]
+        # Clamped positions past the sequence end repeat a real row; their gradient goes to a spare row instead.
+        grad_rows = rows if self.valid is None else rows.masked_fill(~self.valid.reshape(-1), source_rows)
+        out = _RowGather.apply(moved.reshape(source_rows, -1), rows, grad_rows)
         return out.view(bsz, kept, *rest).movedim(1, dim)
 
     def scatter(self, y: torch.Tensor) -> torch.Tensor:
         """(B, L, D) kept-layout output → (B, S, D) with zeros at eliminated positions.
 
-        Positions past the sequence end go to a spare row that is dropped, so they never overwrite data.
+        One row copy per kept token (`_RowScatter`, whose backward is a row gather). Positions past the
+        sequence end go to a spare row per sequence that is dropped, so they never overwrite data.
         """
-        bsz, _, width = y.shape
+        bsz, kept, width = y.shape
         index = self.index if self.valid is None else self.index.masked_fill(~self.valid, self.seq_len)
-        out = y.new_zeros(bsz, self.seq_len + 1, width)
-        out = out.scatter(1, index[:, :, None].expand(-1, -1, width), y)
-        return out[:, : self.seq_len]
+        rows = (index + torch.arange(bsz, device=index.device)[:, None] * (self.seq_len + 1)).reshape(-1)
+        out = _RowScatter.apply(y.reshape(bsz * kept, width), rows, bsz * (self.seq_len + 1))
+        return out.view(bsz, self.seq_len + 1, width)[:, : self.seq_len]
 
     def gather_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The layer's mask restricted to kept queries and keys, with out-of-range keys masked."""

@@ -2,9 +2,9 @@
 
 For a frozen MLP the backward pass needs only the input gradient, which flows through the channel
 activations. Saving the pre-activations of the `keep` fraction of channels with the largest activation norm
-(ranked per sequence) cuts the MLP's saved bytes to that fraction of one (gated: two) token×channel tensors,
-and the backward matmuls shrink by the same fraction. Frozen weights are saved by reference; the activation
-product that only a trainable down-projection would need is never saved.
+(ranked per sequence and token chunk) cuts the MLP's saved bytes to that fraction of one (gated: two)
+token×channel tensors, and the backward matmuls shrink by the same fraction. Frozen weights are saved by
+reference; the activation product that only a trainable down-projection would need is never saved.
 """
 
 from __future__ import annotations
@@ -41,39 +41,51 @@ def _activation_grads(act_fn: Activation, grad: torch.Tensor, *pre: torch.Tensor
 
 
 class GatedMLPFunction(torch.autograd.Function):
-    """down(act(gate(x)) * up(x)) for frozen projections; x is (N, T, D), channels ranked per row."""
+    """down(act(gate(x)) * up(x)) for frozen projections; x is (N, T, D), channels ranked per row and chunk.
+
+    Tokens go through in chunks of `chunk`: the MLP is token-wise, so chunking changes no output, and it
+    bounds the transient channel-wide intermediates (four token×channel tensors, about 86 KB per token on
+    Llama-2-7B) by the chunk instead of the sequence. Channels are ranked per chunk.
+    """
 
     @staticmethod
-    def forward(ctx, x, gate_w, gate_b, up_w, up_b, down_w, down_b, act_fn: Activation, keep: float):
-        gate = F.linear(x, gate_w, gate_b)
-        up = F.linear(x, up_w, up_b)
-        hidden = act_fn(gate) * up
-        out = F.linear(hidden, down_w, down_b)
-        count = kept_channels(gate.shape[-1], keep)
-        if count < gate.shape[-1]:
-            channels = _top_channels(hidden, count)
+    def forward(ctx, x, gate_w, gate_b, up_w, up_b, down_w, down_b, act_fn: Activation, keep: float, chunk: int):
+        rows, tokens, _ = x.shape
+        width = gate_w.shape[0]
+        count = kept_channels(width, keep)
+        spans = [(s, min(s + chunk, tokens)) for s in range(0, tokens, chunk)]
+        out = x.new_empty(rows, tokens, down_w.shape[0])
+        saved_gate, saved_up = x.new_empty(rows, tokens, count), x.new_empty(rows, tokens, count)
+        channels = x.new_empty(rows, len(spans), count, dtype=torch.long) if count < width else None
+        for i, (s, e) in enumerate(spans):
+            gate = F.linear(x[:, s:e], gate_w, gate_b)
+            up = F.linear(x[:, s:e], up_w, up_b)
+            hidden = act_fn(gate) * up
+            out[:, s:e] = F.linear(hidden, down_w, down_b)
+            if channels is not None:
+                channels[:, i] = _top_channels(hidden, count)
+                gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
             del hidden
-            gate, up = _take(gate, channels), _take(up, channels)
-        else:
-            channels = None
-        ctx.save_for_backward(gate, up, gate_w, up_w, down_w, channels)
-        ctx.act_fn = act_fn
+            saved_gate[:, s:e], saved_up[:, s:e] = gate, up
+        ctx.save_for_backward(saved_gate, saved_up, gate_w, up_w, down_w, channels)
+        ctx.act_fn, ctx.spans = act_fn, spans
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, gate_w, up_w, down_w, channels = ctx.saved_tensors
-        if channels is None:
-            grad_hidden = grad_out @ down_w
-            grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate, up)
-            grad_x = grad_gate @ gate_w + grad_up @ up_w
-        else:
-            grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
-            for row, idx in enumerate(channels):
-                grad_hidden = grad_out[row] @ down_w[:, idx]
-                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[row], up[row])
-                grad_x[row] = grad_gate @ gate_w[idx] + grad_up @ up_w[idx]
-        return grad_x, None, None, None, None, None, None, None, None
+        grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
+        for i, (s, e) in enumerate(ctx.spans):
+            if channels is None:
+                grad_hidden = grad_out[:, s:e] @ down_w
+                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[:, s:e], up[:, s:e])
+                grad_x[:, s:e] = grad_gate @ gate_w + grad_up @ up_w
+                continue
+            for row, idx in enumerate(channels[:, i]):
+                grad_hidden = grad_out[row, s:e] @ down_w[:, idx]
+                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[row, s:e], up[row, s:e])
+                grad_x[row, s:e] = grad_gate @ gate_w[idx] + grad_up @ up_w[idx]
+        return grad_x, None, None, None, None, None, None, None, None, None
 
 
 class SparseActivationFunction(torch.autograd.Function):
@@ -109,10 +121,12 @@ def gated_mlp(
     down: torch.nn.Linear,
     act_fn: Activation,
     keep: float,
+    chunk: int = 4096,
 ) -> torch.Tensor:
-    """Sparse-saved SwiGLU-style MLP on (B, T, D) or (T, D) input; channels ranked per sequence."""
+    """Sparse-saved SwiGLU-style MLP on (B, T, D) or (T, D) input; channels ranked per sequence and chunk."""
     x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
-    out = GatedMLPFunction.apply(x3, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, act_fn, keep)
+    weights = (gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
+    out = GatedMLPFunction.apply(x3, *weights, act_fn, keep, chunk)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -237,6 +237,7 @@ def run_header(command: str | None = None, extra: dict[str, Any] | None = None) 
             torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB if cuda else None
         ),
         "cuda": torch.version.cuda,
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if cuda else None,
     }
     header.update(extra or {})
     return header

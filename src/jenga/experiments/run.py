@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import multiprocessing
+import os
 import pickle
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from .. import apply_jenga
+from ..data.loaders import join_documents, load_documents
 from ..elimination import select_blocks
 from ..mlp import kept_channels
 from ..offload import ActivationOffloader
@@ -213,6 +215,15 @@ def load_snapshot(path: Path) -> dict[str, Any]:
         return pickle.load(f)
 
 
+def dataset_windows(data: Path, seq: int, eos: int) -> Callable[[int], torch.Tensor]:
+    """Step → (1, seq) ids: consecutive windows of the validation documents joined by `eos`, wrapping around."""
+    stream = join_documents(load_documents(data, "validation"), eos)
+    if stream.numel() < seq:
+        raise ValueError(f"{data}: validation split holds {stream.numel()} tokens, fewer than one {seq}-token window")
+    count = stream.numel() // seq
+    return lambda step: stream[(step % count) * seq : (step % count + 1) * seq][None]
+
+
 def run_one(
     model_name: str,
     method_name: str,
@@ -224,10 +235,12 @@ def run_one(
     command: str | None = None,
     breakdown: bool = False,
     snapshot: bool = False,
+    data: Path | None = None,
 ) -> dict:
     """Train `steps` measured steps in this process and log them; returns the summary record.
 
-    `breakdown` / `snapshot` add the records of `profile_step` after the measured steps.
+    `breakdown` / `snapshot` add the records of `profile_step` after the measured steps. `data` (a dataset
+    folder built by `jenga.data.corpus`) replaces random tokens by windows of its validation documents.
     """
     method = get_method(method_name)
     capped = None
@@ -250,6 +263,7 @@ def run_one(
         "predictor": method.predictor,
         "offload": None if method.offload is None else {"policy": method.offload, "resident": method.offload_resident},
         "memory_cap_gib": memory_gib if capped is not None else None,
+        "data": "random tokens" if data is None else f"{data} (validation windows)",
     }
     with JsonlWriter(path, header=None) as writer:
         try:
@@ -271,6 +285,7 @@ def run_one(
             writer=writer,
             scorer_timer=timer,
             forward_context=offloader,
+            batches=None if data is None else dataset_windows(data, seq, model.config.eos_token_id),
         )
         if stats.status == "ok" and method.jenga is not None:
             writer.write(layer_sparsity_record(model, timer.scorer))
@@ -292,9 +307,11 @@ def spawn(
 ) -> dict:
     """Run one configuration in a fresh process and return its summary (status "failed" if it crashed).
 
-    `extra` holds `run_one`'s optional switches (breakdown, snapshot), taken from `args` when None.
+    `extra` holds `run_one`'s optional switches (breakdown, snapshot), taken from `args` when None; the
+    token source (`--data`) always comes from `args`.
     """
     extra = {"breakdown": args.breakdown, "snapshot": args.snapshot} if extra is None else extra
+    extra = {**extra, "data": args.data}
     command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
     if args.fork:
         worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
@@ -305,7 +322,9 @@ def spawn(
     else:
         cmd = [sys.executable, "-m", "jenga.experiments.run", "--model", args.model, "--worker", method, str(seq)]
         cmd += ["--steps", str(steps), "--warmup", str(warmup), "--log", str(path), "--sweep-command", command]
-        cmd += [f"--{name}" for name, on in extra.items() if on]
+        cmd += [f"--{name}" for name, on in extra.items() if on is True]
+        if args.data is not None:
+            cmd += ["--data", str(args.data)]
         if args.memory_gib is not None:
             cmd += ["--memory-gib", str(args.memory_gib)]
         exit_code = subprocess.run(cmd).returncode
@@ -336,15 +355,15 @@ def longest_fitting(
 ) -> tuple[int, int | None]:
     """(longest multiple of `step` for which `fits` holds, first failing length or None up to `cap`).
 
-    Doubles from `start` (default `step`) until a failure or `cap`, then bisects in multiples of `step`;
-    assumes that fitting is monotone in the length (memory grows with it).
+    Doubles from `start` (default `step`) until a failure, trying `cap` itself when doubling would pass it, then
+    bisects in multiples of `step`; assumes that fitting is monotone in the length (memory grows with it).
     """
     good, bad, seq = 0, None, start or step
     while seq <= cap:
         if not fits(seq):
             bad = seq
             break
-        good, seq = seq, seq * 2
+        good, seq = seq, (seq * 2 if seq * 2 <= cap or seq == cap else cap)
     while bad is not None and bad - good > step:
         mid = (good + bad) // 2 // step * step
         good, bad = (mid, bad) if fits(mid) else (good, mid)
@@ -402,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--breakdown", action="store_true", help="log a memory breakdown step (figure 14)")
     parser.add_argument("--snapshot", action="store_true", help="save that step's allocator history (figure 18)")
     parser.add_argument(
+        "--data", type=Path, help="dataset folder (jenga.data.corpus): train on its text instead of random tokens"
+    )
+    parser.add_argument(
         "--fork",
         action="store_true",
         help="fork configurations from this process (faster; for the command line: a process that already ran "
@@ -415,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sweep-command", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Every configuration, baseline included, runs with the allocator's expandable segments (unless the user set
+    # another policy): long runs otherwise OOM with gigabytes reserved but unallocated (fragmentation).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.worker:
         run_one(
             args.model,
@@ -427,6 +452,7 @@ def main(argv: list[str] | None = None) -> None:
             command=args.sweep_command,
             breakdown=args.breakdown,
             snapshot=args.snapshot,
+            data=args.data,
         )
         return
     if args.num_gpus < 1:

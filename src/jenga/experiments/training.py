@@ -7,6 +7,7 @@ share one definition of "a training step" (forward with labels, backward, AdamW 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +120,13 @@ def train_steps(
     seed: int = 0,
     scorer_timer: TimedScorer | None = None,
     forward_context: AbstractContextManager | None = None,
+    batches: Callable[[int], torch.Tensor] | None = None,
 ) -> StepStats:
-    """Run `warmup + steps` AdamW steps on random tokens (batch 1); OOM ends the run as status "oom".
+    """Run `warmup + steps` AdamW steps (batch 1); OOM ends the run as status "oom".
 
-    `forward_context` (re-entered every step, e.g. an activation offloader) wraps each forward pass.
+    Tokens are random unless `batches` maps a step number to its (1, seq_len) ids (real text, where a
+    trained model's attention patterns matter). `forward_context` (re-entered every step, e.g. an activation
+    offloader) wraps each forward pass.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,7 +136,8 @@ def train_steps(
     records: list[dict[str, Any]] = []
     try:
         for step in range(warmup + steps):
-            ids = torch.randint(0, vocab_size, (1, seq_len), generator=gen).to(device)
+            ids = batches(step) if batches else torch.randint(0, vocab_size, (1, seq_len), generator=gen)
+            ids = ids.to(device)
             with recorder.phase("forward"), forward_context or nullcontext():
                 loss = model(input_ids=ids, labels=ids).loss
             with recorder.phase("backward"):

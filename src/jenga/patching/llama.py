@@ -42,7 +42,7 @@ class LlamaFamilyAdapter(FamilyAdapter):
             if not frozen_linears(self.gate_proj, self.up_proj, self.down_proj):
                 warn_once("mlp-dense", DENSE_MLP_MESSAGE)
                 return original(self, x)
-            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep)
+            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, state.config.mlp_chunk)
 
         override_forward(mlp, forward, state)
         return mlp

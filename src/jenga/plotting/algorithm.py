@@ -1,9 +1,9 @@
 """Figure 15: the per-layer sparsity Jenga uses, and where in the sequence selection kept blocks.
 
-Reads the `layer_sparsity` record of Jenga runs (`<logs>/<card>/<model>_<method>_<len>.jsonl`). Left: per
-layer, the configured attention keep ratio, the fraction of tokens the attention actually ran on, and the
-fraction of MLP channels saved for backward. Right: per layer and position range, the fraction of blocks
-selection kept.
+Reads the `layer_sparsity` record of Jenga runs (`<logs>/<card>/<model>_<method>_<len>.jsonl`): random-init
+architectures and the trained small model. Left: per layer, the configured attention keep ratio, the fraction
+of tokens the attention actually ran on, and the fraction of MLP channels saved for backward. Right: per layer
+and position range, the fraction of blocks selection kept.
 """
 
 from __future__ import annotations
@@ -46,11 +46,16 @@ def plot_algorithm(logs: Path, out: Path) -> list[Path]:
                 right.grid(False)
             model, method = header.get("model", path.stem), header.get("method", "")
             fig.suptitle(f"{model} {method}, {seq} tokens ({header.get('weights')} weights)", fontsize=9)
+            weights = header.get("weights")
+            meaning = (
+                "so positions show the mechanism rather than trained attention patterns"
+                if weights == "random-init"
+                else f"trained on {header.get('data', 'random tokens')}, so positions follow learned attention"
+            )
             caption = (
                 f"Paper figure 15: per-layer attention/MLP sparsity of {model} ({method}, {seq} tokens) and where "
                 f"block selection kept blocks in the last step (dense layers drawn as fully kept); weights "
-                f"{header.get('weights')}, so positions show the mechanism rather than trained attention "
-                f"patterns. Log {path}; device {header.get('device')}."
+                f"{weights}, {meaning}. Log {path}; device {header.get('device')}."
             )
             written.append(save(fig, out / f"{card.name}_{path.stem}.png", caption))
     return written
