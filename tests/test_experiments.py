@@ -134,3 +134,11 @@ def test_hello_world_checks_pass(capsys):
     assert hello.main() == 0
     out = capsys.readouterr().out
     assert "[PASS] jenga step" in out and "[PASS] kernel" in out and "all checks passed" in out
+
+
+def test_out_of_memory_includes_library_allocation_failures():
+    from jenga.experiments.training import is_out_of_memory
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)"))

@@ -44,7 +44,7 @@ from ..predictor import PredictorBundle
 from ..profiling import GIB, JsonlWriter, PhaseRecorder, SublayerSavedMeter, TimedScorer, read_jsonl, run_header
 from . import longlora
 from .methods import METHODS, Method, get_method
-from .training import add_attention_lora, load_model, train_steps
+from .training import add_attention_lora, is_out_of_memory, load_model, train_steps
 
 
 def log_path(logs: Path, model: str, method: str, seq: int) -> Path:
@@ -268,7 +268,9 @@ def run_one(
     with JsonlWriter(path, header=None) as writer:
         try:
             model, weights, timer = build(method, model_name, seq)
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
             writer.write(run_header(command, extra={**header, "weights": None}))
             summary = {"record": "summary", "status": "oom", "error": str(exc).splitlines()[0], "stage": "build"}
             writer.write(summary)
@@ -295,7 +297,9 @@ def run_one(
             target = path.with_name(path.stem + ".snapshot.pickle.gz") if snapshot else None
             try:
                 writer.write(profile_step(model, seq, target))
-            except torch.cuda.OutOfMemoryError as exc:
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 writer.write({"record": "memory_breakdown", "status": "oom", "error": str(exc).splitlines()[0]})
         summary = stats.as_record()
         writer.write(summary)

@@ -109,6 +109,16 @@ class StepStats:
         }
 
 
+# Device-memory exhaustion that does not surface as torch.cuda.OutOfMemoryError: a library allocating outside
+# PyTorch's allocator (e.g. the autograd thread's first cuBLAS handle) when PyTorch holds all the memory.
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` means the GPU ran out of memory (logged as OOM rather than as a crash)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(m in str(exc) for m in OOM_MESSAGES)
+
+
 def train_steps(
     model: torch.nn.Module,
     seq_len: int,
@@ -153,7 +163,9 @@ def train_steps(
             if writer is not None:
                 writer.write(record)
             del loss
-    except torch.cuda.OutOfMemoryError as exc:
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
         if recorder.active is not None:
             recorder.stop()
         return StepStats("oom", records, error=str(exc).splitlines()[0])
