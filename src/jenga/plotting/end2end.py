@@ -1,4 +1,4 @@
-"""Figures 12 and 13: peak memory and step time per model and method, and memory against length.
+"""Figures 12 and 13: peak memory and step time per model and method, and both against sequence length.
 
 Reads runner logs `<model>_<method>_<length>.jsonl` from `<logs>/<card>/` (bars) and
 `<logs>/<card>/length/` plus the same card's per-model runs of that model (lines). Runs that ran out of
@@ -54,12 +54,36 @@ def _bars(runs, seq: int, key: str, ylabel: str, out: Path, caption: str) -> Pat
     return save(fig, out, caption)
 
 
+def _length_plot(lengths, model: str, key: str, ylabel: str, out: Path, card: Path, paper: int) -> Path:
+    """One model's `key` against sequence length per method; OOM lengths drawn as x above the lines."""
+    fig, axes = figure(5.6, 3.4)
+    ax = axes[0][0]
+    for j, method in enumerate(METHODS):
+        points = sorted((s, r[1]) for (m, me, s), r in lengths.items() if m == model and me == method)
+        ok = [(s, r[key]) for s, r in points if r.get("status") == "ok" and r.get(key) is not None]
+        oom = [s for s, r in points if r.get("status") == "oom"]
+        if ok:
+            ax.plot(*zip(*ok, strict=True), marker="o", color=color(method, j), label=method)
+        if oom:
+            top = max((v for _, v in ok), default=1.0) * 1.1
+            ax.scatter(oom, [top] * len(oom), marker="x", color=color(method, j), label=f"{method}: OOM")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="sequence length (tokens)", ylabel=ylabel, title=f"{model}: {ylabel.split(' (')[0]} vs length")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    caption = (
+        f"Paper figure {paper} (right): {ylabel} against sequence length for {model}, {card.name} set; logs "
+        f"{card / 'length'} and {card}; device {_device(lengths)}. x marks lengths that ran out of memory."
+    )
+    return save(fig, out / f"{card.name}_{model}_length.png", caption)
+
+
 def _device(runs) -> str:
     return ", ".join(sorted({str(h.get("device")) for h, _ in runs.values() if h}))
 
 
 def plot_end2end(logs: Path, out: Path) -> list[Path]:
-    """Bars per card set (80gb / 48gb) and length, and memory-vs-length lines; returns the files written."""
+    """Bars per card set (80gb / 48gb) and length, and memory/time-vs-length lines; returns the files written."""
     written = []
     for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
         runs = _runs(card)
@@ -79,32 +103,9 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
         # the length sweeps skip the per-model set's lengths: those points come from the same card's runs
         lengths = {**{k: v for k, v in runs.items() if k[0] in models}, **swept}
         for model in sorted(models):
-            fig, axes = figure(5.6, 3.4)
-            ax = axes[0][0]
-            for j, method in enumerate(METHODS):
-                points = sorted((s, r[1]) for (m, me, s), r in lengths.items() if m == model and me == method)
-                ok = [
-                    (s, r["peak_gib"]) for s, r in points if r.get("status") == "ok" and r.get("peak_gib") is not None
-                ]
-                oom = [s for s, r in points if r.get("status") == "oom"]
-                if ok:
-                    ax.plot(*zip(*ok, strict=True), marker="o", color=color(method, j), label=method)
-                if oom:
-                    ax.scatter(
-                        oom,
-                        [max((p for _, p in ok), default=1.0) * 1.1] * len(oom),
-                        marker="x",
-                        color=color(method, j),
-                        label=f"{method}: OOM",
-                    )
-            ax.set_xscale("log", base=2)
-            ax.set(xlabel="sequence length (tokens)", ylabel="peak memory (GiB)", title=f"{model}: memory vs length")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-            caption = (
-                f"Paper figure 12 (right): peak memory against sequence length for {model}, {card.name} set; "
-                f"logs {card / 'length'} and {card}; device {_device(lengths)}. x marks lengths that ran out of "
-                "memory."
-            )
-            written.append(save(fig, out / "memory" / f"{card.name}_{model}_length.png", caption))
+            for key, ylabel, folder, paper in (
+                ("peak_gib", "peak memory (GiB)", "memory", 12),
+                ("median_step_s", "step time (s)", "time", 13),
+            ):
+                written.append(_length_plot(lengths, model, key, ylabel, out / folder, card, paper))
     return written
