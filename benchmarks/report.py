@@ -34,33 +34,36 @@ def run_sections() -> list[str]:
 
 
 def max_length_section() -> str | None:
-    paths = sorted((LOGS / "e2e" / "maxlen").glob("*.jsonl"))
-    if not paths:
-        return None
-    lines = [
-        "## Longest trainable sequence (one training step without OOM: doubling, then bisection)",
-        "",
-        "| model | method | longest OK | first OOM | bisection step | probes (length: status) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for path in paths:
+    """Longest trainable length per model and method, read from every probe log (searches and single probes).
+
+    A probe is one training step at one length in its own process; the longest length that passed and the
+    shortest failing length above it bracket the limit. Ratios are against the baseline of the same kind
+    (with or without gradient checkpointing).
+    """
+    runs: dict[tuple[str, str], list[tuple[int, str, dict]]] = {}
+    for path in sorted((LOGS / "e2e" / "probes").glob("*_*_*.jsonl")):
+        model, method, seq = path.stem.split("_")
         records = read_jsonl(path)
-        header, result = records[0], next(r for r in records if r.get("record") == "max_length")
-        probes = ", ".join(f"{k}: {v}" for k, v in sorted(result["probes"].items(), key=lambda kv: int(kv[0])))
-        first_oom = result["first_oom"] or f"none up to {result['cap']}"
-        command = header.get("command", "").split()
-        step = result.get("step") or int(
-            command[command.index("--length-step") + 1] if "--length-step" in command else 4096
-        )
-        lines.append(
-            f"| {header['model']} | {result['method']} | {result['max_ok']} | {first_oom} | {step} | {probes} |"
-        )
-    first = read_jsonl(paths[0])[0]
-    lines += [
+        summary = next((r for r in records if r.get("record") == "summary"), {"status": "incomplete"})
+        runs.setdefault((model, method), []).append((int(seq), summary["status"], records[0]))
+    if not runs:
+        return None
+    longest = {key: max((s for s, status, _ in probes if status == "ok"), default=0) for key, probes in runs.items()}
+    lines = [
+        "## Longest trainable sequence (one training step without OOM; every probe, one process each)",
         "",
-        f"Device {first['device']}, git {first['git_commit']}, {first['date']}; probe logs in `logs/e2e/probes/`; "
-        "the first probe length comes from the runner's `--start` (a length the sweep showed to fit).",
+        "| model | method | longest OK | first failing above | vs baseline | probes (length: status) | device, git |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for (model, method), probes in sorted(runs.items()):
+        best = longest[(model, method)]
+        failing = min((s for s, status, _ in probes if s > best and status != "ok"), default=None)
+        baseline = (model, "lora+ckpt" if method.endswith("+ckpt") else "lora")
+        ratio = f"{best / longest[baseline]:.2f}x" if longest.get(baseline) and baseline != (model, method) else ""
+        listed = ", ".join(f"{s}: {status}" for s, status, _ in sorted(probes, key=lambda p: p[0]))
+        where = sorted({f"{h.get('device')} {h.get('git_commit')}" for _, _, h in probes})
+        lines.append(f"| {model} | {method} | {best} | {failing or '-'} | {ratio} | {listed} | {'; '.join(where)} |")
+    lines += ["", "Probe logs in `benchmarks/logs/e2e/probes/`; the searches that chose them in `e2e/maxlen/`."]
     return "\n".join(lines) + "\n"
 
 

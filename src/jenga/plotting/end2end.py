@@ -100,8 +100,11 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
                 written += [path] if path else []
         swept = _runs(card / "length") if (card / "length").is_dir() else {}
         models = {m for m, _, _ in swept}
-        # the length sweeps skip the per-model set's lengths: those points come from the same card's runs
-        lengths = {**{k: v for k, v in runs.items() if k[0] in models}, **swept}
+        # the length sweeps skip the per-model set's lengths: those points come from the same card's runs,
+        # taken only where they ran on the sweep's device, so that no line mixes GPUs
+        devices = {h.get("device") for h, _ in swept.values()}
+        same = {k: v for k, v in runs.items() if k[0] in models and v[0].get("device") in devices}
+        lengths = {**same, **swept}
         for model in sorted(models):
             for key, ylabel, folder, paper in (
                 ("peak_gib", "peak memory (GiB)", "memory", 12),
