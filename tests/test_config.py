@@ -39,6 +39,7 @@ def test_json_roundtrip(tmp_path):
         ({"scoring": "magic"}, "scoring must be one of"),
         ({"segment_size": -1}, "segment_size"),
         ({"mlp_chunk": 0}, "mlp_chunk"),
+        ({"lean_lora": "yes"}, "lean_lora"),
         ({"sink_blocks": -2}, "sink_blocks"),
         ({"recent_blocks": -1}, "recent_blocks"),
     ],

@@ -42,6 +42,8 @@ class JengaConfig:
     segment_size: tokens per loss segment; 0 keeps the model's own loss.
     scoring: "oracle" (exact q·k scores) or "predictor" (learned, pass a scorer to `apply_jenga`).
     lean_norms: replace norms whose autograd keeps fp32 copies by `jenga.norms` (same outputs, fewer bytes).
+    lean_lora: PEFT LoRA layers on the attention projections save their input instead of its fp32 cast
+        (`jenga.lora`; same numerics).
     """
 
     block_size: int = 64
@@ -55,6 +57,7 @@ class JengaConfig:
     segment_size: int = 1024
     scoring: str = "oracle"
     lean_norms: bool = True
+    lean_lora: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,8 +88,9 @@ class JengaConfig:
             raise JengaConfigError(
                 f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"
             )
-        if not isinstance(self.lean_norms, bool):
-            raise JengaConfigError(f"lean_norms must be True or False, got {self.lean_norms!r}")
+        for name in ("lean_norms", "lean_lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise JengaConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.scoring not in SCORING_MODES:
             raise JengaConfigError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
 

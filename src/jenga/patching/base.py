@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..config import JengaConfig
 from ..elimination import TokenSelection, key_validity, select_tokens
 from ..kernels import block_scores
+from ..lora import lean_lora_forward, lora_linears
 from ..loss import segmented_causal_lm_loss
 from ..scoring import num_blocks
 
@@ -204,6 +205,14 @@ def _choose_tokens(
     return selection
 
 
+def _lean_lora(attn: nn.Module, state: JengaState) -> None:
+    """Give the attention's PEFT LoRA projections the lean forward; checked per call because PEFT may wrap
+    the projections after `apply_jenga`."""
+    for linear in lora_linears(attn):
+        if "forward" not in linear.__dict__:
+            override_forward(linear, lean_lora_forward, state)
+
+
 def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: nn.Module) -> None:
     """Run the attention sublayer on the kept blocks only; eliminated positions get zero output."""
     original = type(attn).forward
@@ -212,6 +221,8 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     config, adapter = state.config, state.adapter
 
     def forward(self, *args, **kwargs):
+        if config.lean_lora and self.training:
+            _lean_lora(self, state)
         if not self.training or keep >= 1.0:
             return original(self, *args, **kwargs)
         call = _flatten_call(signature, (self, *args), kwargs)
