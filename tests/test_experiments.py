@@ -142,3 +142,17 @@ def test_out_of_memory_includes_library_allocation_failures():
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)"))
+
+
+def test_dataset_windows_follow_the_validation_stream(tmp_path):
+    from jenga.experiments.run import dataset_windows
+
+    (tmp_path / "tokens").mkdir()
+    ids = torch.arange(10, 20, dtype=torch.int32)
+    torch.save({"ids": ids, "offsets": torch.tensor([0, 4, 10])}, tmp_path / "tokens" / "validation.pt")
+    windows = dataset_windows(tmp_path, 4, eos=0)  # stream: 10 11 12 13 0 14 .. 19 0 (12 tokens, 3 windows)
+    assert windows(0).tolist() == [[10, 11, 12, 13]]
+    assert windows(1).tolist() == [[0, 14, 15, 16]]
+    assert windows(3).tolist() == windows(0).tolist()
+    with pytest.raises(ValueError, match="fewer than one 64-token window"):
+        dataset_windows(tmp_path, 64, eos=0)
