@@ -37,7 +37,7 @@ class _LoraDown(torch.autograd.Function):
 
 def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
     """Whether this call is vanilla LoRA with a dtype cast, the only case the lean path replaces."""
-    if args or kwargs or layer.disable_adapters or layer.merged or not getattr(layer, "cast_input_dtype_enabled", 1):
+    if args or kwargs or layer.disable_adapters or layer.merged or not getattr(layer, "cast_input_dtype_enabled", True):
         return False
     for name in layer.active_adapters:
         if name not in layer.lora_A:
