@@ -158,10 +158,16 @@ def test_training_pipeline_cli(tmp_path):
             "8",
             "--prune-every",
             "10",
+            "--key-pieces",
+            "4",
+            "--rope-pairs",
+            "2",
         ]
     )
+    assert PredictorBundle.load(out).design == {"key_pieces": 4, "rope_pairs": 2}
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert records[0]["record"] == "header"
+    assert (records[0]["key_pieces"], records[0]["rope_pairs"]) == (4, 2)
     steps = [r for r in records if r["record"] == "step"]
     assert len(steps) == 30 and any("pruned" in r for r in steps)
     evaluation = records[-1]

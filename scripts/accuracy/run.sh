@@ -22,10 +22,10 @@ case "$stage" in
   pretrain)
     [ -f $base/model.safetensors ] || $py -m jenga.experiments.pretrain --data dataset --out $base \
       --hidden 256 --layers 6 --heads 4 --seq-len 1024 --batch 32 --lr 2e-3 --minutes "${MINUTES:-2.5}" ;;
-  predictor)
-    [ -f $predictor/predictor.json ] || $py -m jenga.predictor.train --model $base --data dataset \
+  predictor)  # (re)trains when there is no bundle or one saved before predictor.json recorded its design
+    grep -qs '"design"' $predictor/predictor.json || $py -m jenga.predictor.train --model $base --data dataset \
       --eval-data dataset --out $predictor --config logs/end2end/accuracy/jenga-config.json --seq-len $seq \
-      --max-sequences 96 --steps 1500 --prune-every 300 ;;
+      --max-sequences 256 --steps 3000 --prune-every 500 ;;
   finetune|ablation)
     methods=(lora longlora jenga jenga-predictor)
     [ "$stage" = ablation ] && methods=(jenga-attn0.75 jenga-mlpdense jenga-norecent)

@@ -9,9 +9,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import JengaConfig
-from .model import BlockPredictor
+from .model import KEY_PIECES, ROPE_PAIRS, BlockPredictor
 
 WEIGHTS, MANIFEST = "predictors.safetensors", "predictor.json"
+# What bundles saved before the manifest recorded a design were: block-mean keys, no rotation.
+ORIGINAL_DESIGN = {"key_pieces": 1, "rope_pairs": 0}
 
 
 class PredictorMismatchError(ValueError):
@@ -29,11 +31,16 @@ class PredictorBundle(nn.Module):
         config: JengaConfig,
         units: int = 256,
         out_dim: int = 64,
+        key_pieces: int = KEY_PIECES,
+        rope_pairs: int = ROPE_PAIRS,
     ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers, self.config = hidden_size, num_layers, config
         self.out_dim = out_dim
-        self.predictors = nn.ModuleDict({str(i): BlockPredictor(hidden_size, units, out_dim) for i in layers})
+        self.design = {"key_pieces": key_pieces, "rope_pairs": rope_pairs}
+        self.predictors = nn.ModuleDict(
+            {str(i): BlockPredictor(hidden_size, units, out_dim, **self.design) for i in layers}
+        )
 
     @property
     def layers(self) -> list[int]:
@@ -65,6 +72,7 @@ class PredictorBundle(nn.Module):
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
             "out_dim": self.out_dim,
+            "design": self.design,
             "sizes": {str(i): s for i, s in self.sizes().items()},
             "jenga_config": self.config.to_dict(),
         }
@@ -77,15 +85,17 @@ class PredictorBundle(nn.Module):
             raise FileNotFoundError(f"{folder} holds no {MANIFEST}; train one with `python -m jenga.predictor.train`")
         manifest = json.loads((folder / MANIFEST).read_text())
         sizes = {int(i): s for i, s in manifest["sizes"].items()}
+        design = manifest.get("design", ORIGINAL_DESIGN)
         bundle = cls(
             manifest["hidden_size"],
             manifest["num_layers"],
             sorted(sizes),
             JengaConfig.from_dict(manifest["jenga_config"]),
             out_dim=manifest["out_dim"],
+            **design,
         )
         for i, s in sizes.items():
-            bundle.predictors[str(i)] = _sized(manifest["hidden_size"], s, manifest["out_dim"])
+            bundle.predictors[str(i)] = _sized(manifest["hidden_size"], s, manifest["out_dim"], design)
         bundle.load_state_dict(load_file(folder / WEIGHTS))
         return bundle
 
@@ -104,9 +114,9 @@ class PredictorBundle(nn.Module):
             )
 
 
-def _sized(hidden_size: int, sizes: dict[str, int], out_dim: int) -> BlockPredictor:
+def _sized(hidden_size: int, sizes: dict[str, int], out_dim: int, design: dict[str, int]) -> BlockPredictor:
     """An empty predictor whose towers have the saved (possibly pruned) unit counts."""
-    predictor = BlockPredictor(hidden_size, sizes["query_units"], out_dim)
+    predictor = BlockPredictor(hidden_size, sizes["query_units"], out_dim, **design)
     if sizes["key_units"] != sizes["query_units"]:
-        predictor.key = type(predictor.key)(hidden_size, sizes["key_units"], out_dim)
+        predictor.key = type(predictor.key)(predictor.key.fc1.in_features, sizes["key_units"], out_dim)
     return predictor

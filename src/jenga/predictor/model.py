@@ -1,11 +1,24 @@
 """Per-layer block predictors: small two-tower networks that guess oracle block scores from hidden states.
 
-A layer's input hidden states are mean-pooled per block of `block_size` tokens and normalized. A query
-tower and a key tower (ReLU MLPs, shared across heads because the oracle sums heads) embed each block; the
-causal tile score is softplus(query_i · key_j) and a key block's score is its column sum, which is what the
-oracle ranks by. Softplus rather than ReLU: pooled blocks look alike at initialization, so their dot
-products share a sign and a ReLU would start (and stay) at zero with no gradient.
-Costs O(nb² · out_dim) instead of the oracle's O(S² · H · head_dim) plus two full projections.
+A layer's input hidden states are mean-pooled and normalized twice: per block for the query tower, and per
+key piece (`key_pieces` pieces per block; by default every token is a piece) for the key tower. The oracle
+scores a tile (query block i, key block j) by its largest token-pair score, so a block-level key mean
+dilutes the token that a tile's maximum comes from. A tile's score is the largest softplus(query_i · key)
+over key block j's pieces, and a key block's score is its column sum, which is what the oracle ranks by.
+Softplus rather than ReLU: pooled blocks look alike at initialization, so their dot products share a sign
+and a ReLU would start (and stay) at zero with no gradient.
+
+Distance: the oracle's tiles fall off steeply with the distance between blocks, which pooled contents do
+not show, so the first `rope_pairs` pairs of both towers' outputs are rotated by the block position (as
+RoPE does for tokens) and query · key can depend on that distance.
+
+Measured on the code-llama accuracy model (held-out top-k recall, 96 training windows): block means 0.85;
+with rotation 0.875; 32 key pieces without rotation 0.86, with it 0.905; per-token keys with it 0.914.
+Finer query pooling, max or RMS pooled features, separate heads, position features, other losses and
+regularization gained nothing.
+
+Cost per layer: the key tower on nb · key_pieces inputs (hidden · units each) and nb² · key_pieces · out_dim
+for the tiles, against the oracle's S² · H · head_dim plus the two q/k projections (S · hidden² each).
 
 Elastic size: each tower's hidden units count how often they are active during training; `prune()` drops
 units that almost never fire (rows of the first linear, columns of the second), so every layer ends with
@@ -21,6 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..elimination import block_validity
+
+KEY_PIECES, ROPE_PAIRS = 64, 16  # defaults: every token of a block of 64 is a key piece
+ROPE_SPAN = 64.0  # blocks: the slowest rotation of the output pairs turns by about π over this distance
 
 
 class Tower(nn.Module):
@@ -90,29 +106,84 @@ def pool_blocks(hidden: torch.Tensor, block_size: int, valid: torch.Tensor | Non
     return summed / counts.clamp_min(1)
 
 
-class BlockPredictor(nn.Module):
-    """Predicts one layer's block-to-block scores from its input hidden states."""
+def pool_pieces(
+    hidden: torch.Tensor, block_size: int, pieces: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, S, D) → (B, nb, pieces, D) means over `pieces` equal parts of each block (at most one part per
+    token), and (B, nb, pieces) which parts hold a valid token (None when all do). Parts past the end of the
+    sequence are invalid."""
+    pieces = min(pieces, block_size)
+    if block_size % pieces:
+        raise ValueError(f"key pieces per block ({pieces}) must divide the block size ({block_size})")
+    bsz, seq, dim = hidden.shape
+    nb = math.ceil(seq / block_size)
+    size = block_size // pieces
+    if valid is None and nb * block_size == seq:
+        return pool_blocks(hidden, size).view(bsz, nb, pieces, dim), None
+    token_valid = hidden.new_ones(bsz, seq, dtype=torch.bool) if valid is None else valid.bool()
+    token_valid = F.pad(token_valid, (0, nb * block_size - seq))
+    hidden = F.pad(hidden, (0, 0, 0, nb * block_size - seq))
+    pooled = pool_blocks(hidden, size, token_valid).view(bsz, nb, pieces, dim)
+    return pooled, block_validity(token_valid, size).view(bsz, nb, pieces)
 
-    def __init__(self, hidden_size: int, units: int = 256, out_dim: int = 64) -> None:
+
+class BlockPredictor(nn.Module):
+    """Predicts one layer's block-to-block scores from its input hidden states.
+
+    `key_pieces` (at most one per token of a block) and `rope_pairs` (at most out_dim // 2) are the design
+    knobs of the module docstring; 1 and 0 give the original design (block means, no rotation), which
+    bundles saved before the knobs existed load as.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        units: int = 256,
+        out_dim: int = 64,
+        key_pieces: int = KEY_PIECES,
+        rope_pairs: int = ROPE_PAIRS,
+    ) -> None:
         super().__init__()
+        self.key_pieces, self.rope_pairs = key_pieces, min(rope_pairs, out_dim // 2)
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.query = Tower(hidden_size, units, out_dim)
         self.key = Tower(hidden_size, units, out_dim)
 
-    def pooled_tile_scores(self, pooled: torch.Tensor, block_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, nb, nb) causal tile scores from pooled blocks; tiles above the diagonal and padding blocks are 0."""
-        pooled = self.norm(pooled)
-        tiles = F.softplus(self.query(pooled) @ self.key(pooled).transpose(1, 2))
-        nb = tiles.shape[1]
-        allowed = torch.ones(nb, nb, dtype=torch.bool, device=tiles.device).tril()
-        if block_valid is not None:
-            allowed = allowed & block_valid[:, :, None] & block_valid[:, None, :]
-        return tiles.masked_fill(~allowed, 0.0)
+    def _embed(self, tower: Tower, pooled: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Tower outputs (B, n, out_dim) of pooled inputs (B, n, D) at `position` (n,), in blocks."""
+        y = tower(self.norm(pooled))
+        if not self.rope_pairs:
+            return y
+        freqs = math.pi * ROPE_SPAN ** -(torch.arange(self.rope_pairs, device=y.device) / self.rope_pairs)
+        angle = position[..., None] * freqs
+        cos, sin = angle.cos().to(y.dtype), angle.sin().to(y.dtype)
+        a, b, rest = y.split([self.rope_pairs, self.rope_pairs, y.shape[-1] - 2 * self.rope_pairs], dim=-1)
+        return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+
+    def pooled_tile_scores(self, pooled: torch.Tensor, piece_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, nb, nb) causal tile scores from key pieces (B, nb, pieces, D) and their validity (B, nb, pieces),
+        as `pool_pieces` returns them; tiles above the diagonal and of padding blocks are 0.
+
+        A block's query input is the mean of its valid pieces (the block mean when the block is full). The
+        whole query block is one query, so it sees every piece of its own block, as its last token does.
+        """
+        bsz, nb, pieces, _ = pooled.shape
+        weight = pooled.new_ones(pooled.shape[:3]) if piece_valid is None else piece_valid.to(pooled.dtype)
+        in_block = weight.sum(2)
+        queries = (pooled * weight[..., None]).sum(2) / in_block.clamp_min(1)[..., None]
+        block_valid = in_block > 0
+        like = {"device": pooled.device, "dtype": pooled.dtype}
+        query = self._embed(self.query, queries, torch.arange(nb, **like) + 0.5)
+        key = self._embed(self.key, pooled.flatten(1, 2), (torch.arange(nb * pieces, **like) + 0.5) / pieces)
+        logits = (query @ key.transpose(1, 2)).view(bsz, nb, nb, pieces)
+        causal = torch.ones(nb, nb, dtype=torch.bool, device=pooled.device).tril()
+        allowed = causal[None, :, :, None] & (weight > 0)[:, None] & block_valid[:, :, None, None]
+        return F.softplus(logits).masked_fill(~allowed, 0.0).amax(-1)
 
     def tile_scores(self, hidden: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, nb, nb) causal tile scores of a layer's input hidden states (B, S, D)."""
-        pooled = pool_blocks(hidden.to(self.query.fc1.weight.dtype), block_size, valid)
-        return self.pooled_tile_scores(pooled, None if valid is None else block_validity(valid, block_size))
+        hidden = hidden.to(self.query.fc1.weight.dtype)
+        return self.pooled_tile_scores(*pool_pieces(hidden, block_size, self.key_pieces, valid))
 
     def block_scores(self, hidden: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, nb) predicted informativeness of each key block (column sums of the tiles)."""

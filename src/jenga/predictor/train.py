@@ -3,12 +3,12 @@
     python -m jenga.predictor.train --model checkpoints/<name> --data data.jsonl --out predictors/<name>
 
 1. Collect: the frozen model runs over the data (eval mode, no grad); a pre-hook on each sparse layer's
-   attention records its input hidden states pooled per block and the oracle block scores (Triton kernel on
-   GPU, PyTorch reference on CPU) computed from that layer's own q and k.
-2. Train: all predictors together with a listwise ranking loss (cross-entropy between the softmax of the
-   standardized oracle scores and the softmax of the predicted scores), pruning rarely active units every
-   `--prune-every` steps (the loss standardizes both score vectors, see `listwise_loss`). Loss per step
-   goes to a JSON-lines log; a progress bar shows it.
+   attention records its input hidden states pooled per key piece (`--key-pieces` per block) and the oracle
+   block scores (Triton kernel on GPU, PyTorch reference on CPU) computed from that layer's own q and k.
+2. Train (on the GPU when there is one): all predictors together with a listwise ranking loss (cross-entropy
+   between the softmax of the standardized oracle scores and the softmax of the predicted scores), pruning
+   rarely active units every `--prune-every` steps (the loss standardizes both score vectors, see
+   `listwise_loss`). Loss per step goes to a JSON-lines log; a progress bar shows it.
 3. Evaluate top-k block recall against the oracle at each layer's keep ratio on held-out sequences, and save
    `predictors.safetensors` + `predictor.json` that `apply_jenga(model, predictor=folder)` loads.
 
@@ -34,12 +34,12 @@ from ..kernels import block_scores
 from ..patching import find_adapter, unwrap
 from ..profiling import JsonlWriter, run_header
 from .bundle import PredictorBundle
-from .model import pool_blocks
+from .model import KEY_PIECES, ROPE_PAIRS, pool_pieces
 
 
 @dataclass
 class LayerSamples:
-    """What one layer saw: pooled hidden states (N, nb, D) and oracle block scores (N, nb)."""
+    """What one layer saw: hidden states pooled per key piece (N, nb, pieces, D) and oracle block scores (N, nb)."""
 
     pooled: list[torch.Tensor]
     oracle: list[torch.Tensor]
@@ -81,8 +81,11 @@ def sequences_from_jsonl(
 
 
 @torch.no_grad()
-def collect(model: torch.nn.Module, sequences: list[torch.Tensor], config: JengaConfig) -> dict[int, LayerSamples]:
-    """Run the frozen model over `sequences` and record each sparse layer's pooled inputs and oracle scores."""
+def collect(
+    model: torch.nn.Module, sequences: list[torch.Tensor], config: JengaConfig, key_pieces: int = KEY_PIECES
+) -> dict[int, LayerSamples]:
+    """Run the frozen model over `sequences` and record each sparse layer's inputs pooled into `key_pieces`
+    pieces per block (`pool_pieces`) and its oracle scores."""
     base = unwrap(model)
     adapter = find_adapter(base)
     layers = adapter.decoder_layers(base)
@@ -96,7 +99,7 @@ def collect(model: torch.nn.Module, sequences: list[torch.Tensor], config: Jenga
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             q, k, scale = adapter.query_key(module, hidden, kwargs)
             oracle = block_scores(q, k, config.block_size, scale)
-            samples[idx].pooled.append(pool_blocks(hidden.float(), config.block_size).cpu())
+            samples[idx].pooled.append(pool_pieces(hidden.float(), config.block_size, key_pieces)[0].cpu())
             samples[idx].oracle.append(oracle.float().cpu())
 
         hooks.append(attn.register_forward_pre_hook(record, with_kwargs=True))
@@ -150,11 +153,24 @@ def train_bundle(
     prune_threshold: float = 0.01,
     log: JsonlWriter | None = None,
     seed: int = 0,
+    key_pieces: int = KEY_PIECES,
+    rope_pairs: int = ROPE_PAIRS,
+    device: str | torch.device = "cpu",
 ) -> PredictorBundle:
-    """Train one predictor per layer in `samples` on the pooled-input → oracle-score pairs."""
+    """Train one predictor per layer in `samples` on the pooled-input → oracle-score pairs (collected with
+    the same `key_pieces`) on `device`, where the trained bundle stays."""
     torch.manual_seed(seed)
-    bundle = PredictorBundle(hidden_size, num_layers, sorted(samples), config, units=units, out_dim=out_dim)
-    data = {i: (torch.cat(s.pooled), torch.cat(s.oracle)) for i, s in samples.items()}
+    bundle = PredictorBundle(
+        hidden_size,
+        num_layers,
+        sorted(samples),
+        config,
+        units=units,
+        out_dim=out_dim,
+        key_pieces=key_pieces,
+        rope_pairs=rope_pairs,
+    ).to(device)
+    data = {i: (torch.cat(s.pooled).to(device), torch.cat(s.oracle).to(device)) for i, s in samples.items()}
     optimizer = torch.optim.Adam(bundle.parameters(), lr=lr)
     gen = random.Random(seed)
     bundle.train()
@@ -162,7 +178,7 @@ def train_bundle(
     for step in progress:
         losses = {}
         for i, (pooled, oracle) in data.items():
-            rows = torch.tensor([gen.randrange(len(pooled)) for _ in range(batch)])
+            rows = torch.tensor([gen.randrange(len(pooled)) for _ in range(batch)], device=device)
             predicted = bundle[i].pooled_tile_scores(pooled[rows]).sum(1)
             losses[i] = listwise_loss(predicted, oracle[rows])
         total = torch.stack(list(losses.values())).mean()
@@ -186,13 +202,19 @@ def train_bundle(
 
 
 @torch.no_grad()
-def evaluate(bundle: PredictorBundle, samples: dict[int, LayerSamples], config: JengaConfig) -> dict[int, float]:
-    """Top-k recall per layer at that layer's keep ratio on the given (held-out) samples."""
+def evaluate(
+    bundle: PredictorBundle, samples: dict[int, LayerSamples], config: JengaConfig, chunk: int = 16
+) -> dict[int, float]:
+    """Top-k recall per layer at that layer's keep ratio on the given (held-out) samples, `chunk` sequences
+    at a time (on the bundle's device) so fine key pieces do not need all tiles at once."""
     schedule = config.attn_schedule(bundle.num_layers)
+    device = next(bundle.parameters()).device
     recalls = {}
     for i, s in samples.items():
         pooled, oracle = torch.cat(s.pooled), torch.cat(s.oracle)
-        predicted = bundle[i].pooled_tile_scores(pooled).sum(1)
+        predicted = torch.cat(
+            [bundle[i].pooled_tile_scores(part.to(device)).sum(1).cpu() for part in pooled.split(chunk)]
+        )
         keep = config.kept_blocks(oracle.shape[1], schedule[i])
         recalls[i] = topk_recall(predicted, oracle, keep, config.sink_blocks, config.recent_blocks)
     return recalls
@@ -228,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--out-dim", type=int, default=64)
+    parser.add_argument("--key-pieces", type=int, default=KEY_PIECES, help="key tower inputs per block (means)")
+    parser.add_argument("--rope-pairs", type=int, default=ROPE_PAIRS, help="output pairs rotated by block position")
     parser.add_argument("--prune-every", type=int, default=100)
     parser.add_argument("--prune-threshold", type=float, default=0.01)
     args = parser.parse_args(argv)
@@ -262,11 +286,13 @@ def main(argv: list[str] | None = None) -> None:
             "held_out": len(eval_seqs),
             "units": args.units,
             "out_dim": args.out_dim,
+            "key_pieces": args.key_pieces,
+            "rope_pairs": args.rope_pairs,
             "jenga_config": config.to_dict(),
         }
     )
     with JsonlWriter(args.out / "train_log.jsonl", header=header) as log:
-        samples = collect(model, train_seqs, config)
+        samples = collect(model, train_seqs, config, args.key_pieces)
         bundle = train_bundle(
             samples,
             model.config.hidden_size,
@@ -279,8 +305,11 @@ def main(argv: list[str] | None = None) -> None:
             prune_every=args.prune_every,
             prune_threshold=args.prune_threshold,
             log=log,
+            key_pieces=args.key_pieces,
+            rope_pairs=args.rope_pairs,
+            device=device,
         )
-        held_out = collect(model, eval_seqs, config) if eval_seqs else {}
+        held_out = collect(model, eval_seqs, config, args.key_pieces) if eval_seqs else {}
         recall = evaluate(bundle, held_out, config) if held_out else {}
         prior = positional_prior_recall(samples, held_out, config, model.config.num_hidden_layers) if held_out else {}
         log.write(
