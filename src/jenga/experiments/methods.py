@@ -51,8 +51,14 @@ _BASE = [
         jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0),
     ),
     Method(
+        "jenga-norms",
+        "Jenga with no elimination and the model's own loss: sparse-saved MLP at keep 1.0 and lean norms, PEFT's "
+        "own LoRA path",
+        jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=0, lean_lora=False),
+    ),
+    Method(
         "jenga-lean",
-        "Jenga with no elimination and the model's own loss: sparse-saved MLP at keep 1.0 and lean norms",
+        "Jenga with no elimination and the model's own loss: sparse-saved MLP at keep 1.0, lean norms and lean LoRA",
         jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=0),
     ),
     Method(

@@ -21,7 +21,8 @@ PART_COLORS = [*PALETTE, "#bcbd22", "#17becf"]
 # The ladder, in the order the techniques are added; other methods found in the logs follow.
 LADDER = {
     "lora": "LoRA",
-    "jenga-lean": "+lean norms\n& MLP path",
+    "jenga-norms": "+lean norms\n& MLP path",
+    "jenga-lean": "+lean LoRA",
     "jenga-dense": "+segmented\nloss",
     "jenga-attn": "+attention\nelimination",
     "jenga": "+MLP\nelimination",
