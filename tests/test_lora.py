@@ -1,4 +1,4 @@
-"""Lean LoRA: PEFT's numerics on a bf16 model with fp32 adapters, without saving the fp32 input casts."""
+"""Lean LoRA: PEFT's results within bf16 rounding on a bf16 model with fp32 adapters, without the fp32 casts."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _loss_grads_and_fp32_saves(model, ids):
     return loss.detach(), lora_grads(model), fp32_rows
 
 
-def test_lean_lora_matches_peft_and_drops_the_fp32_casts():
+def test_lean_lora_drops_the_fp32_casts_before_and_after_peft():
     ids = batch(2, 128)
     for order in ("peft-first", "jenga-first"):
         model = _bf16_model_with_fp32_lora(order)
@@ -57,10 +57,39 @@ def test_lean_lora_matches_peft_and_drops_the_fp32_casts():
                 state.patched.remove(module)
         ref_loss, ref_grads, ref_fp32 = _loss_grads_and_fp32_saves(model, ids)
         assert len(ref_fp32) == 4 * 3  # PEFT: q, k, v and o each save an fp32 copy, in all 3 layers
-        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=0)
         assert grads.keys() == ref_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+        assert all(grad.dtype == torch.float32 for grad in grads.values())
+
+
+def _dense_lora_grads(dtype: torch.dtype, lean: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of a tiny Llama in `dtype` with fp32 adapters (random A and B, so the adapter
+    contributes to the forward), Jenga patching attention without elimination."""
+    model = tiny_llama(kv_heads=2).to(dtype)
+    apply_jenga(model, JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=0, lean_lora=lean))
+    model = add_lora(model)
+    torch.manual_seed(5)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn_like(param, dtype=torch.float32) * 0.05
+    ids = batch(2, 128)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), lora_grads(model)
+
+
+def test_lean_lora_is_as_close_to_fp32_as_peft_in_bf16():
+    """Against an all-fp32 run, bf16 with the lean adapter errs no more than bf16 with PEFT's fp32 adapter
+    path: computing the adapter in bf16 adds nothing beyond the base layers' own rounding."""
+    truth_loss, truth = _dense_lora_grads(torch.float32, lean=True)  # fp32 input: PEFT's path, no cast
+    errors = {}
+    for lean in (False, True):
+        loss, grads = _dense_lora_grads(torch.bfloat16, lean)
+        assert abs(loss - truth_loss) < 1e-3 * truth_loss
+        errors[lean] = torch.tensor([((grads[n] - truth[n]).norm() / truth[n].norm()).item() for n in truth])
+    assert errors[True].max() < 0.05
+    assert errors[True].mean() <= 1.25 * errors[False].mean()
+    assert errors[True].max() <= 1.25 * errors[False].max()
 
 
 def test_remove_jenga_restores_peft_forward():

@@ -3,7 +3,8 @@
 #   bash scripts/accuracy/run.sh pretrain            # base model, 1K context -> checkpoints/code-llama
 #   bash scripts/accuracy/run.sh predictor           # predictors on the base at 4K -> logs/ablations/predictor/code-llama
 #   bash scripts/accuracy/run.sh finetune SEED...    # lora / longlora / jenga / jenga-predictor at 4K
-#   bash scripts/accuracy/run.sh ablation SEED...    # jenga with one schedule field changed (see finetune.py)
+#   bash scripts/accuracy/run.sh ablation SEED...    # jenga with one schedule field changed (see finetune.py;
+#                                                    #   ABLATIONS="name ..." picks some)
 #   bash scripts/accuracy/run.sh eval                # perplexity + retrieval of base and every fine-tune
 #   bash scripts/accuracy/run.sh lm_eval             # CPU: merge seed-0 fine-tunes, lm_eval on them and the base
 # Needs the built dataset (python -m jenga.data.corpus --out dataset). --force-style reruns: delete the output.
@@ -28,7 +29,7 @@ case "$stage" in
       --max-sequences 256 --steps 3000 --prune-every 500 ;;
   finetune|ablation)
     methods=(lora longlora jenga jenga-predictor)
-    [ "$stage" = ablation ] && methods=(jenga-attn0.75 jenga-mlpdense jenga-norecent)
+    [ "$stage" = ablation ] && methods=(${ABLATIONS:-jenga-attn0.75 jenga-mlpdense jenga-norecent jenga-attn-l2 jenga-attn-l3 jenga-attn-l4 jenga-attn-early jenga-attn-late})
     for seed in "$@"; do
       for method in "${methods[@]}"; do
         out=$runs/$method-s$seed

@@ -42,8 +42,9 @@ class JengaConfig:
     segment_size: tokens per loss segment; 0 keeps the model's own loss.
     scoring: "oracle" (exact q·k scores) or "predictor" (learned, pass a scorer to `apply_jenga`).
     lean_norms: replace norms whose autograd keeps fp32 copies by `jenga.norms` (same outputs, fewer bytes).
-    lean_lora: PEFT LoRA layers on the attention projections save their input instead of its fp32 cast
-        (`jenga.lora`; same numerics).
+    lean_lora: PEFT LoRA layers on the attention projections compute in the model's dtype with their fp32
+        weights as master copies, as autocast would (`jenga.lora`): they save the bf16 input instead of
+        PEFT's fp32 cast and skip its full-width fp32 passes; results differ by bf16 rounding.
     """
 
     block_size: int = 64

@@ -1,11 +1,15 @@
-"""Lean LoRA on the attention projections: the down-projection keeps its low-precision input for backward.
+"""Lean LoRA on the attention projections: the adapter runs in the model's dtype, as autocast would run it.
 
 PEFT casts a LoRA layer's input to the adapter's dtype before `lora_A` (fp32 adapters on a bf16 model), and
 autograd keeps that cast: q, k and v each save their own fp32 copy of the same normed rows, and o_proj one of
 the attention output, 4 copies at twice the input's size per layer (measured with saved-tensor hooks: more
-than half of a sparse attention sublayer's saved bytes). `_LoraDown` computes the same fp32 product but saves
-the input as given and repeats the cast in backward, so the numerics are PEFT's own and the three q/k/v calls
-share one saved tensor.
+than half of a sparse attention sublayer's saved bytes). Its up-projection, scaling and sum are fp32 tensors
+of the projection's full width too, memory-bound passes that cost as much time as the base projection.
+
+`lean_lora_forward` keeps the fp32 weights as master copies and computes with their bf16 casts: the down-
+projection reads and saves the bf16 input (one tensor shared by q, k and v), and the up-projection, scaling
+and sum are one bf16 `addmm` on the base output. Gradients reach the fp32 weights through the casts. The
+results differ from PEFT's only by bf16 rounding of the adapter's product, the precision of the base layer.
 """
 
 from __future__ import annotations
@@ -15,24 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class _LoraDown(torch.autograd.Function):
-    """F.linear(x.to(weight.dtype), weight), saving `x` itself rather than its cast."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.linear(x.to(weight.dtype), weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
-        return grad_x, grad_w
 
 
 def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
@@ -50,16 +36,17 @@ def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict)
 
 
 def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """PEFT `lora.Linear.forward` for vanilla adapters, with `_LoraDown` in place of the cast and `lora_A`."""
+    """PEFT `lora.Linear.forward` for vanilla adapters, computed in the input's dtype (module docstring)."""
     if not (torch.is_grad_enabled() and _is_plain_lora(self, x, args, kwargs)):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    dtype = result.dtype
     for name in self.active_adapters:
         if name in self.lora_A:
-            down = _LoraDown.apply(x, self.lora_A[name].weight)
-            result = result + self.lora_B[name](down) * self.scaling[name]
-    return result.to(dtype)
+            down = F.linear(x, self.lora_A[name].weight.to(x.dtype))
+            down, up = down.to(result.dtype).flatten(0, -2), self.lora_B[name].weight.to(result.dtype).t()
+            flat = torch.addmm(result.flatten(0, -2), down, up, alpha=self.scaling[name])
+            result = flat.view_as(result)
+    return result
 
 
 def lora_linears(module: nn.Module) -> list[nn.Module]:
