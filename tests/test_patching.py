@@ -461,3 +461,49 @@ def test_opt_350m_shape_projected_embeddings_and_post_norm():
     sparse = apply_jenga(build(), JengaConfig(block_size=16, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=0))
     sparse_loss, _ = loss_and_grads(sparse, ids)
     assert torch.isfinite(sparse_loss)
+
+
+def test_shared_selection_scores_once_and_matches_one_selection_everywhere(family):
+    """With `shared_selection`, the first sparse layer scores and the others reuse its blocks: the step equals
+    one where every layer's scorer returns the first layer's scores, with one scoring call per forward (also
+    under checkpointing, and after a change of length)."""
+    config = JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=0, shared_selection=True)
+    calls = []
+
+    def by_position(layer_idx, hidden, token_valid, block_size, query_key):
+        """The same scores in every layer for a given shape, so the unshared run selects alike everywhere."""
+        calls.append(layer_idx)
+        nb = math.ceil(hidden.shape[1] / block_size)
+        generator = torch.Generator().manual_seed(nb)
+        return torch.rand(hidden.shape[0], nb, generator=generator)
+
+    def run(shared: bool, ids: torch.Tensor, checkpointing: bool = False):
+        base = MODEL_BUILDERS[family]()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        model = apply_jenga(
+            add_lora(base),
+            config if shared else JengaConfig(**{**config.to_dict(), "shared_selection": False}),
+            scorer=by_position,
+        )
+        return loss_and_grads(model, ids)
+
+    first = config.sparse_layers(3)[0]
+    for seq in (160, 96):
+        ids = batch(2, seq)
+        calls.clear()
+        ref_loss, ref_grads = run(False, ids)
+        assert sorted(calls) == config.sparse_layers(3)
+        for checkpointing in (False, True):
+            calls.clear()
+            loss, grads = run(True, ids, checkpointing)
+            assert calls == [first]
+            assert rel_err(loss, ref_loss) < 1e-6
+            for name, grad in grads.items():
+                assert rel_err(grad, ref_grads[name]) < 1e-5, name
+    model = apply_jenga(add_lora(MODEL_BUILDERS[family]()), config, scorer=by_position)
+    for seq in (160, 96, 160):
+        calls.clear()
+        loss_and_grads(model, batch(2, seq))
+        assert calls == [first], "a new length must be scored, not served the last length's selection"

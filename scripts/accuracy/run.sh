@@ -29,7 +29,7 @@ case "$stage" in
       --max-sequences 256 --steps 3000 --prune-every 500 ;;
   finetune|ablation)
     methods=(lora longlora jenga jenga-predictor)
-    [ "$stage" = ablation ] && methods=(${ABLATIONS:-jenga-attn0.75 jenga-mlpdense jenga-norecent jenga-attn-l2 jenga-attn-l3 jenga-attn-l4 jenga-attn-early jenga-attn-late})
+    [ "$stage" = ablation ] && methods=(${ABLATIONS:-jenga-attn0.75 jenga-mlpdense jenga-norecent jenga-attn-l2 jenga-attn-l3 jenga-attn-l4 jenga-attn-early jenga-attn-late jenga-shared})
     for seed in "$@"; do
       for method in "${methods[@]}"; do
         out=$runs/$method-s$seed

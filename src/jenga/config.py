@@ -45,6 +45,9 @@ class JengaConfig:
     lean_lora: PEFT LoRA layers on the attention projections compute in the model's dtype with their fp32
         weights as master copies, as autocast would (`jenga.lora`): they save the bf16 input instead of
         PEFT's fp32 cast and skip its full-width fp32 passes; results differ by bf16 rounding.
+    shared_selection: every sparse layer keeping as many blocks as the first sparse layer reuses that layer's
+        selection within a forward (one scoring pass per step), so a block is kept or dropped through the whole
+        stack rather than independently per layer.
     """
 
     block_size: int = 64
@@ -59,6 +62,7 @@ class JengaConfig:
     scoring: str = "oracle"
     lean_norms: bool = True
     lean_lora: bool = True
+    shared_selection: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,7 +93,7 @@ class JengaConfig:
             raise JengaConfigError(
                 f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"
             )
-        for name in ("lean_norms", "lean_lora"):
+        for name in ("lean_norms", "lean_lora", "shared_selection"):
             if not isinstance(getattr(self, name), bool):
                 raise JengaConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.scoring not in SCORING_MODES:

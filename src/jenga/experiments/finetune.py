@@ -37,6 +37,7 @@ ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
 # Schedule ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes.
 # The per-layer lists are for the 6-layer accuracy base, whose sparse layers are 2-4: one sparse attention
 # layer at a time (`-l2`..`-l4`), and the default's mean keep of 0.5 moved towards the early or late layers.
+# `jenga-shared` keeps one selection through the stack (`JengaConfig.shared_selection`).
 JENGA_ABLATIONS = {
     "jenga-norecent": {"recent_blocks": 0},
     "jenga-attn0.75": {"attn_keep": 0.75},
@@ -46,6 +47,7 @@ JENGA_ABLATIONS = {
     "jenga-attn-l4": {"attn_keep": [1.0, 1.0, 1.0, 1.0, 0.5, 1.0]},
     "jenga-attn-early": {"attn_keep": [1.0, 1.0, 0.75, 0.5, 0.25, 1.0]},
     "jenga-attn-late": {"attn_keep": [1.0, 1.0, 0.25, 0.5, 0.75, 1.0]},
+    "jenga-shared": {"shared_selection": True},
 }
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 EXTRAS = "extra_trainables.safetensors"

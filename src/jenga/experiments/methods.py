@@ -72,6 +72,11 @@ _BASE = [
         "Jenga (keep 0.5) with the model's own loss instead of the segmented loss",
         jenga=replace(HALF, segment_size=0),
     ),
+    Method(
+        "jenga-shared",
+        "Jenga (keep 0.5) with one block selection for all sparse layers, scored by the first",
+        jenga=replace(HALF, shared_selection=True),
+    ),
     Method("jenga-0.25", "Jenga, attention and MLP keep 0.25 (first 2 layers and the last dense)", jenga=QUARTER),
     Method("jenga-2d", "Jenga (keep 0.5) combined with LongLoRA's shifted sparse attention", jenga=HALF, s2attn=True),
     Method(

@@ -122,6 +122,8 @@ class JengaState:
     last_kept_tokens: dict[int, int] = field(default_factory=dict)
     # Selections of checkpointed layers, made in forward and reused by the backward-time recompute.
     pending: dict[int, deque] = field(default_factory=dict)
+    # (layer, (seq_len, batch, kept blocks), selection) of the last scoring layer, for `shared_selection`.
+    shared_selection: tuple[int, tuple[int, int, int], TokenSelection] | None = None
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -178,7 +180,8 @@ def _choose_tokens(
     token_valid: torch.Tensor | None,
     query_key: QueryKey,
 ) -> TokenSelection:
-    """Score and select this layer's kept tokens, or reuse the selection a checkpointed forward made.
+    """Score and select this layer's kept tokens, or reuse the selection a checkpointed forward made (or, with
+    `shared_selection`, the one an earlier sparse layer made in this forward).
 
     Under gradient checkpointing the layer's forward runs again in backward; reusing the first forward's
     selection (first in, first out) halves the scoring cost and guarantees the recompute sees the same
@@ -192,11 +195,18 @@ def _choose_tokens(
     recompute = checkpointed and _in_backward()
     if recompute and pending and pending[0].seq_len == seq_len and pending[0].index.shape[0] == hidden.shape[0]:
         return pending.popleft()
-    with torch.no_grad():
-        scores = state.scorer(layer_idx, hidden, token_valid, config.block_size, query_key)
-        selection = select_tokens(
-            scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid, config.recent_blocks
-        )
+    shape = (seq_len, hidden.shape[0], keep_blocks)
+    shared = state.shared_selection
+    if config.shared_selection and shared is not None and shared[0] < layer_idx and shared[1] == shape:
+        selection = shared[2]
+    else:
+        with torch.no_grad():
+            scores = state.scorer(layer_idx, hidden, token_valid, config.block_size, query_key)
+            selection = select_tokens(
+                scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid, config.recent_blocks
+            )
+        if config.shared_selection:
+            state.shared_selection = (layer_idx, shape, selection)
     if checkpointed and not recompute:
         pending.append(selection)
         if len(pending) > MAX_PENDING:
