@@ -21,6 +21,7 @@ RUN_FOLDERS = [
     ("e2e", "End-to-end sweep"),
     ("predictor-timing", "Selection cost: oracle scoring vs two-tower predictors (random-init weights, timing only)"),
     ("core", "Core benchmark (Triton block scoring, lean norms)"),
+    ("shared-selection", "One block selection for all sparse layers (shared_selection) against per-layer selection"),
     ("core-reference-scorer", "Core benchmark, first run (PyTorch reference scorer, no lean norms)"),
 ]
 

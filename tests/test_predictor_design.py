@@ -131,3 +131,18 @@ def test_design_roundtrip_and_mismatch_after_load(tmp_path):
         torch.testing.assert_close(loaded[1].block_scores(hidden, 16), bundle[1].block_scores(hidden, 16))
     with pytest.raises(PredictorMismatchError, match="3 layers of hidden size 64.*4 layers"):
         apply_jenga(tiny_llama(layers=4), CONFIG, predictor=tmp_path)
+
+
+def test_bundle_placed_like_a_bf16_model_ranks_as_in_fp32():
+    torch.manual_seed(0)
+    bundle = PredictorBundle(64, 3, [1], CONFIG, units=16, out_dim=8, key_pieces=8, rope_pairs=3).eval()
+    hidden = torch.randn(2, 300, 64)
+    with torch.no_grad():
+        reference = bundle[1].block_scores(hidden, 16)
+        placed = bundle.placed_like(torch.nn.Linear(4, 4).bfloat16())
+        assert placed[1].query.fc1.weight.dtype == torch.bfloat16
+        scores = placed[1].block_scores(hidden.bfloat16(), 16)
+    assert scores.dtype == torch.float32  # tiles are summed in fp32
+    torch.testing.assert_close(scores, reference, rtol=2e-2, atol=1e-2)
+    assert (scores.argsort(dim=1)[:, -5:].sort().values == reference.argsort(dim=1)[:, -5:].sort().values).all()
+    assert bundle.placed_like(torch.nn.Linear(4, 4))[1].query.fc1.weight.dtype == torch.float32

@@ -102,7 +102,7 @@ def predictor_scorer(method: Method, model: torch.nn.Module):
         bundle = PredictorBundle(config.hidden_size, config.num_hidden_layers, sparse, method.jenga)
     else:
         bundle = PredictorBundle.load(method.predictor)
-    return bundle.to(next(model.parameters()).device).eval().scorer()
+    return bundle.placed_like(model).scorer()
 
 
 POSITION_BINS = 8

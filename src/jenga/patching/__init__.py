@@ -75,8 +75,7 @@ def apply_jenga(
         layers = adapter.decoder_layers(base)
         sparse = config.sparse_layers(len(layers))
         bundle.check_fits(base.config.hidden_size, len(layers), sparse)
-        bundle.to(next(base.parameters()).device).eval()
-        scorer = bundle.scorer()
+        scorer = bundle.placed_like(base).scorer()
     config = config or JengaConfig()
     config.validate()
     if config.scoring == "predictor" and scorer is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -51,6 +52,14 @@ class PredictorBundle(nn.Module):
 
     def sizes(self) -> dict[int, dict[str, int]]:
         return {i: self[i].sizes() for i in self.layers}
+
+    def placed_like(self, model: nn.Module) -> PredictorBundle:
+        """This bundle on the model's device, in the model's dtype when that is half precision: at 8K on a 7B
+        model the fp32 key tower over every token costs several times what its bf16 matmuls do. Tile scores
+        are summed in fp32 either way."""
+        param = next(model.parameters())
+        dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        return self.to(device=param.device, dtype=dtype).eval()
 
     def scorer(self):
         """A `BlockScorer` for `apply_jenga` that reads hidden states instead of computing q and k."""

@@ -178,7 +178,7 @@ class BlockPredictor(nn.Module):
         logits = (query @ key.transpose(1, 2)).view(bsz, nb, nb, pieces)
         causal = torch.ones(nb, nb, dtype=torch.bool, device=pooled.device).tril()
         allowed = causal[None, :, :, None] & (weight > 0)[:, None] & block_valid[:, :, None, None]
-        return F.softplus(logits).masked_fill(~allowed, 0.0).amax(-1)
+        return F.softplus(logits.float()).masked_fill(~allowed, 0.0).amax(-1)
 
     def tile_scores(self, hidden: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, nb, nb) causal tile scores of a layer's input hidden states (B, S, D)."""
