@@ -27,6 +27,7 @@ its own size.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -118,8 +119,9 @@ def pool_pieces(
     bsz, seq, dim = hidden.shape
     nb = math.ceil(seq / block_size)
     size = block_size // pieces
-    if valid is None and nb * block_size == seq:
-        return pool_blocks(hidden, size).view(bsz, nb, pieces, dim), None
+    if valid is None and nb * block_size == seq:  # the common case: a view (one token per piece) or one mean
+        parts = hidden.reshape(bsz, nb, pieces, size, dim)
+        return (parts.squeeze(3) if size == 1 else parts.mean(3)), None
     token_valid = hidden.new_ones(bsz, seq, dtype=torch.bool) if valid is None else valid.bool()
     token_valid = F.pad(token_valid, (0, nb * block_size - seq))
     hidden = F.pad(hidden, (0, 0, 0, nb * block_size - seq))
@@ -149,14 +151,12 @@ class BlockPredictor(nn.Module):
         self.query = Tower(hidden_size, units, out_dim)
         self.key = Tower(hidden_size, units, out_dim)
 
-    def _embed(self, tower: Tower, pooled: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Tower outputs (B, n, out_dim) of pooled inputs (B, n, D) at `position` (n,), in blocks."""
+    def _embed(self, tower: Tower, pooled: torch.Tensor, per_block: int) -> torch.Tensor:
+        """Tower outputs (B, n, out_dim) of pooled inputs (B, n, D), `per_block` inputs per block in order."""
         y = tower(self.norm(pooled))
         if not self.rope_pairs:
             return y
-        freqs = math.pi * ROPE_SPAN ** -(torch.arange(self.rope_pairs, device=y.device) / self.rope_pairs)
-        angle = position[..., None] * freqs
-        cos, sin = angle.cos().to(y.dtype), angle.sin().to(y.dtype)
+        cos, sin = _rotation(y.shape[1], per_block, self.rope_pairs, y.device, y.dtype)
         a, b, rest = y.split([self.rope_pairs, self.rope_pairs, y.shape[-1] - 2 * self.rope_pairs], dim=-1)
         return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
 
@@ -166,18 +166,21 @@ class BlockPredictor(nn.Module):
 
         A block's query input is the mean of its valid pieces (the block mean when the block is full). The
         whole query block is one query, so it sees every piece of its own block, as its last token does.
+        Without padding (`piece_valid` None) the masks are the cached causal one alone: this runs once per
+        sparse layer and step, where every extra kernel launch shows.
         """
         bsz, nb, pieces, _ = pooled.shape
-        weight = pooled.new_ones(pooled.shape[:3]) if piece_valid is None else piece_valid.to(pooled.dtype)
-        in_block = weight.sum(2)
-        queries = (pooled * weight[..., None]).sum(2) / in_block.clamp_min(1)[..., None]
-        block_valid = in_block > 0
-        like = {"device": pooled.device, "dtype": pooled.dtype}
-        query = self._embed(self.query, queries, torch.arange(nb, **like) + 0.5)
-        key = self._embed(self.key, pooled.flatten(1, 2), (torch.arange(nb * pieces, **like) + 0.5) / pieces)
+        causal = _causal(nb, pooled.device)[None, :, :, None]
+        if piece_valid is None:
+            queries, allowed = pooled.mean(2), causal
+        else:
+            weight = piece_valid.to(pooled.dtype)
+            in_block = weight.sum(2)
+            queries = (pooled * weight[..., None]).sum(2) / in_block.clamp_min(1)[..., None]
+            allowed = causal & piece_valid[:, None] & (in_block > 0)[:, :, None, None]
+        query = self._embed(self.query, queries, 1)
+        key = self._embed(self.key, pooled.flatten(1, 2), pieces)
         logits = (query @ key.transpose(1, 2)).view(bsz, nb, nb, pieces)
-        causal = torch.ones(nb, nb, dtype=torch.bool, device=pooled.device).tril()
-        allowed = causal[None, :, :, None] & (weight > 0)[:, None] & block_valid[:, :, None, None]
         return F.softplus(logits.float()).masked_fill(~allowed, 0.0).amax(-1)
 
     def tile_scores(self, hidden: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,3 +197,21 @@ class BlockPredictor(nn.Module):
 
     def prune(self, threshold: float) -> int:
         return self.query.prune(threshold) + self.key.prune(threshold)
+
+
+@functools.lru_cache(maxsize=64)
+def _rotation(
+    n: int, per_block: int, pairs: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (n, pairs) of the rotation at input i, position (i + 0.5) / per_block in blocks (computed in
+    fp32, so half-precision predictors see exact positions)."""
+    position = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / per_block
+    freqs = math.pi * ROPE_SPAN ** -(torch.arange(pairs, device=device, dtype=torch.float32) / pairs)
+    angle = position[:, None] * freqs
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal(nb: int, device: torch.device) -> torch.Tensor:
+    """(nb, nb) lower-triangular mask: query block i sees key blocks j <= i."""
+    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
