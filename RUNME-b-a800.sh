@@ -10,6 +10,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 bash scripts/end2end/run.sh 80 "$@"                      # figures 12, 13
 bash scripts/ablations/memory-breakdown/run.sh "$@"      # figure 14 (memory and time split)
 bash scripts/ablations/algorithm/run.sh "$@"             # figure 15
+bash scripts/ablations/predictor/run.sh                  # figure 16 left (needs dataset/: python -m jenga.data.corpus)
 bash scripts/ablations/segment/run.sh "$@"               # figure 18
 bash scripts/extension/2d/run.sh "$@"                    # figure 19 upper
 bash scripts/extension/offload/run.sh "$@"               # figure 19 lower

@@ -19,6 +19,10 @@ def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
     fig, axes = figure(9.6, 3.4, ncols=2)
     loss_ax, size_ax = axes[0]
     width = 0.8 / (2 * len(runs))
+    # Runs of different models patch different layers: one slot per layer index found in any run.
+    slots = sorted(
+        {int(k) for records in runs.values() for r in records if r.get("record") == "eval" for k in r["sizes"]}
+    )
     notes = []
     for i, (source, records) in enumerate(runs.items()):
         header = records[0]
@@ -34,7 +38,7 @@ def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
         loss_ax.plot(xs_loss, smooth, color=color(source, i), lw=1.5, label=f"{source} ({window}-step mean)")
         layers = sorted(int(k) for k in final["sizes"])
         after = [final["sizes"][str(k)]["query_units"] + final["sizes"][str(k)]["key_units"] for k in layers]
-        xs = [x + 2 * i * width for x in range(len(layers))]
+        xs = [slots.index(k) + 2 * i * width for k in layers]
         size_ax.bar(
             xs,
             [2 * header["units"]] * len(layers),
@@ -54,7 +58,7 @@ def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
             + ("" if prior is None else f" (positional prior {prior:.3f})")
             + f" on {header['device']}"
         )
-    size_ax.set_xticks([x + width * len(runs) - width / 2 for x in range(len(layers))], [f"layer {k}" for k in layers])
+    size_ax.set_xticks([x + width * len(runs) - width / 2 for x in range(len(slots))], [f"layer {k}" for k in slots])
     loss_ax.set(xlabel="training step", ylabel="listwise ranking loss", title="predictor training loss")
     loss_ax.legend()
     size_ax.set(ylabel="hidden units (query + key towers)", title="elastic predictor size per layer")

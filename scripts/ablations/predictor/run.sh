@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Figure 16 left (output_figures/ablations/predictor): predictor training loss on two locally built data
+# sources, a long-document corpus (code-corpus) and an instruction-style set (instructions), and the elastic
+# sizes per layer before and after pruning. CPU-sized: the small checkpoints/tiny-code-llama at 512 tokens,
+# recall on held-out corpus documents. The predictors of the accuracy study (checkpoints/code-llama at 4K,
+# GPU) come from `bash scripts/accuracy/run.sh predictor`. Resumable: delete an output folder to rerun it.
+#   bash scripts/ablations/predictor/run.sh   -> logs/ablations/predictor/{code-corpus,instructions}
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
+py="${PYTHON:-python}"
+logs=logs/ablations/predictor
+for source in code-corpus instructions; do
+  [ -f $logs/$source/predictor.json ] && grep -qs '"design"' $logs/$source/predictor.json && continue
+  $py -m jenga.predictor.train --model checkpoints/tiny-code-llama --data dataset/$source/train.jsonl \
+    --eval-data dataset/code-corpus/validation.jsonl --out $logs/$source --config $logs/jenga-config.json \
+    --seq-len 512 --max-sequences 400 --steps 1500 --prune-every 300
+done
