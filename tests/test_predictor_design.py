@@ -146,3 +146,27 @@ def test_bundle_placed_like_a_bf16_model_ranks_as_in_fp32():
     torch.testing.assert_close(scores, reference, rtol=2e-2, atol=1e-2)
     assert (scores.argsort(dim=1)[:, -5:].sort().values == reference.argsort(dim=1)[:, -5:].sort().values).all()
     assert bundle.placed_like(torch.nn.Linear(4, 4))[1].query.fc1.weight.dtype == torch.float32
+
+
+def test_cost_counts_the_towers_tiles_and_the_layer_and_leaves_the_bundle_alone(tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jenga.predictor.cost import cost_table
+
+    model = tiny_llama(layers=4)
+    bundle = PredictorBundle(64, 4, [1, 2], CONFIG, units=16, out_dim=8, key_pieces=4, rope_pairs=2)
+    before = {k: v.clone() for k, v in bundle.state_dict().items()}
+    seq = 96  # 6 blocks of 16, 4 key pieces each
+    table = cost_table(bundle, model.config, seq)
+    nb, keys = 6, 6 * 4
+    towers = 2 * nb * (64 * 16 + 16 * 8) + 2 * keys * (64 * 16 + 16 * 8)
+    assert table["1"]["predictor_flops"] == towers + 2 * nb * keys * 8
+    assert table["1"]["predictor_params"] == sum(p.numel() for p in bundle[1].parameters())
+    ids = torch.zeros(1, seq, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids)
+    projections = counter.get_flop_counts()["LlamaForCausalLM.model.layers.2"]  # CPU SDPA is not counted
+    attention = 4 * seq * seq * 64  # q·kᵀ and weights·v over the full square
+    assert table["2"]["layer_flops"] == sum(projections.values()) + attention
+    assert table["2"]["flop_share"] == table["2"]["predictor_flops"] / table["2"]["layer_flops"]
+    assert all(torch.equal(v, before[k]) for k, v in bundle.state_dict().items())

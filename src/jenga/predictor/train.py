@@ -9,7 +9,8 @@
    between the softmax of the standardized oracle scores and the softmax of the predicted scores), pruning
    rarely active units every `--prune-every` steps (the loss standardizes both score vectors, see
    `listwise_loss`). Loss per step goes to a JSON-lines log; a progress bar shows it.
-3. Evaluate top-k block recall against the oracle at each layer's keep ratio on held-out sequences, and save
+3. Evaluate top-k block recall against the oracle at each layer's keep ratio on held-out sequences, count the
+   predictors' parameters and FLOPs against their layers' (`jenga.predictor.cost`), and save
    `predictors.safetensors` + `predictor.json` that `apply_jenga(model, predictor=folder)` loads.
 
 Data: JSON lines with `input_ids` (token lists) or `text` (tokenized with the model folder's tokenizer), or a
@@ -34,6 +35,7 @@ from ..kernels import block_scores
 from ..patching import find_adapter, unwrap
 from ..profiling import JsonlWriter, run_header
 from .bundle import PredictorBundle
+from .cost import cost_table
 from .model import KEY_PIECES, ROPE_PAIRS, pool_pieces
 
 
@@ -320,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                 "positional_prior_recall": prior,
                 "mean_positional_prior_recall": sum(prior.values()) / max(1, len(prior)),
                 "sizes": bundle.sizes(),
+                "cost": cost_table(bundle, model.config, args.seq_len),
             }
         )
     bundle.save(args.out)
