@@ -507,3 +507,22 @@ def test_shared_selection_scores_once_and_matches_one_selection_everywhere(famil
         calls.clear()
         loss_and_grads(model, batch(2, seq))
         assert calls == [first], "a new length must be scored, not served the last length's selection"
+
+
+def test_shared_selection_is_the_first_sparse_layers_only():
+    """A layer keeping a different number of blocks scores for itself and does not replace the shared
+    selection: the next layer with the first layer's keep still reuses it."""
+    config = JengaConfig(block_size=16, attn_keep=[0.5, 0.25, 0.5], mlp_keep=1.0, shared_selection=True)
+    calls = []
+
+    def counting(*args):
+        from jenga.patching.base import oracle_scorer
+
+        calls.append(args[0])
+        return oracle_scorer(*args)
+
+    model = apply_jenga(add_lora(tiny_llama(layers=3)), config, scorer=counting)
+    for _ in range(2):
+        calls.clear()
+        loss_and_grads(model, batch(2, 160))
+        assert calls == [0, 1]

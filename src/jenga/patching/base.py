@@ -197,7 +197,8 @@ def _choose_tokens(
         return pending.popleft()
     shape = (seq_len, hidden.shape[0], keep_blocks)
     shared = state.shared_selection
-    if config.shared_selection and shared is not None and shared[0] < layer_idx and shared[1] == shape:
+    earlier = shared is not None and shared[0] < layer_idx  # stored by an earlier layer of this forward
+    if config.shared_selection and earlier and shared[1] == shape:
         selection = shared[2]
     else:
         with torch.no_grad():
@@ -205,7 +206,7 @@ def _choose_tokens(
             selection = select_tokens(
                 scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid, config.recent_blocks
             )
-        if config.shared_selection:
+        if config.shared_selection and not earlier:  # only the first scoring layer of a forward shares
             state.shared_selection = (layer_idx, shape, selection)
     if checkpointed and not recompute:
         pending.append(selection)
