@@ -127,5 +127,5 @@ def _sized(hidden_size: int, sizes: dict[str, int], out_dim: int, design: dict[s
     """An empty predictor whose towers have the saved (possibly pruned) unit counts."""
     predictor = BlockPredictor(hidden_size, sizes["query_units"], out_dim, **design)
     if sizes["key_units"] != sizes["query_units"]:
-        predictor.key = type(predictor.key)(predictor.key.fc1.in_features, sizes["key_units"], out_dim)
+        predictor.key = type(predictor.key)(hidden_size, sizes["key_units"], out_dim)
     return predictor
