@@ -36,7 +36,8 @@ from .training import add_attention_lora, interpolate_positions
 ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
 # Schedule ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes.
 # The per-layer lists are for the 6-layer accuracy base, whose sparse layers are 2-4: one sparse attention
-# layer at a time (`-l2`..`-l4`), and the default's mean keep of 0.5 moved towards the early or late layers.
+# layer at a time (`-l2`..`-l4`), and the default's mean keep of 0.5 moved towards the early or late layers
+# (`-late2` further; `-l23` all of it on layers 2-3, leaving layer 4 dense).
 # `jenga-shared` keeps one selection through the stack (`JengaConfig.shared_selection`).
 JENGA_ABLATIONS = {
     "jenga-norecent": {"recent_blocks": 0},
@@ -47,6 +48,8 @@ JENGA_ABLATIONS = {
     "jenga-attn-l4": {"attn_keep": [1.0, 1.0, 1.0, 1.0, 0.5, 1.0]},
     "jenga-attn-early": {"attn_keep": [1.0, 1.0, 0.75, 0.5, 0.25, 1.0]},
     "jenga-attn-late": {"attn_keep": [1.0, 1.0, 0.25, 0.5, 0.75, 1.0]},
+    "jenga-attn-late2": {"attn_keep": [1.0, 1.0, 0.25, 0.375, 0.875, 1.0]},
+    "jenga-attn-l23": {"attn_keep": [1.0, 1.0, 0.25, 0.25, 1.0, 1.0]},
     "jenga-shared": {"shared_selection": True},
 }
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
