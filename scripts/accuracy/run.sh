@@ -7,14 +7,21 @@
 #                                                    #   ABLATIONS="name ..." picks some)
 #   bash scripts/accuracy/run.sh eval                # perplexity + retrieval of base and every fine-tune
 #   bash scripts/accuracy/run.sh lm_eval             # CPU: merge seed-0 fine-tunes, lm_eval on them and the base
+# BASE=code-llama-deep runs every stage on the deeper base (12 layers of width 192 instead of 6 of 256, about
+# as many weights) with its own logs under logs/end2end/accuracy/deep; METHODS="lora jenga" picks fine-tunes.
 # Needs the built dataset (python -m jenga.data.corpus --out dataset). --force-style reruns: delete the output.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py="${PYTHON:-python}"
-base=checkpoints/code-llama
-logs=logs/end2end/accuracy
+name="${BASE:-code-llama}"
+case "$name" in
+  code-llama) arch=(--hidden 256 --layers 6 --heads 4); logs=logs/end2end/accuracy ;;
+  code-llama-deep) arch=(--hidden 192 --layers 12 --heads 3); logs=logs/end2end/accuracy/deep ;;
+  *) echo "unknown BASE $name (code-llama or code-llama-deep)" >&2; exit 2 ;;
+esac
+base=checkpoints/$name
 runs=$logs/runs
-predictor=logs/ablations/predictor/code-llama
+predictor=logs/ablations/predictor/$name
 seq=4096
 steps="${STEPS:-200}"
 stage="${1:?usage: run.sh pretrain|predictor|finetune SEED...|eval|lm_eval}"
@@ -22,13 +29,13 @@ shift
 case "$stage" in
   pretrain)
     [ -f $base/model.safetensors ] || $py -m jenga.experiments.pretrain --data dataset --out $base \
-      --hidden 256 --layers 6 --heads 4 --seq-len 1024 --batch 32 --lr 2e-3 --minutes "${MINUTES:-2.5}" ;;
+      "${arch[@]}" --seq-len 1024 --batch 32 --lr 2e-3 --minutes "${MINUTES:-2.5}" ;;
   predictor)  # (re)trains when there is no bundle or one saved before predictor.json recorded its design
     grep -qs '"design"' $predictor/predictor.json || $py -m jenga.predictor.train --model $base --data dataset \
       --eval-data dataset --out $predictor --config logs/end2end/accuracy/jenga-config.json --seq-len $seq \
       --max-sequences 256 --steps 3000 --prune-every 500 ;;
   finetune|ablation)
-    methods=(lora longlora jenga jenga-predictor)
+    methods=(${METHODS:-lora longlora jenga jenga-predictor})
     [ "$stage" = ablation ] && methods=(${ABLATIONS:-jenga-attn0.75 jenga-mlpdense jenga-norecent jenga-attn-l2 jenga-attn-l3 jenga-attn-l4 jenga-attn-early jenga-attn-late jenga-shared})
     for seed in "$@"; do
       for method in "${methods[@]}"; do
@@ -49,9 +56,9 @@ case "$stage" in
     models=($base)
     for method in lora longlora jenga jenga-predictor; do
       run=$runs/$method-s0
-      name=checkpoints/code-llama-4k-$method-s0
-      [ -d $name ] || $py -m jenga.experiments.merge --base $base --run $run --out $name
-      models+=($name)
+      merged=checkpoints/$name-4k-$method-s0
+      [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run $run --out $merged
+      models+=($merged)
     done
     for model in "${models[@]}"; do
       lm_eval run --model hf --model_args pretrained=./$model,max_length=4096 --tasks jenga_longcontext \
