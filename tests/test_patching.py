@@ -107,10 +107,20 @@ def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink, rece
 
 
 @pytest.mark.parametrize("seq,explicit_mask", [(200, False), (256, False), (200, True)])
-def test_elimination_zero_output_and_kept_match_reference(family, seq, explicit_mask):
+@pytest.mark.parametrize("local", [False, True])
+def test_elimination_kept_and_eliminated_match_reference(family, seq, explicit_mask, local):
+    """Kept blocks attend causally over the kept subset; an eliminated block attends within itself
+    (`eliminated_local`) or outputs zero."""
     model = MODEL_BUILDERS[family]()
     bs, layer = 32, 1
-    config = JengaConfig(block_size=bs, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, sink_blocks=1)
+    config = JengaConfig(
+        block_size=bs,
+        attn_keep=0.5,
+        dense_first_layers=0,
+        dense_last_layer=False,
+        sink_blocks=1,
+        eliminated_local=local,
+    )
     apply_jenga(model, config)
     torch.manual_seed(3)
     x = torch.randn(2, seq, model.config.hidden_size)
@@ -122,23 +132,29 @@ def test_elimination_zero_output_and_kept_match_reference(family, seq, explicit_
         pos = torch.arange(seq)[None]
         kwargs = {"position_embeddings": model.model.rotary_emb(x, pos), "position_ids": pos}
     mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None].expand(2, 1, seq, seq) if explicit_mask else None
+    nb = math.ceil(seq / bs)
     with torch.no_grad():
         out, _ = attn(hidden_states=x, attention_mask=mask, **kwargs)
-        nb = math.ceil(seq / bs)
         blocks = _oracle_kept_blocks(model, layer, x, bs, config.kept_blocks(nb, 0.5), 1, config.recent_blocks)
         kept = [torch.cat([torch.arange(b * bs, min((b + 1) * bs, seq)) for b in row]) for row in blocks]
         reference = _naive_kept_attention(model, layer, x, kept)
     assert not torch.equal(kept[0], kept[1]), "test needs sequences with different kept sets"
     for b in range(2):
-        eliminated = torch.ones(seq, dtype=torch.bool)
-        eliminated[kept[b]] = False
-        assert eliminated.any()
-        assert torch.count_nonzero(out[b, eliminated]) == 0
         torch.testing.assert_close(out[b, kept[b]], reference[b][0], rtol=1e-5, atol=1e-5)
+        dropped = [j for j in range(nb) if j not in blocks[b].tolist()]
+        assert dropped
+        for j in dropped:
+            rows = torch.arange(j * bs, min((j + 1) * bs, seq))
+            if not local:
+                assert torch.count_nonzero(out[b, rows]) == 0
+                continue
+            with torch.no_grad():
+                own = _naive_kept_attention(model, layer, x[b : b + 1], [rows])[0][0]
+            torch.testing.assert_close(out[b, rows], own, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_partial_block_batch_uses_masked_path():
-    """One sequence keeps the partial last block, the other does not: outputs still exact."""
+    """One sequence keeps the partial last block, the other eliminates it: outputs still exact."""
     model = tiny_llama(kv_heads=2)
     bs, seq = 32, 200  # 7 blocks, the last holds 8 tokens
 
@@ -167,7 +183,12 @@ def test_mixed_partial_block_batch_uses_masked_path():
         torch.testing.assert_close(out[b, kept[b]], reference[b][0], rtol=1e-5, atol=1e-5)
         eliminated = torch.ones(seq, dtype=torch.bool)
         eliminated[kept[b]] = False
-        assert torch.count_nonzero(out[b, eliminated]) == 0
+        for start in range(0, seq, bs):  # each eliminated block (sequence 1's partial last one too) sees itself
+            rows = torch.arange(start, min(start + bs, seq))
+            if eliminated[start]:
+                with torch.no_grad():
+                    own = _naive_kept_attention(model, 0, x[b : b + 1], [rows])[0][0]
+                torch.testing.assert_close(out[b, rows], own, rtol=1e-5, atol=1e-5)
 
 
 def _saved_bytes(model, ids) -> int:
@@ -212,12 +233,17 @@ def test_saved_activation_bytes_fall_by_expected_fraction():
 
     # From shapes: the sparse MLP saves gate and up pre-activations of the kept channels (fp32) plus their
     # indices; attention's saved tensors are per token, so they scale with the kept fraction; the selection
-    # adds one int64 index per kept token.
+    # adds one int64 index per kept token; the eliminated blocks' local pass keeps its input rows and their
+    # rotary cos/sin (fp32) plus one index per eliminated token.
     num_layers, channels = len(layers), base.config.intermediate_size
     kept_channels = math.ceil(mlp_keep * channels)
     mlp_sparse = 2 * bsz * seq * kept_channels * 4 + bsz * kept_channels * 8
     kept_tokens = int(attn_keep * seq)
-    expected_saving = num_layers * (mlp_dense - mlp_sparse + attn_dense * (1 - attn_keep) - bsz * kept_tokens * 8)
+    head_dim = base.config.hidden_size // base.config.num_attention_heads
+    local = bsz * (seq - kept_tokens) * ((base.config.hidden_size + 2 * head_dim) * 4 + 8)
+    expected_saving = num_layers * (
+        mlp_dense - mlp_sparse + attn_dense * (1 - attn_keep) - bsz * kept_tokens * 8 - local
+    )
     assert expected_saving > 0.3 * dense
     assert dense - sparse >= expected_saving, (dense, sparse, expected_saving)
     grads = lora_grads(model)

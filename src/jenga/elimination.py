@@ -157,6 +157,31 @@ class TokenSelection:
         out = _RowScatter.apply(y.reshape(bsz * kept, width), rows, bsz * (self.seq_len + 1))
         return out.view(bsz, self.seq_len + 1, width)[:, : self.seq_len]
 
+    def complement(self, block_size: int) -> TokenSelection:
+        """The eliminated blocks' positions as a selection of whole blocks (a partial last block is padded with
+        clamped positions marked invalid), so that its rows reshape to one row of `block_size` per block."""
+        nb = num_blocks(self.seq_len, block_size)
+        kept = self.index[:, ::block_size] // block_size
+        dropped = torch.ones(kept.shape[0], nb, dtype=torch.bool, device=kept.device).scatter_(1, kept, False)
+        blocks = dropped.nonzero()[:, 1].view(kept.shape[0], nb - kept.shape[1])
+        index = (blocks[:, :, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten(1)
+        if self.seq_len % block_size == 0:
+            return TokenSelection(index, None, self.seq_len)
+        return TokenSelection(index.clamp(max=self.seq_len - 1), index < self.seq_len, self.seq_len)
+
+    def block_local_mask(self, block_size: int, token_valid: torch.Tensor | None) -> torch.Tensor:
+        """(B·n, 1, bs, bs) bool mask for attention within each selected block (a batch row per block): causal,
+        real keys only. The diagonal stays open so that no row is empty (padding rows are discarded anyway)."""
+        bsz, width = self.index.shape
+        key_ok = torch.ones(bsz, width, dtype=torch.bool, device=self.index.device)
+        if self.valid is not None:
+            key_ok &= self.valid
+        if token_valid is not None:
+            key_ok &= token_valid.gather(1, self.index)
+        causal = torch.ones(block_size, block_size, dtype=torch.bool, device=self.index.device).tril()
+        mask = causal & key_ok.view(-1, 1, block_size)
+        return (mask | torch.eye(block_size, dtype=torch.bool, device=mask.device))[:, None]
+
     def gather_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The layer's mask restricted to kept queries and keys, with out-of-range keys masked."""
         if attention_mask is None and self.valid is None:

@@ -34,12 +34,14 @@ from .methods import Method, get_method
 from .training import add_attention_lora, interpolate_positions
 
 ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
-# Schedule ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes.
+# Ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes. Runs
+# made before `eliminated_local` existed (eliminated blocks had zero attention output) are `jenga-nolocal`.
 # The per-layer lists are for the 6-layer accuracy base, whose sparse layers are 2-4: one sparse attention
 # layer at a time (`-l2`..`-l4`), and the default's mean keep of 0.5 moved towards the early or late layers
 # (`-late2` further; `-l23` all of it on layers 2-3, leaving layer 4 dense).
 # `jenga-shared` keeps one selection through the stack (`JengaConfig.shared_selection`).
 JENGA_ABLATIONS = {
+    "jenga-nolocal": {"eliminated_local": False},
     "jenga-norecent": {"recent_blocks": 0},
     "jenga-attn0.75": {"attn_keep": 0.75},
     "jenga-mlpdense": {"mlp_keep": 1.0},

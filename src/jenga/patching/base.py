@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import JengaConfig
@@ -162,6 +163,49 @@ def _gather_positional(selection, value):
     return value
 
 
+def _per_block(value, rows: int, block_size: int):
+    """A gathered per-position input (B, n·bs, ...) as one batch row per block (B·n, bs, ...)."""
+    if isinstance(value, tuple):
+        return tuple(_per_block(v, rows, block_size) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        return value.reshape(rows, block_size, *value.shape[2:])
+    return value
+
+
+def _block_local_attention(
+    attn: nn.Module,
+    original: Callable,
+    call: dict,
+    selection: TokenSelection,
+    block_size: int,
+    token_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """(B, S, D) attention output of the eliminated blocks, each attending causally within itself; zero at kept
+    positions.
+
+    Each eliminated block becomes one batch row of `block_size` tokens, so the pass costs linear work. It runs
+    under activation checkpointing: backward recomputes it from the gathered input, which (with the block rows'
+    rotary tables) is all it keeps, a fraction of what the block would save as a kept block.
+    """
+    dropped = selection.complement(block_size)
+    bsz, width = dropped.index.shape
+    rows = bsz * (width // block_size)
+    local = dict(call)
+    local["hidden_states"] = dropped.gather(call["hidden_states"]).reshape(rows, block_size, -1)
+    mask = dropped.block_local_mask(block_size, token_valid)
+    like = call.get("attention_mask")
+    if isinstance(like, torch.Tensor) and like.is_floating_point():
+        mask = torch.zeros(mask.shape, dtype=like.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(like.dtype).min
+        )
+    local["attention_mask"] = mask
+    for name in ("position_ids", "position_embeddings"):
+        if name in local:
+            local[name] = _per_block(_gather_positional(dropped, local[name]), rows, block_size)
+    out = checkpoint(functools.partial(original, attn), use_reentrant=False, **local)[0]
+    return dropped.scatter(out.reshape(bsz, width, -1))
+
+
 # Forwards whose selections may wait for their recompute (e.g. several micro-batches before one backward).
 MAX_PENDING = 16
 
@@ -225,7 +269,8 @@ def _lean_lora(attn: nn.Module, state: JengaState) -> None:
 
 
 def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: nn.Module) -> None:
-    """Run the attention sublayer on the kept blocks only; eliminated positions get zero output."""
+    """Run the attention sublayer on the kept blocks; eliminated blocks attend only within themselves
+    (`eliminated_local`) or get zero output."""
     original = type(attn).forward
     signature = inspect.signature(original)
     keep = state.attn_keep[layer_idx]
@@ -259,6 +304,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 "Pass use_cache=False (or set model.config.use_cache = False) when training.",
             )
             call["past_key_values"] = None
+        full_call = dict(call)
         call["hidden_states"] = selection.gather(hidden)
         call["attention_mask"] = selection.gather_mask(mask)
         for name in ("position_ids", "position_embeddings"):
@@ -266,7 +312,10 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 call[name] = _gather_positional(selection, call[name])
         out, *rest = original(self, **call)
         state.last_kept_tokens[layer_idx] = selection.num_kept
-        return (selection.scatter(out), *[None for _ in rest])
+        out = selection.scatter(out)
+        if config.eliminated_local:
+            out = out + _block_local_attention(self, original, full_call, selection, config.block_size, token_valid)
+        return (out, *[None for _ in rest])
 
     override_forward(attn, forward, state)
 
