@@ -1,8 +1,9 @@
 """Where tokens are chosen: block selection per sequence, and moving tensors to and from the kept subset.
 
 A layer keeps whole blocks of ``block_size`` tokens, chosen per sequence, in original order, so causal
-masking over the kept subset is causal masking by original position. Eliminated positions get a zero
-attention output. All shapes follow Hugging Face: hidden (B, S, D), masks (B, 1, S, S) or (B, S).
+masking over the kept subset is causal masking by original position. Eliminated blocks get a zero
+attention output or, with `eliminated_local`, attention within themselves (`TokenSelection.complement`).
+All shapes follow Hugging Face: hidden (B, S, D), masks (B, 1, S, S) or (B, S).
 """
 
 from __future__ import annotations

@@ -129,6 +129,10 @@ def plot_accuracy(logs: Path, out: Path) -> list[Path]:
     table.write_text("# Accuracy of long-context fine-tuning (paper tables: perplexity and LongBench)\n\n")
     with table.open("a") as f:
         f.write(provenance + "\n\n" + accuracy_table(runs))
+        for sub in sorted(p for p in logs.iterdir() if p.is_dir() and p.name not in ("runs", "lm_eval")):
+            other = load_accuracy(sub)
+            if other:
+                f.write(f"\n## Base `{sub.name}` (logs: {sub})\n\n{accuracy_table(other)}")
         harness = lm_eval_table(logs / "lm_eval")
         if harness:
             f.write("\n## lm_eval on the merged checkpoints\n\n" + harness)
