@@ -170,6 +170,14 @@ class TokenSelection:
             return TokenSelection(index, None, self.seq_len)
         return TokenSelection(index.clamp(max=self.seq_len - 1), index < self.seq_len, self.seq_len)
 
+    def joined(self, other: TokenSelection) -> TokenSelection:
+        """The positions of both selections, `self`'s rows first, so that one `scatter` places both outputs."""
+        index = torch.cat([self.index, other.index], dim=1)
+        if self.valid is None and other.valid is None:
+            return TokenSelection(index, None, self.seq_len)
+        valid = [torch.ones_like(s.index, dtype=torch.bool) if s.valid is None else s.valid for s in (self, other)]
+        return TokenSelection(index, torch.cat(valid, dim=1), self.seq_len)
+
     def block_local_mask(self, block_size: int, token_valid: torch.Tensor | None) -> torch.Tensor:
         """(B·n, 1, bs, bs) bool mask for attention within each selected block (a batch row per block): causal,
         real keys only. The diagonal stays open so that no row is empty (padding rows are discarded anyway)."""

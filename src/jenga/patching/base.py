@@ -179,9 +179,9 @@ def _block_local_attention(
     selection: TokenSelection,
     block_size: int,
     token_valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """(B, S, D) attention output of the eliminated blocks, each attending causally within itself; zero at kept
-    positions.
+) -> tuple[TokenSelection, torch.Tensor]:
+    """The eliminated blocks' positions and their attention output (B, n·bs, D), each block attending causally
+    within itself.
 
     Each eliminated block becomes one batch row of `block_size` tokens, so the pass costs linear work. It runs
     under activation checkpointing: backward recomputes it from the gathered input, which (with the block rows'
@@ -203,7 +203,7 @@ def _block_local_attention(
         if name in local:
             local[name] = _per_block(_gather_positional(dropped, local[name]), rows, block_size)
     out = checkpoint(functools.partial(original, attn), use_reentrant=False, **local)[0]
-    return dropped.scatter(out.reshape(bsz, width, -1))
+    return dropped, out.reshape(bsz, width, -1)
 
 
 # Forwards whose selections may wait for their recompute (e.g. several micro-batches before one backward).
@@ -312,10 +312,12 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 call[name] = _gather_positional(selection, call[name])
         out, *rest = original(self, **call)
         state.last_kept_tokens[layer_idx] = selection.num_kept
-        out = selection.scatter(out)
-        if config.eliminated_local:
-            out = out + _block_local_attention(self, original, full_call, selection, config.block_size, token_valid)
-        return (out, *[None for _ in rest])
+        if config.eliminated_local:  # one scatter places the kept rows and the eliminated blocks' rows
+            dropped, local = _block_local_attention(
+                self, original, full_call, selection, config.block_size, token_valid
+            )
+            selection, out = selection.joined(dropped), torch.cat([out, local], dim=1)
+        return (selection.scatter(out), *[None for _ in rest])
 
     override_forward(attn, forward, state)
 
