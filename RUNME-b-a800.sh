@@ -14,4 +14,5 @@ bash scripts/ablations/predictor/run.sh                  # figure 16 left (needs
 bash scripts/ablations/segment/run.sh "$@"               # figure 18
 bash scripts/extension/2d/run.sh "$@"                    # figure 19 upper
 bash scripts/extension/offload/run.sh "$@"               # figure 19 lower
+bash scripts/real_model/run.sh                           # the real-model study (SmolLM2-135M; docs/real-model.md)
 python -m jenga.plotting --logs logs --out output_figures

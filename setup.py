@@ -11,6 +11,21 @@ requirements = [
     if line.strip() and not line.startswith("#")
 ]
 
+# The library needs only requirements.txt; these serve the paper's artifact (runner, fine-tuning, lm_eval,
+# figures, the real-model study) and the tests (which exercise the artifact too: install both for the suite).
+EXTRAS = {
+    "experiments": [
+        "accelerate>=1.0",
+        "datasets>=2.14",
+        "gguf>=0.10",
+        "lm-eval>=0.4",
+        "matplotlib>=3.8",
+        "pandas>=2.0",
+        "tqdm>=4.66",
+    ],
+    "test": ["pytest>=8", "ruff>=0.5"],
+}
+
 setup(
     name="jenga",
     version="0.1.0",
@@ -21,5 +36,5 @@ setup(
     packages=find_packages("src"),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"dev": ["pytest>=8", "ruff>=0.5"]},
+    extras_require={**EXTRAS, "dev": EXTRAS["experiments"] + EXTRAS["test"]},
 )

@@ -1,12 +1,67 @@
-"""Figures render from small real logs (written by the tools that write the real ones)."""
+"""What the figures draw, checked on the saved matplotlib figures, from logs the tests write (tiny synthetic logs, or
+real logs of tiny runs) and from the committed logs."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
 from conftest import tiny_llama, write_token_jsonl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from jenga import JengaConfig
 from jenga.plotting.__main__ import main as plot_all
+from jenga.plotting.accuracy import plot_accuracy
+from jenga.plotting.bars import capacity
+from jenga.plotting.models import by_size, parameter_count
 from jenga.predictor.train import main as train_predictors
+from jenga.profiling import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+BY_SIZE = ["opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "llama-2-7b", "llama-3-8b"]
+MAIN_LEGEND = ["base (no fine-tune)", "dense LoRA", "LongLoRA", "Jenga", "Jenga predictor", "Jenga zero-output"]
+
+
+@contextmanager
+def capture_figures() -> Iterator[dict[Path, Figure]]:
+    """Every figure saved while open, by the path it was saved to (the figure as written to the PNG)."""
+    drawn: dict[Path, Figure] = {}
+    original = Figure.savefig
+
+    def savefig(self: Figure, fname, *args, **kwargs):
+        drawn[Path(fname)] = self
+        return original(self, fname, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", savefig)
+        yield drawn
+
+
+def render(fig: Figure) -> None:
+    """Lay out and draw `fig` again, so that text extents are those of the figure (the canvas of a closed figure
+    draws nothing)."""
+    FigureCanvasAgg(fig).draw()
+
+
+def legend_texts(legend) -> list[str]:
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def capacity_lines(ax) -> list[float]:
+    return [line.get_ydata()[0] for line in ax.get_lines() if line.get_gid() == "capacity"]
+
+
+def write_run(folder: Path, model: str, method: str, seq: int, summary: dict, **header) -> None:
+    """A runner log as `jenga.experiments.run` writes it (the records the figures read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    head = {"record": "header", "model": model, "method": method, "seq_len": seq, "device": "GPU X", **header}
+    records = [head, {"record": "summary", **summary}]
+    (folder / f"{model}_{method}_{seq}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_predictor_figure_from_training_logs(tmp_path):
@@ -17,33 +72,18 @@ def test_predictor_figure_from_training_logs(tmp_path):
     for seed, source in enumerate(("corpus", "instructions")):
         data = write_token_jsonl(tmp_path / f"{source}.jsonl", sequences=4, length=140, seed=seed)
         out = tmp_path / "logs" / "ablations" / "predictor" / source
-        train_predictors(
-            [
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--config",
-                str(config),
-                "--seq-len",
-                "64",
-                "--steps",
-                "12",
-                "--units",
-                "16",
-                "--out-dim",
-                "4",
-                "--prune-every",
-                "5",
-            ]
-        )
-    plot_all(["--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "figs")])
-    png = tmp_path / "figs" / "ablations" / "predictor" / "predictor.png"
-    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
-    caption = png.with_suffix(".txt").read_text()
-    assert "figure 16" in caption and "corpus" in caption and "instructions" in caption
+        args = ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--config", str(config)]
+        args += ["--seq-len", "64", "--steps", "12", "--units", "16", "--out-dim", "4", "--prune-every", "5"]
+        train_predictors(args)
+    with capture_figures() as drawn:
+        plot_all(["--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "figs")])
+    loss_ax, size_ax = drawn[tmp_path / "figs" / "ablations" / "predictor" / "predictor.png"].axes
+    assert [t.split(" (")[0] for t in legend_texts(loss_ax.get_legend())] == ["corpus", "instructions"]
+    curves = [line for line in loss_ax.get_lines() if line.get_label().startswith("corpus")]
+    log = read_jsonl(tmp_path / "logs/ablations/predictor/corpus/train_log.jsonl")
+    steps = [r for r in log if r["record"] == "step"]
+    assert len(steps) == 12 and len(curves) == 1  # the smoothed curve: one point per logged training step
+    assert list(curves[0].get_xdata()) == [r["step"] for r in steps]
 
 
 def test_plotting_without_logs_says_so(tmp_path, capsys):
@@ -52,35 +92,122 @@ def test_plotting_without_logs_says_so(tmp_path, capsys):
 
 
 def test_committed_logs_render(tmp_path):
-    """What RUNME-a.sh does, on the logs in the repository (into a temporary folder)."""
+    """What RUNME-a.sh does, on the logs in the repository (into a temporary folder): the retrieval figure keeps
+    the main methods out of the 19 logged, and the bars put the models in size order."""
     import importlib.util
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    plot_all(["--logs", str(root / "logs"), "--out", str(tmp_path)])
-    assert (tmp_path / "ablations" / "predictor" / "predictor.png").exists()
-    spec = importlib.util.spec_from_file_location("report", root / "benchmarks" / "report.py")
+    with capture_figures() as drawn:
+        plot_all(["--logs", str(ROOT / "logs"), "--out", str(tmp_path)])
+    retrieval = drawn[tmp_path / "end2end" / "accuracy" / "retrieval.png"]
+    assert legend_texts(retrieval.legends[0]) == MAIN_LEGEND
+    assert "jenga-attn-l2" in (tmp_path / "end2end" / "accuracy" / "accuracy.md").read_text()
+    bars = drawn[tmp_path / "end2end" / "memory" / "80gb_4096.png"].axes[0]
+    assert [t.get_text() for t in bars.get_xticklabels()] == BY_SIZE
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    sections = report.run_sections()
-    assert any("End-to-end sweep: llama-2-7b" in s for s in sections)
+    assert any("End-to-end sweep: llama-2-7b" in s for s in report.run_sections())
     assert "Longest trainable" in report.max_length_section() and "TFLOP/s" in report.kernel_section()
 
 
-def test_end2end_figures_from_runner_logs(tmp_path):
-    """Bars and length lines from real runner logs of a tiny model, with an OOM run drawn as OOM."""
-    from jenga.experiments.run import main as run
+def write_accuracy_log(folder: Path, name: str, scores: dict[int, float]) -> None:
+    """An accuracy log (`jenga.experiments.accuracy`): one passkey score per context length, two depths each."""
+    seed = re.search(r"-s(\d+)$", name)
+    records = [{"record": "header", "experiment": "accuracy", "seed": seed and int(seed[1])}]
+    records.append({"record": "perplexity", "window": 1024, "perplexity": 10.0})
+    for length, score in scores.items():
+        for depth in (0.0, 1.0):
+            cell = {"task": "passkey", "length": length, "depth": depth, "samples": 4, "score": score}
+            records.append({"record": "task", **cell})
+    records.append({"record": "summary", "status": "ok"})
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    model_dir = tmp_path / "tiny"
-    tiny_llama(kv_heads=2).config.save_pretrained(model_dir)
-    logs = tmp_path / "logs" / "end2end" / "80gb"
-    args = ["--model", str(model_dir), "--steps", "1"]
-    run(args + ["--methods", "lora", "jenga", "--seqs", "64", "--logs", str(logs)])
-    run(args + ["--methods", "jenga", "--seqs", "64", "128", "--logs", str(logs / "length")])
-    header = (logs / "tiny_lora_64.jsonl").read_text().splitlines()[0]
-    (logs / "tiny_longlora_64.jsonl").write_text(header + '\n{"record": "summary", "status": "oom"}\n')
-    plot_all(["--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "figs")])
-    figs = tmp_path / "figs" / "end2end"
-    for name in ("memory/80gb_64.png", "time/80gb_64.png", "memory/80gb_tiny_length.png"):
-        assert (figs / name).read_bytes()[:4] == b"\x89PNG", name
-    assert "ran out of memory" in (figs / "memory" / "80gb_64.txt").read_text()
+
+def test_retrieval_figure_draws_the_main_methods_and_base_with_the_legend_outside(tmp_path):
+    logs = tmp_path / "accuracy"
+    logs.mkdir()
+    write_accuracy_log(logs, "base", {1024: 80.0, 2048: 0.0})
+    write_accuracy_log(logs, "lora-s0", {1024: 60.0, 2048: 50.0})
+    write_accuracy_log(logs, "lora-s1", {1024: 40.0, 2048: 30.0})
+    write_accuracy_log(logs, "jenga-s0", {1024: 55.0, 2048: 45.0})
+    write_accuracy_log(logs, "jenga-nolocal-s0", {1024: 35.0, 2048: 20.0})
+    write_accuracy_log(logs, "jenga-attn-l2-s0", {1024: 10.0, 2048: 5.0})  # an ablation: table only
+    with capture_figures() as drawn:
+        plot_accuracy(logs, tmp_path / "out")
+    fig = drawn[tmp_path / "out" / "retrieval.png"]
+    (ax,) = fig.axes
+    assert legend_texts(fig.legends[0]) == ["base (no fine-tune)", "dense LoRA", "Jenga", "Jenga zero-output"]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines["base (no fine-tune)"] == [80.0, 0.0] and lines["dense LoRA"] == [50.0, 40.0]  # mean over seeds
+    assert "jenga-attn-l2" in (tmp_path / "out" / "accuracy.md").read_text()
+    render(fig)
+    legend = fig.legends[0].get_window_extent()
+    (title,) = [t.get_window_extent() for t in fig.texts]  # the figure's title
+    assert legend.y1 <= ax.get_window_extent().y0  # below the axes, over no data
+    assert not title.overlaps(ax.title.get_window_extent()) and title.x0 >= 0 and title.x1 <= fig.bbox.x1
+
+
+def test_models_are_ordered_by_the_parameter_count_of_their_config(tmp_path):
+    assert by_size([*reversed(BY_SIZE), "opt-350m", "unknown-model"]) == [*BY_SIZE, "unknown-model"]
+    assert 6.7e9 < parameter_count("llama-2-7b") < 6.8e9
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path / "tiny")
+    assert parameter_count("tiny", tmp_path) == sum(p.numel() for p in model.parameters())
+    assert parameter_count("absent", tmp_path) is None
+
+
+def test_capacity_is_the_cap_else_the_device_memory_else_the_set_name():
+    card = Path("logs/end2end/48gb")
+    assert capacity(card, [{"memory_cap_gib": 48.0, "gpu_memory_gib": 79.2}])[0] == 48.0
+    assert capacity(card, [{"memory_cap_gib": None, "gpu_memory_gib": 79.2}])[0] == 79.2
+    assert capacity(card, [{}])[0] == 48.0
+    assert capacity(Path("logs/other"), [{}]) is None
+
+
+@pytest.fixture
+def end2end(tmp_path):
+    """A 48 GB set (a memory cap on a larger card): six models at 4K, in no order, longlora of the largest OOM,
+    and a length sweep of llama-2-7b in which lora and longlora run out of memory at 8K."""
+    card = tmp_path / "logs" / "end2end" / "48gb"
+    where = {"memory_cap_gib": 48.0, "gpu_memory_gib": 79.2}
+    for k, model in enumerate(["llama-3-8b", "opt-1.3b", "opt-6.7b", "opt-350m", "llama-2-7b", "opt-2.7b"]):
+        for method in ("lora", "longlora", "jenga"):
+            ok = {"status": "ok", "peak_gib": 5.0 + k, "median_step_s": 0.1 + k / 10}
+            oom = model == "llama-3-8b" and method == "longlora"
+            write_run(card, model, method, 4096, {"status": "oom"} if oom else ok, **where)
+    for seq, peak in ((2048, 20.0), (8192, 30.0)):
+        for method in ("lora", "longlora", "jenga"):
+            oom = seq == 8192 and method != "jenga"
+            ok = {"status": "ok", "peak_gib": peak, "median_step_s": seq / 1e4}
+            write_run(card / "length", "llama-2-7b", method, seq, {"status": "oom"} if oom else ok, **where)
+    with capture_figures() as drawn:
+        plot_all(["--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "figs")])
+    return {path.relative_to(tmp_path / "figs" / "end2end").as_posix(): fig for path, fig in drawn.items()}
+
+
+def test_end2end_bars_order_models_by_size_and_draw_oom_up_to_the_capacity_line(end2end):
+    memory = end2end["memory/48gb_4096.png"].axes[0]
+    assert [t.get_text() for t in memory.get_xticklabels()] == BY_SIZE
+    assert capacity_lines(memory) == [48.0]
+    (oom,) = [p for p in memory.patches if p.get_gid() == "oom"]
+    assert oom.get_height() == 48.0 and round(oom.get_x() + oom.get_width() / 2) == BY_SIZE.index("llama-3-8b")
+    time = end2end["time/48gb_4096.png"].axes[0]
+    assert [t.get_text() for t in time.get_xticklabels()] == BY_SIZE
+    assert capacity_lines(time) == [] and not [p for p in time.patches if p.get_gid() == "oom"]
+    assert [t.get_text().strip() for t in time.texts if t.get_gid() == "status"] == ["OOM"]
+
+
+def test_length_plots_draw_oom_on_the_capacity_line_or_in_an_oom_row(end2end):
+    (memory,) = end2end["memory/48gb_llama-2-7b_length.png"].axes
+    assert capacity_lines(memory) == [48.0]
+    assert "capacity 48 GiB" in legend_texts(memory.get_legend())[0]
+    marks = [c for c in memory.collections if c.get_label().endswith(": OOM")]
+    assert sorted(c.get_label() for c in marks) == ["longlora: OOM", "lora: OOM"]
+    for mark in marks:
+        ((x, y),) = mark.get_offsets()
+        assert y == 48.0 and 8192 * 0.9 < x < 8192 * 1.1
+    row, time = end2end["time/48gb_llama-2-7b_length.png"].axes
+    assert len(time.collections) == 0  # no OOM mark among the measured times
+    offsets = sorted(tuple(xy) for c in row.collections for xy in c.get_offsets())
+    assert offsets == [(8192, 0), (8192, 1)]  # lora and longlora rows, at the length that ran out of memory
+    assert [t.get_text() for t in row.get_yticklabels()] == ["lora: OOM", "longlora: OOM", "jenga: OOM"]

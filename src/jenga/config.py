@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 SCORING_MODES = ("oracle", "predictor")
+# Smallest block: per-block costs (the (S / block_size)^2 score map, index bookkeeping) must stay small next to
+# the attention they prune; 16 is also the smallest tile of GPU matrix units.
+MIN_BLOCK_SIZE = 16
+ELIMINATED_MODES = ("dense", "zero")
+# Bumped whenever a field's meaning or default changes, so a logged config says which semantics it ran with.
+# 1: `eliminated_local` (block-local attention for eliminated tokens), mlp_keep 1.0 by default.
+# 2: `eliminated` ("dense" / "zero"), mlp_keep 0.5 by default.
+SCHEMA_VERSION = 2
 
 
 class JengaConfigError(ValueError):
@@ -39,11 +47,14 @@ class JengaConfig:
         blocks that can see it, so under the causal mask the end of a sequence ranks last; without these
         blocks the newest tokens (in instruction data: the question and the answer) never attend in a
         sparse layer and fine-tuning cannot learn to answer (measured: see the accuracy study).
-    eliminated_local: eliminated blocks still attend causally within themselves (a block-diagonal pass of linear
-        cost, recomputed in backward so it saves only its input). Without it an eliminated token gets no
-        attention update at all in that layer; on the accuracy study's base that cost 22 points of passkey
-        retrieval against dense LoRA, with it Jenga is within 2 points. It costs the projections of the
-        eliminated tokens (measured on Llama-2-7B at 8K: step time 0.61 -> 0.81 s); False is faster.
+    eliminated: what an eliminated token gets from a sparse layer's attention sublayer.
+        "dense" (default): its dense attention output, computed without autograd, so the training forward is
+        the model's own forward; kept tokens get their dense output too, and backward runs through the
+        attention of the kept subset only. Eliminated tokens save nothing for backward. On SmolLM2-135M this
+        is the only design whose training forward stays within 1.10x of dense perplexity at keep 0.5
+        (block-local attention: 14x, zero output: 117x; docs/real-model.md). It costs one forward of the
+        attention sublayer without autograd.
+        "zero": no attention output at all (the paper's design): faster, far from the model's forward.
     segment_size: tokens per loss segment; 0 keeps the model's own loss.
     scoring: "oracle" (exact q·k scores) or "predictor" (learned, pass a scorer to `apply_jenga`).
     lean_norms: replace norms whose autograd keeps fp32 copies by `jenga.norms` (same outputs, fewer bytes).
@@ -57,18 +68,19 @@ class JengaConfig:
 
     block_size: int = 64
     attn_keep: Schedule = 0.5
-    mlp_keep: Schedule = 1.0
+    mlp_keep: Schedule = 0.5
     mlp_chunk: int = 4096
     dense_first_layers: int = 2
     dense_last_layer: bool = True
     sink_blocks: int = 1
     recent_blocks: int = 1
-    eliminated_local: bool = True
+    eliminated: str = "dense"
     segment_size: int = 1024
     scoring: str = "oracle"
     lean_norms: bool = True
     lean_lora: bool = True
     shared_selection: bool = False
+    schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,8 +88,12 @@ class JengaConfig:
     def validate(self) -> None:
         """Raise `JengaConfigError` naming the field, the value and the fix."""
         bs = self.block_size
-        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
-            raise JengaConfigError(f"block_size must be a power of two (e.g. 64), got {bs!r}")
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < MIN_BLOCK_SIZE or bs & (bs - 1):
+            raise JengaConfigError(
+                f"block_size must be a power of two >= {MIN_BLOCK_SIZE} (e.g. 64), got {bs!r}: blocks are the unit "
+                f"of scoring and selection, and below {MIN_BLOCK_SIZE} tokens the (S / block_size)^2 block-score "
+                "map and the per-token gathers cost more than eliminating the blocks saves"
+            )
         for name in ("attn_keep", "mlp_keep"):
             value = getattr(self, name)
             ratios = value if isinstance(value, list) else [value]
@@ -99,9 +115,11 @@ class JengaConfig:
             raise JengaConfigError(
                 f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"
             )
-        for name in ("eliminated_local", "lean_norms", "lean_lora", "shared_selection"):
+        for name in ("lean_norms", "lean_lora", "shared_selection"):
             if not isinstance(getattr(self, name), bool):
                 raise JengaConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.eliminated not in ELIMINATED_MODES:
+            raise JengaConfigError(f"eliminated must be one of {ELIMINATED_MODES}, got {self.eliminated!r}")
         if self.scoring not in SCORING_MODES:
             raise JengaConfigError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
 
@@ -138,6 +156,17 @@ class JengaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JengaConfig:
+        """Build from a dict. Schema-1 dicts (no `schema_version`) are translated: `eliminated_local=False` (or
+        no such field: it predates the field) is `eliminated="zero"`; the removed block-local pass (`True`)
+        becomes the default "dense"."""
+        data = dict(data)
+        if "schema_version" not in data:
+            data["eliminated"] = "dense" if data.pop("eliminated_local", False) else "zero"
+        elif data["schema_version"] != SCHEMA_VERSION:
+            raise JengaConfigError(
+                f"JengaConfig schema_version {data['schema_version']!r} is not {SCHEMA_VERSION}; "
+                "this jenga version reads schema 1 and 2 configs"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -153,7 +182,14 @@ class JengaConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> JengaConfig:
-        """Parse a JSON string, or read a file when given a path that exists."""
-        candidate = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        text = candidate.read_text() if candidate is not None and candidate.exists() else str(text_or_path)
+        """Parse a JSON object string, or read a JSON file (anything not starting with "{" is a path)."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"JengaConfig.from_json: the file {str(path)!r} does not exist "
+                    "(pass the path of a JSON file or a JSON object string)"
+                )
+            text = path.read_text()
         return cls.from_dict(json.loads(text))

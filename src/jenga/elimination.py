@@ -1,8 +1,8 @@
 """Where tokens are chosen: block selection per sequence, and moving tensors to and from the kept subset.
 
 A layer keeps whole blocks of ``block_size`` tokens, chosen per sequence, in original order, so causal
-masking over the kept subset is causal masking by original position. Eliminated blocks get a zero
-attention output or, with `eliminated_local`, attention within themselves (`TokenSelection.complement`).
+masking over the kept subset is causal masking by original position. What eliminated blocks get is decided
+in `jenga.patching.base.patch_attention` (`JengaConfig.eliminated`).
 All shapes follow Hugging Face: hidden (B, S, D), masks (B, 1, S, S) or (B, S).
 """
 
@@ -45,17 +45,15 @@ def select_blocks(
 ) -> torch.Tensor:
     """Indices (B, keep) of the `keep` best blocks per sequence, ascending.
 
-    The first `sink_blocks` and the last `recent_blocks` real blocks are always kept; blocks that hold only
-    padding (``block_valid`` False) rank last.
+    The first `sink_blocks` and the last `recent_blocks` real (non-padding) blocks are always kept; blocks that
+    hold only padding (``block_valid`` False) rank last.
     """
     ranked = scores.float().clone()
+    valid = torch.ones_like(ranked, dtype=torch.bool) if block_valid is None else block_valid
+    forced = valid & (valid.cumsum(1) <= sink_blocks)  # the first real blocks (not left padding) are the sinks
     if recent_blocks:
-        valid = torch.ones_like(ranked, dtype=torch.bool) if block_valid is None else block_valid
-        from_end = valid.flip(1).cumsum(1).flip(1)  # 1 at the last real block, 2 at the one before, ...
-        ranked = ranked.masked_fill(valid & (from_end <= recent_blocks), float("inf"))
-    if block_valid is not None:
-        ranked = ranked.masked_fill(~block_valid, float("-inf"))
-    ranked[:, : min(sink_blocks, ranked.shape[1])] = float("inf")
+        forced |= valid & (valid.flip(1).cumsum(1).flip(1) <= recent_blocks)
+    ranked = ranked.masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
     return ranked.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
 
 
@@ -157,39 +155,6 @@ class TokenSelection:
         rows = (index + torch.arange(bsz, device=index.device)[:, None] * (self.seq_len + 1)).reshape(-1)
         out = _RowScatter.apply(y.reshape(bsz * kept, width), rows, bsz * (self.seq_len + 1))
         return out.view(bsz, self.seq_len + 1, width)[:, : self.seq_len]
-
-    def complement(self, block_size: int) -> TokenSelection:
-        """The eliminated blocks' positions as a selection of whole blocks (a partial last block is padded with
-        clamped positions marked invalid), so that its rows reshape to one row of `block_size` per block."""
-        nb = num_blocks(self.seq_len, block_size)
-        kept = self.index[:, ::block_size] // block_size
-        dropped = torch.ones(kept.shape[0], nb, dtype=torch.bool, device=kept.device).scatter_(1, kept, False)
-        blocks = dropped.nonzero()[:, 1].view(kept.shape[0], nb - kept.shape[1])
-        index = (blocks[:, :, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten(1)
-        if self.seq_len % block_size == 0:
-            return TokenSelection(index, None, self.seq_len)
-        return TokenSelection(index.clamp(max=self.seq_len - 1), index < self.seq_len, self.seq_len)
-
-    def joined(self, other: TokenSelection) -> TokenSelection:
-        """The positions of both selections, `self`'s rows first, so that one `scatter` places both outputs."""
-        index = torch.cat([self.index, other.index], dim=1)
-        if self.valid is None and other.valid is None:
-            return TokenSelection(index, None, self.seq_len)
-        valid = [torch.ones_like(s.index, dtype=torch.bool) if s.valid is None else s.valid for s in (self, other)]
-        return TokenSelection(index, torch.cat(valid, dim=1), self.seq_len)
-
-    def block_local_mask(self, block_size: int, token_valid: torch.Tensor | None) -> torch.Tensor:
-        """(B·n, 1, bs, bs) bool mask for attention within each selected block (a batch row per block): causal,
-        real keys only. The diagonal stays open so that no row is empty (padding rows are discarded anyway)."""
-        bsz, width = self.index.shape
-        key_ok = torch.ones(bsz, width, dtype=torch.bool, device=self.index.device)
-        if self.valid is not None:
-            key_ok &= self.valid
-        if token_valid is not None:
-            key_ok &= token_valid.gather(1, self.index)
-        causal = torch.ones(block_size, block_size, dtype=torch.bool, device=self.index.device).tril()
-        mask = causal & key_ok.view(-1, 1, block_size)
-        return (mask | torch.eye(block_size, dtype=torch.bool, device=mask.device))[:, None]
 
     def gather_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The layer's mask restricted to kept queries and keys, with out-of-range keys masked."""

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import make_parser
 from .tasks import TASKS, eval_records
 
 PACKAGES = {"peft": "Apache-2.0", "accelerate": "Apache-2.0", "pandas": "BSD-3-Clause", "matplotlib": "PSF-style"}
@@ -189,9 +189,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the local corpus, instruction set and tokenizer")
-    parser.add_argument("--out", type=Path, default=Path("dataset"))
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser = make_parser(__doc__)
+    parser.add_argument("--out", type=Path, default=Path("dataset"), help="dataset folder to write")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
     args = parser.parse_args(argv)
     print(build(args.out, args.vocab_size))
 

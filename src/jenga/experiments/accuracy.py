@@ -11,7 +11,6 @@ that task's LongBench metric per (length, depth) cell.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
 from ..data.tasks import METRIC, prompt_text
 from ..eval.metrics import score
@@ -119,16 +119,16 @@ def run_info(run: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Perplexity and retrieval of a base model and its fine-tunes")
-    parser.add_argument("--base", type=Path, required=True)
+    parser = make_parser(__doc__)
+    parser.add_argument("--base", type=Path, required=True, help="base model folder (weights and tokenizer)")
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="fine-tune output folders")
-    parser.add_argument("--data", type=Path, default=Path("dataset"))
-    parser.add_argument("--tasks-dir", type=Path, help="LongBench JSONL folder (default: <data>/longbench)")
-    parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--limit", type=int, help="first N records per task (quick checks)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--logs", type=Path, default=Path("logs/end2end/accuracy"))
-    parser.add_argument("--skip-base", action="store_true")
+    parser.add_argument("--data", type=Path, default=Path("dataset"), help="dataset folder (jenga.data.corpus)")
+    parser.add_argument("--tasks-dir", type=Path, help="LongBench JSONL folder (None: <data>/longbench)")
+    parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096], help="perplexity windows (tokens)")
+    parser.add_argument("--limit", type=int, help="first N records per task (quick checks; None: all)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--logs", type=Path, default=Path("logs/end2end/accuracy"), help="folder for the logs")
+    parser.add_argument("--skip-base", action="store_true", help="evaluate the fine-tunes only")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

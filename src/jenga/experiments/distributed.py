@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from ..cli import make_parser
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer, read_jsonl, run_header
 from .methods import get_method
-from .run import build, is_complete, log_path
+from .run import build, is_complete, log_path, progress_line, report_failures
 from .training import REPO_ROOT, StepStats
 
 BACKENDS = ("deepspeed-zero2", "deepspeed-zero3", "fsdp")
@@ -97,10 +98,12 @@ def launch(
     return summary
 
 
-def sweep(args: argparse.Namespace) -> None:
-    """The runner's sweep (`--num-gpus N`, N > 1): one launch per (method, length); complete logs are skipped."""
+def sweep(args: argparse.Namespace) -> int:
+    """The runner's sweep (`--num-gpus N`, N > 1): one launch per (method, length); complete logs are skipped.
+    Returns the exit code: 1 when a configuration failed (not OOM)."""
     require_deepspeed(args.backend)
     command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
+    failed = 0
     for seq in args.seqs:
         for method in args.methods:
             path = log_path(args.logs, args.model, method, seq)
@@ -111,10 +114,9 @@ def sweep(args: argparse.Namespace) -> None:
             summary = launch(
                 args.model, method, seq, args.num_gpus, args.backend, args.steps, args.warmup, path, command
             )
-            print(
-                f"{method} {seq} x{args.num_gpus} {args.backend}: {summary.get('status')} "
-                f"peak={summary.get('peak_gib')} step={summary.get('median_step_s')}"
-            )
+            failed += summary.get("status") == "failed"
+            print(progress_line(f"{method} {seq} x{args.num_gpus} {args.backend}", summary))
+    return report_failures(failed, len(args.seqs) * len(args.methods))
 
 
 def gather_outside_forward(model: torch.nn.Module) -> None:
@@ -260,15 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     """The worker `launch` starts on every rank (under `accelerate launch`)."""
     from accelerate import Accelerator
 
-    parser = argparse.ArgumentParser(description="one rank of a distributed Jenga run (started by `launch`)")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--seq", type=int, required=True)
-    parser.add_argument("--backend", choices=BACKENDS, required=True)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--log", type=Path, required=True)
-    parser.add_argument("--command")
+    parser = make_parser(
+        "One rank of a distributed run: the runner (`python -m jenga.experiments.run --num-gpus N`) starts it on "
+        "every GPU through `accelerate launch`; it is not meant to be run by hand.\n\n" + __doc__
+    )
+    parser.add_argument("--model", required=True, help="folder under checkpoints/ or a path with config.json")
+    parser.add_argument("--method", required=True, help="a method of jenga.experiments.methods")
+    parser.add_argument("--seq", type=int, required=True, help="sequence length in tokens (per GPU)")
+    parser.add_argument("--backend", choices=BACKENDS, required=True, help="distributed engine")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the measured ones")
+    parser.add_argument("--log", type=Path, required=True, help="JSON-lines log that rank 0 writes")
+    parser.add_argument("--command", help="the sweep's command line, recorded in the log header")
     args = parser.parse_args(argv)
     accelerator = Accelerator()
     engine = str(accelerator.distributed_type).split(".")[-1]

@@ -13,7 +13,6 @@ trainable weights) and, with --merged, a merged Hugging Face checkpoint that any
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from dataclasses import replace
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import apply_jenga, jenga_state, remove_jenga
+from ..cli import make_parser
 from ..data.loaders import load_documents
 from ..data.tasks import training_example
 from ..profiling import JsonlWriter, run_header
@@ -34,14 +34,15 @@ from .methods import Method, get_method
 from .training import add_attention_lora, interpolate_positions
 
 ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
-# Ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes. Runs
-# made before `eliminated_local` existed (eliminated blocks had zero attention output) are `jenga-nolocal`.
+# Ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes.
+# `jenga-zero` is the paper's elimination (no attention output for eliminated blocks); logs of the toy-base study
+# name it `jenga-nolocal` (its `jenga` rows ran the schema-1 block-local pass, see docs/toy-accuracy.md).
 # The per-layer lists are for the 6-layer accuracy base, whose sparse layers are 2-4: one sparse attention
 # layer at a time (`-l2`..`-l4`), and the default's mean keep of 0.5 moved towards the early or late layers
 # (`-late2` further; `-l23` all of it on layers 2-3, leaving layer 4 dense).
 # `jenga-shared` keeps one selection through the stack (`JengaConfig.shared_selection`).
 JENGA_ABLATIONS = {
-    "jenga-nolocal": {"eliminated_local": False},
+    "jenga-zero": {"eliminated": "zero"},
     "jenga-norecent": {"recent_blocks": 0},
     "jenga-attn0.75": {"attn_keep": 0.75},
     "jenga-mlpdense": {"mlp_keep": 1.0},
@@ -155,20 +156,25 @@ def load_merged(run: Path, base: Path, device: str = "cpu", dtype: torch.dtype =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Long-context LoRA fine-tuning with one compared method")
+    parser = make_parser(__doc__)
     parser.add_argument("--base", type=Path, required=True, help="trained base model folder (with tokenizer)")
-    parser.add_argument("--method", required=True, choices=[*ACCURACY_METHODS, *JENGA_ABLATIONS])
+    methods = [*ACCURACY_METHODS, *JENGA_ABLATIONS]
+    parser.add_argument(
+        "--method", required=True, choices=methods, metavar="METHOD", help=f"one of: {', '.join(methods)}"
+    )
     parser.add_argument("--predictor", type=Path, help="predictor folder for jenga-predictor")
     parser.add_argument("--data", type=Path, default=Path("dataset"), help="built dataset or JSONL / datasets folder")
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seq-len", type=int, default=4096, help="training sequence length in tokens")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of LoRA init and data order")
     parser.add_argument("--task-fraction", type=float, default=0.5, help="share of rows that are retrieval tasks")
-    parser.add_argument("--trainable", nargs="*", default=["norm"], choices=list(TRAINABLE))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--trainable", nargs="*", default=["norm"], choices=list(TRAINABLE), help="parameters trained besides LoRA"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (adapter, logs)")
     parser.add_argument("--merged", action="store_true", help="also save a merged bf16 checkpoint")
     args = parser.parse_args(argv)
 

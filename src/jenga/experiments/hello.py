@@ -4,24 +4,49 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
+# Triton picks its interpreter when it is imported; importing jenga imports it already on recent PyTorch builds
+# (through torch._dynamo), so on the CPU the kernel check may need a fresh process with TRITON_INTERPRET=1.
+TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+class Info(Exception):
+    """Raised by a check that does not apply to this machine: reported as INFO with its message, not FAIL."""
+
+
+REQUIRED = ("torch", "transformers", "peft")
+# Not needed by the library on every machine: Triton only on CUDA (PyTorch's CUDA wheels install it),
+# accelerate only for the experiments (`pip install -e ".[experiments]"`).
+OPTIONAL = {"triton": "the CUDA kernels", "accelerate": "the experiments"}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _versions() -> str:
-    names = ("torch", "transformers", "peft", "triton", "accelerate")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            raise RuntimeError(
-                f"{name} is not installed; run `pip install -e .` (or bash scripts/setup_env.sh)"
-            ) from None
-    return ", ".join(f"{k} {v}" for k, v in found.items())
+    missing = [name for name in REQUIRED if _version(name) is None]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not installed; run `pip install -e .` (or bash scripts/setup_env.sh)")
+    if _version("triton") is None and _cuda():
+        raise RuntimeError("triton is not installed but CUDA is: the GPU path needs it (`pip install triton`)")
+    found = [f"{name} {_version(name)}" for name in (*REQUIRED, *OPTIONAL) if _version(name) is not None]
+    absent = [f"{name} (needed for {use})" for name, use in OPTIONAL.items() if _version(name) is None]
+    return ", ".join(found) + (f"; not installed: {', '.join(absent)}" if absent else "")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _device() -> str:
@@ -48,7 +73,22 @@ def _models() -> str:
     return ", ".join(f"{p.name} ({'weights' if has_weights(p) else 'architecture only'})" for p in folders)
 
 
+def _in_fresh_interpreter(check: str) -> str:
+    """Run the check named `check` in a child process whose Triton starts in its interpreter."""
+    code = f"from jenga.experiments.hello import {check}; print({check}())"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1])
+    return done.stdout.strip().splitlines()[-1]
+
+
 def _kernel() -> str:
+    if not _cuda():
+        if _version("triton") is None:
+            raise Info("triton is not installed: on the CPU the block score runs as its PyTorch reference")
+        if TRITON_IMPORTED_COMPILED:
+            return _in_fresh_interpreter("_kernel")
     import torch
 
     from ..kernels.scoring import block_tile_scores_triton
@@ -128,6 +168,8 @@ def main() -> int:
     for kind, name, check in CHECKS:
         try:
             print(f"[{kind}] {name}: {check()}", flush=True)
+        except Info as info:
+            print(f"[INFO] {name}: {info}", flush=True)
         except Exception as exc:  # every check reports; one failure must not hide the others
             failed += 1
             print(f"[FAIL] {name}: {exc}", flush=True)

@@ -6,19 +6,19 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ..cli import make_parser
 from .finetune import load_merged
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Merge a fine-tune's adapter into its base model")
-    parser.add_argument("--base", type=Path, required=True)
+    parser = make_parser(__doc__)
+    parser.add_argument("--base", type=Path, required=True, help="the base model folder the fine-tune started from")
     parser.add_argument("--run", type=Path, required=True, help="fine-tune folder holding adapter/")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the merged checkpoint")
     args = parser.parse_args(argv)
     if not (args.run / "adapter" / "adapter_config.json").exists():
         raise FileNotFoundError(f"{args.run} holds no adapter/adapter_config.json; is it a fine-tune folder?")

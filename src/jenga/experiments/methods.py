@@ -10,8 +10,10 @@ from dataclasses import dataclass, replace
 
 from ..config import JengaConfig
 
-HALF = JengaConfig(block_size=64, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=2, sink_blocks=1)
-QUARTER = JengaConfig(block_size=64, attn_keep=0.25, mlp_keep=0.25, dense_first_layers=2, sink_blocks=1)
+# Every field pinned by the schema version the config carries; "jenga" is the library default.
+HALF = JengaConfig()
+QUARTER = replace(HALF, attn_keep=0.25, mlp_keep=0.25)
+ZERO = replace(HALF, eliminated="zero")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,17 @@ _BASE = [
         "Jenga with attention elimination only: attention keep 0.5, MLP keep 1.0, segmented loss",
         jenga=replace(HALF, mlp_keep=1.0),
     ),
-    Method("jenga", "Jenga, attention and MLP keep 0.5 (first 2 layers and the last dense)", jenga=HALF),
+    Method(
+        "jenga",
+        "Jenga's default: attention and MLP keep 0.5 (first 2 layers and the last dense), eliminated tokens get "
+        "their dense output without autograd",
+        jenga=HALF,
+    ),
+    Method(
+        "jenga-zero",
+        "Jenga with the paper's elimination: eliminated tokens get no attention output (keep 0.5)",
+        jenga=ZERO,
+    ),
     Method(
         "jenga-noseg",
         "Jenga (keep 0.5) with the model's own loss instead of the segmented loss",

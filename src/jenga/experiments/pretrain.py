@@ -11,7 +11,6 @@ per step and the validation loss as JSON lines and saves a standard Hugging Face
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
 from ..data.tasks import training_example
 from ..profiling import JsonlWriter, run_header
@@ -38,18 +38,18 @@ def validation_loss(model, tokens: torch.Tensor, seq_len: int, device: str, max_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain a small Llama on the local corpus")
-    parser.add_argument("--data", type=Path, default=Path("dataset"))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=32)
+    parser = make_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=Path("dataset"), help="dataset folder (jenga.data.corpus)")
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size")
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--seq-len", type=int, default=1024, help="training sequence length in tokens")
+    parser.add_argument("--batch", type=int, default=32, help="sequences per step")
     parser.add_argument("--task-fraction", type=float, default=0.25, help="share of rows that are retrieval tasks")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget")
-    parser.add_argument("--max-steps", type=int, default=100_000)
+    parser.add_argument("--max-steps", type=int, default=100_000, help="step limit (the budget usually ends first)")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between validation losses")
     args = parser.parse_args(argv)
 

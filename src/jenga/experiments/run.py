@@ -1,11 +1,14 @@
-"""The experiment runner: one (model, method, length) per process, JSON-lines logs, OOM logged as OOM.
+"""The experiment runner: trains a model for a few measured steps under each (method, sequence length) and
+logs peak memory and step time, one configuration per process, one JSON-lines log per configuration; running
+out of memory is a result (logged as OOM), any other error is a failure (exit code 1, retried next time).
 
     python -m jenga.experiments.run --model llama-2-7b --methods lora jenga --seqs 4096 8192 --logs logs/x
     python -m jenga.experiments.run --model llama-2-7b --methods lora jenga+ckpt --max-length --logs logs/y
 
 A sweep runs each configuration in a fresh process (allocator peaks never leak between runs) and skips
-configurations whose log is already complete unless --force. `--max-length` finds the longest sequence
-(in steps of --length-step) that trains one step without running out of memory: doubling, then bisection.
+configurations whose log is already complete (status ok or oom) unless --force; failed ones run again.
+`--max-length` finds the longest sequence (in steps of --length-step) that trains one step without running out
+of memory: doubling, then bisection.
 
 Extra records a run can add after its measured steps: `--breakdown` runs one more, untimed step that splits
 memory into weights, optimizer state, gradients and saved activations per sublayer (figure 14);
@@ -18,6 +21,7 @@ process (and CUDA context) per configuration, without paying the imports each ti
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import multiprocessing
 import os
@@ -34,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from .. import apply_jenga
+from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
 from ..elimination import select_blocks
 from ..mlp import kept_channels
@@ -51,8 +56,27 @@ def log_path(logs: Path, model: str, method: str, seq: int) -> Path:
     return logs / f"{Path(model).name}_{method}_{seq}.jsonl"
 
 
+# Summary statuses that are results: a crashed configuration ("failed") is not one, so a rerun retries it.
+COMPLETE_STATUSES = ("ok", "oom")
+
+
 def is_complete(path: Path) -> bool:
-    return path.exists() and any(r.get("record") == "summary" for r in read_jsonl(path))
+    """True when the log holds a result: a summary of status ok or oom."""
+    return path.exists() and any(
+        r.get("record") == "summary" and r.get("status") in COMPLETE_STATUSES for r in read_jsonl(path)
+    )
+
+
+def rounded(value: float | None, digits: int, unit: str) -> str:
+    """A progress-line number: `digits` decimals and its unit, or "-" when the run did not measure it."""
+    return "-" if value is None else f"{value:.{digits}f} {unit}"
+
+
+def progress_line(label: str, summary: dict) -> str:
+    """`label: status peak=… step=…`, numbers rounded (GiB to 2 decimals, seconds to 3)."""
+    peak, step = rounded(summary.get("peak_gib"), 2, "GiB"), rounded(summary.get("median_step_s"), 3, "s")
+    error = f" ({summary['error']})" if summary.get("status") == "failed" and summary.get("error") else ""
+    return f"{label}: {summary.get('status')} peak={peak} step={step}{error}"
 
 
 class SelectionRecorder:
@@ -306,6 +330,18 @@ def run_one(
     return summary
 
 
+def run_worker(path: Path, run: Callable[[], dict]) -> dict:
+    """`run` (a bound `run_one`) in a sweep's child process: a crash other than OOM appends a "failed" summary
+    naming the error to the log at `path`, then propagates (the child exits non-zero)."""
+    try:
+        return run()
+    except Exception as exc:
+        error = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0]
+        with JsonlWriter(path, append=True) as writer:
+            writer.write({"record": "summary", "status": "failed", "error": error})
+        raise
+
+
 def spawn(
     args: argparse.Namespace, method: str, seq: int, path: Path, steps: int, warmup: int, extra: dict | None = None
 ) -> dict:
@@ -319,7 +355,8 @@ def spawn(
     command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
     if args.fork:
         worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
-        process = multiprocessing.get_context("fork").Process(target=run_one, args=worker, kwargs=extra)
+        job = functools.partial(run_one, *worker, **extra)
+        process = multiprocessing.get_context("fork").Process(target=run_worker, args=(path, job))
         process.start()
         process.join()
         exit_code = process.exitcode
@@ -341,8 +378,10 @@ def spawn(
     return summary
 
 
-def sweep(args: argparse.Namespace) -> None:
+def sweep(args: argparse.Namespace) -> int:
+    """Run every (method, length) not yet complete; returns how many failed (crashed, not OOM)."""
     configs = [(m, s) for s in args.seqs for m in args.methods]
+    failed = 0
     for method, seq in tqdm(configs, desc=f"{args.model} sweep", unit="run"):
         path = log_path(args.logs, args.model, method, seq)
         if is_complete(path) and not args.force:
@@ -350,8 +389,16 @@ def sweep(args: argparse.Namespace) -> None:
             continue
         path.unlink(missing_ok=True)
         summary = spawn(args, method, seq, path, args.steps, args.warmup)
-        peak, step = summary.get("peak_gib"), summary.get("median_step_s")
-        tqdm.write(f"{method} {seq}: {summary.get('status')} peak={peak} step={step}")
+        failed += summary.get("status") == "failed"
+        tqdm.write(progress_line(f"{method} {seq}", summary))
+    return report_failures(failed, len(configs))
+
+
+def report_failures(failed: int, total: int) -> int:
+    """Say how many configurations failed (their logs are retried next time); the exit code, 1 if any did."""
+    if failed:
+        print(f"{failed} of {total} configuration(s) failed (not OOM); see their logs; a rerun retries them")
+    return int(failed > 0)
 
 
 def longest_fitting(
@@ -374,8 +421,11 @@ def longest_fitting(
     return good, bad
 
 
-def max_length(args: argparse.Namespace) -> None:
-    """Longest trainable length per method; probe logs under <logs>/probes, results under <logs>/maxlen."""
+def max_length(args: argparse.Namespace) -> int:
+    """Longest trainable length per method; probe logs under <logs>/probes, results under <logs>/maxlen.
+
+    Returns 1 when a probe failed for a reason other than OOM (its length then only bounds the search)."""
+    failed = probed = 0
     for method in args.methods:
         probes: dict[int, str] = {}
 
@@ -388,6 +438,8 @@ def max_length(args: argparse.Namespace) -> None:
             return probes[seq] == "ok"
 
         good, bad = longest_fitting(fits, args.length_step, args.cap, args.start)
+        failed += sum(status == "failed" for status in probes.values())
+        probed += len(probes)
         header = run_header(extra={"experiment": "max_length", "model": Path(args.model).name, "method": method})
         result_path = args.logs / "maxlen" / f"{Path(args.model).name}_{method}.jsonl"
         result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,22 +456,33 @@ def max_length(args: argparse.Namespace) -> None:
                 }
             )
         print(f"{method}: longest trainable {good} (first failing {bad}, cap {args.cap})")
+    return report_failures(failed, probed)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run; the exit code is 1 when a configuration failed (OOM is not a failure)."""
     from . import distributed  # imports this module (its `build`), so not at the top
 
-    parser = argparse.ArgumentParser(description="Jenga experiment runner (see module docstring)")
+    parser = make_parser(__doc__)
+    plain = [m for m in METHODS if not m.endswith("+ckpt")]
     parser.add_argument("--model", required=True, help="folder under checkpoints/ or a path with config.json")
-    parser.add_argument("--methods", nargs="+", default=["lora", "jenga"], choices=list(METHODS))
-    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["lora", "jenga"],
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to run: {', '.join(plain)}; <name>+ckpt adds gradient checkpointing (all but "
+        f"{', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
+    )
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192], help="sequence lengths in tokens")
     parser.add_argument("--steps", type=int, default=5, help="measured steps after warm-up")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--logs", type=Path, default=Path("logs/runs"))
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the measured ones")
+    parser.add_argument("--logs", type=Path, default=Path("logs/runs"), help="folder for the JSON-lines logs")
     parser.add_argument("--force", action="store_true", help="rerun configurations whose log is complete")
     parser.add_argument("--memory-gib", type=float, help="cap this process's GPU memory (e.g. 48 for the A40 set)")
     parser.add_argument("--max-length", action="store_true", help="search the longest trainable length instead")
-    parser.add_argument("--length-step", type=int, default=4096)
+    parser.add_argument("--length-step", type=int, default=4096, help="granularity of the length search (tokens)")
     parser.add_argument("--cap", type=int, default=131072, help="longest length the search tries")
     parser.add_argument("--start", type=int, help="first length the search tries (a multiple of --length-step)")
     parser.add_argument("--breakdown", action="store_true", help="log a memory breakdown step (figure 14)")
@@ -445,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     # another policy): long runs otherwise OOM with gigabytes reserved but unallocated (fragmentation).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.worker:
-        run_one(
+        job = functools.partial(
+            run_one,
             args.model,
             args.worker[0],
             int(args.worker[1]),
@@ -458,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
             snapshot=args.snapshot,
             data=args.data,
         )
-        return
+        run_worker(args.log, job)
+        return 0
     if args.num_gpus < 1:
         parser.error("--num-gpus must be at least 1")
     single_only = {"--max-length": args.max_length, "--breakdown": args.breakdown, "--snapshot": args.snapshot}
@@ -467,10 +532,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{', '.join(k for k, v in single_only.items() if v)}: single-GPU runs only (--num-gpus 1)")
     args.logs.mkdir(parents=True, exist_ok=True)
     if args.num_gpus > 1:
-        distributed.sweep(args)
-        return
-    (max_length if args.max_length else sweep)(args)
+        return distributed.sweep(args)
+    return (max_length if args.max_length else sweep)(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

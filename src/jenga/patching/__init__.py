@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from ..config import JengaConfig, JengaConfigError
 from ..predictor.bundle import PredictorBundle
@@ -46,6 +47,28 @@ def find_adapter(model: nn.Module) -> FamilyAdapter:
     )
 
 
+# Attention implementations Jenga serves: it needs the layer's mask as a tensor (or None) to restrict it to the
+# kept tokens. Registered custom ones qualify when their mask is built as for these (e.g. LongLoRA's "s2attn").
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_attention(model: nn.Module) -> None:
+    """Raise at apply time, naming the fix, when the model's attention takes masks Jenga cannot restrict
+    (flash attention's unpadding, flex attention's block masks); otherwise the first sparse step would fail."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl is None or impl in SUPPORTED_ATTENTION:
+        return
+    masks = ALL_MASK_ATTENTION_FUNCTIONS
+    tensor_masks = tuple(masks[name] for name in SUPPORTED_ATTENTION)
+    if impl in masks and masks[impl] in tensor_masks:
+        return
+    raise UnsupportedModelError(
+        f"Jenga supports attn_implementation 'sdpa' or 'eager', not {impl!r}: it restricts the attention mask "
+        "to the kept tokens. Load the model with attn_implementation='sdpa' (or call "
+        "model.set_attn_implementation('sdpa')) before apply_jenga"
+    )
+
+
 def jenga_state(model: nn.Module) -> JengaState | None:
     """The `JengaState` of a patched model, or None."""
     return unwrap(model).__dict__.get("_jenga")
@@ -65,8 +88,16 @@ def apply_jenga(
     `python -m jenga.predictor.train`, or a loaded `PredictorBundle`) selects blocks with learned predictors
     and, when `config` is None, brings the config it was trained with.
     """
+    if isinstance(config, dict):
+        raise TypeError(
+            "apply_jenga takes a JengaConfig, not a dict: build one with JengaConfig(**d) "
+            "(or JengaConfig.from_dict(d), which names unknown keys)"
+        )
+    if config is not None and not isinstance(config, JengaConfig):
+        raise TypeError(f"apply_jenga takes a JengaConfig, got {type(config).__name__}")
     base = unwrap(model)
     adapter = find_adapter(base)
+    check_attention(base)
     if jenga_state(base) is not None:
         raise RuntimeError("Jenga is already applied to this model; call remove_jenga(model) first")
     if predictor is not None:

@@ -13,13 +13,13 @@ import inspect
 import logging
 import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import JengaConfig
@@ -38,6 +38,25 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
+
+
+# The attention forwards' KV-cache argument: `past_key_values` up to transformers 5.23, `cache` from 5.24.
+KV_CACHE_ARGS = ("past_key_values", "cache")
+# The model outputs' cache field, renamed the same way (5.24 still accepts the old name, with a warning).
+OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def drop_kv_cache(call: dict) -> None:
+    """Set the KV cache of a named sparse training attention call to None (warned once): eliminated tokens
+    would not fill it, so a cache built there would silently miss them."""
+    for name in KV_CACHE_ARGS:
+        if call.get(name) is not None:
+            warn_once(
+                "cache",
+                "Jenga: training forward with a KV cache; eliminated layers do not fill it. "
+                "Pass use_cache=False (or set model.config.use_cache = False) when training.",
+            )
+            call[name] = None
 
 
 DENSE_MLP_MESSAGE = (
@@ -98,8 +117,15 @@ class FamilyAdapter:
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Rotated/scaled q and k of all tokens for scoring, as the attention would compute them."""
+    def query_key_modules(self, attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The q and k projections, whose outputs the dense pass hands to `query_key`."""
+        return attn.q_proj, attn.k_proj
+
+    def query_key(
+        self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Rotated/scaled q and k of all tokens for scoring, as the attention computes them; `projected` holds
+        the q and k projections' outputs when a pass already computed them."""
         raise NotImplementedError
 
     def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
@@ -128,8 +154,19 @@ class JengaState:
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
-    """Bind `new_forward(self, *args, **kwargs)` as `module.forward`; the class forward stays reachable."""
-    module.forward = types.MethodType(new_forward, module)
+    """Bind `new_forward(self, *args, **kwargs)` as `module.forward`; the class forward stays reachable.
+
+    The bound forward presents the class forward's signature: tools read it to route inputs (the `Trainer`
+    drops dataset columns the signature does not name, which would drop `input_ids` and `labels`).
+    """
+
+    def forward(self, *args, **kwargs):
+        return new_forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(type(module).forward)
+    forward.__doc__ = new_forward.__doc__ or type(module).forward.__doc__
+    forward.__qualname__ = f"jenga[{type(module).__name__}].forward"
+    module.forward = types.MethodType(forward, module)
     state.patched.append(module)
 
 
@@ -161,49 +198,6 @@ def _gather_positional(selection, value):
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == selection.seq_len:
         return selection.gather(value, dim=1)
     return value
-
-
-def _per_block(value, rows: int, block_size: int):
-    """A gathered per-position input (B, n·bs, ...) as one batch row per block (B·n, bs, ...)."""
-    if isinstance(value, tuple):
-        return tuple(_per_block(v, rows, block_size) for v in value)
-    if isinstance(value, torch.Tensor) and value.dim() >= 2:
-        return value.reshape(rows, block_size, *value.shape[2:])
-    return value
-
-
-def _block_local_attention(
-    attn: nn.Module,
-    original: Callable,
-    call: dict,
-    selection: TokenSelection,
-    block_size: int,
-    token_valid: torch.Tensor | None,
-) -> tuple[TokenSelection, torch.Tensor]:
-    """The eliminated blocks' positions and their attention output (B, n·bs, D), each block attending causally
-    within itself.
-
-    Each eliminated block becomes one batch row of `block_size` tokens, so the pass costs linear work. It runs
-    under activation checkpointing: backward recomputes it from the gathered input, which (with the block rows'
-    rotary tables) is all it keeps, a fraction of what the block would save as a kept block.
-    """
-    dropped = selection.complement(block_size)
-    bsz, width = dropped.index.shape
-    rows = bsz * (width // block_size)
-    local = dict(call)
-    local["hidden_states"] = dropped.gather(call["hidden_states"]).reshape(rows, block_size, -1)
-    mask = dropped.block_local_mask(block_size, token_valid)
-    like = call.get("attention_mask")
-    if isinstance(like, torch.Tensor) and like.is_floating_point():
-        mask = torch.zeros(mask.shape, dtype=like.dtype, device=mask.device).masked_fill_(
-            ~mask, torch.finfo(like.dtype).min
-        )
-    local["attention_mask"] = mask
-    for name in ("position_ids", "position_embeddings"):
-        if name in local:
-            local[name] = _per_block(_gather_positional(dropped, local[name]), rows, block_size)
-    out = checkpoint(functools.partial(original, attn), use_reentrant=False, **local)[0]
-    return dropped, out.reshape(bsz, width, -1)
 
 
 # Forwards whose selections may wait for their recompute (e.g. several micro-batches before one backward).
@@ -268,9 +262,27 @@ def _lean_lora(attn: nn.Module, state: JengaState) -> None:
             override_forward(linear, lean_lora_forward, state)
 
 
+@contextmanager
+def _captured_outputs(modules: tuple[nn.Module, ...]) -> Iterator[list[torch.Tensor]]:
+    """Collect the outputs of `modules` during the block, so that the oracle score can reuse the q and k
+    projections that the dense pass computes anyway."""
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _args, out: outputs.append(out)) for m in modules]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: nn.Module) -> None:
-    """Run the attention sublayer on the kept blocks; eliminated blocks attend only within themselves
-    (`eliminated_local`) or get zero output."""
+    """Run the attention sublayer's backward on the kept blocks only.
+
+    With `eliminated="dense"` the layer first runs densely without autograd: every token gets its exact
+    output (the forward is the model's own) and nothing is saved. The kept tokens then run again with
+    autograd over the kept subset, and that pass contributes only gradients (its value is subtracted back
+    out). With `eliminated="zero"` only the kept pass runs and eliminated tokens get no attention output.
+    """
     original = type(attn).forward
     signature = inspect.signature(original)
     keep = state.attn_keep[layer_idx]
@@ -294,17 +306,14 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 f"Jenga needs a tensor attention mask or None, got {type(mask).__name__}; load the model with "
                 "attn_implementation='sdpa' or 'eager'"
             )
+        drop_kv_cache(call)
+        dense, projected = None, None
+        if config.eliminated == "dense":
+            with torch.no_grad(), _captured_outputs(adapter.query_key_modules(self)) as projected:
+                dense = original(self, **call)[0]
         token_valid = key_validity(mask, hidden.shape[1])
-        query_key = functools.partial(adapter.query_key, self, hidden, call)
+        query_key = functools.partial(adapter.query_key, self, hidden, call, projected)
         selection = _choose_tokens(state, layer_idx, layer, keep_blocks, hidden, token_valid, query_key)
-        if call.get("past_key_values") is not None:
-            warn_once(
-                "cache",
-                "Jenga: training forward with a KV cache; eliminated layers do not fill it. "
-                "Pass use_cache=False (or set model.config.use_cache = False) when training.",
-            )
-            call["past_key_values"] = None
-        full_call = dict(call)
         call["hidden_states"] = selection.gather(hidden)
         call["attention_mask"] = selection.gather_mask(mask)
         for name in ("position_ids", "position_embeddings"):
@@ -312,12 +321,10 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 call[name] = _gather_positional(selection, call[name])
         out, *rest = original(self, **call)
         state.last_kept_tokens[layer_idx] = selection.num_kept
-        if config.eliminated_local:  # one scatter places the kept rows and the eliminated blocks' rows
-            dropped, local = _block_local_attention(
-                self, original, full_call, selection, config.block_size, token_valid
-            )
-            selection, out = selection.joined(dropped), torch.cat([out, local], dim=1)
-        return (selection.scatter(out), *[None for _ in rest])
+        if dense is None:
+            return (selection.scatter(out), *[None for _ in rest])
+        # Value: the dense output exactly (the kept pass adds zero); gradient: through the kept pass.
+        return (dense + selection.scatter(out - out.detach()), *[None for _ in rest])
 
     override_forward(attn, forward, state)
 
@@ -348,7 +355,7 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
         return CausalLMOutputWithPast(
             loss=loss,
             logits=None,
-            past_key_values=getattr(outputs, "past_key_values", None),
+            **{OUTPUT_CACHE: getattr(outputs, OUTPUT_CACHE, None)},
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )

@@ -21,10 +21,12 @@ class OPTAdapter(FamilyAdapter):
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.decoder.layers)
 
-    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def query_key(
+        self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         shape = (*hidden.shape[:2], attn.num_heads, attn.head_dim)
-        q = (attn.q_proj(hidden) * attn.scaling).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = projected if projected and len(projected) == 2 else (attn.q_proj(hidden), attn.k_proj(hidden))
+        q, k = (q * attn.scaling).view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
         return q, k, 1.0
 
     def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:

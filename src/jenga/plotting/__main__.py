@@ -11,10 +11,12 @@ from .breakdown import plot_memory_breakdown, plot_time_breakdown
 from .end2end import plot_end2end
 from .extension import plot_2d, plot_offload
 from .predictor import plot_predictor_ablation
+from .real_model import plot_real_model
 from .scalability import plot_scalability
 from .segment import plot_segment
 
 FIGURES = [
+    ("real-model", plot_real_model),
     ("end2end", plot_end2end),
     ("end2end/accuracy", plot_accuracy),
     ("ablations/memory-breakdown", plot_memory_breakdown),

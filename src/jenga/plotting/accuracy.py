@@ -1,5 +1,8 @@
 """The accuracy tables and figure (the paper's perplexity and LongBench tables): base model and each
-fine-tuning method, mean and spread over seeds, read from `python -m jenga.experiments.accuracy` logs."""
+fine-tuning method, mean and spread over seeds, read from `python -m jenga.experiments.accuracy` logs.
+
+The tables hold every method found in the logs, ablations included; the figure draws only the main methods.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,24 @@ import json
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
-from ..profiling import read_jsonl
-from .style import PALETTE, color, figure, save
+from matplotlib.figure import Figure
 
-METHOD_ORDER = ("base", "lora", "longlora", "jenga", "jenga-predictor", "jenga-norecent", "jenga-predictor-norecent")
+from ..profiling import read_jsonl
+from .style import color, figure, save
+
+# The methods of the retrieval figure, in legend order, with their legend names and (colour, line, marker).
+MAIN_METHODS: dict[str, tuple[str, tuple[str, str, str]]] = {
+    "base": ("base (no fine-tune)", ("black", "--", "o")),
+    "lora": ("dense LoRA", (color("lora"), "-", "o")),
+    "longlora": ("LongLoRA", (color("longlora"), "-", "o")),
+    "jenga": ("Jenga", (color("jenga"), "-", "o")),
+    "jenga-predictor": ("Jenga predictor", ("#ff7f0e", "--", "s")),
+    "jenga-nolocal": ("Jenga zero-output", ("#2ca02c", ":", "^")),
+}
+METHOD_ORDER = (*MAIN_METHODS, "jenga-predictor-nolocal", "jenga-norecent", "jenga-predictor-norecent")
 
 
 def load_accuracy(logs: Path) -> dict[str, list[dict]]:
@@ -136,27 +151,40 @@ def plot_accuracy(logs: Path, out: Path) -> list[Path]:
         harness = lm_eval_table(logs / "lm_eval")
         if harness:
             f.write("\n## lm_eval on the merged checkpoints\n\n" + harness)
+    fig = retrieval_figure(runs)
+    caption = (
+        "Retrieval score by context length of the base model and the main fine-tuning methods (mean over seeds; "
+        f"ablations are in {table.name}). " + provenance
+    )
+    return [table, save(fig, out / "retrieval.png", caption)]
+
+
+def retrieval_figure(
+    runs: dict[str, list[dict]], methods: Mapping[str, tuple[str, tuple[str, str, str]]] = MAIN_METHODS
+) -> Figure:
+    """Score against context length, a panel per task, a line per method of `methods` found in `runs` (mean
+    over seeds); one legend below the panels."""
     task_names = sorted({c["task"] for rs in runs.values() for r in rs for c in r["cells"]})
-    fig, axes = figure(3.2 * len(task_names), 3.2, ncols=len(task_names))
+    width = max(3.4 * len(task_names), 6.8)
+    fig, axes = figure(width, 3.8, ncols=len(task_names), layout="constrained")
     for ax, task in zip(axes[0], task_names, strict=True):
-        for i, (method, rs) in enumerate(runs.items()):
+        for method, (label, (shade, line, marker)) in methods.items():
             per_length: dict[int, list[float]] = defaultdict(list)
-            for r in rs:
+            for r in runs.get(method, []):
                 for (t, length), value in task_means(r, by="length").items():
                     if t == task:
                         per_length[length].append(value)
+            if not per_length:
+                continue
             xs = sorted(per_length)
             ys = [statistics.mean(per_length[x]) for x in xs]
-            own = [c for c in PALETTE if c not in (color("lora"), color("longlora"))]
-            shade = (
-                "black" if method == "base" else color(method) if method in ("lora", "longlora") else own[i % len(own)]
-            )
-            style = "--" if method == "base" else ":" if "norecent" in method else "-"
-            ax.plot(xs, ys, marker="o", ms=3, color=shade, label=method, ls=style)
-        ax.set_title(task)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylim(-2, 102)
+            ax.plot(xs, ys, marker=marker, ms=4, mfc="none", color=shade, ls=line, label=label)
+        lengths = sorted({c["length"] for rs in runs.values() for r in rs for c in r["cells"] if c["task"] == task})
+        ax.set_xticks(lengths, [str(x) for x in lengths])
+        ax.set(title=task, xlabel="context length (tokens)", ylim=(-2, 102))
     axes[0][0].set_ylabel("score")
-    axes[0][-1].legend(fontsize=7)
-    png = save(fig, out / "retrieval.png", "Retrieval by context length per fine-tuning method. " + provenance)
-    return [table, png]
+    entries = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    ncols = min(len(entries), int(width // 1.6))  # as many columns as fit the figure's width
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=ncols, frameon=False)
+    fig.suptitle("Retrieval score against context length\nbase model and fine-tuning methods, mean over seeds")
+    return fig

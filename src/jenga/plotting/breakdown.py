@@ -4,7 +4,8 @@ Reads the runner logs of `scripts/ablations/memory-breakdown/run.sh` (`<logs>/<c
 Memory: the `memory_breakdown` record of each run (weights, other persistent memory, gradients, optimizer
 state, saved activations per sublayer), stacked, with the run's measured peak as a marker. Time: medians of
 the timed steps split into forward (less block scoring), scoring, backward and optimizer. The time-breakdown
-figure reads the same logs (`logs/ablations/memory-breakdown`).
+figure reads the same logs (`logs/ablations/memory-breakdown`). A run that ran out of memory is a hatched bar up
+to the card's capacity line on the memory figure and an "OOM" label in its slot on the time figure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import statistics
 from pathlib import Path
 
 from ..profiling import read_jsonl
-from .bars import devices, runs_by_key
+from .bars import capacity, devices, draw_capacity, oom_bar, runs_by_key, slot_label
+from .models import by_size
 from .style import PALETTE, figure, save
 
 PART_COLORS = [*PALETTE, "#bcbd22", "#17becf"]
@@ -68,20 +70,29 @@ def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
     written = []
     for card in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
         runs = runs_by_key(card)
-        for model, seq in sorted({(m, s) for m, _, s in runs}):
+        cap = capacity(card, (h for h, _ in runs.values())) if kind == "memory" else None
+        for model, seq in [(m, s) for m in by_size(m for m, _, _ in runs) for s in sorted({k[2] for k in runs})]:
             methods = _methods(runs, model, seq)
+            if not methods:
+                continue
             fig, axes = figure(max(6.4, 1.25 * len(methods) + 2.6), 3.8)
             ax = axes[0][0]
             parts = PARTS if kind == "memory" else PHASE_PARTS
             colors = PART_COLORS[: len(parts)]
-            top, first = 1.0, True
+            top, first, first_oom = cap[0] if cap else 1.0, True, True
+            if cap:
+                draw_capacity(ax, cap)
             for i, method in enumerate(methods):
                 path = card / f"{model}_{method}_{seq}.jsonl"
                 header, summary = runs[(model, method, seq)]
                 breakdown = next(iter(_records(path, "memory_breakdown")), None)
+                if summary.get("status") == "oom" and cap:
+                    oom_bar(ax, i, 0.6, cap, "black", "out of memory" if first_oom else None, rotation=0)
+                    first_oom = False
+                    continue
                 if summary.get("status") != "ok" or (kind == "memory" and not breakdown):
                     status = summary.get("status", "incomplete") if summary.get("status") != "ok" else "no breakdown"
-                    ax.text(i, 0, status.upper(), ha="center", va="bottom", fontsize=7, rotation=90)
+                    slot_label(ax, i, status.upper(), rotation=0)
                     continue
                 if kind == "memory":
                     saved = breakdown.get("saved_gib", {})
@@ -107,6 +118,7 @@ def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
                     top = max(top, total)
                 first = False
             ax.set_xticks(range(len(methods)), [LADDER.get(m, m) for m in methods], fontsize=7)
+            ax.set_xlim(-0.5, len(methods) - 0.5)
             ax.set_ylim(0, top * 1.15)
             ylabel = "memory (GiB)" if kind == "memory" else "step time (s)"
             ax.set(ylabel=ylabel, title=f"{model}, {seq // 1024}K tokens: {kind} by part")
@@ -115,9 +127,11 @@ def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
             what = (
                 "memory split into weights, gradients, optimizer state and saved activations per sublayer (one "
                 "extra untimed step per run; the black line is the run's measured peak, the gap above the stack "
-                "is transient memory)"
+                f"is transient memory; hatched bars up to the dashed line, {cap[1] if cap else 'capacity unknown'}, "
+                "ran out of memory)"
                 if kind == "memory"
-                else "median step time split into forward (less block scoring), scoring, backward and optimizer"
+                else "median step time split into forward (less block scoring), scoring, backward and optimizer "
+                "(runs labelled OOM ran out of memory)"
             )
             caption = (
                 f"Paper figure 14 ({'upper' if kind == 'memory' else 'lower'}): {model} at {seq} tokens, LoRA then "

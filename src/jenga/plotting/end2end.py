@@ -1,21 +1,31 @@
 """Figures 12 and 13: peak memory and step time per model and method, and both against sequence length.
 
 Reads runner logs `<model>_<method>_<length>.jsonl` from `<logs>/<card>/` (bars) and
-`<logs>/<card>/length/` plus the same card's per-model runs of that model (lines). Runs that ran out of
-memory are drawn as hatched bars labelled OOM (and as an x on the length plots), never left out.
+`<logs>/<card>/length/` plus the same card's per-model runs of that model (lines). Models are ordered by size.
+Runs that ran out of memory are never left out: on memory axes they reach the card's capacity line (a hatched
+bar, or an x on the line of the length plot); on time axes they are labelled OOM in their slot (bars) or marked
+in an OOM row above the plot (length plot).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from .bars import Capacity, capacity, cell, draw_capacity, grouped_bars, legend_outside
+from .models import by_size
 from .style import color, figure, save
 from .tables import load_run
 
 METHODS = ("lora", "longlora", "jenga")
+QUANTITIES = (("peak_gib", "peak memory (GiB)", "memory", 12), ("median_step_s", "step time (s)", "time", 13))
+
+Runs = dict[tuple[str, str, int], tuple[dict, dict]]
 
 
-def _runs(folder: Path) -> dict[tuple[str, str, int], tuple[dict, dict]]:
+def _runs(folder: Path) -> Runs:
     runs = {}
     for path in folder.glob("*_*_*.jsonl"):
         model, method, seq = path.stem.split("_")
@@ -23,62 +33,67 @@ def _runs(folder: Path) -> dict[tuple[str, str, int], tuple[dict, dict]]:
     return runs
 
 
-def _bars(runs, seq: int, key: str, ylabel: str, out: Path, caption: str) -> Path | None:
-    models = sorted({m for m, _, s in runs if s == seq}, key=lambda m: (m.split("-")[0], len(m), m))
+def bars_figure(runs: Runs, seq: int, key: str, ylabel: str, cap: Capacity | None) -> Figure | None:
+    """`key` per model (smallest first) and method at `seq` tokens; the capacity line on the memory figure."""
+    models = by_size(m for m, _, s in runs if s == seq)
     if not models:
         return None
-    fig, axes = figure(max(6.4, 1.3 * len(models)), 3.4)
+    fig, axes = figure(1.5 * len(models) + 3.2, 3.4)  # + the legend right of the axes
     ax = axes[0][0]
-    width = 0.8 / len(METHODS)
-    top = max((runs[k][1].get(key) or 0) for k in runs if k[2] == seq) or 1.0
-    for j, method in enumerate(METHODS):
-        for i, model in enumerate(models):
-            header, summary = runs.get((model, method, seq), ({}, {"status": "missing"}))
-            x = i + (j - (len(METHODS) - 1) / 2) * width
-            label = method if i == 0 else None
-            if summary.get("status") == "missing":
-                ax.text(x, 0, "not run", ha="center", va="bottom", fontsize=6, rotation=90)
-            elif summary.get("status") == "ok" and summary.get(key) is None:  # e.g. memory of a CPU run
-                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6)
-            elif summary.get("status") == "ok":
-                bar = ax.bar(x, summary[key], width, color=color(method, j), label=label)
-                ax.bar_label(bar, fmt="%.1f" if key == "peak_gib" else "%.2f", fontsize=6)
-            else:
-                ax.bar(x, top * 1.05, width, color="white", edgecolor=color(method, j), hatch="//", label=label)
-                ax.text(x, top * 1.07, summary["status"].upper(), ha="center", fontsize=6, rotation=90)
-    ax.set_xticks(range(len(models)), models)
-    ax.set(ylabel=ylabel, title=f"{ylabel} at {seq // 1024}K tokens")
-    ax.set_ylim(0, top * 1.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    return save(fig, out, caption)
+    values = {(model, method): cell(runs, (model, method, seq), key) for model in models for method in METHODS}
+    fmt = "%.1f" if key == "peak_gib" else "%.2f"
+    grouped_bars(ax, models, METHODS, values, fmt, ylabel, cap if key == "peak_gib" else None)
+    ax.set_title(f"{ylabel} at {seq // 1024}K tokens")
+    legend_outside(ax)
+    return fig
 
 
-def _length_plot(lengths, model: str, key: str, ylabel: str, out: Path, card: Path, paper: int) -> Path:
-    """One model's `key` against sequence length per method; OOM lengths drawn as x above the lines."""
-    fig, axes = figure(5.6, 3.4)
-    ax = axes[0][0]
+def length_figure(runs: Runs, model: str, key: str, ylabel: str, cap: Capacity | None) -> Figure:
+    """One model's `key` against sequence length per method. OOM runs: an x on the capacity line when `key` is
+    memory and the capacity is known, else an x in an "OOM" row above the plot (one line per method)."""
+    points = {
+        method: sorted((s, summary) for (m, me, s), (_, summary) in runs.items() if m == model and me == method)
+        for method in METHODS
+    }
+    on_line = key == "peak_gib" and cap is not None
+    if on_line:
+        fig, axes = figure(7.6, 3.4)
+        ax, row = axes[0][0], None
+    else:
+        fig, axes = figure(7.6, 4.0, nrows=2, sharex=True, height_ratios=[1, 4])
+        row, ax = axes[0][0], axes[1][0]
+    if on_line:
+        draw_capacity(ax, cap)
     for j, method in enumerate(METHODS):
-        points = sorted((s, r[1]) for (m, me, s), r in lengths.items() if m == model and me == method)
-        ok = [(s, r[key]) for s, r in points if r.get("status") == "ok" and r.get(key) is not None]
-        oom = [s for s, r in points if r.get("status") == "oom"]
+        shade = color(method, j)
+        ok = [(s, r[key]) for s, r in points[method] if r.get("status") == "ok" and r.get(key) is not None]
+        oom = [s for s, r in points[method] if r.get("status") == "oom"]
         if ok:
-            ax.plot(*zip(*ok, strict=True), marker="o", color=color(method, j), label=method)
-        if oom:
-            top = max((v for _, v in ok), default=1.0) * 1.1
-            ax.scatter(oom, [top] * len(oom), marker="x", color=color(method, j), label=f"{method}: OOM")
+            ax.plot(*zip(*ok, strict=True), marker="o", color=shade, label=method)
+        if oom and row is None:  # on the line, nudged sideways per method so that equal lengths stay visible
+            nudged = [s * 2 ** (0.05 * (j - (len(METHODS) - 1) / 2)) for s in oom]
+            ax.scatter(nudged, [cap[0]] * len(oom), marker="X", s=50, color=shade, label=f"{method}: OOM", zorder=4)
+        elif oom:
+            row.scatter(oom, [j] * len(oom), marker="X", s=60, color=shade)
+    lengths = sorted({s for line in points.values() for s, _ in line})
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="sequence length (tokens)", ylabel=ylabel, title=f"{model}: {ylabel.split(' (')[0]} vs length")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    caption = (
-        f"Paper figure {paper} (right): {ylabel} against sequence length for {model}, {card.name} set; logs "
-        f"{card / 'length'} and {card}; device {_device(lengths)}. x marks lengths that ran out of memory."
-    )
-    return save(fig, out / f"{card.name}_{model}_length.png", caption)
+    ax.set_xticks(lengths, [f"{s // 1024}K" if s % 1024 == 0 else str(s) for s in lengths])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel="sequence length (tokens)", ylabel=ylabel)
+    ax.set_ylim(bottom=0)
+    if on_line:
+        ax.set_ylim(0, cap[0] * 1.12)
+    if row is not None:
+        row.set_yticks(range(len(METHODS)), [f"{m}: OOM" for m in METHODS], fontsize=7)
+        row.set_ylim(-0.6, len(METHODS) - 0.4)
+        row.tick_params(axis="x", which="both", labelbottom=False)
+        row.grid(False, axis="y")
+    (row or ax).set_title(f"{model}: {ylabel.split(' (')[0]} vs length")
+    legend_outside(ax)
+    return fig
 
 
-def _device(runs) -> str:
+def _device(runs: Runs) -> str:
     return ", ".join(sorted({str(h.get("device")) for h, _ in runs.values() if h}))
 
 
@@ -88,27 +103,40 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
     for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
         runs = _runs(card)
         for seq in sorted({s for _, _, s in runs}):
-            for key, ylabel, folder, paper in (
-                ("peak_gib", "peak memory (GiB)", "memory", 12),
-                ("median_step_s", "step time (s)", "time", 13),
-            ):
-                caption = (
-                    f"Paper figure {paper}: {ylabel} of lora / longlora / jenga per model at {seq} tokens, "
-                    f"{card.name} set; logs {card}; device {_device(runs)}. Hatched bars ran out of memory."
+            for key, ylabel, folder, paper in QUANTITIES:
+                cap = capacity(card, (h for (_, _, s), (h, _) in runs.items() if s == seq))
+                fig = bars_figure(runs, seq, key, ylabel, cap)
+                if fig is None:
+                    continue
+                oom = (
+                    f"Hatched bars up to the dashed line, {cap[1]}, ran out of memory"
+                    if key == "peak_gib" and cap
+                    else "Runs labelled OOM ran out of memory"
                 )
-                path = _bars(runs, seq, key, ylabel, out / folder / f"{card.name}_{seq}.png", caption)
-                written += [path] if path else []
+                caption = (
+                    f"Paper figure {paper}: {ylabel} of lora / longlora / jenga per model (smallest first) at {seq} "
+                    f"tokens, {card.name} set; logs {card}; device {_device(runs)}. {oom}."
+                )
+                written.append(save(fig, out / folder / f"{card.name}_{seq}.png", caption))
         swept = _runs(card / "length") if (card / "length").is_dir() else {}
-        models = {m for m, _, _ in swept}
         # the length sweeps skip the per-model set's lengths: those points come from the same card's runs,
         # taken only where they ran on the sweep's device, so that no line mixes GPUs
         devices = {h.get("device") for h, _ in swept.values()}
-        same = {k: v for k, v in runs.items() if k[0] in models and v[0].get("device") in devices}
+        same = {k: v for k, v in runs.items() if k[0] in {m for m, _, _ in swept} and v[0].get("device") in devices}
         lengths = {**same, **swept}
-        for model in sorted(models):
-            for key, ylabel, folder, paper in (
-                ("peak_gib", "peak memory (GiB)", "memory", 12),
-                ("median_step_s", "step time (s)", "time", 13),
-            ):
-                written.append(_length_plot(lengths, model, key, ylabel, out / folder, card, paper))
+        for model in by_size(m for m, _, _ in swept):
+            mine = {k: v for k, v in lengths.items() if k[0] == model}
+            cap = capacity(card, (h for h, _ in mine.values()))
+            for key, ylabel, folder, paper in QUANTITIES:
+                oom = (
+                    f"An x on the dashed line, {cap[1]}, is a length that ran out of memory"
+                    if key == "peak_gib" and cap
+                    else "An x in the OOM row above the plot is a length that ran out of memory"
+                )
+                caption = (
+                    f"Paper figure {paper} (right): {ylabel} against sequence length for {model}, {card.name} set; "
+                    f"logs {card / 'length'} and {card}; device {_device(mine)}. {oom}."
+                )
+                fig = length_figure(mine, model, key, ylabel, cap)
+                written.append(save(fig, out / folder / f"{card.name}_{model}_length.png", caption))
     return written

@@ -1,7 +1,8 @@
 """Figure 19: Jenga combined with shifted sparse attention (upper) and with activation offloading (lower).
 
 Reads runner logs `<logs>/<card>/<model>_<method>_<len>.jsonl` of `scripts/extension/{2d,offload}/run.sh`:
-peak memory over the measured steps and median step time per method and length, OOM hatched, missing runs
+peak memory over the measured steps and median step time per method and length; OOM runs are hatched bars up
+to the card's capacity line on the memory panel and labelled in their slot on the time panel, missing runs are
 marked "not run". The offload figure also prints how many GiB each offloading run moved to the CPU per step.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..profiling import GIB, read_jsonl
-from .bars import Cell, cell, devices, grouped_bars, measured_peak, runs_by_key
+from .bars import Cell, capacity, cell, devices, grouped_bars, legend_outside, measured_peak, runs_by_key
+from .models import by_size
 from .style import figure, save
 
 TWO_D = ("longlora+ckpt", "jenga+ckpt", "jenga-2d+ckpt")
@@ -33,24 +35,26 @@ def _figure(logs: Path, out: Path, order: tuple[str, ...], paper: str, what: str
     written = []
     for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
         runs = runs_by_key(card)
-        for model in sorted({m for m, _, _ in runs}):
+        cap = capacity(card, (h for h, _ in runs.values()))
+        for model in by_size(m for m, _, _ in runs):
             keys = [k for k in runs if k[0] == model]
             seqs = sorted({s for _, _, s in keys})
             found = {me for _, me, _ in keys}
             methods = [m for m in order if m in found] + sorted(found - set(order))
             groups = [f"{s // 1024}K" if s % 1024 == 0 else str(s) for s in seqs]
             fig, axes = figure(11.0, 3.8, ncols=2)
-            for ax, field, ylabel, fmt in (
-                (axes[0][0], "peak_gib", "peak memory (GiB)", "%.1f"),
-                (axes[0][1], "median_step_s", "step time (s)", "%.2f"),
+            for ax, field, ylabel, fmt, line in (
+                (axes[0][0], "peak_gib", "peak memory (GiB)", "%.1f", cap),
+                (axes[0][1], "median_step_s", "step time (s)", "%.2f", None),
             ):
                 values = {
                     (g, m): _value(card, runs, (model, m, s), field)
                     for g, s in zip(groups, seqs, strict=True)
                     for m in methods
                 }
-                grouped_bars(ax, groups, methods, values, fmt, ylabel)
+                grouped_bars(ax, groups, methods, values, fmt, ylabel, line)
                 ax.set(xlabel="sequence length", title=f"{model}: {ylabel}")
+            legend_outside(axes[0][1], axes[0])
             offloaded = [
                 f"{m} {g}: {gib:.1f} GiB"
                 for g, s in zip(groups, seqs, strict=True)
@@ -59,7 +63,8 @@ def _figure(logs: Path, out: Path, order: tuple[str, ...], paper: str, what: str
             ]
             note = f" Offloaded to CPU per step: {'; '.join(offloaded)}." if offloaded else ""
             caption = (
-                f"Paper figure 19 ({paper}): {what} for {model}; hatched bars ran out of memory.{note} Logs {card}; "
+                f"Paper figure 19 ({paper}): {what} for {model}; hatched bars up to the dashed capacity line ran out "
+                f"of memory (on the time panel, such runs are labelled OOM).{note} Logs {card}; "
                 f"device {devices(runs)}."
             )
             written.append(save(fig, out / f"{card.name}_{model}.png", caption))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .models import by_size
 from .style import color, figure, save
 from .tables import load_run
 
@@ -69,7 +70,7 @@ def plot_scalability(logs: Path, out: Path) -> list[Path]:
     for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
         by_backend, devices = _runs(card)
         keys = {k for runs in by_backend.values() for k in runs}
-        for model in sorted({m for m, _, _, _ in keys}):
+        for model in by_size(m for m, _, _, _ in keys):
             seqs = sorted({s for m, _, s, _ in keys if m == model})
             for field, ylabel, folder in METRICS:
                 fig, axes = figure(4.0 * len(seqs), 3.4, ncols=len(seqs))

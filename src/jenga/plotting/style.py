@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -21,18 +22,21 @@ def color(name: str, index: int = 0) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def figure(width: float = 6.4, height: float = 3.6, ncols: int = 1):
+def figure(width: float = 6.4, height: float = 3.6, ncols: int = 1, nrows: int = 1, **subplots: Any):
+    """(figure, axes[row][column]); `subplots` go to `plt.subplots` (layout, sharex, height_ratios, ...)."""
     plt.rcParams.update(
         {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
     )
-    return plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **subplots)
 
 
 def save(fig, path: Path, caption: str) -> Path:
-    """Write the PNG and a one-line caption file beside it (what it shows, from which logs)."""
+    """Write the PNG and a one-line caption file beside it (what it shows, from which logs). The saved area is
+    everything drawn, so legends and titles outside the axes are never clipped."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     path.with_suffix(".txt").write_text(caption.strip() + "\n")
     return path

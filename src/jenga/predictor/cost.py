@@ -9,7 +9,6 @@ dense forward at the given length (attention counted as the operator reports it,
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..cli import make_parser
 from ..config import JengaConfig
 from ..patching import find_adapter
 from .bundle import PredictorBundle
@@ -76,10 +76,10 @@ def cost_table(bundle: PredictorBundle, model_config: Any, seq_len: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Predictor parameters and FLOPs against their layers'")
+    parser = make_parser(__doc__)
     parser.add_argument("--model", required=True, help="model folder with config.json")
-    parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--predictor", type=Path, help="predictor folder (default: untrained, default size)")
+    parser.add_argument("--seq-len", type=int, default=8192, help="sequence length the FLOPs are counted at")
+    parser.add_argument("--predictor", type=Path, help="predictor folder (None: untrained, default size)")
     args = parser.parse_args(argv)
     model_config = AutoConfig.from_pretrained(args.model)
     if args.predictor is not None:

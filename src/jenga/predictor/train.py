@@ -19,7 +19,6 @@ folder built by `python -m jenga.data.corpus` (train documents; validation ones 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..cli import make_parser
 from ..config import JengaConfig
 from ..data.loaders import load_documents
 from ..elimination import select_blocks
@@ -239,23 +239,23 @@ def positional_prior_recall(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train Jenga's block predictors against the oracle score")
+    parser = make_parser(__doc__)
     parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer)")
     parser.add_argument("--data", required=True, type=Path, help="JSON lines with input_ids or text")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--config", type=Path, help="JengaConfig JSON (default: JengaConfig())")
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--max-sequences", type=int, default=64)
+    parser.add_argument("--out", required=True, type=Path, help="folder for the predictors (apply_jenga predictor=)")
+    parser.add_argument("--config", type=Path, help="JengaConfig JSON (None: JengaConfig())")
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
+    parser.add_argument("--max-sequences", type=int, default=64, help="sequences read from --data")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of sequences kept for recall")
     parser.add_argument("--eval-data", type=Path, help="held-out JSON lines for recall (instead of --holdout)")
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--units", type=int, default=256)
-    parser.add_argument("--out-dim", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    parser.add_argument("--units", type=int, default=256, help="hidden units of each predictor tower")
+    parser.add_argument("--out-dim", type=int, default=64, help="width of the query and key embeddings")
     parser.add_argument("--key-pieces", type=int, default=KEY_PIECES, help="key tower inputs per block (means)")
     parser.add_argument("--rope-pairs", type=int, default=ROPE_PAIRS, help="output pairs rotated by block position")
-    parser.add_argument("--prune-every", type=int, default=100)
-    parser.add_argument("--prune-threshold", type=float, default=0.01)
+    parser.add_argument("--prune-every", type=int, default=100, help="steps between pruning passes")
+    parser.add_argument("--prune-threshold", type=float, default=0.01, help="hidden units below it are pruned")
     args = parser.parse_args(argv)
 
     from ..experiments.training import load_model
@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     bundle.save(args.out)
-    print(f"saved predictors for layers {bundle.layers} to {args.out}; held-out recall {recall}")
+    per_layer = ", ".join(f"{layer}: {r:.3f}" for layer, r in recall.items()) or "none (no held-out data)"
+    print(f"saved predictors for layers {bundle.layers} to {args.out}; held-out recall per layer {per_layer}")
 
 
 if __name__ == "__main__":

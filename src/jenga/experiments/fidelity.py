@@ -1,0 +1,180 @@
+"""Fidelity diagnostic: how far a Jenga training step is from the dense one, on a real model and real text.
+
+    python -m jenga.experiments.fidelity --model checkpoints/smollm2-135m --seqs 2048 8192 --windows 8 \
+        --designs default zero zero-0.75 authors keyset --logs logs/fidelity/smollm2
+
+For each held-out window (`jenga.data.real_text`) and each design it runs the training-mode forward and
+backward once with LoRA r=8 on q/k/v/o, and logs against the dense model on the same window:
+- the perplexity ratio of the training forward (what the adapter learns from; 1.0 = the model's own);
+- the cosine between the LoRA gradients and the dense ones (what the optimizer is told).
+One JSON line per (design, length); the header records the device, versions, command and every design's
+full config. It is the fast screen for selection and elimination designs: seconds per design on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .. import JengaConfig, apply_jenga, remove_jenga
+from ..cli import make_parser
+from ..data.real_text import real_text_windows
+from ..elimination import select_blocks
+from ..patching import jenga_state
+from ..profiling import JsonlWriter, run_header
+from ..scoring import block_scores
+from .training import add_attention_lora
+
+DEFAULT = JengaConfig()
+
+
+def _authors(num_layers: int) -> JengaConfig:
+    """The authors' artifact schedule: first half and the last layer dense, keep 0.4, zero output, MLP 0.2."""
+    keep = [1.0 if i < num_layers // 2 or i == num_layers - 1 else 0.4 for i in range(num_layers)]
+    return JengaConfig(attn_keep=keep, mlp_keep=0.2, eliminated="zero", sink_blocks=0, recent_blocks=0)
+
+
+# name -> config for a model with n layers. "keyset" designs are not library configs: see `_keyset`.
+DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
+    "default": lambda n: DEFAULT,
+    "keep-0.25": lambda n: replace(DEFAULT, attn_keep=0.25),
+    "keep-0.75": lambda n: replace(DEFAULT, attn_keep=0.75),
+    "mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
+    "zero": lambda n: replace(DEFAULT, eliminated="zero"),
+    "zero-0.75": lambda n: replace(DEFAULT, eliminated="zero", attn_keep=0.75),
+    "zero-0.9": lambda n: replace(DEFAULT, eliminated="zero", attn_keep=0.9),
+    "authors": _authors,
+    "keyset": lambda n: replace(DEFAULT, attn_keep=0.5, mlp_keep=1.0),
+    "keyset-0.25": lambda n: replace(DEFAULT, attn_keep=0.25, mlp_keep=1.0),
+}
+KEYSET_LOCAL_BLOCKS = 2  # the query's own block and the one before it
+
+
+def _keyset(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
+    """Explored design, not in the library: every query attends to the kept key blocks (oracle-ranked, sink and
+    recent forced) plus its own and the previous block; nothing is eliminated as a query. Implemented with a
+    dense token mask (a reference, quadratic in memory); LLaMA family only. Returns the undo function."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layers = model.get_base_model().model.layers
+    schedule = config.attn_schedule(len(layers))
+    patched = []
+    for keep, layer in zip(schedule, layers, strict=True):
+        if keep >= 1.0:
+            continue
+        attn = layer.self_attn
+
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, _keep=keep, **kwargs):
+            bsz, seq, _ = hidden_states.shape
+            bs = config.block_size
+            shape = (bsz, seq, -1, self.head_dim)
+            with torch.no_grad():
+                q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+                k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+                scores = block_scores(q, k, bs, self.scaling)
+                nb = scores.shape[1]
+                blocks = select_blocks(scores, config.kept_blocks(nb, _keep), config.sink_blocks, None, 1)
+                kept = torch.zeros(bsz, nb, dtype=torch.bool, device=q.device).scatter_(1, blocks, True)
+                block_of = torch.arange(seq, device=q.device) // bs
+                near = (block_of[:, None] - block_of[None, :]).clamp(min=0) < KEYSET_LOCAL_BLOCKS
+                causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+                allowed = (kept[:, block_of][:, None, :] | near) & causal
+            return type(self).forward(self, hidden_states, position_embeddings, allowed[:, None], **kwargs)
+
+        attn.forward = functools.partial(forward, attn)
+        patched.append(attn)
+    return lambda: [a.__dict__.pop("forward") for a in patched]
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean token loss of one training-mode forward and the flattened LoRA gradients of its backward."""
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad.flatten().float() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return loss.item(), torch.cat(grads)
+
+
+def measure(model: torch.nn.Module, windows: torch.Tensor, design: str, config: JengaConfig | None) -> dict[str, float]:
+    """Dense vs `design` over `windows`: perplexity ratio of the training forward and LoRA gradient cosine."""
+    dense_loss, jenga_loss, cosines = 0.0, 0.0, []
+    for ids in windows:
+        ids = ids[None].to(next(model.parameters()).device)
+        loss, dense_grad = _step(model, ids)
+        dense_loss += loss
+        if design.startswith("keyset"):
+            undo = _keyset(model, config)
+        else:
+            apply_jenga(model, config)
+        try:
+            loss, grad = _step(model, ids)
+        finally:
+            undo() if design.startswith("keyset") else remove_jenga(model)
+        jenga_loss += loss
+        cosines.append(torch.nn.functional.cosine_similarity(grad, dense_grad, dim=0).item())
+    n = len(windows)
+    return {
+        "dense_ppl": math.exp(dense_loss / n),
+        "jenga_ppl": math.exp(jenga_loss / n),
+        "ppl_ratio": math.exp((jenga_loss - dense_loss) / n),
+        "grad_cosine": sum(cosines) / n,
+        "grad_cosine_min": min(cosines),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", required=True, help="a Hugging Face folder with real weights (LLaMA family)")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[2048], help="window lengths in tokens")
+    parser.add_argument("--windows", type=int, default=4, help="held-out windows per length")
+    parser.add_argument("--domain", choices=["code", "prose"], default="code", help="held-out text source")
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS), help="designs")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
+    parser.add_argument("--logs", type=Path, required=True, help="folder for fidelity_<domain>.jsonl")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+    ).to(device)
+    model.config.use_cache = False
+    model = add_attention_lora(model).train()
+    n_layers = model.config.num_hidden_layers
+    configs = {name: DESIGNS[name](n_layers) for name in args.designs}
+    args.logs.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {
+        "model": args.model,
+        "domain": args.domain,
+        "windows": args.windows,
+        "dtype": args.dtype,
+        "lora": "r=8 alpha=16 q/k/v/o (PEFT default init)",
+        "designs": {name: cfg.to_dict() for name, cfg in configs.items()},
+        "keyset_local_blocks": KEYSET_LOCAL_BLOCKS,
+    }
+    with JsonlWriter(args.logs / f"fidelity_{args.domain}.jsonl", run_header(extra=extra)) as log:
+        for seq in args.seqs:
+            windows = real_text_windows(tokenizer, seq, args.windows, split="test", domain=args.domain)
+            for name in tqdm(args.designs, desc=f"{seq} tokens"):
+                start = time.perf_counter()
+                result = measure(model, windows, name, configs[name])
+                record = {"record": "fidelity", "design": name, "seq_len": seq, **result}
+                record["seconds"] = round(time.perf_counter() - start, 2)
+                log.write(record)
+                tqdm.write(f"{seq:>6} {name:<12} ppl x{result['ppl_ratio']:.3f}  grad cos {result['grad_cosine']:.3f}")
+    assert jenga_state(model) is None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""The real-model study's tools on tiny stand-ins: the fidelity diagnostic, its report, and the tree budget."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from jenga import JengaConfig
+from jenga.experiments.fidelity import DESIGNS, measure
+from jenga.experiments.training import add_attention_lora
+from jenga.plotting.real_model import accuracy_table, bench_table, plot_real_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fidelity_default_is_the_dense_forward_and_zero_is_not():
+    torch.manual_seed(0)
+    model = add_attention_lora(tiny_llama(layers=4)).train()
+    for p in model.parameters():  # LoRA B starts at zero; give every adapter a gradient-carrying path
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    windows = torch.randint(0, 128, (2, 256))
+    small = JengaConfig(block_size=32, dense_first_layers=1)
+    default = measure(model, windows, "default", small)
+    assert default["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < default["grad_cosine"] < 0.9999  # the backward runs over the kept subset only
+    zero = measure(model, windows, "zero", JengaConfig(block_size=32, dense_first_layers=1, eliminated="zero"))
+    assert abs(zero["ppl_ratio"] - 1.0) > 1e-3
+    keyset = measure(model, windows, "keyset", small)
+    assert keyset["ppl_ratio"] != pytest.approx(1.0, abs=1e-6) and keyset["grad_cosine"] > 0
+    assert set(DESIGNS) >= {"default", "zero", "authors", "keyset"}
+    assert DESIGNS["authors"](32).attn_schedule(32)[:16] == [1.0] * 16
+
+
+def _write(path: Path, *records: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
+    head = {"record": "header", "device": "GPU", "memory_cap_gib": 80.0}
+    for method, ckpt, seq, peak, step in [
+        ("lora", False, 8192, 60.0, 1.0),
+        ("jenga", False, 8192, 30.0, 0.9),
+        ("lora+ckpt", True, 65536, 50.0, 10.0),
+        ("jenga+ckpt", True, 65536, 40.0, 7.0),
+    ]:
+        h = {**head, "model": "m", "method": method, "seq_len": seq, "gradient_checkpointing": ckpt}
+        summary = {"record": "summary", "status": "ok", "peak_gib": peak, "median_step_s": step}
+        _write(tmp_path / "bench" / f"m_{method}_{seq}.jsonl", h, summary)
+    rows = bench_table(tmp_path)
+    assert any("| jenga | 30.0 | 0.50 | 0.900 | 0.90 |" in r for r in rows)
+    assert any("| jenga+ckpt | 40.0 | 0.80 | 7.000 | 0.70 |" in r for r in rows)
+
+    def evaluation(ppl: float, passkey: float) -> list[dict]:
+        return [
+            {"record": "header"},
+            {"record": "perplexity", "window": 8192, "perplexity": ppl},
+            {"record": "task", "task": "passkey", "score": passkey, "samples": 4},
+        ]
+
+    _write(tmp_path / "eval" / "lora-s0.jsonl", *evaluation(4.0, 50.0))
+    _write(tmp_path / "eval" / "lora-s1.jsonl", *evaluation(6.0, 50.0))
+    _write(tmp_path / "eval" / "jenga-s0.jsonl", *evaluation(5.5, 75.0))
+    table = "\n".join(accuracy_table(tmp_path))
+    assert "| jenga-s0 | 5.500 (1.100x) | 75.0 (4) |" in table  # against the mean of the LoRA seeds
+    fidelity = {"record": "fidelity", "design": "default", "seq_len": 256, "ppl_ratio": 1.0, "grad_cosine": 0.5}
+    _write(tmp_path / "fidelity-x" / "fidelity_code.jsonl", {**head, "domain": "code", "windows": 2}, fidelity)
+    written = plot_real_model(tmp_path, tmp_path / "out")
+    assert [p.name for p in written] == ["fidelity.png", "real-model.md"]
+    assert "| default | GPU | code | 256 | 2 | 1.000 | 0.500 |" in (tmp_path / "out" / "real-model.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_tracked_tree_fits_the_gpu_tool_with_room():
+    """The GPU tool carries at most 64 MiB; tracked files must stay under 56 MiB (rebuildable weights stay out)."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    size = sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
+    assert size < 56 * 2**20, f"tracked files total {size / 2**20:.1f} MiB; keep them under 56 MiB"

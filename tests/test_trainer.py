@@ -1,0 +1,83 @@
+"""Jenga through `transformers.Trainer` with default arguments: the patched forward must keep its signature,
+since `remove_unused_columns=True` keeps only the dataset columns that `forward` names."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from conftest import add_lora, batch, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+from jenga import JengaConfig, apply_jenga, jenga_state
+
+KEEP_ALL = JengaConfig(attn_keep=1.0)
+
+
+def dataset(rows: int = 4, seq: int = 256) -> list[dict]:
+    """Dicts as a tokenized dataset gives them, plus a column the model does not take (the Trainer drops it)."""
+    ids = batch(rows, seq)
+    return [{"input_ids": r, "labels": r.clone(), "source": torch.tensor(i)} for i, r in enumerate(ids)]
+
+
+def build(jenga: JengaConfig | None, order: str = "after_peft", layers: int = 3):
+    base = tiny_llama(layers=layers)
+    if jenga is not None and order == "before_peft":
+        apply_jenga(base, jenga)
+    model = add_lora(base)
+    if jenga is not None and order == "after_peft":
+        apply_jenga(model, jenga)
+    return model
+
+
+def train(model, tmp_path, checkpointing: bool = False) -> tuple[float, Trainer]:
+    """Two steps with default `TrainingArguments` (bar output, length, batch, reporting and device)."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        gradient_checkpointing=checkpointing,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset())
+    trainer.train()
+    return trainer.state.log_history[-1]["train_loss"], trainer
+
+
+@pytest.fixture(scope="module")
+def reference_loss(tmp_path_factory) -> float:
+    return train(build(None), tmp_path_factory.mktemp("reference"))[0]
+
+
+@pytest.mark.parametrize("order", ["before_peft", "after_peft"])
+def test_patched_forward_keeps_signature(order):
+    model = build(KEEP_ALL, order)
+    base = model.get_base_model()
+    names = inspect.signature(base.forward).parameters
+    assert "input_ids" in names and "labels" in names
+    attn = base.model.layers[0].self_attn
+    assert "forward" in attn.__dict__
+    assert (
+        list(inspect.signature(attn.forward).parameters) == list(inspect.signature(type(attn).forward).parameters)[1:]
+    )
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("order", ["before_peft", "after_peft"])
+def test_trainer_default_arguments_match_unpatched(tmp_path, reference_loss, order, checkpointing):
+    loss, trainer = train(build(KEEP_ALL, order), tmp_path, checkpointing)
+    trainer._set_signature_columns_if_needed()
+    assert {"input_ids", "labels"} <= set(trainer._signature_columns)
+    assert set(next(iter(trainer.get_train_dataloader()))) == {"input_ids", "labels"}
+    assert math.isclose(loss, reference_loss, rel_tol=1e-5), (loss, reference_loss)
+
+
+def test_trainer_default_config_trains_sparse(tmp_path):
+    model = build(JengaConfig(), layers=4)  # layers 0-1 and the last stay dense: layer 2 is sparse
+    loss, _ = train(model, tmp_path, checkpointing=True)
+    assert math.isfinite(loss)
+    kept = jenga_state(model).last_kept_tokens
+    assert 0 < kept[2] < 2 * 256
