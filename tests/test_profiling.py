@@ -1,6 +1,7 @@
 """Tests for jenga.profiling: exact saved-byte counts, JSONL round-trips, phase records, Trainer callback."""
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -156,6 +157,22 @@ def test_run_header_default_command_and_no_git(tmp_path, monkeypatch):
     header = run_header()
     assert header["git_commit"] is None
     assert "python" in header["command"].split()[0]
+
+
+def test_run_header_marks_a_dirty_tree(tmp_path, monkeypatch):
+    """A run from a tree whose tracked files differ from HEAD says so: its code is not exactly that commit."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JENGA_GIT_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    clean = run_header()["git_commit"]
+    assert len(clean) == 40 and "+" not in clean
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert run_header()["git_commit"] == clean + "+dirty"
 
 
 def test_jsonl_writer_roundtrip(tmp_path):

@@ -205,20 +205,27 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=os.getcwd(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def _git_commit() -> str | None:
-    """Commit of the repository the run is launched from, so a log line can be traced back to code.
+    """Commit of the repository the run is launched from, so a log line can be traced back to code; a "+dirty"
+    suffix says tracked files differed from it (the code that ran was not exactly that commit).
 
     A copied working tree without `.git` (e.g. a remote GPU box) can pass it in ``JENGA_GIT_COMMIT``.
     """
     if os.environ.get("JENGA_GIT_COMMIT"):
         return os.environ["JENGA_GIT_COMMIT"]
-    try:
-        cmd = ["git", "rev-parse", "HEAD"]
-        out = subprocess.run(cmd, cwd=os.getcwd(), capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+    commit = (_git("rev-parse", "HEAD") or "").strip()
+    if not commit:
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("+dirty" if changed and changed.strip() else "")
 
 
 def run_header(command: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
