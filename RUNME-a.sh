@@ -7,5 +7,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bash "$root/scripts/setup_env.sh"
 cd "$root"
-.venv/bin/python benchmarks/report.py
 .venv/bin/python -m jenga.plotting --logs logs --out output_figures

@@ -3,7 +3,7 @@
     python benchmarks/bench_core.py --model llama-2-7b --seqs 4096 8192 --logs benchmarks/logs/core
 
 Every run goes through `python -m jenga.experiments.run` (one process per configuration); the tables in
-RESULTS.md are rebuilt from the logs by benchmarks/report.py.
+RESULTS.md are rebuilt from the logs by `python -m jenga.plotting` (RUNME-a.sh).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command: lint, then the CPU test suite (sets up .venv on first use).
+# The project's test command: lint, then the whole CPU test suite, both tiers (sets up .venv on first use).
+# Extra arguments go to pytest: `-m "not integration"` runs the fast unit tier only (markers in pyproject.toml).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"

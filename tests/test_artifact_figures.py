@@ -68,8 +68,12 @@ def tiny_logs(tmp_path_factory):
             {"action": "alloc", "size": int(peak * GIB), "time_us": 0},
             {"action": "free_completed", "size": int(peak * GIB), "time_us": 500_000},
         ]
-        with gzip.open(logs / "ablations/segment/80gb" / f"tiny_{method}_256.snapshot.pickle.gz", "wb") as f:
+        snapshot = logs / "ablations/segment/80gb" / f"snapshot-of-{method}.pickle.gz"
+        with gzip.open(snapshot, "wb") as f:
             pickle.dump({"device_traces": [trace], "segments": []}, f)
+        log = logs / "ablations/segment/80gb" / f"tiny_{method}_256.jsonl"  # named in the log, as on CUDA
+        records = [r | {"snapshot": snapshot.name} if r["record"] == "memory_breakdown" else r for r in read_jsonl(log)]
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
     with capture_figures() as drawn:
         plot_all(["--logs", str(logs), "--out", str(root / "figs")])
     return logs, {path.relative_to(root / "figs").as_posix(): fig for path, fig in drawn.items()}
@@ -81,6 +85,7 @@ def _overlapping(texts: list[Text]) -> list[tuple[str, str]]:
     return [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :] if box.overlaps(other)]
 
 
+@pytest.mark.integration
 def test_breakdown_records_split_memory_by_sublayer(tiny_logs):
     logs, _ = tiny_logs
     folder = logs / "ablations/memory-breakdown/80gb"
@@ -96,6 +101,7 @@ def test_breakdown_records_split_memory_by_sublayer(tiny_logs):
     assert parts["jenga"]["mlp"] < parts["jenga-dense"]["mlp"]
 
 
+@pytest.mark.integration
 def test_layer_sparsity_record_matches_the_schedule(tiny_logs):
     logs, _ = tiny_logs
     records = read_jsonl(logs / "ablations/algorithm/80gb/tiny_jenga_256.jsonl")
@@ -107,6 +113,7 @@ def test_layer_sparsity_record_matches_the_schedule(tiny_logs):
     assert 0.0 < sparse["kept_score_share"] <= 1.0
 
 
+@pytest.mark.integration
 def test_breakdown_draws_oom_runs_up_to_the_capacity_without_overlapping_text(tiny_logs):
     _, figs = tiny_logs
     (memory,) = figs["ablations/memory-breakdown/80gb_tiny_512.png"].axes  # two OOM runs side by side
@@ -126,6 +133,7 @@ def test_breakdown_draws_oom_runs_up_to_the_capacity_without_overlapping_text(ti
             assert inside.x0 < box.x0 and box.x1 < inside.x1, (name, text.get_text())  # clear of the spines
 
 
+@pytest.mark.integration
 def test_2d_figure_draws_oom_at_the_capacity_on_memory_and_as_a_label_on_time(tiny_logs):
     _, figs = tiny_logs
     memory, time = figs["extension/2d/80gb_tiny.png"].axes
@@ -134,6 +142,7 @@ def test_2d_figure_draws_oom_at_the_capacity_on_memory_and_as_a_label_on_time(ti
     assert [t.get_text().strip() for t in time.texts if t.get_gid() == "status"] == ["OOM"]
 
 
+@pytest.mark.integration
 def test_algorithm_and_segment_figures_draw_their_logs(tiny_logs):
     logs, figs = tiny_logs
     keep, _ = figs["ablations/algorithm/80gb_tiny_jenga_256.png"].axes[:2]
@@ -148,6 +157,7 @@ def test_algorithm_and_segment_figures_draw_their_logs(tiny_logs):
     assert peaks == pytest.approx({"jenga": before["jenga"] + 1.0, "jenga-noseg": before["jenga-noseg"] + 2.0})
 
 
+@pytest.mark.integration
 def test_offload_caption_reports_the_logged_offload(tiny_logs):
     logs, _ = tiny_logs
     record = next(

@@ -18,14 +18,14 @@ from jenga.profiling import read_jsonl
 SRC = Path(__file__).resolve().parents[1] / "src"
 CLI_MODULES = sorted(
     ".".join(path.relative_to(SRC).with_suffix("").parts)
-    for package in ("experiments", "predictor", "data")
+    for package in ("experiments", "data")
     for path in (SRC / "jenga" / package).glob("*.py")
     if "parse_args(" in path.read_text()
 )
 
 
 def test_cli_modules_found():
-    assert {"jenga.experiments.run", "jenga.predictor.train", "jenga.data.corpus"} <= set(CLI_MODULES)
+    assert {"jenga.experiments.run", "jenga.experiments.predictor_train", "jenga.data.corpus"} <= set(CLI_MODULES)
 
 
 @pytest.mark.parametrize("name", CLI_MODULES)
@@ -63,6 +63,7 @@ def test_progress_line_rounds():
     assert run.progress_line("lora 64", failed) == "lora 64: failed peak=- step=- (ValueError: bad)"
 
 
+@pytest.mark.integration
 def test_failed_run_exits_nonzero_is_not_complete_and_is_retried(tmp_path):
     model, logs = tmp_path / "tiny", tmp_path / "logs"
     argv = ["--model", str(model), "--methods", "lora", "--seqs", "64", "--steps", "1", "--logs", str(logs)]

@@ -83,6 +83,7 @@ def test_s2_attention_in_a_model_and_with_jenga():
     model(input_ids=ids, labels=ids).loss.backward()
 
 
+@pytest.mark.integration
 def test_runner_logs_a_run_and_renders_a_table(tmp_path):
     folder = tmp_path / "arch"
     tiny_llama(kv_heads=2).config.save_pretrained(folder)
@@ -94,7 +95,8 @@ def test_runner_logs_a_run_and_renders_a_table(tmp_path):
     kinds = [r["record"] for r in records[1:]]
     assert kinds == ["step", "step", "layer_sparsity", "summary"] and records[-1]["status"] == "ok"
     oom = {"record": "summary", "status": "oom"}
-    (logs / "arch_lora+ckpt_96.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps(oom) + "\n")
+    header = {**records[0], "method": "lora+ckpt", "gradient_checkpointing": True}  # tables read headers
+    (logs / "arch_lora+ckpt_96.jsonl").write_text(json.dumps(header) + "\n" + json.dumps(oom) + "\n")
     table = runs_table(logs, "arch", "test")
     assert "| 96 | lora | — | — |" in table and "| 96 | lora+ckpt | OOM |" in table and "| 96 | jenga |" in table
     before = (logs / "arch_lora_96.jsonl").read_text()

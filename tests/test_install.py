@@ -7,6 +7,7 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -66,6 +67,7 @@ def test_cuda_without_triton_fails(monkeypatch):
         raise AssertionError("a CUDA machine without triton must fail the libraries check")
 
 
+@pytest.mark.integration
 def test_kernel_check_uses_a_fresh_interpreter_when_triton_was_imported_compiled(monkeypatch):
     """Recent PyTorch builds import triton with jenga (through torch._dynamo), before hello can pick Triton's
     interpreter: on the CPU the kernel check then runs in a child process that picks it first."""

@@ -362,6 +362,7 @@ def test_state_dict_keys_unchanged(family):
     assert list(model.state_dict()) == keys
 
 
+@pytest.mark.integration
 def test_peft_jenga_checkpoint_roundtrip_without_jenga(tmp_path):
     base = tiny_llama(kv_heads=2)
     base.save_pretrained(tmp_path / "base")

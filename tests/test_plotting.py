@@ -15,11 +15,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jenga import JengaConfig
+from jenga.experiments.predictor_train import main as train_predictors
 from jenga.plotting.__main__ import main as plot_all
 from jenga.plotting.accuracy import plot_accuracy
 from jenga.plotting.bars import capacity
+from jenga.plotting.end2end import plot_end2end
+from jenga.plotting.logs import complete_header, runner_runs
 from jenga.plotting.models import by_size, parameter_count
-from jenga.predictor.train import main as train_predictors
+from jenga.plotting.style import in_method_order
+from jenga.plotting.tables import runs_table
 from jenga.profiling import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,34 +90,60 @@ def test_predictor_figure_from_training_logs(tmp_path):
     assert list(curves[0].get_xdata()) == [r["step"] for r in steps]
 
 
+def test_logs_are_read_by_their_header_not_their_name(tmp_path):
+    """A log renamed by hand keeps its (model, method, length) slot in the tables and the figures."""
+    card = tmp_path / "end2end" / "80gb"
+    for method, peak in (("lora", 10.0), ("jenga", 5.0)):
+        write_run(card, "opt-350m", method, 4096, {"status": "ok", "peak_gib": peak, "median_step_s": 1.0}, date="d")
+    (card / "opt-350m_jenga_4096.jsonl").rename(card / "renamed_by_hand.jsonl")
+    assert set(runner_runs(card)) == {("opt-350m", "lora", 4096), ("opt-350m", "jenga", 4096)}
+    assert "| 4096 | jenga | 5.0 | 0.50 |" in runs_table(card, "opt-350m", "sweep")
+    with capture_figures() as drawn:
+        plot_end2end(tmp_path / "end2end", tmp_path / "figs")
+    bars = drawn[tmp_path / "figs" / "memory" / "80gb_4096.png"].axes[0]
+    assert sorted(bar.get_height() for bar in bars.patches) == [5.0, 10.0]
+
+
+def test_fields_old_logs_lack_are_derived_from_what_they_do_say():
+    old = complete_header({"record": "header", "model": "m", "method": "lora+ckpt", "seq_len": 8}, Path("x.jsonl"))
+    assert old["gradient_checkpointing"] is True and old["memory_cap_gib"] is None
+    assert old["num_gpus"] == 1 and old["backend"] is None  # a single-GPU run
+    renamed = {"record": "header", "experiment": "accuracy", "run": "jenga-s0", "method": "jenga"}
+    assert complete_header(renamed, Path("jenga-nolocal-s1.jsonl"))["method"] == "jenga-nolocal"
+    assert complete_header(renamed, Path("jenga-s0.jsonl"))["method"] == "jenga"
+
+
+def test_methods_are_shown_in_the_registry_order():
+    names = ["jenga-offload", "zz-unknown", "jenga", "lora-offload", "lora", "jenga", "aa-unknown"]
+    assert in_method_order(names) == ["lora", "jenga", "lora-offload", "jenga-offload", "aa-unknown", "zz-unknown"]
+
+
 def test_plotting_without_logs_says_so(tmp_path, capsys):
     plot_all(["--logs", str(tmp_path / "none"), "--out", str(tmp_path / "figs")])
     assert "no logs yet" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_committed_logs_render(tmp_path):
     """What RUNME-a.sh does, on the logs in the repository (into a temporary folder): the retrieval figure keeps
-    the main methods out of the 19 logged, and the bars put the models in size order."""
-    import importlib.util
-
+    the main methods out of the 19 logged, the bars put the models in size order, and the benchmark report is the
+    committed benchmarks/RESULTS.md (regenerate it with RUNME-a.sh when logs change)."""
+    results = tmp_path / "RESULTS.md"
     with capture_figures() as drawn:
-        plot_all(["--logs", str(ROOT / "logs"), "--out", str(tmp_path)])
+        plot_all(["--logs", str(ROOT / "logs"), "--out", str(tmp_path), "--results", str(results)])
     retrieval = drawn[tmp_path / "end2end" / "accuracy" / "retrieval.png"]
     assert legend_texts(retrieval.legends[0]) == MAIN_LEGEND
     assert "jenga-attn-l2" in (tmp_path / "end2end" / "accuracy" / "accuracy.md").read_text()
     bars = drawn[tmp_path / "end2end" / "memory" / "80gb_4096.png"].axes[0]
     assert [t.get_text() for t in bars.get_xticklabels()] == BY_SIZE
-    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    assert any("End-to-end sweep: llama-2-7b" in s for s in report.run_sections())
-    assert "Longest trainable" in report.max_length_section() and "TFLOP/s" in report.kernel_section()
+    assert results.read_text() == (ROOT / "benchmarks" / "RESULTS.md").read_text()
 
 
 def write_accuracy_log(folder: Path, name: str, scores: dict[int, float]) -> None:
     """An accuracy log (`jenga.experiments.accuracy`): one passkey score per context length, two depths each."""
-    seed = re.search(r"-s(\d+)$", name)
-    records = [{"record": "header", "experiment": "accuracy", "seed": seed and int(seed[1])}]
+    seed, method = re.search(r"-s(\d+)$", name), re.sub(r"-s\d+$", "", name)
+    records = [{"record": "header", "experiment": "accuracy", "run": name, "method": method}]
+    records[0]["seed"] = seed and int(seed[1])
     records.append({"record": "perplexity", "window": 1024, "perplexity": 10.0})
     for length, score in scores.items():
         for depth in (0.0, 1.0):

@@ -10,9 +10,9 @@ from conftest import add_lora, batch, lora_grads, tiny_llama, write_token_jsonl
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from jenga import JengaConfig, apply_jenga
+from jenga.experiments.predictor_train import LayerSamples, listwise_loss, main, positional_prior_recall, topk_recall
 from jenga.predictor import BlockPredictor, PredictorBundle, PredictorMismatchError
 from jenga.predictor.model import Tower
-from jenga.predictor.train import LayerSamples, listwise_loss, main, positional_prior_recall, topk_recall
 from jenga.scoring import block_scores
 
 CONFIG = JengaConfig(block_size=16, attn_keep=0.5, mlp_keep=1.0, dense_first_layers=1, dense_last_layer=True)
@@ -112,7 +112,7 @@ def test_mismatched_predictor_errors():
     wider = JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0)
     with pytest.raises(PredictorMismatchError, match=r"layers \[0\] sparse"):
         apply_jenga(model, wider, predictor=PredictorBundle(64, 3, [1], CONFIG))
-    with pytest.raises(FileNotFoundError, match="jenga.predictor.train"):
+    with pytest.raises(FileNotFoundError, match="jenga.experiments.predictor_train"):
         apply_jenga(model, CONFIG, predictor="/nonexistent/folder")
 
 

@@ -151,7 +151,7 @@ def test_bundle_placed_like_a_bf16_model_ranks_as_in_fp32():
 def test_cost_counts_the_towers_tiles_and_the_layer_and_leaves_the_bundle_alone(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from jenga.predictor.cost import cost_table
+    from jenga.experiments.predictor_cost import cost_table
 
     model = tiny_llama(layers=4)
     bundle = PredictorBundle(64, 4, [1, 2], CONFIG, units=16, out_dim=8, key_pieces=4, rope_pairs=2)

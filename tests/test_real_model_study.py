@@ -58,16 +58,16 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
     assert any("| jenga | 30.0 | 0.50 | 0.900 | 0.90 |" in r for r in rows)
     assert any("| jenga+ckpt | 40.0 | 0.80 | 7.000 | 0.70 |" in r for r in rows)
 
-    def evaluation(ppl: float, passkey: float) -> list[dict]:
+    def evaluation(name: str, ppl: float, passkey: float) -> list[dict]:
         return [
-            {"record": "header"},
+            {"record": "header", "experiment": "accuracy", "model": name, "run": name, "method": name.split("-")[0]},
             {"record": "perplexity", "window": 8192, "perplexity": ppl},
             {"record": "task", "task": "passkey", "score": passkey, "samples": 4},
         ]
 
-    _write(tmp_path / "eval" / "lora-s0.jsonl", *evaluation(4.0, 50.0))
-    _write(tmp_path / "eval" / "lora-s1.jsonl", *evaluation(6.0, 50.0))
-    _write(tmp_path / "eval" / "jenga-s0.jsonl", *evaluation(5.5, 75.0))
+    _write(tmp_path / "eval" / "lora-s0.jsonl", *evaluation("lora-s0", 4.0, 50.0))
+    _write(tmp_path / "eval" / "lora-s1.jsonl", *evaluation("lora-s1", 6.0, 50.0))
+    _write(tmp_path / "eval" / "jenga-s0.jsonl", *evaluation("jenga-s0", 5.5, 75.0))
     table = "\n".join(accuracy_table(tmp_path))
     assert "| jenga-s0 | 5.500 (1.100x) | 75.0 (4) |" in table  # against the mean of the LoRA seeds
     fidelity = {"record": "fidelity", "design": "default", "seq_len": 256, "ppl_ratio": 1.0, "grad_cosine": 0.5}

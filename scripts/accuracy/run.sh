@@ -31,7 +31,7 @@ case "$stage" in
     [ -f $base/model.safetensors ] || $py -m jenga.experiments.pretrain --data dataset --out $base \
       "${arch[@]}" --seq-len 1024 --batch 32 --lr 2e-3 --minutes "${MINUTES:-2.5}" ;;
   predictor)  # (re)trains when there is no bundle or one saved before predictor.json recorded its design
-    grep -qs '"design"' $predictor/predictor.json || $py -m jenga.predictor.train --model $base --data dataset \
+    grep -qs '"design"' $predictor/predictor.json || $py -m jenga.experiments.predictor_train --model $base --data dataset \
       --eval-data dataset --out $predictor --config logs/end2end/accuracy/jenga-config.json --seq-len $seq \
       --max-sequences 256 --steps 3000 --prune-every 500 ;;
   finetune|ablation)

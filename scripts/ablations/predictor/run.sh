@@ -11,7 +11,7 @@ py="${PYTHON:-python}"
 logs=logs/ablations/predictor
 for source in code-corpus instructions; do
   [ -f $logs/$source/predictor.json ] && grep -qs '"design"' $logs/$source/predictor.json && continue
-  $py -m jenga.predictor.train --model checkpoints/tiny-code-llama --data dataset/$source/train.jsonl \
+  $py -m jenga.experiments.predictor_train --model checkpoints/tiny-code-llama --data dataset/$source/train.jsonl \
     --eval-data dataset/code-corpus/validation.jsonl --out $logs/$source --config $logs/jenga-config.json \
     --seq-len 512 --max-sequences 400 --steps 1500 --prune-every 300
 done

@@ -4,7 +4,7 @@
         --backend deepspeed-zero3 --logs logs/scalability/80gb/zero3_4gpu
 
 `launch` starts this module's worker with `accelerate launch`, one process per GPU. Every rank builds the
-model exactly as the single-GPU runner does (`run.build`: weights, LoRA, then Jenga) and trains on its own
+model exactly as the single-GPU runner does (`training.build`: weights, LoRA, then Jenga) and trains on its own
 batch-1 sequence of `seq` tokens, so the global batch is the GPU count. Jenga selects blocks and MLP channels
 per sequence, so selection needs no communication: the engine only reduces the LoRA gradients. Rank 0 writes
 the log (run header with num_gpus/backend, one record per step with every rank's time and peak memory, and a
@@ -14,7 +14,6 @@ decoder layer), the alternative where DeepSpeed is not installed.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import statistics
@@ -28,8 +27,7 @@ import torch
 from ..cli import make_parser
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer, read_jsonl, run_header
 from .methods import get_method
-from .run import build, is_complete, log_path, progress_line, report_failures
-from .training import REPO_ROOT, StepStats
+from .training import REPO_ROOT, StepStats, build
 
 BACKENDS = ("deepspeed-zero2", "deepspeed-zero3", "fsdp")
 CONFIGS = REPO_ROOT / "scripts" / "scalability"
@@ -96,27 +94,6 @@ def launch(
         with JsonlWriter(log, append=True) as writer:
             writer.write(summary)
     return summary
-
-
-def sweep(args: argparse.Namespace) -> int:
-    """The runner's sweep (`--num-gpus N`, N > 1): one launch per (method, length); complete logs are skipped.
-    Returns the exit code: 1 when a configuration failed (not OOM)."""
-    require_deepspeed(args.backend)
-    command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
-    failed = 0
-    for seq in args.seqs:
-        for method in args.methods:
-            path = log_path(args.logs, args.model, method, seq)
-            if is_complete(path) and not args.force:
-                print(f"skip {path.name} (complete; --force reruns)")
-                continue
-            path.unlink(missing_ok=True)
-            summary = launch(
-                args.model, method, seq, args.num_gpus, args.backend, args.steps, args.warmup, path, command
-            )
-            failed += summary.get("status") == "failed"
-            print(progress_line(f"{method} {seq} x{args.num_gpus} {args.backend}", summary))
-    return report_failures(failed, len(args.seqs) * len(args.methods))
 
 
 def gather_outside_forward(model: torch.nn.Module) -> None:

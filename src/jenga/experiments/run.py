@@ -25,7 +25,6 @@ import functools
 import gzip
 import multiprocessing
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -37,19 +36,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .. import apply_jenga
 from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
 from ..elimination import select_blocks
 from ..mlp import kept_channels
 from ..offload import ActivationOffloader
 from ..patching import jenga_state
-from ..patching.base import oracle_scorer
-from ..predictor import PredictorBundle
-from ..profiling import GIB, JsonlWriter, PhaseRecorder, SublayerSavedMeter, TimedScorer, read_jsonl, run_header
-from . import longlora
+from ..profiling import GIB, JsonlWriter, PhaseRecorder, SublayerSavedMeter, read_jsonl, run_header
+from . import distributed
 from .methods import METHODS, Method, get_method
-from .training import add_attention_lora, is_out_of_memory, load_model, train_steps
+from .training import SelectionRecorder, build, is_out_of_memory, train_steps
 
 
 def log_path(logs: Path, model: str, method: str, seq: int) -> Path:
@@ -77,56 +73,6 @@ def progress_line(label: str, summary: dict) -> str:
     peak, step = rounded(summary.get("peak_gib"), 2, "GiB"), rounded(summary.get("median_step_s"), 3, "s")
     error = f" ({summary['error']})" if summary.get("status") == "failed" and summary.get("error") else ""
     return f"{label}: {summary.get('status')} peak={peak} step={step}{error}"
-
-
-class SelectionRecorder:
-    """Wraps a block scorer and keeps each layer's latest scores, to log what selection kept per layer."""
-
-    def __init__(self, scorer: Callable[..., torch.Tensor]) -> None:
-        self.scorer = scorer
-        self.scores: dict[int, torch.Tensor] = {}
-
-    def __call__(self, layer_idx: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-        scores = self.scorer(layer_idx, *args, **kwargs)
-        self.scores[layer_idx] = scores.detach()
-        return scores
-
-
-def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, str, TimedScorer | None]:
-    """The model as `method` trains it: weights, baseline changes, LoRA, then Jenga."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    attn = longlora.register() if method.s2attn else "sdpa"
-    model, weights = load_model(model_name, seq, device=device, attn_implementation=attn)
-    if method.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method.liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        if model.config.model_type != "llama":
-            raise ValueError(f"the liger method supports Llama models only, not {model.config.model_type!r}")
-        apply_liger_kernel_to_llama(model=model)
-    model = add_attention_lora(model)
-    if method.train_embed_norm:
-        for name, param in model.named_parameters():
-            if "embed_tokens" in name or "norm" in name:
-                param.requires_grad_(True)
-    timer = None
-    if method.jenga is not None:
-        scorer = oracle_scorer if method.predictor is None else predictor_scorer(method, model)
-        timer = TimedScorer(SelectionRecorder(scorer))
-        apply_jenga(model, method.jenga, scorer=timer)
-    return model, weights, timer
-
-
-def predictor_scorer(method: Method, model: torch.nn.Module):
-    """The scorer of the method's predictors: a trained folder, or random-init ones of the default size."""
-    config = model.get_base_model().config
-    if method.predictor == "random-init":
-        sparse = method.jenga.sparse_layers(config.num_hidden_layers)
-        bundle = PredictorBundle(config.hidden_size, config.num_hidden_layers, sparse, method.jenga)
-    else:
-        bundle = PredictorBundle.load(method.predictor)
-    return bundle.placed_like(model).scorer()
 
 
 POSITION_BINS = 8
@@ -231,12 +177,6 @@ def profile_step(model: torch.nn.Module, seq: int, snapshot: Path | None = None)
                 shutil.copyfileobj(src, dst)
         record["snapshot"] = snapshot.name
     return record
-
-
-def load_snapshot(path: Path) -> dict[str, Any]:
-    """A snapshot written by `profile_step` (gzipped `torch.cuda.memory._dump_snapshot` pickle)."""
-    with gzip.open(path, "rb") as f:
-        return pickle.load(f)
 
 
 def dataset_windows(data: Path, seq: int, eos: int) -> Callable[[int], torch.Tensor]:
@@ -394,6 +334,27 @@ def sweep(args: argparse.Namespace) -> int:
     return report_failures(failed, len(configs))
 
 
+def distributed_sweep(args: argparse.Namespace) -> int:
+    """The runner's sweep (`--num-gpus N`, N > 1): one launch per (method, length); complete logs are skipped.
+    Returns the exit code: 1 when a configuration failed (not OOM)."""
+    distributed.require_deepspeed(args.backend)
+    command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
+    failed = 0
+    for seq in args.seqs:
+        for method in args.methods:
+            path = log_path(args.logs, args.model, method, seq)
+            if is_complete(path) and not args.force:
+                print(f"skip {path.name} (complete; --force reruns)")
+                continue
+            path.unlink(missing_ok=True)
+            summary = distributed.launch(
+                args.model, method, seq, args.num_gpus, args.backend, args.steps, args.warmup, path, command
+            )
+            failed += summary.get("status") == "failed"
+            print(progress_line(f"{method} {seq} x{args.num_gpus} {args.backend}", summary))
+    return report_failures(failed, len(args.seqs) * len(args.methods))
+
+
 def report_failures(failed: int, total: int) -> int:
     """Say how many configurations failed (their logs are retried next time); the exit code, 1 if any did."""
     if failed:
@@ -461,8 +422,6 @@ def max_length(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run; the exit code is 1 when a configuration failed (OOM is not a failure)."""
-    from . import distributed  # imports this module (its `build`), so not at the top
-
     parser = make_parser(__doc__)
     plain = [m for m in METHODS if not m.endswith("+ckpt")]
     parser.add_argument("--model", required=True, help="folder under checkpoints/ or a path with config.json")
@@ -532,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(k for k, v in single_only.items() if v)}: single-GPU runs only (--num-gpus 1)")
     args.logs.mkdir(parents=True, exist_ok=True)
     if args.num_gpus > 1:
-        return distributed.sweep(args)
+        return distributed_sweep(args)
     return (max_length if args.max_length else sweep)(args)
 
 

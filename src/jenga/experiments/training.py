@@ -17,7 +17,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .. import apply_jenga
+from ..patching.base import oracle_scorer
+from ..predictor import PredictorBundle
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer
+from . import longlora
+from .methods import Method
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CHECKPOINTS = REPO_ROOT / "checkpoints"
@@ -74,6 +79,56 @@ def add_attention_lora(model: torch.nn.Module, rank: int = 8) -> torch.nn.Module
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", out]
     )
     return get_peft_model(model, config)
+
+
+class SelectionRecorder:
+    """Wraps a block scorer and keeps each layer's latest scores, to log what selection kept per layer."""
+
+    def __init__(self, scorer: Callable[..., torch.Tensor]) -> None:
+        self.scorer = scorer
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer_idx: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scores = self.scorer(layer_idx, *args, **kwargs)
+        self.scores[layer_idx] = scores.detach()
+        return scores
+
+
+def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, str, TimedScorer | None]:
+    """The model as `method` trains it: weights, baseline changes, LoRA, then Jenga."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attn = longlora.register() if method.s2attn else "sdpa"
+    model, weights = load_model(model_name, seq, device=device, attn_implementation=attn)
+    if method.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        if model.config.model_type != "llama":
+            raise ValueError(f"the liger method supports Llama models only, not {model.config.model_type!r}")
+        apply_liger_kernel_to_llama(model=model)
+    model = add_attention_lora(model)
+    if method.train_embed_norm:
+        for name, param in model.named_parameters():
+            if "embed_tokens" in name or "norm" in name:
+                param.requires_grad_(True)
+    timer = None
+    if method.jenga is not None:
+        scorer = oracle_scorer if method.predictor is None else predictor_scorer(method, model)
+        timer = TimedScorer(SelectionRecorder(scorer))
+        apply_jenga(model, method.jenga, scorer=timer)
+    return model, weights, timer
+
+
+def predictor_scorer(method: Method, model: torch.nn.Module):
+    """The scorer of the method's predictors: a trained folder, or random-init ones of the default size."""
+    config = model.get_base_model().config
+    if method.predictor == "random-init":
+        sparse = method.jenga.sparse_layers(config.num_hidden_layers)
+        bundle = PredictorBundle(config.hidden_size, config.num_hidden_layers, sparse, method.jenga)
+    else:
+        bundle = PredictorBundle.load(method.predictor)
+    return bundle.placed_like(model).scorer()
 
 
 @dataclass

@@ -85,7 +85,7 @@ def apply_jenga(
     Works before or after `peft.get_peft_model`. Elimination and sparse saving act only in training mode;
     `model.eval()` and generation run the dense model. `scorer` replaces the oracle block score (the
     predictor issue plugs learned predictors in here); `predictor` (a folder written by
-    `python -m jenga.predictor.train`, or a loaded `PredictorBundle`) selects blocks with learned predictors
+    `python -m jenga.experiments.predictor_train`, or a loaded `PredictorBundle`) selects blocks with learned predictors
     and, when `config` is None, brings the config it was trained with.
     """
     if isinstance(config, dict):

@@ -104,7 +104,6 @@ def oracle_scorer(
 class FamilyAdapter:
     """What Jenga must know about one architecture family; subclasses fill in the internals."""
 
-    name: str = ""
     model_types: tuple[str, ...] = ()
 
     def backbone(self, model: nn.Module) -> nn.Module:

@@ -13,7 +13,6 @@ from .base import DENSE_MLP_MESSAGE, FamilyAdapter, JengaState, frozen_linears, 
 
 
 class LlamaFamilyAdapter(FamilyAdapter):
-    name = "llama"
     model_types = ("llama", "mistral", "qwen2")
 
     def backbone(self, model: nn.Module) -> nn.Module:

@@ -12,7 +12,6 @@ from .base import DENSE_MLP_MESSAGE, FamilyAdapter, JengaState, frozen_linears, 
 
 
 class OPTAdapter(FamilyAdapter):
-    name = "opt"
     model_types = ("opt",)
 
     def backbone(self, model: nn.Module) -> nn.Module:

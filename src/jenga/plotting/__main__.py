@@ -1,4 +1,5 @@
-"""Redraw every figure whose logs exist: `python -m jenga.plotting --logs logs --out output_figures`."""
+"""Redraw every figure whose logs exist and rebuild benchmarks/RESULTS.md: `python -m jenga.plotting` (what
+RUNME-a.sh runs; the defaults are the repository's folders, relative to the working directory)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from .end2end import plot_end2end
 from .extension import plot_2d, plot_offload
 from .predictor import plot_predictor_ablation
 from .real_model import plot_real_model
+from .results import write_results
 from .scalability import plot_scalability
 from .segment import plot_segment
 
@@ -34,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--logs", type=Path, default=Path("logs"))
     parser.add_argument("--out", type=Path, default=Path("output_figures"))
+    parser.add_argument("--benchmarks", type=Path, help="folder of the benchmark logs/ (default: beside --logs)")
+    parser.add_argument("--results", type=Path, help="the benchmark report (default: <benchmarks>/RESULTS.md)")
     args = parser.parse_args(argv)
+    benchmarks = args.benchmarks or args.logs.parent / "benchmarks"
+    results = write_results(benchmarks / "logs", args.logs, args.results or benchmarks / "RESULTS.md")
+    print("benchmark results: " + (", ".join(map(str, results)) if results else "no logs yet"))
     for folder, plot in FIGURES:
         written = plot(args.logs / folder, args.out / folder)
         print(f"{folder}: " + (", ".join(map(str, written)) if written else "no logs yet"))

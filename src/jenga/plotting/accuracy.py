@@ -7,7 +7,6 @@ The tables hold every method found in the logs, ablations included; the figure d
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..profiling import read_jsonl
+from .logs import load_runs
 from .style import color, figure, save
 
 # The methods of the retrieval figure, in legend order, with their legend names and (colour, line, marker).
@@ -31,22 +30,19 @@ METHOD_ORDER = (*MAIN_METHODS, "jenga-predictor-nolocal", "jenga-norecent", "jen
 
 
 def load_accuracy(logs: Path) -> dict[str, list[dict]]:
-    """Complete evaluation logs grouped by method (the log's name without its `-s<seed>`): per run, its header,
-    perplexities, task cells and per-task mean scores."""
+    """Complete evaluation logs grouped by their header's method: per run, its header, perplexities, task cells
+    and per-task mean scores."""
     runs: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted(logs.glob("*.jsonl")):
-        records = read_jsonl(path)
-        if not records or records[0].get("experiment") != "accuracy":
-            continue
-        if not any(r.get("record") == "summary" for r in records):
+    for log in load_runs(logs):
+        if log.header.get("experiment") != "accuracy" or "method" not in log.header or not log.of("summary"):
             continue
         run = {
-            "header": records[0],
-            "ppl": {r["window"]: r["perplexity"] for r in records if r.get("record") == "perplexity"},
-            "cells": [r for r in records if r.get("record") == "task"],
+            "header": log.header,
+            "ppl": {r["window"]: r["perplexity"] for r in log.of("perplexity")},
+            "cells": log.of("task"),
         }
         run["means"] = task_means(run)
-        runs[re.sub(r"-s\d+$", "", path.stem)].append(run)
+        runs[log.header["method"]].append(run)
     return dict(sorted(runs.items(), key=lambda kv: METHOD_ORDER.index(kv[0]) if kv[0] in METHOD_ORDER else 99))
 
 

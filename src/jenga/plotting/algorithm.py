@@ -1,6 +1,6 @@
 """Figure 15: the per-layer sparsity Jenga uses, and where in the sequence selection kept blocks.
 
-Reads the `layer_sparsity` record of Jenga runs (`<logs>/<card>/<model>_<method>_<len>.jsonl`): random-init
+Reads the `layer_sparsity` record of Jenga runs (`<logs>/<card>/*.jsonl`, by their headers): random-init
 architectures and the trained small model. Left: per layer, the configured attention keep ratio, the fraction
 of tokens the attention actually ran on, and the fraction of MLP channels saved for backward. Right: per layer
 and position range, the fraction of blocks selection kept.
@@ -10,20 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..profiling import read_jsonl
+from .logs import cards, runner_runs
 from .style import color, figure, save
 
 
 def plot_algorithm(logs: Path, out: Path) -> list[Path]:
     written = []
-    for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
-        for path in sorted(card.glob("*_*_*.jsonl")):
-            records = read_jsonl(path)
-            header = next((r for r in records if r.get("record") == "header"), {})
-            sparsity = next((r for r in records if r.get("record") == "layer_sparsity"), None)
+    for card in cards(logs):
+        for (model, method, seq), run in sorted(runner_runs(card).items()):
+            header, sparsity = run.header, run.first("layer_sparsity")
             if sparsity is None:
                 continue
-            layers, seq = sparsity["layers"], header.get("seq_len")
+            layers = sparsity["layers"]
             index = [la["layer"] for la in layers]
             fig, axes = figure(10.0, 3.6, ncols=2)
             left, right = axes[0]
@@ -44,7 +42,6 @@ def plot_algorithm(logs: Path, out: Path) -> list[Path]:
                 right.set_xticks(range(bins), [f"{k + 1}/{bins}" for k in range(bins)], fontsize=7)
                 right.set(xlabel="position range in the sequence", ylabel="layer", title="where blocks were kept")
                 right.grid(False)
-            model, method = header.get("model", path.stem), header.get("method", "")
             fig.suptitle(f"{model} {method}, {seq} tokens ({header.get('weights')} weights)", fontsize=9)
             weights = header.get("weights")
             meaning = (
@@ -55,7 +52,7 @@ def plot_algorithm(logs: Path, out: Path) -> list[Path]:
             caption = (
                 f"Paper figure 15: per-layer attention/MLP sparsity of {model} ({method}, {seq} tokens) and where "
                 f"block selection kept blocks in the last step (dense layers drawn as fully kept); weights "
-                f"{weights}, {meaning}. Log {path}; device {header.get('device')}."
+                f"{weights}, {meaning}. Log {run.path}; device {header.get('device')}."
             )
-            written.append(save(fig, out / f"{card.name}_{path.stem}.png", caption))
+            written.append(save(fig, out / f"{card.name}_{model}_{method}_{seq}.png", caption))
     return written

@@ -10,28 +10,18 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..profiling import read_jsonl
+from .logs import Key, Run
 from .style import PALETTE, color
-from .tables import load_run
 
 Cell = float | str | None  # a value, a status ("oom", "failed", "n/a" for no value, ...), or None when not run
 Capacity = tuple[float, str]  # the GiB a run could allocate, and the label that says where that number comes from
 
 
-def runs_by_key(folder: Path) -> dict[tuple[str, str, int], tuple[dict, dict]]:
-    """Runner logs `<model>_<method>_<length>.jsonl` of `folder` as (model, method, length) -> (header, summary)."""
-    runs = {}
-    for path in sorted(folder.glob("*_*_*.jsonl")) if folder.is_dir() else []:
-        model, method, seq = path.stem.rsplit("_", 2)
-        runs[(model, method, int(seq))] = load_run(path)
-    return runs
-
-
-def cell(runs: dict, key: tuple[str, str, int], field: str) -> Cell:
+def cell(runs: dict[Key, Run], key: Key, field: str) -> Cell:
     """The summary's `field` of one run, its failure status, or None when it was not run."""
     if key not in runs:
         return None
-    summary = runs[key][1]
+    summary = runs[key].summary
     if summary.get("status") != "ok":
         return summary.get("status", "incomplete")
     return "n/a" if summary.get(field) is None else summary[field]  # n/a: e.g. the peak memory of a CPU run
@@ -63,18 +53,17 @@ def slot_label(ax, x: float, text: str, color: str = "black", rotation: float = 
     ax.text(x, 0, f" {text}", ha="center", va="bottom", fontsize=7, rotation=rotation, color=color, gid="status")
 
 
-def measured_peak(path: Path) -> Cell:
+def measured_peak(run: Run) -> Cell:
     """Peak memory over a run's measured steps (warm-up excluded: an offloading run calibrates there)."""
-    _, summary = load_run(path)
-    if summary.get("status") != "ok":
-        return summary.get("status", "incomplete")
-    peaks = [r["peak_gib"] for r in read_jsonl(path) if r.get("record") == "step" and not r.get("warmup")]
-    peak = max((p for p in peaks if p is not None), default=None) or summary.get("peak_gib")
+    if not run.ok:
+        return run.summary.get("status", "incomplete")
+    peaks = [r["peak_gib"] for r in run.steps if not r.get("warmup")]
+    peak = max((p for p in peaks if p is not None), default=None) or run.summary.get("peak_gib")
     return "n/a" if peak is None else peak
 
 
-def devices(runs: dict) -> str:
-    return ", ".join(sorted({str(h.get("device")) for h, _ in runs.values() if h})) or "unknown"
+def devices(runs: Iterable[Run]) -> str:
+    return ", ".join(sorted({str(run.header.get("device")) for run in runs})) or "unknown"
 
 
 def series_colors(series: Sequence[str]) -> dict[str, str]:

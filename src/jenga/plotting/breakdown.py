@@ -1,6 +1,6 @@
 """Figure 14: where memory and time go as Jenga's techniques are added one at a time.
 
-Reads the runner logs of `scripts/ablations/memory-breakdown/run.sh` (`<logs>/<card>/<model>_<method>_<len>.jsonl`).
+Reads the runner logs of `scripts/ablations/memory-breakdown/run.sh` (`<logs>/<card>/*.jsonl`, by their headers).
 Memory: the `memory_breakdown` record of each run (weights, other persistent memory, gradients, optimizer
 state, saved activations per sublayer), stacked, with the run's measured peak as a marker. Time: medians of
 the timed steps split into forward (less block scoring), scoring, backward and optimizer. The time-breakdown
@@ -13,14 +13,15 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..profiling import read_jsonl
-from .bars import capacity, devices, draw_capacity, oom_bar, runs_by_key, slot_label
+from .bars import capacity, devices, draw_capacity, oom_bar, slot_label
+from .logs import Key, Run, cards, runner_runs
 from .models import by_size
-from .style import PALETTE, figure, save
+from .style import PALETTE, figure, in_method_order, save
 
 PART_COLORS = [*PALETTE, "#bcbd22", "#17becf"]
 
-# The ladder, in the order the techniques are added; other methods found in the logs follow.
+# The ladder, in the order the techniques are added (its own order, not the registry's: each label names what
+# its bar adds to the bar before it); other methods found in the logs follow in the registry's order.
 LADDER = {
     "lora": "LoRA",
     "jenga-norms": "+lean norms\n& MLP path",
@@ -44,13 +45,9 @@ PHASE_PARTS = (("forward_only", "forward (less scoring)"), ("scoring", "block sc
 PHASE_PARTS += (("optimizer", "optimizer"),)
 
 
-def _records(path: Path, kind: str) -> list[dict]:
-    return [r for r in read_jsonl(path) if r.get("record") == kind]
-
-
-def _methods(runs: dict, model: str, seq: int) -> list[str]:
+def _methods(runs: dict[Key, Run], model: str, seq: int) -> list[str]:
     found = {me for (m, me, s) in runs if m == model and s == seq}
-    return [m for m in LADDER if m in found] + sorted(found - set(LADDER))
+    return [m for m in LADDER if m in found] + in_method_order(found - set(LADDER))
 
 
 def _median(steps: list[dict], key: str) -> float:
@@ -68,9 +65,9 @@ def _stack(ax, x: int, parts: list[float], colors: list[str], labels: list[str] 
 
 def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
     written = []
-    for card in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
-        runs = runs_by_key(card)
-        cap = capacity(card, (h for h, _ in runs.values())) if kind == "memory" else None
+    for card in cards(folder):
+        runs = runner_runs(card)
+        cap = capacity(card, (run.header for run in runs.values())) if kind == "memory" else None
         for model, seq in [(m, s) for m in by_size(m for m, _, _ in runs) for s in sorted({k[2] for k in runs})]:
             methods = _methods(runs, model, seq)
             if not methods:
@@ -83,9 +80,8 @@ def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
             if cap:
                 draw_capacity(ax, cap)
             for i, method in enumerate(methods):
-                path = card / f"{model}_{method}_{seq}.jsonl"
-                header, summary = runs[(model, method, seq)]
-                breakdown = next(iter(_records(path, "memory_breakdown")), None)
+                run = runs[(model, method, seq)]
+                summary, breakdown = run.summary, run.first("memory_breakdown")
                 if summary.get("status") == "oom" and cap:
                     oom_bar(ax, i, 0.6, cap, "black", "out of memory" if first_oom else None, rotation=0)
                     first_oom = False
@@ -110,7 +106,7 @@ def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
                         ax.text(i, max(peak, total) * 1.02, f"{peak:.1f}", ha="center", fontsize=7)
                     top = max(top, total, peak or 0.0)
                 else:
-                    steps = _records(path, "step")
+                    steps = run.steps
                     forward, scoring = _median(steps, "forward_s"), _median(steps, "scoring_s")
                     values = [forward - scoring, scoring, _median(steps, "backward_s"), _median(steps, "optimizer_s")]
                     total = _stack(ax, i, values, colors, [name for _, name in PHASE_PARTS] if first else None)
@@ -135,7 +131,7 @@ def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
             )
             caption = (
                 f"Paper figure 14 ({'upper' if kind == 'memory' else 'lower'}): {model} at {seq} tokens, LoRA then "
-                f"Jenga adding one technique at a time; {what}. Logs {card}; device {devices(runs)}."
+                f"Jenga adding one technique at a time; {what}. Logs {card}; device {devices(runs.values())}."
             )
             written.append(save(fig, out / f"{card.name}_{model}_{seq}.png", caption))
     return written

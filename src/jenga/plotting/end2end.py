@@ -1,6 +1,6 @@
 """Figures 12 and 13: peak memory and step time per model and method, and both against sequence length.
 
-Reads runner logs `<model>_<method>_<length>.jsonl` from `<logs>/<card>/` (bars) and
+Reads the runner logs of `<logs>/<card>/` (bars) and
 `<logs>/<card>/length/` plus the same card's per-model runs of that model (lines). Models are ordered by size.
 Runs that ran out of memory are never left out: on memory axes they reach the card's capacity line (a hatched
 bar, or an x on the line of the length plot); on time axes they are labelled OOM in their slot (bars) or marked
@@ -14,23 +14,15 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from .bars import Capacity, capacity, cell, draw_capacity, grouped_bars, legend_outside
+from .bars import Capacity, capacity, cell, devices, draw_capacity, grouped_bars, legend_outside
+from .logs import Key, Run, cards, runner_runs
 from .models import by_size
-from .style import color, figure, save
-from .tables import load_run
+from .style import color, figure, in_method_order, save
 
-METHODS = ("lora", "longlora", "jenga")
+METHODS = in_method_order({"lora", "longlora", "jenga"})  # the paper's figures 12-13 compare these three
 QUANTITIES = (("peak_gib", "peak memory (GiB)", "memory", 12), ("median_step_s", "step time (s)", "time", 13))
 
-Runs = dict[tuple[str, str, int], tuple[dict, dict]]
-
-
-def _runs(folder: Path) -> Runs:
-    runs = {}
-    for path in folder.glob("*_*_*.jsonl"):
-        model, method, seq = path.stem.split("_")
-        runs[(model, method, int(seq))] = load_run(path)
-    return runs
+Runs = dict[Key, Run]
 
 
 def bars_figure(runs: Runs, seq: int, key: str, ylabel: str, cap: Capacity | None) -> Figure | None:
@@ -52,7 +44,7 @@ def length_figure(runs: Runs, model: str, key: str, ylabel: str, cap: Capacity |
     """One model's `key` against sequence length per method. OOM runs: an x on the capacity line when `key` is
     memory and the capacity is known, else an x in an "OOM" row above the plot (one line per method)."""
     points = {
-        method: sorted((s, summary) for (m, me, s), (_, summary) in runs.items() if m == model and me == method)
+        method: sorted((s, run.summary) for (m, me, s), run in runs.items() if m == model and me == method)
         for method in METHODS
     }
     on_line = key == "peak_gib" and cap is not None
@@ -93,18 +85,14 @@ def length_figure(runs: Runs, model: str, key: str, ylabel: str, cap: Capacity |
     return fig
 
 
-def _device(runs: Runs) -> str:
-    return ", ".join(sorted({str(h.get("device")) for h, _ in runs.values() if h}))
-
-
 def plot_end2end(logs: Path, out: Path) -> list[Path]:
     """Bars per card set (80gb / 48gb) and length, and memory/time-vs-length lines; returns the files written."""
     written = []
-    for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
-        runs = _runs(card)
+    for card in cards(logs):
+        runs = runner_runs(card)
         for seq in sorted({s for _, _, s in runs}):
             for key, ylabel, folder, paper in QUANTITIES:
-                cap = capacity(card, (h for (_, _, s), (h, _) in runs.items() if s == seq))
+                cap = capacity(card, (run.header for (_, _, s), run in runs.items() if s == seq))
                 fig = bars_figure(runs, seq, key, ylabel, cap)
                 if fig is None:
                     continue
@@ -114,19 +102,20 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
                     else "Runs labelled OOM ran out of memory"
                 )
                 caption = (
-                    f"Paper figure {paper}: {ylabel} of lora / longlora / jenga per model (smallest first) at {seq} "
-                    f"tokens, {card.name} set; logs {card}; device {_device(runs)}. {oom}."
+                    f"Paper figure {paper}: {ylabel} of {' / '.join(METHODS)} per model (smallest first) at {seq} "
+                    f"tokens, {card.name} set; logs {card}; device {devices(runs.values())}. {oom}."
                 )
                 written.append(save(fig, out / folder / f"{card.name}_{seq}.png", caption))
-        swept = _runs(card / "length") if (card / "length").is_dir() else {}
+        swept = runner_runs(card / "length")
         # the length sweeps skip the per-model set's lengths: those points come from the same card's runs,
         # taken only where they ran on the sweep's device, so that no line mixes GPUs
-        devices = {h.get("device") for h, _ in swept.values()}
-        same = {k: v for k, v in runs.items() if k[0] in {m for m, _, _ in swept} and v[0].get("device") in devices}
+        swept_on = {run.header.get("device") for run in swept.values()}
+        models = {m for m, _, _ in swept}
+        same = {k: v for k, v in runs.items() if k[0] in models and v.header.get("device") in swept_on}
         lengths = {**same, **swept}
         for model in by_size(m for m, _, _ in swept):
             mine = {k: v for k, v in lengths.items() if k[0] == model}
-            cap = capacity(card, (h for h, _ in mine.values()))
+            cap = capacity(card, (run.header for run in mine.values()))
             for key, ylabel, folder, paper in QUANTITIES:
                 oom = (
                     f"An x on the dashed line, {cap[1]}, is a length that ran out of memory"
@@ -135,7 +124,7 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
                 )
                 caption = (
                     f"Paper figure {paper} (right): {ylabel} against sequence length for {model}, {card.name} set; "
-                    f"logs {card / 'length'} and {card}; device {_device(mine)}. {oom}."
+                    f"logs {card / 'length'} and {card}; device {devices(mine.values())}. {oom}."
                 )
                 fig = length_figure(mine, model, key, ylabel, cap)
                 written.append(save(fig, out / folder / f"{card.name}_{model}_length.png", caption))

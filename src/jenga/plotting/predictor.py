@@ -1,33 +1,31 @@
 """Figure 16 (left): predictor training loss per data source, and elastic sizes per layer.
 
-Reads `<logs>/<source>/train_log.jsonl` files written by `python -m jenga.predictor.train`.
+Reads the training logs `python -m jenga.experiments.predictor_train` writes into each predictor's folder under
+`<logs>` (header experiment `predictor_train`); a run is named by its predictor's folder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..profiling import read_jsonl
+from .logs import load_runs
 from .style import color, figure, save
 
 
 def plot_predictor_ablation(logs: Path, out: Path) -> list[Path]:
-    """Draw `out/predictor.png` (+ caption) from every `<source>/train_log.jsonl` under `logs`."""
-    runs = {p.parent.name: read_jsonl(p) for p in sorted(logs.glob("*/train_log.jsonl"))}
+    """Draw `out/predictor.png` (+ caption) from every predictor training log under `logs`."""
+    trained = [r for r in load_runs(logs, recursive=True) if r.header.get("experiment") == "predictor_train"]
+    runs = {run.path.parent.name: run for run in trained}
     if not runs:
         return []
     fig, axes = figure(9.6, 3.4, ncols=2)
     loss_ax, size_ax = axes[0]
     width = 0.8 / (2 * len(runs))
     # Runs of different models patch different layers: one slot per layer index found in any run.
-    slots = sorted(
-        {int(k) for records in runs.values() for r in records if r.get("record") == "eval" for k in r["sizes"]}
-    )
+    slots = sorted({int(k) for run in runs.values() for r in run.of("eval") for k in r["sizes"]})
     notes = []
-    for i, (source, records) in enumerate(runs.items()):
-        header = records[0]
-        steps = [r for r in records if r.get("record") == "step"]
-        final = next(r for r in records if r.get("record") == "eval")
+    for i, (source, run) in enumerate(runs.items()):
+        header, steps, final = run.header, run.steps, run.of("eval")[0]
         xs_loss, ys_loss = [r["step"] for r in steps], [r["loss"] for r in steps]
         loss_ax.plot(xs_loss, ys_loss, color=color(source, i), lw=0.6, alpha=0.3)
         window = max(1, min(50, len(ys_loss) // 10))

@@ -13,19 +13,13 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..profiling import read_jsonl
+from .logs import load_runs, read_run
 from .style import color, figure, save
-from .tables import load_run
 
 
 def _fidelity_records(logs: Path) -> list[tuple[dict, dict]]:
-    """(header, record) for every fidelity record under `logs`."""
-    out = []
-    for path in sorted(logs.glob("fidelity*/fidelity_*.jsonl")):
-        records = read_jsonl(path)
-        header = records[0] if records and records[0].get("record") == "header" else {}
-        out += [(header, r) for r in records if r.get("record") == "fidelity"]
-    return out
+    """(header, record) for every fidelity record of the logs under `logs`."""
+    return [(run.header, r) for run in load_runs(logs, recursive=True) for r in run.of("fidelity")]
 
 
 def fidelity_table(logs: Path) -> list[str]:
@@ -58,29 +52,30 @@ def plot_fidelity(logs: Path, out: Path) -> list[Path]:
     axes[0][0].set_yscale("log")
     axes[0][0].axhline(1.10, color="black", linestyle="--", linewidth=0.8, label="target 1.10x")
     axes[0][0].set_ylabel("training-forward perplexity / dense")
-    axes[0][0].legend(loc="upper left")
+    axes[0][0].legend(loc="upper right")
     axes[0][1].set_ylabel("cosine of LoRA gradients with dense")
     axes[0][1].set_ylim(0, 1)
     for ax in axes[0]:
         ax.tick_params(axis="x", rotation=60)
     devices = sorted({h.get("device", "?") for h, _ in rows})
-    fig.suptitle(f"SmolLM2-135M, held-out real text ({', '.join(devices)})")
+    lengths = ", ".join(str(n) for n in sorted({r["seq_len"] for _, r in rows}))
+    fig.suptitle(f"SmolLM2-135M, held-out real text, {lengths} tokens ({', '.join(devices)})")
     caption = "Fidelity of one Jenga training step per design against the dense step (logs/real-model/fidelity*)"
     return [save(fig, out / "fidelity.png", caption)]
 
 
 def _eval_summary(logs: Path) -> dict[str, dict]:
-    """Per evaluated model: perplexity per window and the mean score per task."""
+    """Per evaluated model (the header's `model`, its fine-tune's name): method, fine-tune folder, perplexity per
+    window and the mean score per task."""
     result = {}
-    for path in sorted((logs / "eval").glob("*.jsonl")):
-        records = read_jsonl(path)
-        ppl = {r["window"]: r["perplexity"] for r in records if r.get("record") == "perplexity"}
+    for run in load_runs(logs / "eval"):
+        ppl = {r["window"]: r["perplexity"] for r in run.of("perplexity")}
         scores: dict[str, list[tuple[float, int]]] = defaultdict(list)
-        for r in records:
-            if r.get("record") == "task":
-                scores[r["task"]].append((r["score"], r["samples"]))
+        for r in run.of("task"):
+            scores[r["task"]].append((r["score"], r["samples"]))
         tasks = {t: (sum(s * n for s, n in v) / sum(n for _, n in v), sum(n for _, n in v)) for t, v in scores.items()}
-        result[path.stem] = {"ppl": ppl, "tasks": tasks}
+        header = run.header
+        result[header["model"]] = {"method": header["method"], "run": header.get("run"), "ppl": ppl, "tasks": tasks}
     return result
 
 
@@ -90,21 +85,21 @@ def accuracy_table(logs: Path) -> list[str]:
         return []
     windows = sorted({w for e in evals.values() for w in e["ppl"]})
     tasks = sorted({t for e in evals.values() for t in e["tasks"]})
-    lora = {w: statistics.mean(e["ppl"][w] for n, e in evals.items() if n.startswith("lora-")) for w in windows}
+    lora = {w: statistics.mean(e["ppl"][w] for e in evals.values() if e["method"] == "lora") for w in windows}
     head = [f"ppl @{w} (vs LoRA)" for w in windows] + [f"{t} (records)" for t in tasks]
     lines = ["| model | " + " | ".join(head) + " | final train loss |", "|---" * (len(head) + 2) + "|"]
     for name, e in evals.items():
         cells = [f"{e['ppl'][w]:.3f} ({e['ppl'][w] / lora[w]:.3f}x)" if w in e["ppl"] else "—" for w in windows]
         cells += [f"{e['tasks'][t][0]:.1f} ({e['tasks'][t][1]})" if t in e["tasks"] else "—" for t in tasks]
-        log = logs / "runs" / name / "finetune_log.jsonl"
-        steps = [r for r in read_jsonl(log) if r.get("record") == "step"] if log.exists() else []
+        finetune = read_run(logs / "runs" / e["run"] / "finetune_log.jsonl") if e["run"] else None
+        steps = finetune.steps if finetune else []
         loss = f"{statistics.mean(r['loss'] for r in steps[-10:]):.3f}" if steps else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss} |")
     return lines
 
 
 def bench_table(logs: Path) -> list[str]:
-    runs = [load_run(p) for p in sorted((logs / "bench").glob("*.jsonl"))]
+    runs = [(run.header, run.summary) for run in load_runs(logs / "bench")]
     if not runs:
         return []
     runs.sort(key=lambda run: (run[0]["model"], run[0]["seq_len"], not run[0]["method"].startswith("lora")))

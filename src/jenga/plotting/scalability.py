@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .logs import cards, is_runner_log, load_runs
 from .models import by_size
 from .style import color, figure, save
-from .tables import load_run
 
 LINESTYLES = {"deepspeed-zero2": "-", "deepspeed-zero3": "--", "fsdp": ":"}
 METRICS = (("peak_gib", "peak memory (GiB)", "memory"), ("median_step_s", "step time (s)", "time"))
@@ -25,16 +25,14 @@ def _runs(card: Path) -> tuple[dict[str, dict[Key, dict]], set[str]]:
     single: dict[Key, dict] = {}
     multi: dict[str, dict[Key, dict]] = {}
     devices = set()
-    for path in sorted(card.rglob("*.jsonl")):
-        header, summary = load_run(path)
-        if "model" not in header or "seq_len" not in header:
-            continue
+    for run in [r for r in load_runs(card, recursive=True) if is_runner_log(r.header)]:  # GPU counts may share keys
+        header = run.header
         devices.add(str(header.get("device")))
-        key = (header["model"], header["method"], header["seq_len"], header.get("num_gpus", 1))
-        if header.get("backend") is None:
-            single[key] = summary
+        key = (*run.key, header["num_gpus"])
+        if header["backend"] is None:
+            single[key] = run.summary
         else:
-            multi.setdefault(header["backend"], {})[key] = summary
+            multi.setdefault(header["backend"], {})[key] = run.summary
     by_backend = {b: {**single, **runs} for b, runs in multi.items()} or {"single GPU": single}
     return by_backend, devices
 
@@ -67,7 +65,7 @@ def _panel(ax, by_backend: dict[str, dict[Key, dict]], model: str, seq: int, fie
 def plot_scalability(logs: Path, out: Path) -> list[Path]:
     """One memory and one time figure per card and model (a panel per length); [] when there are no logs."""
     written: list[Path] = []
-    for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
+    for card in cards(logs):
         by_backend, devices = _runs(card)
         keys = {k for runs in by_backend.values() for k in runs}
         for model in by_size(m for m, _, _, _ in keys):

@@ -1,7 +1,7 @@
 """Figure 18: allocated memory over one training step with and without the segmented loss.
 
-Reads the allocator snapshots that `scripts/ablations/segment/run.sh` saves beside its logs
-(`<run>.snapshot.pickle.gz`, from `torch.cuda.memory._dump_snapshot`; gunzip one to open it at
+Reads the allocator snapshots that `scripts/ablations/segment/run.sh` saves beside its logs (the file its log's
+`memory_breakdown` record names, from `torch.cuda.memory._dump_snapshot`; gunzip one to open it at
 https://pytorch.org/memory_viz). The curve starts at the memory allocated before the recorded step (logged in
 the run's `memory_breakdown` record) and follows every allocation and completed free of the device trace.
 """
@@ -12,9 +12,10 @@ import gzip
 import pickle
 from pathlib import Path
 
-from ..profiling import GIB, read_jsonl
+from ..profiling import GIB
 from .bars import series_colors
-from .style import figure, save
+from .logs import cards, runner_runs
+from .style import figure, in_method_order, save
 
 
 def memory_curve(snapshot: dict, start_bytes: float) -> tuple[list[float], list[float]]:
@@ -33,18 +34,19 @@ def memory_curve(snapshot: dict, start_bytes: float) -> tuple[list[float], list[
 
 def plot_segment(logs: Path, out: Path) -> list[Path]:
     written = []
-    for card in sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []:
+    for card in cards(logs):
         curves = []
-        for path in sorted(card.glob("*.snapshot.pickle.gz")):
-            log = path.with_name(path.name.removesuffix(".snapshot.pickle.gz") + ".jsonl")
-            records = read_jsonl(log)
-            header = next(r for r in records if r.get("record") == "header")
-            breakdown = next(r for r in records if r.get("record") == "memory_breakdown")
-            with gzip.open(path, "rb") as f:
+        for run in runner_runs(card).values():
+            breakdown = run.first("memory_breakdown") or {}
+            if not breakdown.get("snapshot"):  # snapshots are CUDA-only: CPU runs name none
+                continue
+            with gzip.open(card / breakdown["snapshot"], "rb") as f:
                 snapshot = pickle.load(f)
-            curves.append((header, memory_curve(snapshot, breakdown["allocated_before_gib"] * GIB)))
+            curves.append((run.header, memory_curve(snapshot, breakdown["allocated_before_gib"] * GIB)))
         if not curves:
             continue
+        order = in_method_order(header["method"] for header, _ in curves)
+        curves.sort(key=lambda curve: order.index(curve[0]["method"]))
         fig, axes = figure(7.0, 3.6)
         ax = axes[0][0]
         colors = series_colors([h["method"] for h, _ in curves])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ..experiments.methods import METHODS  # noqa: E402
 
 COLORS = {"lora": "#7f7f7f", "longlora": "#1f77b4", "liger": "#9467bd", "jenga": "#d62728"}
 PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
@@ -20,6 +23,13 @@ def color(name: str, index: int = 0) -> str:
         if name.startswith(family):
             return value
     return PALETTE[index % len(PALETTE)]
+
+
+def in_method_order(names: Iterable[str]) -> list[str]:
+    """`names` without repeats in the method registry's order (said once, in `jenga.experiments.methods`), names
+    the registry does not know after them by name."""
+    order = list(METHODS)
+    return sorted(set(names), key=lambda m: (m not in METHODS, order.index(m) if m in METHODS else 0, m))
 
 
 def figure(width: float = 6.4, height: float = 3.6, ncols: int = 1, nrows: int = 1, **subplots: Any):

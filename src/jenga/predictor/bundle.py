@@ -91,7 +91,9 @@ class PredictorBundle(nn.Module):
     def load(cls, folder: str | Path) -> PredictorBundle:
         folder = Path(folder)
         if not (folder / MANIFEST).exists():
-            raise FileNotFoundError(f"{folder} holds no {MANIFEST}; train one with `python -m jenga.predictor.train`")
+            raise FileNotFoundError(
+                f"{folder} holds no {MANIFEST}; train one with `python -m jenga.experiments.predictor_train`"
+            )
         manifest = json.loads((folder / MANIFEST).read_text())
         sizes = {int(i): s for i, s in manifest["sizes"].items()}
         design = manifest.get("design", ORIGINAL_DESIGN)

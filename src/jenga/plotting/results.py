@@ -1,40 +1,44 @@
-"""Rebuilds benchmarks/RESULTS.md from the committed JSON-lines logs (CPU only; run by RUNME-a.sh)."""
+"""benchmarks/RESULTS.md from the benchmark logs (CPU only): the runner sweeps, the longest trainable lengths and
+the kernel timings, one generator with the figures so that `python -m jenga.plotting` rebuilds every result."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from jenga.plotting.tables import runs_table
-from jenga.profiling import read_jsonl
-
-HERE = Path(__file__).parent
-LOGS = HERE / "logs"
+from .logs import load_runs, runner_runs
+from .tables import runs_table
 
 PREAMBLE = """# Benchmark results
 
 Generated from the JSON-lines logs in `benchmarks/logs/` by `bash RUNME-a.sh` (no GPU needed); the logs come
 from real runs of the commands named in each section, on the device each section names. Do not edit by hand.
+The last sweep section reads `logs/real-model/bench`, the cost table of the README.
 
 """
 
-RUN_FOLDERS = [
+# The sweeps under benchmarks/logs, then those under logs/, with their section titles.
+BENCH_SWEEPS = [
     ("e2e", "End-to-end sweep"),
     ("predictor-timing", "Selection cost: oracle scoring vs two-tower predictors (random-init weights, timing only)"),
     ("core", "Core benchmark (Triton block scoring, lean norms)"),
     ("shared-selection", "One block selection for all sparse layers (shared_selection) against per-layer selection"),
     ("core-reference-scorer", "Core benchmark, first run (PyTorch reference scorer, no lean norms)"),
+    ("eliminated-local", "The schema-1 default (a block-local attention pass for eliminated tokens), 8K"),
 ]
+FIGURE_SWEEPS = [("real-model/bench", "The exact-forward default on 7B/8B architectures (random weights)")]
 
 
-def run_sections() -> list[str]:
+def run_sections(bench_logs: Path, logs: Path) -> list[str]:
+    """One section per sweep folder and model (models by name)."""
+    sweeps = [(bench_logs / f, t) for f, t in BENCH_SWEEPS] + [(logs / f, t) for f, t in FIGURE_SWEEPS]
     sections = []
-    for folder, title in RUN_FOLDERS:
-        models = sorted({p.name.split("_")[0] for p in (LOGS / folder).glob("*_*_*.jsonl")})
-        sections += [t for model in models if (t := runs_table(LOGS / folder, model, title))]
+    for folder, title in sweeps:
+        models = sorted({model for model, _, _ in runner_runs(folder)})
+        sections += [t for model in models if (t := runs_table(folder, model, title))]
     return sections
 
 
-def max_length_section() -> str | None:
+def max_length_section(probes: Path) -> str | None:
     """Longest trainable length per model and method, read from every probe log (searches and single probes).
 
     A probe is one training step at one length in its own process; the longest length that passed and the
@@ -42,11 +46,8 @@ def max_length_section() -> str | None:
     (with or without gradient checkpointing).
     """
     runs: dict[tuple[str, str], list[tuple[int, str, dict]]] = {}
-    for path in sorted((LOGS / "e2e" / "probes").glob("*_*_*.jsonl")):
-        model, method, seq = path.stem.split("_")
-        records = read_jsonl(path)
-        summary = next((r for r in records if r.get("record") == "summary"), {"status": "incomplete"})
-        runs.setdefault((model, method), []).append((int(seq), summary["status"], records[0]))
+    for (model, method, seq), run in sorted(runner_runs(probes).items()):
+        runs.setdefault((model, method), []).append((seq, run.summary["status"], run.header))
     if not runs:
         return None
     longest = {key: max((s for s, status, _ in probes if status == "ok"), default=0) for key, probes in runs.items()}
@@ -56,28 +57,26 @@ def max_length_section() -> str | None:
         "| model | method | longest OK | first failing above | vs baseline | probes (length: status) | device, git |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (model, method), probes in sorted(runs.items()):
+    for (model, method), found in sorted(runs.items()):
         best = longest[(model, method)]
-        failing = min((s for s, status, _ in probes if s > best and status != "ok"), default=None)
-        baseline = (model, "lora+ckpt" if method.endswith("+ckpt") else "lora")
+        failing = min((s for s, status, _ in found if s > best and status != "ok"), default=None)
+        baseline = (model, "lora+ckpt" if found[0][2]["gradient_checkpointing"] else "lora")
         ratio = f"{best / longest[baseline]:.2f}x" if longest.get(baseline) and baseline != (model, method) else ""
-        listed = ", ".join(f"{s}: {status}" for s, status, _ in sorted(probes, key=lambda p: p[0]))
-        where = sorted({f"{h.get('device')} {h.get('git_commit')}" for _, _, h in probes})
+        listed = ", ".join(f"{s}: {status}" for s, status, _ in found)
+        where = sorted({f"{h.get('device')} {h.get('git_commit')}" for _, _, h in found})
         lines.append(f"| {model} | {method} | {best} | {failing or '-'} | {ratio} | {listed} | {'; '.join(where)} |")
     lines += ["", "Probe logs in `benchmarks/logs/e2e/probes/`; the searches that chose them in `e2e/maxlen/`."]
     return "\n".join(lines) + "\n"
 
 
-def kernel_section() -> str | None:
-    path = LOGS / "kernels" / "kernels.jsonl"
-    if not path.exists():
+def kernel_section(folder: Path) -> str | None:
+    """The kernel benchmark (`benchmarks/bench_kernels.py`): correctness checks, scoring and attention timings."""
+    run = next((r for r in load_runs(folder) if r.header.get("experiment") == "bench_kernels"), None)
+    if run is None:
         return None
-    records = read_jsonl(path)
-    header = records[0]
-    peak = next(r["tflops"] for r in records if r["record"] == "matmul")
-    checks = "; ".join(
-        f"{r['what']} kv_heads={r['kv_heads']} S={r['seq']}: {r['rel_err']}" for r in records if r["record"] == "check"
-    )
+    header = run.header
+    peak = run.of("matmul")[0]["tflops"]
+    checks = "; ".join(f"{r['what']} kv_heads={r['kv_heads']} S={r['seq']}: {r['rel_err']}" for r in run.of("check"))
     lines = [
         "## Kernels (`benchmarks/bench_kernels.py`)",
         "",
@@ -94,8 +93,7 @@ def kernel_section() -> str | None:
     ]
     lines += [
         f"| {r['kv_heads']} | {r['seq']} | {r['ms']:.2f} | {r['tflops']:.0f} | {r['of_matmul']:.0%} |"
-        for r in records
-        if r["record"] == "scoring"
+        for r in run.of("scoring")
     ]
     lines += [
         "",
@@ -104,19 +102,19 @@ def kernel_section() -> str | None:
         "| length | keep | ms | vs dense SDPA |",
         "|---|---|---|---|",
     ]
-    for r in records:
-        if r["record"] == "attention":
-            dense = r["method"] == "dense_sdpa"
-            keep, ratio = ("dense", "1.00") if dense else (r["keep"], f"{r['vs_dense']:.2f}")
-            lines.append(f"| {r['seq']} | {keep} | {r['ms']:.2f} | {ratio} |")
+    for r in run.of("attention"):
+        dense = r["method"] == "dense_sdpa"
+        keep, ratio = ("dense", "1.00") if dense else (r["keep"], f"{r['vs_dense']:.2f}")
+        lines.append(f"| {r['seq']} | {keep} | {r['ms']:.2f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    sections = [s for s in [*run_sections(), max_length_section(), kernel_section()] if s]
-    (HERE / "RESULTS.md").write_text(PREAMBLE + "\n".join(sections))
-    print(f"wrote {HERE / 'RESULTS.md'} ({len(sections)} sections)")
-
-
-if __name__ == "__main__":
-    main()
+def write_results(bench_logs: Path, logs: Path, out: Path) -> list[Path]:
+    """`out` (benchmarks/RESULTS.md) from the benchmark logs and the sweeps of `logs`; [] when there are none."""
+    found = [*run_sections(bench_logs, logs), max_length_section(bench_logs / "e2e/probes")]
+    sections = [s for s in [*found, kernel_section(bench_logs / "kernels")] if s]
+    if not sections:
+        return []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(PREAMBLE + "\n".join(sections))
+    return [out]

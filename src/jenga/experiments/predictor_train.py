@@ -1,6 +1,6 @@
 """Train a model's block predictors against the oracle score.
 
-    python -m jenga.predictor.train --model checkpoints/<name> --data data.jsonl --out predictors/<name>
+    python -m jenga.experiments.predictor_train --model checkpoints/<name> --data data.jsonl --out predictors/<name>
 
 1. Collect: the frozen model runs over the data (eval mode, no grad); a pre-hook on each sparse layer's
    attention records its input hidden states pooled per key piece (`--key-pieces` per block) and the oracle
@@ -10,7 +10,7 @@
    rarely active units every `--prune-every` steps (the loss standardizes both score vectors, see
    `listwise_loss`). Loss per step goes to a JSON-lines log; a progress bar shows it.
 3. Evaluate top-k block recall against the oracle at each layer's keep ratio on held-out sequences, count the
-   predictors' parameters and FLOPs against their layers' (`jenga.predictor.cost`), and save
+   predictors' parameters and FLOPs against their layers' (`jenga.experiments.predictor_cost`), and save
    `predictors.safetensors` + `predictor.json` that `apply_jenga(model, predictor=folder)` loads.
 
 Data: JSON lines with `input_ids` (token lists) or `text` (tokenized with the model folder's tokenizer), or a
@@ -33,10 +33,11 @@ from ..data.loaders import load_documents
 from ..elimination import select_blocks
 from ..kernels import block_scores
 from ..patching import find_adapter, unwrap
+from ..predictor import PredictorBundle
+from ..predictor.model import KEY_PIECES, ROPE_PAIRS, pool_pieces
 from ..profiling import JsonlWriter, run_header
-from .bundle import PredictorBundle
-from .cost import cost_table
-from .model import KEY_PIECES, ROPE_PAIRS, pool_pieces
+from .predictor_cost import cost_table
+from .training import load_model
 
 
 @dataclass
@@ -257,9 +258,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prune-every", type=int, default=100, help="steps between pruning passes")
     parser.add_argument("--prune-threshold", type=float, default=0.01, help="hidden units below it are pruned")
     args = parser.parse_args(argv)
-
-    from ..experiments.training import load_model
-
     config = JengaConfig.from_json(args.config) if args.config else JengaConfig()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -4,7 +4,7 @@ FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on meta tensors,
 operators' own (matmuls, attention) and any model size is free to measure on a CPU. The layer's count is its
 dense forward at the given length (attention counted as the operator reports it, without causal savings).
 
-    python -m jenga.predictor.cost --model checkpoints/llama-2-7b --seq-len 8192 [--predictor <folder>]
+    python -m jenga.experiments.predictor_cost --model checkpoints/llama-2-7b --seq-len 8192 [--predictor <folder>]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..cli import make_parser
 from ..config import JengaConfig
 from ..patching import find_adapter
-from .bundle import PredictorBundle
+from ..predictor import PredictorBundle
 
 
 def layer_costs(model_config: Any, seq_len: int) -> dict[int, dict[str, int]]:
