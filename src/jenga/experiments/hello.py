@@ -152,7 +152,9 @@ CHECKS: list[tuple[str, str, Callable[[], str]]] = [
     (
         "INFO",
         "predictors",
-        _listing(REPO / "logs", "**/predictor.json", "train with `python -m jenga.experiments.predictor_train`"),
+        _listing(
+            REPO / "logs", "**/predictors.safetensors", "train with `python -m jenga.experiments.predictor_train`"
+        ),
     ),
     ("PASS", "kernel", _kernel),
     ("PASS", "jenga step", _tiny_training_step),
