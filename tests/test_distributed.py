@@ -21,8 +21,8 @@ from conftest import add_lora, batch, lora_grads, tiny_llama
 from transformers import LlamaConfig
 
 from jenga import JengaConfig, apply_jenga
+from jenga.elimination import oracle_scorer
 from jenga.experiments import distributed, run, training
-from jenga.patching.base import oracle_scorer
 from jenga.plotting.scalability import plot_scalability
 from jenga.profiling import JsonlWriter, read_jsonl
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import batch, tiny_llama
 
-from jenga import JengaConfig, JengaConfigError, UnsupportedModelError, apply_jenga, jenga_state
+from jenga import JengaConfig, JengaConfigError, UnsupportedModelError, apply_jenga, jenga_state, messages
 from jenga.elimination import select_blocks
 from jenga.patching import base
 
@@ -59,7 +59,7 @@ def test_from_json_names_a_missing_file(tmp_path):
 
 @pytest.mark.parametrize("name", base.KV_CACHE_ARGS)
 def test_drop_kv_cache_handles_both_argument_names(name, caplog, monkeypatch):
-    monkeypatch.setattr(base, "_warned", set())
+    monkeypatch.setattr(messages, "_warned", set())
     call = {"hidden_states": torch.zeros(1), name: object()}
     with caplog.at_level(logging.WARNING, logger="jenga"):
         base.drop_kv_cache(call)
@@ -74,7 +74,7 @@ def test_drop_kv_cache_handles_both_argument_names(name, caplog, monkeypatch):
 def test_sparse_training_forward_with_a_kv_cache_warns_and_matches(caplog, monkeypatch):
     """The cache argument is `past_key_values` before transformers 5.24 and `cache` since; either way a sparse
     training forward drops it (eliminated tokens would be missing from it) and computes what it would without."""
-    monkeypatch.setattr(base, "_warned", set())
+    monkeypatch.setattr(messages, "_warned", set())
     config = JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0)
     ids = batch(2, 128)
     reference = apply_jenga(tiny_llama(), config)(input_ids=ids, labels=ids, use_cache=False).loss

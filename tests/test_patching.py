@@ -319,7 +319,7 @@ def test_padding_blocks_never_selected():
     kept_sets = {}
 
     def recording(layer_idx, hidden, valid, block_size, query_key):
-        from jenga.patching.base import oracle_scorer
+        from jenga.elimination import oracle_scorer
 
         scores = oracle_scorer(layer_idx, hidden, valid, block_size, query_key)
         kept_sets[layer_idx] = valid
@@ -427,9 +427,9 @@ def test_predictor_mode_needs_scorer():
 
 
 def test_trainable_mlp_uses_dense_path_and_logs_once(caplog):
-    from jenga.patching import base as patch_base
+    from jenga import messages
 
-    patch_base._warned.discard("mlp-dense")
+    messages._warned.discard("mlp-dense")
     model = add_lora(tiny_llama(), targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
     apply_jenga(model, JengaConfig(block_size=16, attn_keep=1.0, mlp_keep=0.25))
     ids = batch(1, 64)
@@ -479,7 +479,7 @@ def test_gradient_checkpointing_gives_same_gradients(family):
     calls = []
 
     def counting(*args):
-        from jenga.patching.base import oracle_scorer
+        from jenga.elimination import oracle_scorer
 
         calls.append(args[0])
         return oracle_scorer(*args)
@@ -587,7 +587,7 @@ def test_shared_selection_is_the_first_sparse_layers_only():
     calls = []
 
     def counting(*args):
-        from jenga.patching.base import oracle_scorer
+        from jenga.elimination import oracle_scorer
 
         calls.append(args[0])
         return oracle_scorer(*args)

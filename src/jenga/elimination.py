@@ -1,17 +1,32 @@
-"""Where tokens are chosen: block selection per sequence, and moving tensors to and from the kept subset.
+"""Where tokens are chosen, and how tensors move to and from the kept subset.
+
+- `BlockScorer` is what ranks blocks: `oracle_scorer` (the layer's own q·k, `jenga.scoring` / its Triton
+  kernel) or a learned predictor (`jenga.predictor`).
+- `select_blocks` / `select_tokens` keep each sequence's best blocks plus the forced sink and recent blocks;
+  padding never counts.
+- `Selector.choose` is the per-layer entry point: it scores and selects, reuses the forward's selection in
+  the backward-time recompute of a checkpointed layer, and shares one selection across layers with
+  `shared_selection`.
+- `TokenSelection` gathers kept rows and scatters them back.
 
 A layer keeps whole blocks of ``block_size`` tokens, chosen per sequence, in original order, so causal
-masking over the kept subset is causal masking by original position. What eliminated blocks get is decided
-in `jenga.patching.base.patch_attention` (`JengaConfig.eliminated`).
+masking over the kept subset is causal masking by original position. What eliminated blocks get from the
+attention sublayer is decided in `jenga.patching.base.patch_attention` (`JengaConfig.eliminated`).
 All shapes follow Hugging Face: hidden (B, S, D), masks (B, 1, S, S) or (B, S).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from .config import JengaConfig
+from .kernels import block_scores
+from .messages import warn_once
 from .scoring import num_blocks
 
 
@@ -196,3 +211,108 @@ def select_tokens(
     block_valid = None if token_valid is None else block_validity(token_valid, block_size)
     blocks = select_blocks(scores, keep_blocks, sink_blocks, block_valid, recent_blocks)
     return TokenSelection.from_blocks(blocks, block_size, seq_len)
+
+
+QueryKey = Callable[[], tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class BlockScorer(Protocol):
+    """Scores key blocks of one layer's input: (B, nb) higher = more informative.
+
+    `query_key` computes the layer's rotated q (B, H, S, d), k (B, Hkv, S, d) and softmax scale on demand;
+    the oracle uses it, a learned predictor can ignore it and read `hidden_states` instead.
+    """
+
+    def __call__(
+        self,
+        layer_idx: int,
+        hidden_states: torch.Tensor,
+        token_valid: torch.Tensor | None,
+        block_size: int,
+        query_key: QueryKey,
+    ) -> torch.Tensor: ...
+
+
+def oracle_scorer(
+    layer_idx: int,
+    hidden_states: torch.Tensor,
+    token_valid: torch.Tensor | None,
+    block_size: int,
+    query_key: QueryKey,
+) -> torch.Tensor:
+    """The exact score of `jenga.scoring.block_scores` from the layer's own q and k (Triton on CUDA)."""
+    q, k, scale = query_key()
+    return block_scores(q, k, block_size, scale, token_valid)
+
+
+# Forwards whose selections may wait for their recompute (e.g. several micro-batches before one backward).
+MAX_PENDING = 16
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, which is where checkpointed layers recompute their forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class Selector:
+    """A patched model's block selection: the config, the scorer, and what selection remembers within a step.
+
+    pending: selections of checkpointed layers, made in forward and reused by the backward-time recompute.
+    shared: (layer, (seq_len, batch, kept blocks), selection) of the last scoring layer, for `shared_selection`.
+    """
+
+    config: JengaConfig
+    scorer: BlockScorer
+    pending: dict[int, deque] = field(default_factory=dict)
+    shared: tuple[int, tuple[int, int, int], TokenSelection] | None = None
+
+    def choose(
+        self,
+        layer_idx: int,
+        layer: torch.nn.Module,
+        keep_blocks: int,
+        hidden: torch.Tensor,
+        token_valid: torch.Tensor | None,
+        query_key: QueryKey,
+    ) -> TokenSelection:
+        """Score and select this layer's kept tokens, or reuse the selection a checkpointed forward made (or, with
+        `shared_selection`, the one an earlier sparse layer made in this forward).
+
+        Under gradient checkpointing the layer's forward runs again in backward; reusing the first forward's
+        selection (first in, first out) halves the scoring cost and guarantees the recompute sees the same
+        blocks. Reentrant checkpointing runs the first forward under no_grad, so grad mode cannot tell the two
+        passes apart; being inside a backward pass can.
+        """
+        config = self.config
+        seq_len = hidden.shape[1]
+        checkpointed = getattr(layer, "gradient_checkpointing", False)
+        pending = self.pending.setdefault(layer_idx, deque())
+        recompute = checkpointed and _in_backward()
+        if recompute and pending and pending[0].seq_len == seq_len and pending[0].index.shape[0] == hidden.shape[0]:
+            return pending.popleft()
+        shape = (seq_len, hidden.shape[0], keep_blocks)
+        shared = self.shared
+        earlier = shared is not None and shared[0] < layer_idx  # stored by an earlier layer of this forward
+        if config.shared_selection and earlier and shared[1] == shape:
+            selection = shared[2]
+        else:
+            with torch.no_grad():
+                scores = self.scorer(layer_idx, hidden, token_valid, config.block_size, query_key)
+                selection = select_tokens(
+                    scores,
+                    keep_blocks,
+                    config.block_size,
+                    seq_len,
+                    config.sink_blocks,
+                    token_valid,
+                    config.recent_blocks,
+                )
+            if config.shared_selection and not earlier:  # only the first scoring layer of a forward shares
+                self.shared = (layer_idx, shape, selection)
+        if checkpointed and not recompute:
+            pending.append(selection)
+            if len(pending) > MAX_PENDING:
+                pending.popleft()
+                warn_once("pending", "Jenga: checkpointed forwards without a backward; dropping their selections")
+        return selection

@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import apply_jenga
-from ..patching.base import oracle_scorer
+from ..elimination import oracle_scorer
 from ..predictor import PredictorBundle
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer
 from . import longlora

@@ -8,13 +8,12 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from ..config import JengaConfig, JengaConfigError
+from ..elimination import BlockScorer, Selector, oracle_scorer
 from ..predictor.bundle import PredictorBundle
 from .base import (
-    BlockScorer,
     FamilyAdapter,
     JengaState,
     UnsupportedModelError,
-    oracle_scorer,
     patch_attention,
     patch_causal_lm_loss,
     restore_forward,
@@ -119,7 +118,7 @@ def apply_jenga(
         adapter=adapter,
         attn_keep=config.attn_schedule(len(layers)),
         mlp_keep=config.mlp_schedule(len(layers)),
-        scorer=scorer or oracle_scorer,
+        selector=Selector(config, scorer or oracle_scorer),
     )
     for idx, layer in enumerate(layers):
         patch_attention(adapter.attention(layer), idx, state, layer)

@@ -10,35 +10,21 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import types
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import JengaConfig
-from ..elimination import TokenSelection, key_validity, select_tokens
-from ..kernels import block_scores
+from ..elimination import Selector, key_validity
 from ..lora import lean_lora_forward, lora_linears
 from ..loss import segmented_causal_lm_loss
+from ..messages import warn_once
 from ..scoring import num_blocks
-
-logger = logging.getLogger("jenga")
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """Log `message` once per process: per-step warnings would flood a training log."""
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message)
-
 
 # The attention forwards' KV-cache argument: `past_key_values` up to transformers 5.23, `cache` from 5.24.
 KV_CACHE_ARGS = ("past_key_values", "cache")
@@ -67,38 +53,6 @@ DENSE_MLP_MESSAGE = (
 
 class UnsupportedModelError(TypeError):
     """`apply_jenga` was given a model whose family has no adapter."""
-
-
-QueryKey = Callable[[], tuple[torch.Tensor, torch.Tensor, float]]
-
-
-class BlockScorer(Protocol):
-    """Scores key blocks of one layer's input: (B, nb) higher = more informative.
-
-    `query_key` computes the layer's rotated q (B, H, S, d), k (B, Hkv, S, d) and softmax scale on demand;
-    the oracle uses it, a learned predictor can ignore it and read `hidden_states` instead.
-    """
-
-    def __call__(
-        self,
-        layer_idx: int,
-        hidden_states: torch.Tensor,
-        token_valid: torch.Tensor | None,
-        block_size: int,
-        query_key: QueryKey,
-    ) -> torch.Tensor: ...
-
-
-def oracle_scorer(
-    layer_idx: int,
-    hidden_states: torch.Tensor,
-    token_valid: torch.Tensor | None,
-    block_size: int,
-    query_key: QueryKey,
-) -> torch.Tensor:
-    """The exact score of `jenga.scoring.block_scores` from the layer's own q and k (Triton on CUDA)."""
-    q, k, scale = query_key()
-    return block_scores(q, k, block_size, scale, token_valid)
 
 
 class FamilyAdapter:
@@ -143,13 +97,9 @@ class JengaState:
     adapter: FamilyAdapter
     attn_keep: list[float]
     mlp_keep: list[float]
-    scorer: BlockScorer
+    selector: Selector
     patched: list[nn.Module] = field(default_factory=list)
     last_kept_tokens: dict[int, int] = field(default_factory=dict)
-    # Selections of checkpointed layers, made in forward and reused by the backward-time recompute.
-    pending: dict[int, deque] = field(default_factory=dict)
-    # (layer, (seq_len, batch, kept blocks), selection) of the last scoring layer, for `shared_selection`.
-    shared_selection: tuple[int, tuple[int, int, int], TokenSelection] | None = None
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -197,60 +147,6 @@ def _gather_positional(selection, value):
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == selection.seq_len:
         return selection.gather(value, dim=1)
     return value
-
-
-# Forwards whose selections may wait for their recompute (e.g. several micro-batches before one backward).
-MAX_PENDING = 16
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, which is where checkpointed layers recompute their forward."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _choose_tokens(
-    state: JengaState,
-    layer_idx: int,
-    layer: nn.Module,
-    keep_blocks: int,
-    hidden: torch.Tensor,
-    token_valid: torch.Tensor | None,
-    query_key: QueryKey,
-) -> TokenSelection:
-    """Score and select this layer's kept tokens, or reuse the selection a checkpointed forward made (or, with
-    `shared_selection`, the one an earlier sparse layer made in this forward).
-
-    Under gradient checkpointing the layer's forward runs again in backward; reusing the first forward's
-    selection (first in, first out) halves the scoring cost and guarantees the recompute sees the same
-    blocks. Reentrant checkpointing runs the first forward under no_grad, so grad mode cannot tell the two
-    passes apart; being inside a backward pass can.
-    """
-    config = state.config
-    seq_len = hidden.shape[1]
-    checkpointed = getattr(layer, "gradient_checkpointing", False)
-    pending = state.pending.setdefault(layer_idx, deque())
-    recompute = checkpointed and _in_backward()
-    if recompute and pending and pending[0].seq_len == seq_len and pending[0].index.shape[0] == hidden.shape[0]:
-        return pending.popleft()
-    shape = (seq_len, hidden.shape[0], keep_blocks)
-    shared = state.shared_selection
-    earlier = shared is not None and shared[0] < layer_idx  # stored by an earlier layer of this forward
-    if config.shared_selection and earlier and shared[1] == shape:
-        selection = shared[2]
-    else:
-        with torch.no_grad():
-            scores = state.scorer(layer_idx, hidden, token_valid, config.block_size, query_key)
-            selection = select_tokens(
-                scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid, config.recent_blocks
-            )
-        if config.shared_selection and not earlier:  # only the first scoring layer of a forward shares
-            state.shared_selection = (layer_idx, shape, selection)
-    if checkpointed and not recompute:
-        pending.append(selection)
-        if len(pending) > MAX_PENDING:
-            pending.popleft()
-            warn_once("pending", "Jenga: checkpointed forwards without a backward; dropping their selections")
-    return selection
 
 
 def _lean_lora(attn: nn.Module, state: JengaState) -> None:
@@ -312,7 +208,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 dense = original(self, **call)[0]
         token_valid = key_validity(mask, hidden.shape[1])
         query_key = functools.partial(adapter.query_key, self, hidden, call, projected)
-        selection = _choose_tokens(state, layer_idx, layer, keep_blocks, hidden, token_valid, query_key)
+        selection = state.selector.choose(layer_idx, layer, keep_blocks, hidden, token_valid, query_key)
         call["hidden_states"] = selection.gather(hidden)
         call["attention_mask"] = selection.gather_mask(mask)
         for name in ("position_ids", "position_embeddings"):
