@@ -100,3 +100,22 @@ def test_gather_of_a_shared_row_table_sums_gradients_over_the_batch():
     table.grad = None
     sel.gather(table).sum().backward()
     assert table.grad[0, :, 0].tolist() == [0.0, 0.0, 2.0, 2.0]
+
+
+def test_with_gradient_from_keeps_the_value_and_routes_kept_rows_gradients():
+    """The dense treatment's join: the value is untouched, and `y` gets the gradient rows of its kept positions
+    (none for positions past the sequence end), as autograd through `value + scatter(y - y.detach())` gives."""
+    torch.manual_seed(0)
+    selection = TokenSelection.from_blocks(torch.tensor([[2, 6], [3, 5]]), 32, 200)  # 0 keeps the partial block
+    assert selection.valid is not None
+    value = torch.randn(2, 200, 8)
+    y = torch.randn(2, selection.num_kept, 8, requires_grad=True)
+    weight = torch.randn(2, 200, 8)
+    joined = selection.with_gradient_from(value, y)
+    assert torch.equal(joined, value)
+    (joined * weight).sum().backward()
+    expected = torch.zeros_like(y)
+    for b in range(2):
+        real = selection.valid[b]
+        expected[b, real] = weight[b, selection.index[b][real]]
+    torch.testing.assert_close(y.grad, expected, rtol=0, atol=0)

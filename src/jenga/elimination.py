@@ -110,6 +110,26 @@ class _RowScatter(torch.autograd.Function):
         return grad.index_select(0, rows), None, None
 
 
+class _RowGradient(torch.autograd.Function):
+    """Returns `value` unchanged; its gradient rows `rows` (zeroed where `valid` is False) flow to `source`.
+
+    The dense treatment of eliminated tokens takes its values from a pass without autograd and its gradient
+    from the kept pass; this joins them without materializing a scattered copy or a sum of full tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, source: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor | None):
+        ctx.save_for_backward(rows, valid)
+        ctx.source_shape = source.shape
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        rows, valid = ctx.saved_tensors
+        out = grad.reshape(-1, grad.shape[-1]).index_select(0, rows).view(ctx.source_shape)
+        return None, out if valid is None else out * valid[..., None], None, None
+
+
 @dataclass
 class TokenSelection:
     """The kept token positions of a batch, and how to move tensors between full and kept layouts.
@@ -170,6 +190,12 @@ class TokenSelection:
         rows = (index + torch.arange(bsz, device=index.device)[:, None] * (self.seq_len + 1)).reshape(-1)
         out = _RowScatter.apply(y.reshape(bsz * kept, width), rows, bsz * (self.seq_len + 1))
         return out.view(bsz, self.seq_len + 1, width)[:, : self.seq_len]
+
+    def with_gradient_from(self, value: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) `value` unchanged, with the gradient of its kept rows routed to the kept-layout `y` (B, L, D)."""
+        bsz = y.shape[0]
+        rows = (self.index + torch.arange(bsz, device=y.device)[:, None] * self.seq_len).reshape(-1)
+        return _RowGradient.apply(value, y, rows, self.valid)
 
     def gather_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The layer's mask restricted to kept queries and keys, with out-of-range keys masked."""

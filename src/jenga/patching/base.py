@@ -209,6 +209,8 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         token_valid = key_validity(mask, hidden.shape[1])
         query_key = functools.partial(adapter.query_key, self, hidden, call, projected)
         selection = state.selector.choose(layer_idx, layer, keep_blocks, hidden, token_valid, query_key)
+        if projected:
+            projected.clear()  # the full-sequence q and k are not needed past selection
         call["hidden_states"] = selection.gather(hidden)
         call["attention_mask"] = selection.gather_mask(mask)
         for name in ("position_ids", "position_embeddings"):
@@ -218,8 +220,8 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         state.last_kept_tokens[layer_idx] = selection.num_kept
         if dense is None:
             return (selection.scatter(out), *[None for _ in rest])
-        # Value: the dense output exactly (the kept pass adds zero); gradient: through the kept pass.
-        return (dense + selection.scatter(out - out.detach()), *[None for _ in rest])
+        # Value: the dense output exactly; gradient: through the kept pass.
+        return (selection.with_gradient_from(dense, out), *[None for _ in rest])
 
     override_forward(attn, forward, state)
 
