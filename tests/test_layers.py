@@ -19,6 +19,7 @@ CORE = (
     "jenga.mlp",
     "jenga.loss",
     "jenga.lora",
+    "jenga.projections",
     "jenga.norms",
     "jenga.offload",
     "jenga.profiling",

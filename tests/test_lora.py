@@ -56,7 +56,9 @@ def test_lean_lora_drops_the_fp32_casts_before_and_after_peft():
                 module.__dict__.pop("forward")
                 state.patched.remove(module)
         ref_loss, ref_grads, ref_fp32 = _loss_grads_and_fp32_saves(model, ids)
-        assert len(ref_fp32) == 4 * 3  # PEFT: q, k, v and o each save an fp32 copy, in all 3 layers
+        # PEFT: q, k, v and o each save an fp32 copy in the dense layer 0; the sparse layers' kept passes reuse
+        # the dense pass's projections (`jenga.projections`), whose backward saves the model-dtype input.
+        assert len(ref_fp32) == 4
         torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=0)
         assert grads.keys() == ref_grads.keys()
         assert all(grad.dtype == torch.float32 for grad in grads.values())

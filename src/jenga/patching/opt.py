@@ -20,11 +20,18 @@ class OPTAdapter(FamilyAdapter):
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.decoder.layers)
 
+    def projections(self, attn: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+
     def query_key(
-        self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: list[torch.Tensor] | None = None
+        self,
+        attn: nn.Module,
+        hidden: torch.Tensor,
+        call: dict,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         shape = (*hidden.shape[:2], attn.num_heads, attn.head_dim)
-        q, k = projected if projected and len(projected) == 2 else (attn.q_proj(hidden), attn.k_proj(hidden))
+        q, k = projected or (attn.q_proj(hidden), attn.k_proj(hidden))
         q, k = (q * attn.scaling).view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
         return q, k, 1.0
 

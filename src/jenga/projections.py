@@ -1,0 +1,97 @@
+"""Backward-only projections: the kept pass reuses the dense pass's projection outputs and adds only their backward.
+
+With `eliminated="dense"` a sparse attention sublayer runs twice: densely without autograd (every token's
+value), then over the kept tokens with autograd (the gradient). The kept rows of the q/k/v/o projections'
+outputs are already known from the dense pass, so the kept pass need not multiply them again: a projection
+there returns those rows and, in backward, computes what autograd through the projection would (the input
+gradient of the frozen weight, and LoRA's weight and input gradients). This removes half of the four attention
+projections' forward matmuls at keep 0.5.
+
+Only projections whose backward is known in closed form take this path: a frozen `nn.Linear`, or a PEFT LoRA
+linear with vanilla adapters (no dropout, no variant such as DoRA) on a frozen `nn.Linear`. Anything else (a
+trainable base, dropout, quantized layers) is recomputed on the kept rows, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class _ProjectionGrad(torch.autograd.Function):
+    """Returns `value` (the projection of `x`, computed elsewhere); backward is that of `x @ W.T + Σ s·x A.T B.T`."""
+
+    @staticmethod
+    def forward(ctx, value, x, weight, scalings: tuple[float, ...], *lora):
+        ctx.save_for_backward(x, weight, *lora)
+        ctx.scalings = scalings
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *lora = ctx.saved_tensors
+        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[1] else None
+        lora_grads = []
+        for scale, a, b in zip(ctx.scalings, lora[0::2], lora[1::2], strict=True):
+            a_c, b_c = a.to(grad.dtype), b.to(grad.dtype)
+            grad_down = (grad @ b_c) * scale  # (..., r): the gradient at the adapter's down-projection output
+            if grad_x is not None:
+                grad_x = grad_x + grad_down @ a_c
+            flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            grad_a = grad_down.reshape(-1, grad_down.shape[-1]).t() @ flat_x.to(grad.dtype)
+            grad_b = (flat_grad.t() @ (flat_x.to(grad.dtype) @ a_c.t())) * scale
+            lora_grads += [grad_a.to(a.dtype), grad_b.to(b.dtype)]
+        return (None, grad_x, None, None, *lora_grads)
+
+
+def _closed_form(module: nn.Module) -> tuple[torch.Tensor, tuple[float, ...], list[torch.Tensor]] | None:
+    """(frozen weight, LoRA scalings, [A, B, ...]) when `module`'s backward has the closed form above, else None."""
+    if type(module) is nn.Linear:
+        return (module.weight, (), []) if not module.weight.requires_grad else None
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
+        return None
+    base = module.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return None
+    scalings, lora = [], []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in module.lora_variant or not isinstance(module.lora_dropout[name], nn.Identity):
+            return None
+        scalings.append(float(module.scaling[name]))
+        lora += [module.lora_A[name].weight, module.lora_B[name].weight]
+    return base.weight, tuple(scalings), lora
+
+
+@contextmanager
+def reuse_outputs(outputs: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
+    """While the block runs, each module in `outputs` that has a closed-form backward returns its given output
+    (kept rows of the dense pass) with that backward attached, instead of computing it; the others compute."""
+    swapped: dict[nn.Module, object] = {}
+    for module, value in outputs.items():
+        form = _closed_form(module)
+        if form is None:
+            continue
+        weight, scalings, lora = form
+
+        def forward(x, *args, _value=value, _weight=weight, _scalings=scalings, _lora=lora, **kwargs):
+            if args or kwargs or x.shape[:-1] != _value.shape[:-1]:
+                raise RuntimeError("Jenga: a projection was called in the kept pass with inputs it did not expect")
+            return _ProjectionGrad.apply(_value, x, _weight, _scalings, *_lora)
+
+        swapped[module] = module.__dict__.get("forward")
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, previous in swapped.items():
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
