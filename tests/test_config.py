@@ -18,7 +18,7 @@ def test_rule_schedule_and_explicit_list():
 
 
 def test_json_roundtrip(tmp_path):
-    cfg = JengaConfig(block_size=128, attn_keep=[0.5, 1.0], mlp_keep=0.3, sink_blocks=2, segment_size=0)
+    cfg = JengaConfig(block_size=128, attn_keep=[0.5, 1.0], mlp_keep=0.3, sink_blocks=2, loss_chunk_tokens=0)
     assert JengaConfig.from_json(cfg.to_json()) == cfg
     path = tmp_path / "jenga.json"
     cfg.to_json(path)
@@ -36,10 +36,12 @@ def test_json_roundtrip(tmp_path):
         ({"attn_keep": 1.5}, r"\(0, 1\]"),
         ({"mlp_keep": [0.5, -1.0]}, r"mlp_keep\[1\]"),
         ({"attn_keep": []}, "empty"),
-        ({"scoring": "magic"}, "scoring must be one of"),
-        ({"segment_size": -1}, "segment_size"),
-        ({"mlp_chunk": 0}, "mlp_chunk"),
-        ({"lean_lora": "yes"}, "lean_lora"),
+        ({"loss_chunk_tokens": -1}, "loss_chunk_tokens"),
+        ({"mlp_chunk_tokens": 0}, "mlp_chunk_tokens"),
+        ({"shared_selection": "yes"}, "shared_selection"),
+        ({"dense_first_layers": True}, "dense_first_layers"),
+        ({"attn_keep": [1.0, 0.5], "mlp_keep": [1.0, 0.5], "dense_first_layers": 1}, "both per-layer lists"),
+        ({"schema_version": 2}, "from_dict"),
         ({"sink_blocks": -2}, "sink_blocks"),
         ({"recent_blocks": -1}, "recent_blocks"),
     ],
@@ -47,6 +49,32 @@ def test_json_roundtrip(tmp_path):
 def test_validation_errors(kwargs, match):
     with pytest.raises(JengaConfigError, match=match):
         JengaConfig(**kwargs)
+
+
+def test_older_schemas_translate():
+    """Schema 1 and 2 dicts (logs, predictor bundles) load with renamed fields and without removed ones."""
+    v1 = {
+        "block_size": 64,
+        "attn_keep": [1.0, 0.5],
+        "mlp_keep": [1.0, 1.0],
+        "dense_first_layers": 2,
+        "dense_last_layer": True,
+        "segment_size": 512,
+        "mlp_chunk": 2048,
+        "eliminated_local": True,
+        "scoring": "predictor",
+        "lean_lora": False,
+        "lean_norms": True,
+    }
+    cfg = JengaConfig.from_dict(v1)
+    assert (cfg.loss_chunk_tokens, cfg.mlp_chunk_tokens, cfg.eliminated) == (512, 2048, "dense")
+    assert cfg.dense_first_layers is None and cfg.schema_version == 3
+    v2 = {**JengaConfig().to_dict(), "schema_version": 2, "segment_size": 0, "scoring": "oracle"}
+    del v2["loss_chunk_tokens"]
+    assert JengaConfig.from_dict(v2).loss_chunk_tokens == 0
+    with pytest.raises(JengaConfigError, match="unknown"):
+        JengaConfig.from_dict({"schema_version": 9})
+    assert JengaConfig.from_dict(JengaConfig(attn_keep=0.25).to_dict()) == JengaConfig(attn_keep=0.25)
 
 
 def test_sparse_layers():

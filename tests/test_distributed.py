@@ -29,7 +29,7 @@ from jenga.profiling import JsonlWriter, read_jsonl
 WORLD = 2
 SEQ = 128
 CONFIG = JengaConfig(
-    block_size=16, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=0, dense_last_layer=False, segment_size=48
+    block_size=16, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=0, dense_last_layer=False, loss_chunk_tokens=48
 )
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(["torch", "transformers", "peft", "accelerate", "jenga.experiments.distributed"])

@@ -50,7 +50,7 @@ def test_lean_lora_drops_the_fp32_casts_before_and_after_peft():
         assert fp32 == []
 
         state = model.get_base_model().__dict__["_jenga"]
-        state.config.lean_lora = False
+        state.lean_lora = False
         for module in list(state.patched):
             if type(module).__name__ == "Linear":
                 module.__dict__.pop("forward")
@@ -68,7 +68,7 @@ def _dense_lora_grads(dtype: torch.dtype, lean: bool) -> tuple[float, dict[str, 
     """Loss and LoRA gradients of a tiny Llama in `dtype` with fp32 adapters (random A and B, so the adapter
     contributes to the forward), Jenga patching attention without elimination."""
     model = tiny_llama(kv_heads=2).to(dtype)
-    apply_jenga(model, JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=0, lean_lora=lean))
+    apply_jenga(model, JengaConfig(attn_keep=1.0, mlp_keep=1.0, loss_chunk_tokens=0), lean_lora=lean)
     model = add_lora(model)
     torch.manual_seed(5)
     for name, param in model.named_parameters():

@@ -28,7 +28,7 @@ def loss_and_grads(model, ids, **kwargs):
     return loss.detach(), lora_grads(model)
 
 
-DENSE = JengaConfig(block_size=32, attn_keep=1.0, mlp_keep=1.0, segment_size=64)
+DENSE = JengaConfig(block_size=32, attn_keep=1.0, mlp_keep=1.0, loss_chunk_tokens=64)
 
 
 @pytest.mark.parametrize("order", ["after_peft", "before_peft"])
@@ -153,9 +153,7 @@ def test_dense_elimination_forward_is_dense_and_gradient_flows_through_kept_subs
     `sparse` is naive causal attention over the kept subset."""
     model = add_lora(MODEL_BUILDERS[family]())
     bs, layer = 32, 1
-    config = JengaConfig(
-        block_size=bs, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, lean_lora=False, mlp_keep=1.0
-    )
+    config = JengaConfig(block_size=bs, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, mlp_keep=1.0)
     base = model.get_base_model()
     attn = (base.model.decoder.layers if family == "opt" else base.model.layers)[layer].self_attn
     torch.manual_seed(3)
@@ -294,7 +292,7 @@ def test_saved_activation_bytes_fall_by_expected_fraction():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_padding_odd_length_ignored_labels(family, dtype):
     model = add_lora(MODEL_BUILDERS[family]().to(dtype))
-    config = JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=1, segment_size=50)
+    config = JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=1, loss_chunk_tokens=50)
     apply_jenga(model, config)
     ids = batch(2, 133)
     mask = torch.ones_like(ids)
@@ -419,11 +417,6 @@ def test_double_apply_and_remove_errors():
     remove_jenga(model)
     with pytest.raises(RuntimeError, match="not applied"):
         remove_jenga(model)
-
-
-def test_predictor_mode_needs_scorer():
-    with pytest.raises(JengaConfigError, match="pass predictor="):
-        apply_jenga(tiny_llama(), JengaConfig(scoring="predictor"))
 
 
 def test_trainable_mlp_uses_dense_path_and_logs_once(caplog):

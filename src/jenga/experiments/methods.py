@@ -30,6 +30,7 @@ class Method:
     predictor: str | None = None  # a predictor folder, or "random-init" (timing only: same cost as trained)
     offload: str | None = None  # activation offloading policy of `jenga.offload` ("uniform" / "sparsity")
     offload_resident: float = 0.5  # fraction of the layers' saved bytes that stays on the GPU
+    lean_lora: bool = True  # `apply_jenga(lean_lora=...)`
 
     @property
     def baseline(self) -> str:
@@ -56,12 +57,13 @@ _BASE = [
         "jenga-norms",
         "Jenga with no elimination and the model's own loss: sparse-saved MLP at keep 1.0 and lean norms, PEFT's "
         "own LoRA path",
-        jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=0, lean_lora=False),
+        jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0, loss_chunk_tokens=0),
+        lean_lora=False,
     ),
     Method(
         "jenga-lean",
         "Jenga with no elimination and the model's own loss: sparse-saved MLP at keep 1.0, lean norms and lean LoRA",
-        jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0, segment_size=0),
+        jenga=JengaConfig(attn_keep=1.0, mlp_keep=1.0, loss_chunk_tokens=0),
     ),
     Method(
         "jenga-attn",
@@ -82,7 +84,7 @@ _BASE = [
     Method(
         "jenga-noseg",
         "Jenga (keep 0.5) with the model's own loss instead of the segmented loss",
-        jenga=replace(HALF, segment_size=0),
+        jenga=replace(HALF, loss_chunk_tokens=0),
     ),
     Method(
         "jenga-shared",
@@ -95,7 +97,7 @@ _BASE = [
         "jenga-predictor-timing",
         "Jenga (keep 0.5) selecting with two-tower predictors (random-init weights: timing and memory only, not "
         "quality)",
-        jenga=replace(HALF, scoring="predictor"),
+        jenga=HALF,
         predictor="random-init",
     ),
 ]

@@ -1,7 +1,8 @@
-"""Build a model the way every experiment does and time/measure its training steps.
+"""Build a model the way every experiment does, and the one training loop they all run.
 
-Kept apart from the library core: the core knows nothing of experiments, and benchmarks and the runner
-share one definition of "a training step" (forward with labels, backward, AdamW step).
+Kept apart from the library core: the core knows nothing of experiments. The benchmark runner, the multi-GPU
+runs and the fine-tunes share one definition of "a training step" (forward with labels, backward, optimizer
+step), timed and logged the same way; what differs between them is passed in (`train_steps`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import apply_jenga
@@ -116,7 +118,7 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
     if method.jenga is not None:
         scorer = oracle_scorer if method.predictor is None else predictor_scorer(method, model)
         timer = TimedScorer(SelectionRecorder(scorer))
-        apply_jenga(model, method.jenga, scorer=timer)
+        apply_jenga(model, method.jenga, scorer=timer, lean_lora=method.lean_lora)
     return model, weights, timer
 
 
@@ -186,19 +188,33 @@ def train_steps(
     scorer_timer: TimedScorer | None = None,
     forward_context: AbstractContextManager | None = None,
     batches: Callable[[int], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    clip_grad: float | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    combine: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    catch_oom: bool = True,
+    progress: str | None = None,
 ) -> StepStats:
-    """Run `warmup + steps` AdamW steps (batch 1); OOM ends the run as status "oom".
+    """Run `warmup + steps` optimizer steps, each timed per phase and logged as one record.
 
-    Tokens are random unless `batches` maps a step number to its (1, seq_len) ids (real text, where a
-    trained model's attention patterns matter). `forward_context` (re-entered every step, e.g. an activation
-    offloader) wraps each forward pass.
+    - Tokens are random (1, seq_len) rows unless `batches` maps a step number to its ids (real text, where a
+      trained model's attention patterns matter).
+    - `forward_context` (re-entered every step: an activation offloader, autocast) wraps each forward pass.
+    - `optimizer` defaults to AdamW (lr 1e-4) over the trainable parameters; `backward` runs the backward (an
+      engine's, e.g. `accelerator.backward`); `clip_grad` clips the gradient norm; `scheduler` steps after the
+      optimizer and its learning rate is logged.
+    - `combine` turns this process's step record into the logged one (e.g. every rank's, gathered).
+    - OOM ends the run as status "oom" unless `catch_oom` is False (multi-process runs: a rank that stopped
+      alone would leave the others waiting). `progress` names a progress bar.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     records: list[dict[str, Any]] = []
+    bar = tqdm(total=warmup + steps, desc=progress, unit="step", disable=progress is None)
     try:
         for step in range(warmup + steps):
             ids = batches(step) if batches else torch.randint(0, vocab_size, (1, seq_len), generator=gen)
@@ -206,22 +222,34 @@ def train_steps(
             with recorder.phase("forward"), forward_context or nullcontext():
                 loss = model(input_ids=ids, labels=ids).loss
             with recorder.phase("backward"):
-                loss.backward()
+                backward(loss)
             with recorder.phase("optimizer"):
+                if clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
             record = recorder.step_summary(step)
             record.update(warmup=step < warmup, loss=loss.item())
+            if scheduler is not None:
+                record["lr"] = scheduler.get_last_lr()[0]
             if scorer_timer is not None:
                 record["scoring_s"] = scorer_timer.take_seconds()
+            if combine is not None:
+                record = combine(record)
             records.append(record)
             if writer is not None:
                 writer.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
             del loss
     except RuntimeError as exc:
-        if not is_out_of_memory(exc):
+        if not catch_oom or not is_out_of_memory(exc):
             raise
         if recorder.active is not None:
             recorder.stop()
         return StepStats("oom", records, error=str(exc).splitlines()[0])
+    finally:
+        bar.close()
     return StepStats.completed(records)

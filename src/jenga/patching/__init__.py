@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from ..config import JengaConfig, JengaConfigError
+from ..config import JengaConfig
 from ..elimination import BlockScorer, Selector, oracle_scorer
 from ..predictor.bundle import PredictorBundle
 from .base import (
@@ -78,6 +78,9 @@ def apply_jenga(
     config: JengaConfig | None = None,
     scorer: BlockScorer | None = None,
     predictor: str | Path | PredictorBundle | None = None,
+    *,
+    lean_norms: bool = True,
+    lean_lora: bool = True,
 ) -> nn.Module:
     """Patch `model` in place for sparse long-context training and return it.
 
@@ -86,6 +89,11 @@ def apply_jenga(
     predictor issue plugs learned predictors in here); `predictor` (a folder written by
     `python -m jenga.experiments.predictor_train`, or a loaded `PredictorBundle`) selects blocks with learned predictors
     and, when `config` is None, brings the config it was trained with.
+
+    `lean_norms`: norms whose autograd keeps fp32 copies are replaced by `jenga.norms` (same outputs, fewer
+    saved bytes). `lean_lora`: PEFT LoRA layers on the attention projections compute in the model's dtype with
+    their fp32 weights as master copies, as autocast would (`jenga.lora`): they save the bf16 input instead of
+    PEFT's fp32 cast and skip its full-width fp32 passes; results differ by bf16 rounding.
     """
     if isinstance(config, dict):
         raise TypeError(
@@ -108,10 +116,6 @@ def apply_jenga(
         scorer = bundle.placed_like(base).scorer()
     config = config or JengaConfig()
     config.validate()
-    if config.scoring == "predictor" and scorer is None:
-        raise JengaConfigError(
-            "scoring='predictor' needs a trained predictor: pass predictor='path/to/predictor' to apply_jenga"
-        )
     layers = adapter.decoder_layers(base)
     state = JengaState(
         config=config,
@@ -119,13 +123,14 @@ def apply_jenga(
         attn_keep=config.attn_schedule(len(layers)),
         mlp_keep=config.mlp_schedule(len(layers)),
         selector=Selector(config, scorer or oracle_scorer),
+        lean_lora=lean_lora,
     )
     for idx, layer in enumerate(layers):
         patch_attention(adapter.attention(layer), idx, state, layer)
         adapter.patch_mlp(layer, idx, state.mlp_keep[idx], state)
-    if config.lean_norms:
+    if lean_norms:
         adapter.patch_norms(base, state)
-    if config.segment_size > 0:
+    if config.loss_chunk_tokens > 0:
         patch_causal_lm_loss(base, state)
     base.__dict__["_jenga"] = state
     return model

@@ -46,6 +46,10 @@ def drop_kv_cache(call: dict) -> None:
             call[name] = None
 
 
+# The q and k projections' outputs a pass already computed, and rotated/scaled q, k with the softmax scale.
+Projected = tuple[torch.Tensor, torch.Tensor] | None
+ScaledQK = tuple[torch.Tensor, torch.Tensor, float]
+
 DENSE_MLP_MESSAGE = (
     "Jenga: MLPs with trainable or non-standard projections (e.g. LoRA on MLP layers, quantized linears) "
     "use the dense MLP path, which saves full activations for backward."
@@ -75,13 +79,7 @@ class FamilyAdapter:
         """The q, k, v and output projections, whose dense-pass outputs scoring and the kept pass reuse."""
         return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
 
-    def query_key(
-        self,
-        attn: nn.Module,
-        hidden: torch.Tensor,
-        call: dict,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: Projected = None) -> ScaledQK:
         """Rotated/scaled q and k of all tokens for scoring, as the attention computes them; `projected` holds
         the q and k projections' outputs when a pass already computed them."""
         raise NotImplementedError
@@ -103,6 +101,7 @@ class JengaState:
     attn_keep: list[float]
     mlp_keep: list[float]
     selector: Selector
+    lean_lora: bool = True
     patched: list[nn.Module] = field(default_factory=list)
     last_kept_tokens: dict[int, int] = field(default_factory=dict)
 
@@ -175,9 +174,8 @@ def _captured_outputs(modules: tuple[nn.Module, ...]) -> Iterator[dict[nn.Module
             handle.remove()
 
 
-def _query_key_outputs(
-    projected: dict[nn.Module, torch.Tensor], modules: tuple[nn.Module, ...]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _query_key_outputs(projected: dict[nn.Module, torch.Tensor], modules: tuple[nn.Module, ...]) -> Projected:
+    """The dense pass's q and k projection outputs, for scoring (None without a dense pass)."""
     q, k = modules[0], modules[1]
     return (projected[q], projected[k]) if q in projected and k in projected else None
 
@@ -197,7 +195,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     config, adapter = state.config, state.adapter
 
     def forward(self, *args, **kwargs):
-        if config.lean_lora and self.training:
+        if state.lean_lora and self.training:
             _lean_lora(self, state)
         if not self.training or keep >= 1.0:
             return original(self, *args, **kwargs)
@@ -247,7 +245,7 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
     """Compute the training loss in segments from the backbone's hidden states (no full logits)."""
     original = type(model).forward
     signature = inspect.signature(original)
-    segment = state.config.segment_size
+    chunk = state.config.loss_chunk_tokens
     adapter = state.adapter
 
     def forward(self, *args, **kwargs):
@@ -263,7 +261,7 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
             outputs.last_hidden_state,
             self.get_output_embeddings(),
             labels,
-            segment_size=segment,
+            segment_size=chunk,
             num_items_in_batch=num_items,
         )
         return CausalLMOutputWithPast(

@@ -9,7 +9,16 @@ from torch import nn
 
 from ..mlp import gated_mlp
 from ..norms import rms_norm
-from .base import DENSE_MLP_MESSAGE, FamilyAdapter, JengaState, frozen_linears, override_forward, warn_once
+from .base import (
+    DENSE_MLP_MESSAGE,
+    FamilyAdapter,
+    JengaState,
+    Projected,
+    ScaledQK,
+    frozen_linears,
+    override_forward,
+    warn_once,
+)
 
 
 class LlamaFamilyAdapter(FamilyAdapter):
@@ -21,13 +30,7 @@ class LlamaFamilyAdapter(FamilyAdapter):
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.layers)
 
-    def query_key(
-        self,
-        attn: nn.Module,
-        hidden: torch.Tensor,
-        call: dict,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: Projected = None) -> ScaledQK:
         shape = (*hidden.shape[:2], -1, attn.head_dim)
         q, k = projected or (attn.q_proj(hidden), attn.k_proj(hidden))
         q, k = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
@@ -47,7 +50,8 @@ class LlamaFamilyAdapter(FamilyAdapter):
             if not frozen_linears(self.gate_proj, self.up_proj, self.down_proj):
                 warn_once("mlp-dense", DENSE_MLP_MESSAGE)
                 return original(self, x)
-            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, state.config.mlp_chunk)
+            chunk = state.config.mlp_chunk_tokens
+            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, chunk)
 
         override_forward(mlp, forward, state)
         return mlp

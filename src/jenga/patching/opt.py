@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 from ..mlp import sparse_activation
-from .base import DENSE_MLP_MESSAGE, FamilyAdapter, JengaState, frozen_linears, override_forward, warn_once
+from .base import (
+    DENSE_MLP_MESSAGE,
+    FamilyAdapter,
+    JengaState,
+    Projected,
+    ScaledQK,
+    frozen_linears,
+    override_forward,
+    warn_once,
+)
 
 
 class OPTAdapter(FamilyAdapter):
@@ -23,13 +32,7 @@ class OPTAdapter(FamilyAdapter):
     def projections(self, attn: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
         return attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
 
-    def query_key(
-        self,
-        attn: nn.Module,
-        hidden: torch.Tensor,
-        call: dict,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def query_key(self, attn: nn.Module, hidden: torch.Tensor, call: dict, projected: Projected = None) -> ScaledQK:
         shape = (*hidden.shape[:2], attn.num_heads, attn.head_dim)
         q, k = projected or (attn.q_proj(hidden), attn.k_proj(hidden))
         q, k = (q * attn.scaling).view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)

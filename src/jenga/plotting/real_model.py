@@ -2,8 +2,9 @@
 
 - `fidelity-*/fidelity_<domain>.jsonl` (`jenga.experiments.fidelity`): per design and length, the perplexity
   ratio of the training forward and the LoRA-gradient cosine against the dense step.
-- `runs/<method>-s<seed>/finetune_log.jsonl` and `eval/<run>.jsonl` (`jenga.experiments.finetune`,
-  `jenga.experiments.accuracy`): dense-evaluation perplexity and retrieval scores of each fine-tune.
+- `<study>/runs/<method>-s<seed>/finetune_log.jsonl` and `<study>/eval/<run>.jsonl` (`jenga.experiments.finetune`,
+  `jenga.experiments.accuracy`): dense-evaluation perplexity and retrieval scores of each fine-tune, one table
+  and figure per study folder (`pilot-8k`, `study-32k`), methods aggregated over seeds.
 - `bench/*.jsonl` (`jenga.experiments.run`): the default's peak memory and step time against LoRA, same sweep.
 """
 
@@ -27,13 +28,16 @@ def fidelity_table(logs: Path) -> list[str]:
     if not rows:
         return []
     lines = [
-        "| design | device | domain | tokens | windows | training-forward ppl / dense | LoRA-gradient cosine |",
-        "|---|---|---|---|---|---|---|",
+        "| design | device | domain | tokens | windows | training-forward ppl / dense | LoRA-gradient cosine | "
+        "cosine of the mean of draws |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for header, r in rows:
+        draws = r.get("samples", 1)
+        of_mean = f"{r['grad_cosine_of_mean']:.3f} ({draws})" if draws > 1 else "—"
         lines.append(
             f"| {r['design']} | {header.get('device', '?')} | {header.get('domain', '?')} | {r['seq_len']} | "
-            f"{header.get('windows', '?')} | {r['ppl_ratio']:.3f} | {r['grad_cosine']:.3f} |"
+            f"{header.get('windows', '?')} | {r['ppl_ratio']:.3f} | {r['grad_cosine']:.3f} | {of_mean} |"
         )
     return lines
 
@@ -64,38 +68,125 @@ def plot_fidelity(logs: Path, out: Path) -> list[Path]:
     return [save(fig, out / "fidelity.png", caption)]
 
 
-def _eval_summary(logs: Path) -> dict[str, dict]:
-    """Per evaluated model (the header's `model`, its fine-tune's name): method, fine-tune folder, perplexity per
-    window and the mean score per task."""
+def _eval_summary(study: Path) -> dict[str, dict]:
+    """Per evaluated model of a study folder (the header's `model`, its fine-tune's name): method, seed, fine-tune
+    folder, perplexity per window and the mean score per task."""
     result = {}
-    for run in load_runs(logs / "eval"):
+    for run in load_runs(study / "eval"):
         ppl = {r["window"]: r["perplexity"] for r in run.of("perplexity")}
         scores: dict[str, list[tuple[float, int]]] = defaultdict(list)
         for r in run.of("task"):
             scores[r["task"]].append((r["score"], r["samples"]))
         tasks = {t: (sum(s * n for s, n in v) / sum(n for _, n in v), sum(n for _, n in v)) for t, v in scores.items()}
-        header = run.header
-        result[header["model"]] = {"method": header["method"], "run": header.get("run"), "ppl": ppl, "tasks": tasks}
+        h = run.header
+        result[h["model"]] = {
+            "method": h["method"],
+            "seed": h.get("seed"),
+            "run": h.get("run"),
+            "ppl": ppl,
+            "tasks": tasks,
+        }
     return result
 
 
-def accuracy_table(logs: Path) -> list[str]:
-    evals = _eval_summary(logs)
+def _spread(values: list[float]) -> str:
+    """Mean, and ± the sample standard deviation when there is more than one value."""
+    mean = statistics.mean(values)
+    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _by_method(evals: dict[str, dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for e in evals.values():
+        grouped[e["method"]].append(e)
+    return grouped
+
+
+def study_tables(study: Path) -> list[str]:
+    """Per method (mean ± std over seeds, ratio of means against LoRA), then per model with its train loss."""
+    evals = _eval_summary(study)
     if not evals:
         return []
     windows = sorted({w for e in evals.values() for w in e["ppl"]})
     tasks = sorted({t for e in evals.values() for t in e["tasks"]})
-    lora = {w: statistics.mean(e["ppl"][w] for e in evals.values() if e["method"] == "lora") for w in windows}
-    head = [f"ppl @{w} (vs LoRA)" for w in windows] + [f"{t} (records)" for t in tasks]
-    lines = ["| model | " + " | ".join(head) + " | final train loss |", "|---" * (len(head) + 2) + "|"]
-    for name, e in evals.items():
-        cells = [f"{e['ppl'][w]:.3f} ({e['ppl'][w] / lora[w]:.3f}x)" if w in e["ppl"] else "—" for w in windows]
+    methods = _by_method(evals)
+    lora = {w: statistics.mean(e["ppl"][w] for e in methods.get("lora", [])) for w in windows if "lora" in methods}
+    head = [f"ppl @{w}" for w in windows] + [f"vs LoRA @{w}" for w in windows] + list(tasks)
+    lines = ["| method | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    for method, group in methods.items():
+        ppl = [[e["ppl"][w] for e in group if w in e["ppl"]] for w in windows]
+        cells = [_spread(v) if v else "—" for v in ppl]
+        cells += [
+            f"{statistics.mean(v) / lora[w]:.3f}x" if v and w in lora else "—"
+            for v, w in zip(ppl, windows, strict=True)
+        ]
+        cells += [_spread([e["tasks"][t][0] for e in group if t in e["tasks"]]) for t in tasks]
+        lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| model | "
+        + " | ".join(f"ppl @{w}" for w in windows)
+        + " | "
+        + " | ".join(f"{t} (records)" for t in tasks)
+        + " | final train loss |",
+        "|---" * (len(windows) + len(tasks) + 2) + "|",
+    ]
+    for name, e in sorted(evals.items()):
+        cells = [f"{e['ppl'][w]:.3f}" if w in e["ppl"] else "—" for w in windows]
         cells += [f"{e['tasks'][t][0]:.1f} ({e['tasks'][t][1]})" if t in e["tasks"] else "—" for t in tasks]
-        finetune = read_run(logs / "runs" / e["run"] / "finetune_log.jsonl") if e["run"] else None
+        log = study / "runs" / str(e["run"]) / "finetune_log.jsonl"
+        finetune = read_run(log) if log.exists() else None
         steps = finetune.steps if finetune else []
-        loss = f"{statistics.mean(r['loss'] for r in steps[-10:]):.3f}" if steps else "—"
+        loss = f"{statistics.mean(r['loss'] for r in steps[-20:]):.3f}" if steps else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss} |")
     return lines
+
+
+def _recipe(study: Path) -> str:
+    """One line naming the fine-tune recipe, from the first fine-tune's header."""
+    runs = load_runs(study / "runs", recursive=True) if (study / "runs").exists() else []
+    run = next(iter(runs), None)
+    if run is None:
+        return ""
+    h, a = run.header, run.header["args"]
+    return (
+        f"Recipe (from the logs): {h['base']}, {a['seq_len']} tokens, RoPE {h['rope_parameters'].get('rope_type')} "
+        f"x{h['rope_parameters'].get('factor', 1)}, {a['steps']} steps, batch {a['batch']}, lr {a['lr']}, "
+        f"LoRA r=8 q/k/v/o + {a['trainable']}, {h['dtype']}, {h['device']}. Evaluation is dense (bf16)."
+    )
+
+
+def plot_study(study: Path, out: Path) -> list[Path]:
+    """Dense-evaluation perplexity against evaluation length, one line per method (mean, bars: min-max)."""
+    evals = _eval_summary(study)
+    methods = {m: g for m, g in _by_method(evals).items() if m != "base"}
+    if not methods:
+        return []
+    fig, axes = figure(width=4.5, height=3.2)
+    ax = axes[0][0]
+    for i, (method, group) in enumerate(methods.items()):
+        windows = sorted({w for e in group for w in e["ppl"]})
+        values = [[e["ppl"][w] for e in group if w in e["ppl"]] for w in windows]
+        means = [statistics.mean(v) for v in values]
+        err = [
+            [m - min(v) for m, v in zip(means, values, strict=True)],
+            [max(v) - m for m, v in zip(means, values, strict=True)],
+        ]
+        ax.errorbar(
+            windows,
+            means,
+            yerr=err,
+            marker="o",
+            capsize=3,
+            color=color(method, i),
+            label=f"{method} ({len(group)} seeds)",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation window (tokens)")
+    ax.set_ylabel("perplexity (held-out code)")
+    ax.legend()
+    caption = f"SmolLM2-135M fine-tunes evaluated dense ({study.name})"
+    return [save(fig, out / f"{study.name}.png", caption)]
 
 
 def bench_table(logs: Path) -> list[str]:
@@ -119,7 +210,10 @@ def bench_table(logs: Path) -> list[str]:
             lines.append(f"| {h['model']} | {h['seq_len']} | {h['method']} | {s.get('status')} | | | | {device} |")
             continue
         mem, step = s["peak_gib"], s["median_step_s"]
-        rel = (f"{mem / ref['peak_gib']:.2f}", f"{step / ref['median_step_s']:.2f}") if ref else ("—", "—")
+        if ref and ref.get("status") == "ok":
+            rel = (f"{mem / ref['peak_gib']:.2f}", f"{step / ref['median_step_s']:.2f}")
+        else:
+            rel = ("LoRA OOM", "LoRA OOM") if ref else ("—", "—")
         lines.append(
             f"| {h['model']} | {h['seq_len']} | {h['method']} | {mem:.1f} | {rel[0]} | {step:.3f} | {rel[1]} | "
             f"{device} |"
@@ -132,18 +226,23 @@ def plot_real_model(logs: Path, out: Path) -> list[Path]:
     if not logs.exists():
         return []
     written = plot_fidelity(logs, out)
-    sections = [
-        ("Fidelity of one training step (`jenga.experiments.fidelity`)", fidelity_table(logs)),
-        (
-            "Fine-tunes, evaluated dense (`jenga.experiments.finetune` + `jenga.experiments.accuracy`)",
-            accuracy_table(logs),
-        ),
-        ("The default's cost on 7B/8B architectures (`jenga.experiments.run`, random weights)", bench_table(logs)),
-    ]
+    sections = [("Fidelity of one training step (`jenga.experiments.fidelity`)", "", fidelity_table(logs))]
+    for study in sorted(p.parent for p in logs.glob("*/eval")):
+        written += plot_study(study, out)
+        title = (
+            f"Fine-tunes, evaluated dense: {study.name} (`jenga.experiments.finetune` + `jenga.experiments.accuracy`)"
+        )
+        sections.append((title, _recipe(study), study_tables(study)))
+    bench = (
+        "The default's cost on 7B/8B architectures (`jenga.experiments.run`, random weights)",
+        "",
+        bench_table(logs),
+    )
+    sections.append(bench)
     text = ["# Real-model study: SmolLM2-135M (generated from logs/real-model by `bash RUNME-a.sh`)", ""]
-    for title, table in sections:
+    for title, intro, table in sections:
         if table:
-            text += [f"## {title}", "", *table, ""]
+            text += [f"## {title}", "", *([intro, ""] if intro else []), *table, ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "real-model.md").write_text("\n".join(text))
     return [*written, out / "real-model.md"]
