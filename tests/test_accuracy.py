@@ -272,3 +272,22 @@ def test_lm_eval_table_reads_the_newest_results_per_checkpoint(tmp_path):
     table = lm_eval_table(tmp_path / "lm_eval")
     assert "| ckpt-a | 45.0 |" in table and "samples per task: 20" in table
     assert lm_eval_table(tmp_path / "missing") is None
+
+
+def test_pretrain_runs_the_shared_loop_and_saves_a_checkpoint(built, tmp_path):
+    """The toy-base pretraining: step records with the learning rate, a validation loss every `--eval-every`
+    steps, a summary, and a checkpoint `from_pretrained` loads."""
+    from jenga.experiments import pretrain
+    from jenga.profiling import read_jsonl
+
+    out = tmp_path / "base"
+    pretrain.main(
+        ["--data", str(built), "--out", str(out), "--hidden", "32", "--layers", "2", "--heads", "2"]
+        + ["--seq-len", "128", "--batch", "2", "--max-steps", "4", "--eval-every", "2", "--minutes", "5"]
+    )
+    records = read_jsonl(out / "pretrain_log.jsonl")
+    steps = [r for r in records if r["record"] == "step"]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3] and all(r["lr"] > 0 for r in steps)
+    assert [("validation_loss" in r) for r in steps] == [False, True, False, True]
+    assert records[-1]["record"] == "summary" and records[-1]["status"] == "ok" and records[-1]["steps"] == 4
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

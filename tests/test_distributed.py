@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,7 +194,9 @@ def test_launch_logs_a_crashed_job(monkeypatch, tmp_path):
     assert "OutOfMemoryError" in (tmp_path / "m_lora_4096.launch.txt").read_text() and run.is_complete(log)
 
 
-def test_runner_num_gpus_dispatch(monkeypatch, tmp_path):
+def test_one_sweep_launches_multi_gpu_configurations(monkeypatch, tmp_path):
+    """The runner's one sweep: with --num-gpus 2 each incomplete configuration goes to the launcher; with one
+    GPU to a worker process of the runner."""
     launched, single = [], []
 
     def fake_launch(model, method, seq, num_gpus, backend, steps, warmup, log, command):
@@ -201,15 +204,15 @@ def test_runner_num_gpus_dispatch(monkeypatch, tmp_path):
         return {"status": "ok"}
 
     monkeypatch.setattr(distributed, "launch", fake_launch)
-    monkeypatch.setattr(run, "sweep", lambda args: single.append(args))
+    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: single.append(cmd) or SimpleNamespace(returncode=0))
     with JsonlWriter(run.log_path(tmp_path, "m", "lora", 1024)) as writer:
         writer.write({"record": "summary", "status": "ok"})
     argv = ["--model", "m", "--methods", "lora", "jenga", "--seqs", "1024", "--logs", str(tmp_path)]
-    run.main([*argv, "--num-gpus", "2", "--backend", "fsdp"])
+    assert run.main([*argv, "--num-gpus", "2", "--backend", "fsdp"]) == 0
     assert launched == [("jenga", 1024, 2, "fsdp", "m_jenga_1024.jsonl")]  # lora's complete log is skipped
     assert not single
-    run.main(argv)  # --num-gpus 1 (the default) is the single-GPU sweep, unchanged
-    assert len(single) == 1 and single[0].num_gpus == 1 and len(launched) == 1
+    run.main(argv)  # --num-gpus 1 (the default): a worker process of the runner, not the launcher
+    assert len(single) == 1 and single[0][single[0].index("--worker") + 1] == "jenga" and len(launched) == 1
     for bad in (["--num-gpus", "2", "--max-length"], ["--num-gpus", "2", "--breakdown"], ["--num-gpus", "0"]):
         with pytest.raises(SystemExit):
             run.main([*argv, *bad])

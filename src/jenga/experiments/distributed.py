@@ -203,7 +203,7 @@ def run_rank(
         scorer_timer=timer,
         optimizer=optimizer,
         backward=accelerator.backward,
-        combine=combine_ranks(rank),
+        on_record=combine_ranks(rank),
         catch_oom=False,
     )
     summary = stats.as_record()

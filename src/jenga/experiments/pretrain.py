@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
 from ..data.tasks import training_example
-from ..profiling import JsonlWriter, run_header
+from ..profiling import JsonlWriter, PhaseRecorder, run_header
+from .training import train_steps
 
 
 @torch.no_grad()
@@ -87,39 +87,56 @@ def main(argv: list[str] | None = None) -> None:
             "args": vars(args),
         }
     )
-    deadline = time.monotonic() + args.minutes * 60
+    start, budget = time.monotonic(), args.minutes * 60
     gen = torch.Generator().manual_seed(0)
-    with JsonlWriter(args.out / "pretrain_log.jsonl", header=header) as log:
-        step, seen = 0, 0
-        progress = tqdm(total=args.max_steps, desc="pretrain", unit="step")
-        while step < args.max_steps and time.monotonic() < deadline:
-            warm = min(1.0, (step + 1) / 100)
-            frac = (time.monotonic() - (deadline - args.minutes * 60)) / (args.minutes * 60)
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-            starts = torch.randint(0, len(train) - args.seq_len, (args.batch,), generator=gen)
-            rows = [
+
+    def rows(_step: int) -> torch.Tensor:
+        starts = torch.randint(0, len(train) - args.seq_len, (args.batch,), generator=gen)
+        return torch.stack(
+            [
                 torch.tensor(training_example(fillers, tokenizer, args.seq_len, rng))
                 if rng.random() < args.task_fraction
                 else train[s : s + args.seq_len]
                 for s in starts
             ]
-            batch = torch.stack(rows).to(device)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = model(input_ids=batch, labels=batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step, seen = step + 1, seen + batch.numel()
-            log.write({"record": "step", "step": step, "loss": loss.item(), "tokens": seen})
-            if step % args.eval_every == 0:
-                val = validation_loss(model, valid, args.seq_len, device)
-                log.write({"record": "validation", "step": step, "validation_loss": val, "tokens": seen})
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+        )
+
+    def lr_factor(step: int) -> float:
+        """Linear warm-up over 100 steps, then cosine decay to 10% over the wall-clock budget."""
+        frac = min(1.0, (time.monotonic() - start) / budget)
+        return min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def with_validation(record: dict) -> dict:
+        record["tokens"] = (record["step"] + 1) * args.batch * args.seq_len
+        if (record["step"] + 1) % args.eval_every == 0:
+            record["validation_loss"] = validation_loss(model, valid, args.seq_len, device)
+        return record
+
+    with JsonlWriter(args.out / "pretrain_log.jsonl", header=header) as log:
+        stats = train_steps(
+            model,
+            args.seq_len,
+            args.max_steps,
+            0,
+            PhaseRecorder(),
+            config.vocab_size,
+            writer=log,
+            forward_context=torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"),
+            batches=rows,
+            optimizer=optimizer,
+            clip_grad=1.0,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),
+            on_record=with_validation,
+            until=lambda: time.monotonic() - start > budget,
+            progress="pretrain",
+        )
+        step, seen = len(stats.steps), len(stats.steps) * args.batch * args.seq_len
         val = validation_loss(model, valid, args.seq_len, device)
-        log.write({"record": "summary", "steps": step, "tokens_seen": seen, "validation_loss": val})
+        log.write(
+            {"record": "summary", "status": stats.status, "steps": step, "tokens_seen": seen, "validation_loss": val}
+        )
+    if stats.status != "ok":
+        raise SystemExit(f"pretraining stopped: {stats.status} ({stats.error}); nothing saved")
     model.to(torch.bfloat16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     print(f"{step} steps, {seen} tokens, validation loss {val:.3f}; saved to {args.out}")

@@ -285,7 +285,8 @@ def run_worker(path: Path, run: Callable[[], dict]) -> dict:
 def spawn(
     args: argparse.Namespace, method: str, seq: int, path: Path, steps: int, warmup: int, extra: dict | None = None
 ) -> dict:
-    """Run one configuration in a fresh process and return its summary (status "failed" if it crashed).
+    """Run one configuration in a fresh process (with `--num-gpus N > 1`, N processes started by
+    `distributed.launch`) and return its summary (status "failed" if it crashed).
 
     `extra` holds `run_one`'s optional switches (breakdown, snapshot), taken from `args` when None; the
     token source (`--data`) always comes from `args`.
@@ -293,6 +294,8 @@ def spawn(
     extra = {"breakdown": args.breakdown, "snapshot": args.snapshot} if extra is None else extra
     extra = {**extra, "data": args.data}
     command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
+    if args.num_gpus > 1:
+        return distributed.launch(args.model, method, seq, args.num_gpus, args.backend, steps, warmup, path, command)
     if args.fork:
         worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
         job = functools.partial(run_one, *worker, **extra)
@@ -319,8 +322,12 @@ def spawn(
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """Run every (method, length) not yet complete; returns how many failed (crashed, not OOM)."""
+    """Run every (method, length) not yet complete, on one GPU or `--num-gpus`; returns the exit code: 1 when a
+    configuration failed (crashed, not OOM)."""
     configs = [(m, s) for s in args.seqs for m in args.methods]
+    if args.num_gpus > 1:
+        distributed.require_deepspeed(args.backend)
+    where = f" x{args.num_gpus} {args.backend}" if args.num_gpus > 1 else ""
     failed = 0
     for method, seq in tqdm(configs, desc=f"{args.model} sweep", unit="run"):
         path = log_path(args.logs, args.model, method, seq)
@@ -330,29 +337,8 @@ def sweep(args: argparse.Namespace) -> int:
         path.unlink(missing_ok=True)
         summary = spawn(args, method, seq, path, args.steps, args.warmup)
         failed += summary.get("status") == "failed"
-        tqdm.write(progress_line(f"{method} {seq}", summary))
+        tqdm.write(progress_line(f"{method} {seq}{where}", summary))
     return report_failures(failed, len(configs))
-
-
-def distributed_sweep(args: argparse.Namespace) -> int:
-    """The runner's sweep (`--num-gpus N`, N > 1): one launch per (method, length); complete logs are skipped.
-    Returns the exit code: 1 when a configuration failed (not OOM)."""
-    distributed.require_deepspeed(args.backend)
-    command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
-    failed = 0
-    for seq in args.seqs:
-        for method in args.methods:
-            path = log_path(args.logs, args.model, method, seq)
-            if is_complete(path) and not args.force:
-                print(f"skip {path.name} (complete; --force reruns)")
-                continue
-            path.unlink(missing_ok=True)
-            summary = distributed.launch(
-                args.model, method, seq, args.num_gpus, args.backend, args.steps, args.warmup, path, command
-            )
-            failed += summary.get("status") == "failed"
-            print(progress_line(f"{method} {seq} x{args.num_gpus} {args.backend}", summary))
-    return report_failures(failed, len(args.seqs) * len(args.methods))
 
 
 def report_failures(failed: int, total: int) -> int:
@@ -490,8 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_gpus > 1 and any(single_only.values()):
         parser.error(f"{', '.join(k for k, v in single_only.items() if v)}: single-GPU runs only (--num-gpus 1)")
     args.logs.mkdir(parents=True, exist_ok=True)
-    if args.num_gpus > 1:
-        return distributed_sweep(args)
     return (max_length if args.max_length else sweep)(args)
 
 

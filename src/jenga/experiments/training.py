@@ -192,7 +192,8 @@ def train_steps(
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     clip_grad: float | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    combine: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    on_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    until: Callable[[], bool] | None = None,
     catch_oom: bool = True,
     progress: str | None = None,
 ) -> StepStats:
@@ -204,7 +205,8 @@ def train_steps(
     - `optimizer` defaults to AdamW (lr 1e-4) over the trainable parameters; `backward` runs the backward (an
       engine's, e.g. `accelerator.backward`); `clip_grad` clips the gradient norm; `scheduler` steps after the
       optimizer and its learning rate is logged.
-    - `combine` turns this process's step record into the logged one (e.g. every rank's, gathered).
+    - `on_record` turns this process's step record into the logged one (every rank's, gathered; or with a
+      validation loss added); `until` ends the run early when it returns True (a time budget).
     - OOM ends the run as status "oom" unless `catch_oom` is False (multi-process runs: a rank that stopped
       alone would leave the others waiting). `progress` names a progress bar.
     """
@@ -217,6 +219,8 @@ def train_steps(
     bar = tqdm(total=warmup + steps, desc=progress, unit="step", disable=progress is None)
     try:
         for step in range(warmup + steps):
+            if until is not None and until():
+                break
             ids = batches(step) if batches else torch.randint(0, vocab_size, (1, seq_len), generator=gen)
             ids = ids.to(device)
             with recorder.phase("forward"), forward_context or nullcontext():
@@ -236,8 +240,8 @@ def train_steps(
                 record["lr"] = scheduler.get_last_lr()[0]
             if scorer_timer is not None:
                 record["scoring_s"] = scorer_timer.take_seconds()
-            if combine is not None:
-                record = combine(record)
+            if on_record is not None:
+                record = on_record(record)
             records.append(record)
             if writer is not None:
                 writer.write(record)
