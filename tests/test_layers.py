@@ -20,6 +20,7 @@ CORE = (
     "jenga.loss",
     "jenga.lora",
     "jenga.projections",
+    "jenga.saved",
     "jenga.norms",
     "jenga.offload",
     "jenga.profiling",

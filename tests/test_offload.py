@@ -29,7 +29,7 @@ def test_offloading_changes_no_gradient(jenga):
     ids = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
     loss, grads = _grads(model, ids)
     layers = list(model.model.layers)
-    offloader = ActivationOffloader.for_model(layers, model, budgets=[0] * len(layers), min_bytes=0)
+    offloader = ActivationOffloader.for_model(model, layers, budgets=[0] * len(layers), min_bytes=0)
     loss_off, grads_off = _grads(model, ids, offloader)
     assert sum(offloader.offloaded) > 0 and sum(offloader.resident) == 0
     assert offloader.offloaded == offloader.saved
@@ -42,7 +42,7 @@ def test_calibration_sets_budgets_that_keep_the_resident_fraction():
     model = tiny_llama(layers=4)
     ids = torch.randint(0, VOCAB, (1, 96), generator=torch.Generator().manual_seed(1))
     layers = list(model.model.layers)
-    offloader = ActivationOffloader.for_model(layers, model, resident_fraction=0.5, min_bytes=0)
+    offloader = ActivationOffloader.for_model(model, layers, resident_fraction=0.5, min_bytes=0)
     _grads(model, ids, offloader)  # calibration: everything moves
     assert offloader.offloaded == offloader.saved and sum(offloader.saved) > 0 and offloader.budgets is not None
     total = sum(offloader.saved)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .saved import SavedTensorHooks
+
 POLICIES = ("uniform", "sparsity")
 
 
@@ -55,7 +57,7 @@ class _Offloaded:
         self.back: tuple[torch.Tensor, Any] | None = None
 
 
-class ActivationOffloader:
+class ActivationOffloader(SavedTensorHooks):
     """Context manager for the forward pass: offloads what each decoder layer saves beyond its budget.
 
     layers: the decoder layers, in order. budgets: bytes each layer may keep on its device; or give
@@ -87,24 +89,18 @@ class ActivationOffloader:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if policy == "sparsity" and resident_fraction is not None and (attn_keep is None or mlp_keep is None):
             raise ValueError("policy 'sparsity' needs the attn_keep and mlp_keep schedules")
+        super().__init__(exclude)
         self.layers = list(layers)
         self.budgets = None if budgets is None else list(budgets)
         self.resident_fraction, self.policy = resident_fraction, policy
         self.attn_keep, self.mlp_keep = attn_keep, mlp_keep
         self.min_bytes = min_bytes
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
         n = len(self.layers)
         self.saved, self.offloaded, self.resident = [0] * n, [0] * n, [0] * n
         self._layer: int | None = None
         self._handles: dict[int, list[weakref.ref[_Offloaded]]] = {}
         self._stream = None
         self._hooks: list[Any] = []
-        self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
-
-    @classmethod
-    def for_model(cls, layers: Sequence[nn.Module], model: nn.Module, **kwargs: Any) -> ActivationOffloader:
-        """An offloader that never moves `model`'s parameters or buffers."""
-        return cls(layers, exclude=[*model.parameters(), *model.buffers()], **kwargs)
 
     # -- budgets ---------------------------------------------------------------------------------------
     def _set_budgets(self) -> None:
@@ -124,7 +120,7 @@ class ActivationOffloader:
     def _pack(self, t: torch.Tensor) -> Any:
         layer = self._layer
         nbytes = t.numel() * t.element_size()
-        if layer is None or nbytes < self.min_bytes or t.untyped_storage().data_ptr() in self._excluded:
+        if layer is None or nbytes < self.min_bytes or self.is_excluded(t):
             return t
         self.saved[layer] += nbytes
         if self.budgets is not None and self.resident[layer] + nbytes <= self.budgets[layer]:
@@ -182,13 +178,10 @@ class ActivationOffloader:
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: self._enter_layer(i)))
             self._hooks.append(layer.register_forward_hook(lambda *_: self._exit_layer()))
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._saved_hooks.__enter__()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self._saved_hooks.__exit__(*exc)
-        self._saved_hooks = None
+        super().__exit__(*exc)
         for hook in self._hooks:
             hook.remove()
         self._hooks, self._layer = [], None

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .saved import SavedTensorHooks, storage_key
+
 GIB = 2**30
 
 __all__ = [
@@ -46,18 +48,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
-    """(device, storage address) identifying the memory a tensor keeps alive; None when it has no storage.
-
-    Views share their base's storage, so keying on the storage (not the tensor) counts a tensor saved
-    several times, or saved together with its views, exactly once.
-    """
-    try:
-        return str(t.device), t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-
-
 def _storage_nbytes(t: torch.Tensor) -> int:
     """Bytes held by the tensor's whole storage (a saved slice pins all of it), else its dense size."""
     try:
@@ -66,7 +56,7 @@ def _storage_nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
 
-class SavedTensorMeter:
+class SavedTensorMeter(SavedTensorHooks):
     """Counts the bytes autograd saves for backward during forward passes run inside the context.
 
     This is the activation memory that token sparsity is meant to shrink, measured independently of the
@@ -85,25 +75,19 @@ class SavedTensorMeter:
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] | None = None) -> None:
-        self._excluded = {key for t in exclude or () if (key := _storage_key(t)) is not None}
+        super().__init__(exclude)
         # key -> weak reference to the first saved tensor on that storage: a dead reference means the
         # address may have been recycled for a different storage, which must then be counted again.
         self._seen: dict[tuple[str, int], weakref.ref[torch.Tensor]] = {}
-        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self.bytes = 0
         self.count = 0
         self.by_dtype: dict[str, int] = {}
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module) -> SavedTensorMeter:
-        """Meter that ignores all parameters and buffers of ``model`` (weights are not activations)."""
-        return cls(exclude=[*model.parameters(), *model.buffers()])
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         nbytes = _storage_nbytes(t)
         if nbytes == 0:  # empty storages share address 0 and hold no memory
             return t
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is not None:
             if key in self._excluded:
                 return t
@@ -120,16 +104,6 @@ class SavedTensorMeter:
     @staticmethod
     def _unpack(t: torch.Tensor) -> torch.Tensor:
         return t
-
-    def __enter__(self) -> SavedTensorMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._hooks is not None
-        self._hooks.__exit__(*exc)
-        self._hooks = None
 
 
 # Module-name patterns (matched against the end of qualified names) and the sublayer they stand for, for

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..cli import make_parser
+from ..patching import find_adapter
 from ..profiling import JsonlWriter, PhaseRecorder, read_jsonl, run_header
 from .methods import get_method
 from .training import REPO_ROOT, build, train_steps
@@ -110,7 +111,7 @@ def gather_outside_forward(model: torch.nn.Module) -> None:
 
     base = model.get_base_model()
     if base.config.model_type != "opt":  # OPT's MLP calls fc1/fc2 as modules; only its activation is patched
-        set_z3_leaf_modules(model, [type(base.model.layers[0].mlp)])
+        set_z3_leaf_modules(model, [type(find_adapter(base).decoder_layers(base)[0].mlp)])
     deepspeed.zero.register_external_parameter(base, base.get_output_embeddings().weight)
 
 

@@ -41,7 +41,7 @@ from ..data.loaders import join_documents, load_documents
 from ..elimination import select_blocks
 from ..mlp import kept_channels
 from ..offload import ActivationOffloader
-from ..patching import jenga_state
+from ..patching import find_adapter, jenga_state
 from ..profiling import GIB, JsonlWriter, PhaseRecorder, SublayerSavedMeter, read_jsonl, run_header
 from . import distributed
 from .methods import METHODS, Method, get_method
@@ -120,11 +120,11 @@ def layer_sparsity_record(model: torch.nn.Module, recorder: SelectionRecorder | 
 def make_offloader(method: Method, model: torch.nn.Module) -> ActivationOffloader:
     """The method's offloader over the decoder layers; budgets come from its first (warm-up) forward."""
     base = model.get_base_model()
-    layers = base.model.decoder.layers if base.config.model_type == "opt" else base.model.layers
+    layers = find_adapter(base).decoder_layers(base)
     state = jenga_state(model)
     keeps = {} if state is None else {"attn_keep": state.attn_keep, "mlp_keep": state.mlp_keep}
     return ActivationOffloader.for_model(
-        list(layers), model, resident_fraction=method.offload_resident, policy=method.offload, **keeps
+        model, layers, resident_fraction=method.offload_resident, policy=method.offload, **keeps
     )
 
 
