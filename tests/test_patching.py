@@ -309,7 +309,7 @@ def test_batch_padding_odd_length_ignored_labels(family, dtype):
     assert any(g.abs().sum() > 0 for g in grads.values())
     state = jenga_state(model)
     nb = math.ceil(133 / 16)
-    assert state.last_kept_tokens[1] <= config.kept_blocks(nb, 0.4) * 16
+    assert state.last_selection[1].num_kept <= config.kept_blocks(nb, 0.4) * 16
 
 
 def test_padding_blocks_never_selected():

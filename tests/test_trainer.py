@@ -79,5 +79,5 @@ def test_trainer_default_config_trains_sparse(tmp_path):
     model = build(JengaConfig(), layers=4)  # layers 0-1 and the last stay dense: layer 2 is sparse
     loss, _ = train(model, tmp_path, checkpointing=True)
     assert math.isfinite(loss)
-    kept = jenga_state(model).last_kept_tokens
+    kept = {i: s.num_kept for i, s in jenga_state(model).last_selection.items()}
     assert 0 < kept[2] < 2 * 256

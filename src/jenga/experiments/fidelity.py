@@ -29,9 +29,9 @@ from .. import JengaConfig, apply_jenga, remove_jenga
 from ..cli import make_parser
 from ..data.real_text import real_text_windows
 from ..elimination import select_blocks
-from ..patching import jenga_state
+from ..patching import find_adapter, jenga_state
 from ..profiling import JsonlWriter, run_header
-from ..scoring import block_scores
+from ..scoring import block_scores, num_blocks
 from .training import add_attention_lora
 
 DEFAULT = JengaConfig()
@@ -73,7 +73,8 @@ def _keyset(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
     dense token mask (a reference, quadratic in memory); LLaMA family only. Returns the undo function."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    layers = model.get_base_model().model.layers
+    base = model.get_base_model()
+    layers = find_adapter(base).decoder_layers(base)
     schedule = config.attn_schedule(len(layers))
     patched = []
     for keep, layer in zip(schedule, layers, strict=True):
@@ -129,7 +130,8 @@ def _rows(model: torch.nn.Module, config: JengaConfig, detach_kv: bool) -> Calla
     default). A reference built from detaches (full-size attention backward); LLaMA family only. The MLP,
     norms and loss follow `config` through `apply_jenga` with dense attention. Returns the undo function."""
     apply_jenga(model, replace(config, attn_keep=1.0))
-    layers = model.get_base_model().model.layers
+    base = model.get_base_model()
+    layers = find_adapter(base).decoder_layers(base)
     patched = []
     for keep, layer in zip(config.attn_schedule(len(layers)), layers, strict=True):
         if keep >= 1.0:
@@ -178,7 +180,8 @@ class _ScaleGrad(torch.autograd.Function):
 
 def _uniform_scorer(layer_idx, hidden_states, token_valid, block_size, query_key) -> torch.Tensor:
     """Random block scores: with forced sink and recent blocks, a uniform draw of the other kept blocks."""
-    return torch.rand(hidden_states.shape[0], -(-hidden_states.shape[1] // block_size), device=hidden_states.device)
+    nb = num_blocks(hidden_states.shape[1], block_size)
+    return torch.rand(hidden_states.shape[0], nb, device=hidden_states.device)
 
 
 def _random(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
@@ -192,7 +195,7 @@ def _random(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
     bs, forced_sink, forced_recent = config.block_size, config.sink_blocks, config.recent_blocks
 
     def weighted(self, value: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        nb = -(-self.seq_len // bs)
+        nb = num_blocks(self.seq_len, bs)
         blocks = self.index // bs
         kept = blocks.shape[1] // bs if self.valid is None else int(blocks[0].unique().numel())
         forced = (blocks < forced_sink) | (blocks >= nb - forced_recent)

@@ -38,11 +38,11 @@ from tqdm import tqdm
 
 from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
-from ..elimination import select_blocks
 from ..mlp import kept_channels
 from ..offload import ActivationOffloader
 from ..patching import find_adapter, jenga_state
 from ..profiling import GIB, JsonlWriter, PhaseRecorder, SublayerSavedMeter, read_jsonl, run_header
+from ..scoring import num_blocks
 from . import distributed
 from .methods import METHODS, Method, get_method
 from .training import SelectionRecorder, build, is_out_of_memory, train_steps
@@ -83,8 +83,9 @@ def layer_sparsity_record(model: torch.nn.Module, recorder: SelectionRecorder | 
     """Per-layer keep ratios and what selection kept in the last step (figure 15).
 
     For each layer: the configured attention and MLP keep ratios, MLP channels saved, tokens the attention
-    ran on, and, where the layer scored blocks, the kept fraction of blocks in each of `POSITION_BINS` equal
-    position ranges and the share of the layer's total block score that the kept blocks hold.
+    ran on, and, for sparse layers, the kept fraction of blocks in each of `POSITION_BINS` equal position
+    ranges (from the selection the layer made, `JengaState.last_selection`) and the share of the layer's
+    total block score that the kept blocks hold (where the recorder saw the layer score).
     """
     state = jenga_state(model)
     config = model.get_base_model().config
@@ -97,22 +98,24 @@ def layer_sparsity_record(model: torch.nn.Module, recorder: SelectionRecorder | 
             "mlp_keep": mlp_keep,
             "mlp_channels_saved": kept_channels(channels, mlp_keep),
             "mlp_channels": channels,
-            "kept_tokens": state.last_kept_tokens.get(i),
+            "kept_tokens": None,
         }
-        scores = None if recorder is None else recorder.scores.get(i)
-        if scores is not None:
-            nb = scores.shape[1]
-            kept = state.config.kept_blocks(nb, attn_keep)
-            blocks = select_blocks(scores, kept, state.config.sink_blocks, recent_blocks=state.config.recent_blocks)
-            mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, blocks, True)
+        selection = state.last_selection.get(i)
+        if selection is not None:
+            nb = num_blocks(selection.seq_len, state.config.block_size)
+            blocks = selection.index // state.config.block_size
+            mask = torch.zeros(blocks.shape[0], nb, dtype=torch.bool, device=blocks.device).scatter_(1, blocks, True)
             bins = torch.tensor_split(mask.float(), min(POSITION_BINS, nb), dim=1)
-            total = scores.float().sum().item()
             layer.update(
+                kept_tokens=selection.num_kept,
                 num_blocks=nb,
-                kept_blocks=kept,
+                kept_blocks=int(mask[0].sum()),
                 kept_by_position=[b.mean().item() for b in bins],
-                kept_score_share=scores.float()[mask].sum().item() / total if total > 0 else None,
             )
+            scores = None if recorder is None else recorder.scores.get(i)
+            if scores is not None and scores.shape == mask.shape:
+                total = scores.float().sum().item()
+                layer["kept_score_share"] = scores.float()[mask].sum().item() / total if total > 0 else None
         layers.append(layer)
     return {"record": "layer_sparsity", "layers": layers}
 

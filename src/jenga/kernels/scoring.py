@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..scoring import num_blocks
+
 
 @triton.jit
 def _tile_max_kernel(
@@ -90,7 +92,7 @@ def launch_tile_scores(q, k, block_size, scale, valid, launch: tuple[int, int, i
     tile, num_warps, num_stages = launch
     bsz, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
-    nb = -(-seq // block_size)
+    nb = num_blocks(seq, block_size)
     out = torch.zeros(bsz, nb, nb, device=q.device, dtype=torch.float32)
     tiles = -(-seq // tile)
     valid_arg = valid.to(torch.int8).contiguous() if valid is not None else out

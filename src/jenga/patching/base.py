@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import JengaConfig
-from ..elimination import Selector, key_validity
+from ..elimination import Selector, TokenSelection, key_validity
 from ..lora import lean_lora_forward, lora_linears
 from ..loss import segmented_causal_lm_loss
 from ..messages import warn_once
@@ -103,7 +103,7 @@ class JengaState:
     selector: Selector
     lean_lora: bool = True
     patched: list[nn.Module] = field(default_factory=list)
-    last_kept_tokens: dict[int, int] = field(default_factory=dict)
+    last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -232,7 +232,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         with reuse_outputs(reused):
             out, *rest = original(self, **call)
         del reused
-        state.last_kept_tokens[layer_idx] = selection.num_kept
+        state.last_selection[layer_idx] = selection
         if dense is None:
             return (selection.scatter(out), *[None for _ in rest])
         # Value: the dense output exactly; gradient: through the kept pass.

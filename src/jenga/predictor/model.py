@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..elimination import block_validity
+from ..scoring import num_blocks
 
 KEY_PIECES, ROPE_PAIRS = 64, 16  # defaults: every token of a block of 64 is a key piece
 ROPE_SPAN = 64.0  # blocks: the slowest rotation of the output pairs turns by about π over this distance
@@ -99,7 +100,7 @@ class Tower(nn.Module):
 def pool_blocks(hidden: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, S, D) → (B, nb, D) mean over each block's valid tokens (padding excluded; empty blocks are 0)."""
     bsz, seq, dim = hidden.shape
-    nb = math.ceil(seq / block_size)
+    nb = num_blocks(seq, block_size)
     weights = hidden.new_ones(bsz, seq) if valid is None else valid.to(hidden.dtype)
     pad = nb * block_size - seq
     summed = F.pad(hidden * weights[..., None], (0, 0, 0, pad)).view(bsz, nb, block_size, dim).sum(2)
@@ -117,7 +118,7 @@ def pool_pieces(
     if block_size % pieces:
         raise ValueError(f"key pieces per block ({pieces}) must divide the block size ({block_size})")
     bsz, seq, dim = hidden.shape
-    nb = math.ceil(seq / block_size)
+    nb = num_blocks(seq, block_size)
     size = block_size // pieces
     if valid is None and nb * block_size == seq:  # the common case: a view (one token per piece) or one mean
         parts = hidden.reshape(bsz, nb, pieces, size, dim)
