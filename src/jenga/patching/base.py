@@ -128,8 +128,12 @@ def restore_forward(module: nn.Module) -> None:
 
 
 def frozen_linears(*modules: nn.Module) -> bool:
-    """True when every module is a plain `nn.Linear` with no trainable parameter (the sparse-saved case)."""
-    return all(type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()) for m in modules)
+    """True when every module is a plain `nn.Linear` with no trainable parameter (the sparse-saved MLP's case);
+    otherwise warns once that the MLP runs dense."""
+    if all(type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()) for m in modules):
+        return True
+    warn_once("mlp-dense", DENSE_MLP_MESSAGE)
+    return False
 
 
 def _flatten_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:

@@ -9,16 +9,7 @@ from torch import nn
 
 from ..mlp import gated_mlp
 from ..norms import rms_norm
-from .base import (
-    DENSE_MLP_MESSAGE,
-    FamilyAdapter,
-    JengaState,
-    Projected,
-    ScaledQK,
-    frozen_linears,
-    override_forward,
-    warn_once,
-)
+from .base import FamilyAdapter, JengaState, Projected, ScaledQK, frozen_linears, override_forward
 
 
 class LlamaFamilyAdapter(FamilyAdapter):
@@ -48,7 +39,6 @@ class LlamaFamilyAdapter(FamilyAdapter):
             if not (self.training and torch.is_grad_enabled()):
                 return original(self, x)
             if not frozen_linears(self.gate_proj, self.up_proj, self.down_proj):
-                warn_once("mlp-dense", DENSE_MLP_MESSAGE)
                 return original(self, x)
             chunk = state.config.mlp_chunk_tokens
             return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, chunk)

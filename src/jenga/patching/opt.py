@@ -8,16 +8,7 @@ import torch
 from torch import nn
 
 from ..mlp import sparse_activation
-from .base import (
-    DENSE_MLP_MESSAGE,
-    FamilyAdapter,
-    JengaState,
-    Projected,
-    ScaledQK,
-    frozen_linears,
-    override_forward,
-    warn_once,
-)
+from .base import FamilyAdapter, JengaState, Projected, ScaledQK, frozen_linears, override_forward
 
 
 class OPTAdapter(FamilyAdapter):
@@ -50,7 +41,6 @@ class OPTAdapter(FamilyAdapter):
             if not (layer.training and torch.is_grad_enabled() and pre.requires_grad):
                 return original(self, pre)
             if not frozen_linears(layer.fc1, layer.fc2):
-                warn_once("mlp-dense", DENSE_MLP_MESSAGE)
                 return original(self, pre)
             return sparse_activation(pre, functools.partial(original, self), keep)
 
