@@ -153,7 +153,7 @@ def predictor(base, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method", finetune.ACCURACY_METHODS)
+@pytest.mark.parametrize("method", [*finetune.ACCURACY_METHODS, *finetune.SAMPLED])
 def test_every_method_finetunes_and_merges_to_the_same_model(base, built, predictor, tmp_path, method):
     extra = ["--predictor", str(predictor)] if method == "jenga-predictor" else []
     _finetune(base, built, tmp_path / "run", method, "--merged", *extra)
@@ -172,7 +172,7 @@ def test_every_method_finetunes_and_merges_to_the_same_model(base, built, predic
 
 def test_ablations_change_one_schedule_field():
     jenga = finetune.accuracy_method("jenga", None).jenga
-    for name, change in finetune.JENGA_ABLATIONS.items():
+    for name, change in {**finetune.JENGA_ABLATIONS, **finetune.SAMPLED}.items():
         config = finetune.accuracy_method(name, None).jenga
         differs = {k for k, v in config.to_dict().items() if v != jenga.to_dict()[k]}
         assert differs == set(change), name

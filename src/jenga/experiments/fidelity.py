@@ -31,7 +31,8 @@ from ..data.real_text import real_text_windows
 from ..elimination import select_blocks
 from ..patching import find_adapter, jenga_state
 from ..profiling import JsonlWriter, run_header
-from ..scoring import block_scores, num_blocks
+from ..scoring import block_scores
+from .sampling import apply_sampled
 from .training import add_attention_lora
 
 DEFAULT = JengaConfig()
@@ -43,8 +44,8 @@ def _authors(num_layers: int) -> JengaConfig:
     return JengaConfig(attn_keep=keep, mlp_keep=0.2, eliminated="zero", sink_blocks=0, recent_blocks=0)
 
 
-# name -> config for a model with n layers. "keyset" and "rows" designs are not library configs: see `_keyset`
-# and `_rows`.
+# name -> config for a model with n layers. "keyset", "rows" and "random" designs are not library configs: see
+# `_keyset`, `_rows` and `jenga.experiments.sampling`.
 DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "default": lambda n: DEFAULT,
     "keep-0.25": lambda n: replace(DEFAULT, attn_keep=0.25),
@@ -164,56 +165,6 @@ def _rows(model: torch.nn.Module, config: JengaConfig, detach_kv: bool) -> Calla
     return undo
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by `weight` (broadcast)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (weight,) = ctx.saved_tensors
-        return grad * weight, None
-
-
-def _uniform_scorer(layer_idx, hidden_states, token_valid, block_size, query_key) -> torch.Tensor:
-    """Random block scores: with forced sink and recent blocks, a uniform draw of the other kept blocks."""
-    nb = num_blocks(hidden_states.shape[1], block_size)
-    return torch.rand(hidden_states.shape[0], nb, device=hidden_states.device)
-
-
-def _random(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
-    """Explored design, not in the library: the default with uniformly random kept blocks (sink and recent blocks
-    forced) and the kept pass's gradient rows weighted by the inverse of their inclusion probability, so that
-    the attention gradient is an unbiased estimate of the sum over every query row (under the oracle the dropped
-    half is never seen). Unpadded windows only. Returns the undo function."""
-    from ..elimination import TokenSelection
-
-    original = TokenSelection.with_gradient_from
-    bs, forced_sink, forced_recent = config.block_size, config.sink_blocks, config.recent_blocks
-
-    def weighted(self, value: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        nb = num_blocks(self.seq_len, bs)
-        blocks = self.index // bs
-        kept = blocks.shape[1] // bs if self.valid is None else int(blocks[0].unique().numel())
-        forced = (blocks < forced_sink) | (blocks >= nb - forced_recent)
-        free = nb - forced_sink - forced_recent
-        chosen = kept - forced_sink - forced_recent
-        weight = torch.where(forced, 1.0, free / max(chosen, 1)).to(y.dtype)
-        return original(self, value, _ScaleGrad.apply(y, weight[..., None]))
-
-    TokenSelection.with_gradient_from = weighted
-    apply_jenga(model, config, scorer=_uniform_scorer)
-
-    def undo() -> None:
-        TokenSelection.with_gradient_from = original
-        remove_jenga(model)
-
-    return undo
-
-
 def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Mean token loss of one training-mode forward and the flattened LoRA gradients of its backward."""
     model.zero_grad(set_to_none=True)
@@ -230,7 +181,7 @@ def _install(model: torch.nn.Module, design: str, config: JengaConfig) -> Callab
     if design.startswith("rows"):
         return _rows(model, config, detach_kv=design != "rows-kv")
     if design in STOCHASTIC:
-        return _random(model, config)
+        return apply_sampled(model, config)
     apply_jenga(model, config)
     return functools.partial(remove_jenga, model)
 

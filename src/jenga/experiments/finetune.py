@@ -30,6 +30,7 @@ from ..data.tasks import training_example
 from ..profiling import JsonlWriter, PhaseRecorder, run_header
 from . import longlora
 from .methods import Method, get_method
+from .sampling import apply_sampled
 from .training import add_attention_lora, interpolate_positions, train_steps
 
 ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
@@ -54,6 +55,9 @@ JENGA_ABLATIONS = {
     "jenga-attn-l23": {"attn_keep": [1.0, 1.0, 0.25, 0.25, 1.0, 1.0]},
     "jenga-shared": {"shared_selection": True},
 }
+# `jenga` with uniformly random kept blocks and inverse-probability gradient weights (`jenga.experiments.sampling`):
+# an unbiased attention gradient in place of the oracle's biased one; `-mlp1` also saves every MLP channel.
+SAMPLED = {"jenga-random": {}, "jenga-random-mlp1": {"mlp_keep": 1.0}}
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
 EXTRAS = "extra_trainables.safetensors"
@@ -64,10 +68,11 @@ def accuracy_method(name: str, predictor: Path | None) -> Method:
     parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder; the ablations are
     `jenga` with one schedule field changed."""
     jenga = get_method("jenga")
-    if name in JENGA_ABLATIONS:
-        return replace(jenga, name=name, jenga=replace(jenga.jenga, **JENGA_ABLATIONS[name]))
+    if name in JENGA_ABLATIONS or name in SAMPLED:
+        change = JENGA_ABLATIONS.get(name, SAMPLED.get(name))
+        return replace(jenga, name=name, jenga=replace(jenga.jenga, **change))
     if name not in ACCURACY_METHODS:
-        known = ", ".join([*ACCURACY_METHODS, *JENGA_ABLATIONS])
+        known = ", ".join([*ACCURACY_METHODS, *JENGA_ABLATIONS, *SAMPLED])
         raise ValueError(f"unknown method {name!r}; the accuracy study compares {known}")
     if name == "jenga-predictor":
         if predictor is None or not (Path(predictor) / "predictor.json").exists():
@@ -94,7 +99,9 @@ def load_finetune_model(base: Path, seq_len: int, method: Method, device: str, t
     for name, param in model.named_parameters():
         if any(TRAINABLE[t] in name for t in trainable):
             param.requires_grad_(True)
-    if method.jenga is not None:
+    if method.name in SAMPLED:
+        apply_sampled(model, method.jenga)
+    elif method.jenga is not None:
         apply_jenga(model, method.jenga, predictor=method.predictor)
     return model
 
@@ -159,7 +166,7 @@ def load_merged(run: Path, base: Path, device: str = "cpu", dtype: torch.dtype =
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--base", type=Path, required=True, help="trained base model folder (with tokenizer)")
-    methods = [*ACCURACY_METHODS, *JENGA_ABLATIONS]
+    methods = [*ACCURACY_METHODS, *JENGA_ABLATIONS, *SAMPLED]
     parser.add_argument(
         "--method", required=True, choices=methods, metavar="METHOD", help=f"one of: {', '.join(methods)}"
     )
