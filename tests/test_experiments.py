@@ -15,11 +15,13 @@ from jenga.experiments.run import longest_fitting, main
 from jenga.plotting.tables import runs_table
 
 
-def test_every_method_has_a_checkpointing_twin():
+def test_every_method_has_checkpointing_twins():
     for name, method in METHODS.items():
-        if not name.endswith("+ckpt") and method.offload is None:
-            twin = METHODS[f"{name}+ckpt"]
+        if not name.endswith(("+ckpt", "+offckpt")) and method.offload is None:
+            twin, offloaded = METHODS[f"{name}+ckpt"], METHODS[f"{name}+offckpt"]
             assert twin.checkpointing and twin.jenga == method.jenga and twin.baseline == "lora+ckpt"
+            assert not twin.checkpoint_offload and offloaded.checkpointing and offloaded.checkpoint_offload
+            assert offloaded.jenga == method.jenga and offloaded.baseline == "lora+offckpt"
     with pytest.raises(KeyError, match="known methods"):
         get_method("lora-typo")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -464,8 +465,15 @@ def test_llama_family_relatives(family_name):
     assert max(rel_err(g, grads[name]) for name, g in sparse_grads.items()) > 1e-2
 
 
-def test_gradient_checkpointing_gives_same_gradients(family):
+def test_gradient_checkpointing_gives_same_gradients(family, monkeypatch):
     """With checkpointing, selection is recomputed in backward; it must pick the same blocks."""
+    from transformers import modeling_utils
+
+    # transformers' offloaded checkpoints pin host memory, which needs an accelerator: unpinned on the CPU.
+    unpinned = functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=False)
+    monkeypatch.setattr(
+        modeling_utils, "save_on_cpu", lambda pin_memory, device_type: unpinned(device_type=device_type)
+    )
     ids = batch(2, 160)
     config = JengaConfig(block_size=16, attn_keep=0.4, mlp_keep=0.5, dense_first_layers=0)
 
@@ -477,10 +485,11 @@ def test_gradient_checkpointing_gives_same_gradients(family):
         calls.append(args[0])
         return oracle_scorer(*args)
 
-    def run(checkpointing: bool, reentrant: bool = False):
+    def run(checkpointing: bool, reentrant: bool = False, offload: bool = False):
         base = MODEL_BUILDERS[family]()
         if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            kwargs = {"use_reentrant": reentrant}
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, offload=offload)
             base.enable_input_require_grads()
         model = apply_jenga(add_lora(base), config, scorer=counting)
         return loss_and_grads(model, ids)
@@ -488,9 +497,10 @@ def test_gradient_checkpointing_gives_same_gradients(family):
     sparse_layers = config.sparse_layers(3)
     ref_loss, ref_grads = run(False)
     assert sorted(calls) == sparse_layers
-    for reentrant in (False, True):
+    # Reentrant and not, and transformers' offloaded checkpoints (held in host memory: the runner's +offckpt).
+    for reentrant, offload in ((False, False), (True, False), (False, True)):
         calls.clear()
-        loss, grads = run(True, reentrant)
+        loss, grads = run(True, reentrant, offload)
         assert sorted(calls) == sparse_layers, "the recompute must reuse the forward's selection"
         assert rel_err(loss, ref_loss) < 1e-6
         for name, grad in grads.items():

@@ -1,6 +1,8 @@
 """Methods as data: what each compared system does to the same HF+PEFT model before training.
 
-Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient checkpointing on). Adding a
+Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient checkpointing on) and a
+"+offckpt" suffix (checkpointing whose saved layer inputs wait in pinned host memory: transformers'
+`gradient_checkpointing_enable(offload=True)`). Adding a
 method means adding one entry here; the runner, sweeps and plots pick it up by name.
 """
 
@@ -24,6 +26,7 @@ class Method:
     description: str
     jenga: JengaConfig | None = None
     checkpointing: bool = False
+    checkpoint_offload: bool = False  # checkpoints held in pinned host memory (needs checkpointing)
     s2attn: bool = False
     liger: bool = False
     train_embed_norm: bool = False
@@ -35,6 +38,8 @@ class Method:
     @property
     def baseline(self) -> str:
         """The method this one is compared against (same checkpointing setting)."""
+        if self.checkpoint_offload:
+            return "lora+offckpt"
         return "lora+ckpt" if self.checkpointing else "lora"
 
 
@@ -129,6 +134,18 @@ METHODS.update(
     {
         f"{m.name}+ckpt": replace(
             m, name=f"{m.name}+ckpt", description=m.description + ", gradient checkpointing", checkpointing=True
+        )
+        for m in _BASE
+    }
+)
+METHODS.update(
+    {
+        f"{m.name}+offckpt": replace(
+            m,
+            name=f"{m.name}+offckpt",
+            description=m.description + ", gradient checkpointing with the checkpoints in pinned host memory",
+            checkpointing=True,
+            checkpoint_offload=True,
         )
         for m in _BASE
     }

@@ -227,6 +227,7 @@ def run_one(
         "lora": "r=8 q/k/v/o",
         "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
         "gradient_checkpointing": method.checkpointing,
+        "checkpoint_offload": method.checkpoint_offload,
         "predictor": method.predictor,
         "offload": None if method.offload is None else {"policy": method.offload, "resident": method.offload_resident},
         "memory_cap_gib": memory_gib if capped is not None else None,
@@ -412,7 +413,7 @@ def max_length(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run; the exit code is 1 when a configuration failed (OOM is not a failure)."""
     parser = make_parser(__doc__)
-    plain = [m for m in METHODS if not m.endswith("+ckpt")]
+    plain = [m for m in METHODS if not m.endswith(("+ckpt", "+offckpt"))]
     parser.add_argument("--model", required=True, help="folder under checkpoints/ or a path with config.json")
     parser.add_argument(
         "--methods",
@@ -420,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         default=["lora", "jenga"],
         choices=list(METHODS),
         metavar="METHOD",
-        help=f"methods to run: {', '.join(plain)}; <name>+ckpt adds gradient checkpointing (all but "
+        help=f"methods to run: {', '.join(plain)}; <name>+ckpt adds gradient checkpointing, <name>+offckpt "
+        f"checkpointing with the checkpoints in pinned host memory (all but "
         f"{', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
     )
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192], help="sequence lengths in tokens")

@@ -102,7 +102,9 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
     attn = longlora.register() if method.s2attn else "sdpa"
     model, weights = load_model(model_name, seq, device=device, attn_implementation=attn)
     if method.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}, offload=method.checkpoint_offload
+        )
     if method.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Longest trainable context on one GPU, per method: LoRA and Jenga with checkpointing, and with transformers'
+# offloaded checkpoints (+offckpt: the saved layer inputs wait in pinned host memory); Liger with offloaded
+# checkpoints when liger-kernel is installed. One step per probe; bf16 LoRA r=8, batch 1, random weights.
+#   bash scripts/longest/run.sh
+# Env: MODELS ("llama-3-8b llama-2-7b"), MEMORY_GIB (unset: the whole GPU; 80: the 80 GB set), CAP (1048576),
+#      STEP (16384), LOGS (logs/longest). Unsloth is not wired in: its wheels must be carried to the GPU image.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+py=${PYTHON:-python}
+methods="lora+ckpt lora+offckpt jenga+ckpt jenga+offckpt"
+$py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+offckpt"
+card=${MEMORY_GIB:+${MEMORY_GIB}gb}
+for model in ${MODELS:-llama-3-8b llama-2-7b}; do
+  $py -m jenga.experiments.run --model "$model" --methods $methods --max-length --cap "${CAP:-1048576}" \
+    --length-step "${STEP:-16384}" --start 65536 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} \
+    --logs "${LOGS:-logs/longest}/${card:-uncapped}"
+done
