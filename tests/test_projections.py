@@ -70,9 +70,20 @@ def test_reused_projection_backward_matches_autograd(build, dtype):
         torch.testing.assert_close(got[name], ref[name], **tol)
 
 
+def _lora_with_bias() -> nn.Module:
+    model = get_peft_model(_Wrap(), LoraConfig(r=4, target_modules=["proj"], lora_bias=True, init_lora_weights=False))
+    return model.base_model.model.proj
+
+
+def _trainable_bias() -> nn.Module:
+    linear = _frozen_linear()
+    linear.bias.requires_grad_(True)
+    return linear
+
+
 def test_projections_without_a_closed_form_backward_compute():
-    """LoRA dropout (and a trainable base) make the module compute on the kept rows, as before."""
-    for module in (_lora_module(dropout=0.1), _Wrap().proj):
+    """LoRA dropout or biases, a trainable base or bias make the module compute on the kept rows, as before."""
+    for module in (_lora_module(dropout=0.1), _Wrap().proj, _lora_with_bias(), _trainable_bias()):
         x = torch.randn(3, 48)
         with torch.no_grad():
             value = module(x) + 100.0  # a wrong value: it must not be returned

@@ -8,8 +8,8 @@ gradient of the frozen weight, and LoRA's weight and input gradients). This remo
 projections' forward matmuls at keep 0.5.
 
 Only projections whose backward is known in closed form take this path: a frozen `nn.Linear`, or a PEFT LoRA
-linear with vanilla adapters (no dropout, no variant such as DoRA) on a frozen `nn.Linear`. Anything else (a
-trainable base, dropout, quantized layers) is recomputed on the kept rows, as before.
+linear with vanilla adapters (no dropout, no bias, no variant such as DoRA) on a frozen `nn.Linear`. Anything
+else (a trainable base or bias, dropout, quantized layers) is recomputed on the kept rows, as before.
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ class _ProjectionGrad(torch.autograd.Function):
 def _closed_form(module: nn.Module) -> tuple[torch.Tensor, tuple[float, ...], list[torch.Tensor]] | None:
     """(frozen weight, LoRA scalings, [A, B, ...]) when `module`'s backward has the closed form above, else None."""
     if type(module) is nn.Linear:
-        return (module.weight, (), []) if not module.weight.requires_grad else None
+        return None if any(p.requires_grad for p in module.parameters()) else (module.weight, (), [])
     from peft.tuners.lora import Linear as LoraLinear
 
     if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
         return None
     base = module.base_layer
-    if type(base) is not nn.Linear or base.weight.requires_grad:
+    if type(base) is not nn.Linear or any(p.requires_grad for p in base.parameters()):
         return None
     scalings, lora = [], []
     for name in module.active_adapters:
@@ -64,6 +64,8 @@ def _closed_form(module: nn.Module) -> tuple[torch.Tensor, tuple[float, ...], li
             continue
         if name in module.lora_variant or not isinstance(module.lora_dropout[name], nn.Identity):
             return None
+        if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
+            return None  # LoRA biases (lora_bias=True) have no place in the closed form
         scalings.append(float(module.scaling[name]))
         lora += [module.lora_A[name].weight, module.lora_B[name].weight]
     return base.weight, tuple(scalings), lora
