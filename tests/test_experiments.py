@@ -118,7 +118,7 @@ def test_out_of_memory_is_recorded_not_raised():
         def forward(self, **kwargs):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    stats = train_steps(Exhausted(), 16, steps=2, warmup=1, recorder=PhaseRecorder(cuda=False), vocab_size=8)
+    stats = train_steps(Exhausted(), 2, warmup=1, seq_len=16, vocab_size=8, recorder=PhaseRecorder(cuda=False))
     assert stats.status == "oom" and "out of memory" in stats.error and stats.as_record()["status"] == "oom"
 
 

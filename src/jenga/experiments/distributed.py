@@ -27,7 +27,7 @@ import torch
 
 from ..cli import make_parser
 from ..patching import find_adapter
-from ..profiling import JsonlWriter, PhaseRecorder, read_jsonl, run_header
+from ..profiling import JsonlWriter, read_jsonl, run_header
 from .methods import get_method
 from .training import REPO_ROOT, build, train_steps
 
@@ -194,11 +194,10 @@ def run_rank(
         writer.write(run_header(command, extra=header))
     stats = train_steps(
         model,
-        seq,
         steps,
-        warmup,
-        PhaseRecorder(),
-        vocab_size,
+        warmup=warmup,
+        seq_len=seq,
+        vocab_size=vocab_size,
         writer=writer,
         seed=rank,
         scorer_timer=timer,

@@ -30,6 +30,7 @@ from ..cli import make_parser
 from ..data.real_text import real_text_windows
 from ..elimination import select_blocks
 from ..patching import find_adapter, jenga_state
+from ..patching.llama import LlamaFamilyAdapter
 from ..profiling import JsonlWriter, run_header
 from ..scoring import block_scores
 from .sampling import apply_sampled
@@ -66,14 +67,13 @@ DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
 # Designs whose selection is random: measured over `--samples` draws per window.
 STOCHASTIC = ("random", "random-mlp-1.0")
 KEYSET_LOCAL_BLOCKS = 2  # the query's own block and the one before it
+LLAMA = LlamaFamilyAdapter()  # the explored designs patch LLaMA-family attention only
 
 
 def _keyset(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
     """Explored design, not in the library: every query attends to the kept key blocks (oracle-ranked, sink and
     recent forced) plus its own and the previous block; nothing is eliminated as a query. Implemented with a
     dense token mask (a reference, quadratic in memory); LLaMA family only. Returns the undo function."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     base = model.get_base_model()
     layers = find_adapter(base).decoder_layers(base)
     schedule = config.attn_schedule(len(layers))
@@ -84,21 +84,13 @@ def _keyset(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
         attn = layer.self_attn
 
         def forward(self, hidden_states, position_embeddings, attention_mask=None, _keep=keep, **kwargs):
-            bsz, seq, _ = hidden_states.shape
-            bs = config.block_size
-            shape = (bsz, seq, -1, self.head_dim)
+            seq = hidden_states.shape[1]
             with torch.no_grad():
-                q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-                k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-                q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-                scores = block_scores(q, k, bs, self.scaling)
-                nb = scores.shape[1]
-                blocks = select_blocks(scores, config.kept_blocks(nb, _keep), config.sink_blocks, None, 1)
-                kept = torch.zeros(bsz, nb, dtype=torch.bool, device=q.device).scatter_(1, blocks, True)
-                block_of = torch.arange(seq, device=q.device) // bs
+                kept = _kept_tokens(self, hidden_states, position_embeddings, _keep, config)
+                block_of = torch.arange(seq, device=kept.device) // config.block_size
                 near = (block_of[:, None] - block_of[None, :]).clamp(min=0) < KEYSET_LOCAL_BLOCKS
-                causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-                allowed = (kept[:, block_of][:, None, :] | near) & causal
+                causal = torch.ones(seq, seq, dtype=torch.bool, device=kept.device).tril()
+                allowed = (kept[:, None, :] | near) & causal
             return type(self).forward(self, hidden_states, position_embeddings, allowed[:, None], **kwargs)
 
         attn.forward = functools.partial(forward, attn)
@@ -106,22 +98,14 @@ def _keyset(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
     return lambda: [a.__dict__.pop("forward") for a in patched]
 
 
-def _layer_selection(
-    attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, keep: float, config: JengaConfig
-):
+def _kept_tokens(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, keep: float, config: JengaConfig):
     """(B, S) bool: tokens of the blocks the oracle keeps in this layer (sink and recent blocks forced)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    bsz, seq, _ = hidden.shape
-    shape = (bsz, seq, -1, attn.head_dim)
-    q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-    k = attn.k_proj(hidden).view(shape).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-    scores = block_scores(q, k, config.block_size, attn.scaling)
+    q, k, scale = LLAMA.query_key(attn, hidden, {"position_embeddings": position_embeddings})
+    scores = block_scores(q, k, config.block_size, scale)
     nb = scores.shape[1]
     blocks = select_blocks(scores, config.kept_blocks(nb, keep), config.sink_blocks, None, config.recent_blocks)
-    kept = torch.zeros(bsz, nb, dtype=torch.bool, device=q.device).scatter_(1, blocks, True)
-    return kept[:, torch.arange(seq, device=q.device) // config.block_size]
+    kept = torch.zeros(hidden.shape[0], nb, dtype=torch.bool, device=q.device).scatter_(1, blocks, True)
+    return kept[:, torch.arange(hidden.shape[1], device=q.device) // config.block_size]
 
 
 def _rows(model: torch.nn.Module, config: JengaConfig, detach_kv: bool) -> Callable[[], None]:
@@ -144,7 +128,7 @@ def _rows(model: torch.nn.Module, config: JengaConfig, detach_kv: bool) -> Calla
             hidden_states, position_embeddings, attention_mask=None, _attn=attn, _keep=keep, _orig=original, **kw
         ):
             with torch.no_grad():
-                kept = _layer_selection(_attn, hidden_states, position_embeddings, _keep, config)[..., None]
+                kept = _kept_tokens(_attn, hidden_states, position_embeddings, _keep, config)[..., None]
             cut = lambda _m, _a, out: torch.where(kept, out, out.detach())  # noqa: E731
             modules = [_attn.q_proj, _attn.o_proj] + ([_attn.k_proj, _attn.v_proj] if detach_kv else [])
             handles = [m.register_forward_hook(cut) for m in modules]

@@ -27,7 +27,7 @@ from .. import apply_jenga, jenga_state, remove_jenga
 from ..cli import make_parser
 from ..data.loaders import load_documents
 from ..data.tasks import training_example
-from ..profiling import JsonlWriter, PhaseRecorder, run_header
+from ..profiling import JsonlWriter, run_header
 from . import longlora
 from .methods import Method, get_method
 from .sampling import apply_sampled
@@ -222,14 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     with JsonlWriter(args.out / "finetune_log.jsonl", header=header) as log:
         stats = train_steps(
             model,
-            args.seq_len,
             args.steps,
-            0,
-            PhaseRecorder(),
-            model.config.vocab_size,
+            batches=lambda _step: next(stream),
             writer=log,
             forward_context=autocast,
-            batches=lambda _step: next(stream),
             optimizer=optimizer,
             clip_grad=1.0,
             scheduler=scheduler,

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
 from ..data.tasks import training_example
-from ..profiling import JsonlWriter, PhaseRecorder, run_header
+from ..profiling import JsonlWriter, run_header
 from .training import train_steps
 
 
@@ -115,14 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     with JsonlWriter(args.out / "pretrain_log.jsonl", header=header) as log:
         stats = train_steps(
             model,
-            args.seq_len,
             args.max_steps,
-            0,
-            PhaseRecorder(),
-            config.vocab_size,
+            batches=rows,
             writer=log,
             forward_context=torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"),
-            batches=rows,
             optimizer=optimizer,
             clip_grad=1.0,
             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),

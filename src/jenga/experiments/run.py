@@ -41,7 +41,7 @@ from ..data.loaders import join_documents, load_documents
 from ..mlp import kept_channels
 from ..offload import ActivationOffloader
 from ..patching import find_adapter, jenga_state
-from ..profiling import GIB, JsonlWriter, PhaseRecorder, SublayerSavedMeter, read_jsonl, run_header
+from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, read_jsonl, run_header
 from ..scoring import num_blocks
 from . import distributed
 from .methods import METHODS, Method, get_method
@@ -247,11 +247,10 @@ def run_one(
         offloader = None if method.offload is None else make_offloader(method, model)
         stats = train_steps(
             model,
-            seq,
             steps,
-            warmup,
-            PhaseRecorder(),
-            model.config.vocab_size,
+            warmup=warmup,
+            seq_len=seq,
+            vocab_size=model.config.vocab_size,
             writer=writer,
             scorer_timer=timer,
             forward_context=offloader,

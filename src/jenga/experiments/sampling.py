@@ -52,7 +52,7 @@ class WeightedSelection(TokenSelection):
     def with_gradient_from(self, value: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         nb = num_blocks(self.seq_len, self.block_size)
         blocks = self.index // self.block_size
-        kept = int(blocks[0].unique().numel())
+        kept = num_blocks(self.num_kept, self.block_size)  # kept blocks; a partial tail block counts once
         forced = (blocks < self.sink_blocks) | (blocks >= nb - self.recent_blocks)
         free, drawn = nb - self.sink_blocks - self.recent_blocks, kept - self.sink_blocks - self.recent_blocks
         weight = torch.where(forced, 1.0, free / max(drawn, 1)).to(y.dtype)

@@ -180,16 +180,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def train_steps(
     model: torch.nn.Module,
-    seq_len: int,
     steps: int,
-    warmup: int,
-    recorder: PhaseRecorder,
-    vocab_size: int,
+    *,
+    warmup: int = 0,
+    batches: Callable[[int], torch.Tensor] | None = None,
+    seq_len: int | None = None,
+    vocab_size: int | None = None,
+    recorder: PhaseRecorder | None = None,
     writer: JsonlWriter | None = None,
     seed: int = 0,
     scorer_timer: TimedScorer | None = None,
     forward_context: AbstractContextManager | None = None,
-    batches: Callable[[int], torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     clip_grad: float | None = None,
@@ -201,8 +202,9 @@ def train_steps(
 ) -> StepStats:
     """Run `warmup + steps` optimizer steps, each timed per phase and logged as one record.
 
-    - Tokens are random (1, seq_len) rows unless `batches` maps a step number to its ids (real text, where a
-      trained model's attention patterns matter).
+    - `batches` maps a step number to its ids (real text, where a trained model's attention patterns matter);
+      without it, every step is a random (1, `seq_len`) row of ids below `vocab_size`.
+    - `recorder` times each phase (a fresh `PhaseRecorder` by default).
     - `forward_context` (re-entered every step: an activation offloader, autocast) wraps each forward pass.
     - `optimizer` defaults to AdamW (lr 1e-4) over the trainable parameters; `backward` runs the backward (an
       engine's, e.g. `accelerator.backward`); `clip_grad` clips the gradient norm; `scheduler` steps after the
@@ -212,7 +214,10 @@ def train_steps(
     - OOM ends the run as status "oom" unless `catch_oom` is False (multi-process runs: a rank that stopped
       alone would leave the others waiting). `progress` names a progress bar.
     """
+    if batches is None and (seq_len is None or vocab_size is None):
+        raise ValueError("train_steps needs `batches`, or `seq_len` and `vocab_size` for random tokens")
     model.train()
+    recorder = recorder or PhaseRecorder()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(seed)
