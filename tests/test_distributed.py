@@ -126,12 +126,15 @@ def _worker_rank(rank: int, port: int, model_dir: str, log: str) -> None:
 
     _init(rank, port)
     accelerator = Accelerator(cpu=True)
-    distributed.run_rank(accelerator, model_dir, "jenga", 256, "fsdp", 2, 1, Path(log), command="test")
+    logs = [Path(log), Path(log).with_name("tiny_jenga_384.jsonl")]
+    distributed.run_rank(accelerator, model_dir, "jenga", [256, 384], "fsdp", 2, 1, logs, command="test")
     dist.destroy_process_group()
 
 
 @pytest.mark.integration
 def test_worker_logs_every_rank_with_the_run_header(tmp_path):
+    """One job runs both lengths, each logged with every rank's steps; its first step reproduces one process's
+    loss and gradient norm on the whole global batch."""
     config = LlamaConfig(
         hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, vocab_size=128
     )
@@ -150,13 +153,22 @@ def test_worker_logs_every_rank_with_the_run_header(tmp_path):
         assert step["ranks"][0]["loss"] != step["ranks"][1]["loss"]  # each rank trains its own sequence
     assert summary["status"] == "ok" and summary["measured_steps"] == 2 and len(summary["rank_median_step_s"]) == 2
     assert run.is_complete(log)
+    reference = header["reference"]
+    assert (reference["seq_len"], reference["global_batch"], header["job_seqs"]) == (256, WORLD, [256, 384])
+    assert steps[0]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert steps[0]["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4) and reference["grad_norm"] > 0
+    assert "grad_norm" not in steps[1]
+    longer = read_jsonl(tmp_path / "tiny_jenga_384.jsonl")
+    assert longer[0]["seq_len"] == 384 and longer[0]["reference"] is None and longer[-1]["status"] == "ok"
 
 
 def test_deepspeed_backends_name_the_install_when_it_is_missing(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # find_spec -> None, as when it is not installed
     for backend in ("deepspeed-zero2", "deepspeed-zero3"):
         with pytest.raises(RuntimeError, match="pip install deepspeed"):
-            distributed.launch_command("m", "jenga", 1024, 2, backend, 1, 0, tmp_path / "x.jsonl", "c")
+            distributed.launch_command(
+                distributed.Job("m", "jenga", [1024], 2, backend, 1, 0, [tmp_path / "x.jsonl"], "c")
+            )
     with pytest.raises(RuntimeError, match="pip install deepspeed"):
         run.main(["--model", "m", "--num-gpus", "2", "--backend", "deepspeed-zero3", "--logs", str(tmp_path)])
     distributed.require_deepspeed("fsdp")  # FSDP needs only torch and accelerate
@@ -164,15 +176,21 @@ def test_deepspeed_backends_name_the_install_when_it_is_missing(monkeypatch, tmp
 
 def test_launch_commands(monkeypatch, tmp_path):
     log = tmp_path / "m_jenga_1024.jsonl"
-    cmd = distributed.launch_command("llama-2-7b", "jenga", 1024, 4, "fsdp", 3, 1, log, "the sweep")
+    logs = [log, log.with_name("m_jenga_2048.jsonl")]
+    cmd = distributed.launch_command(
+        distributed.Job("llama-2-7b", "jenga", [1024, 2048], 4, "fsdp", 3, 1, logs, "the sweep")
+    )
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--num_processes") + 1] == "4"
     assert "--use_fsdp" in cmd and cmd[cmd.index("--fsdp_version") + 1] == "2" and "--use_deepspeed" not in cmd
     worker = cmd[cmd.index("--module") + 1 :]
     assert worker[0] == "jenga.experiments.distributed" and worker[-2:] == ["--command", "the sweep"]
-    assert worker[worker.index("--seq") + 1] == "1024" and worker[worker.index("--log") + 1] == str(log)
+    assert worker[worker.index("--seqs") + 1 : worker.index("--logs")] == ["1024", "2048"]
+    assert worker[worker.index("--logs") + 1 : worker.index("--backend")] == list(map(str, logs))
     monkeypatch.setattr(distributed, "require_deepspeed", lambda backend: None)
     for stage in (2, 3):
-        cmd = distributed.launch_command("m", "lora", 2048, 2, f"deepspeed-zero{stage}", 3, 1, log, "c")
+        cmd = distributed.launch_command(
+            distributed.Job("m", "lora", [2048], 2, f"deepspeed-zero{stage}", 3, 1, [log], "c")
+        )
         config_file = Path(cmd[cmd.index("--deepspeed_config_file") + 1])
         assert "--use_deepspeed" in cmd and config_file.exists() and "--use_fsdp" not in cmd
         config = json.loads(config_file.read_text())
@@ -181,38 +199,54 @@ def test_launch_commands(monkeypatch, tmp_path):
         parsed = launch_command_parser().parse_args(cmd[3:])  # accelerate's own parser takes every flag
         assert parsed.use_deepspeed and parsed.module and parsed.training_script == "jenga.experiments.distributed"
     with pytest.raises(ValueError, match="unknown backend"):
-        distributed.launch_command("m", "lora", 2048, 2, "zero9", 3, 1, log, "c")
+        distributed.launch_command(distributed.Job("m", "lora", [2048], 2, "zero9", 3, 1, [log], "c"))
+    with pytest.raises(ValueError, match="one log per length"):
+        distributed.launch_command(distributed.Job("m", "lora", [2048, 4096], 2, "fsdp", 3, 1, [log], "c"))
 
 
 def test_launch_logs_a_crashed_job(monkeypatch, tmp_path):
-    """A job that dies before rank 0's summary (one rank out of memory) still gets a summary."""
+    """A job that dies before rank 0's summary (one rank out of memory) still gets a summary per length: the
+    length that ran out, then the longer ones, marked as not run."""
     crash = [sys.executable, "-c", "raise SystemExit('torch.OutOfMemoryError: CUDA out of memory')"]
     monkeypatch.setattr(distributed, "launch_command", lambda *args: crash)
-    log = tmp_path / "m_lora_4096.jsonl"
-    summary = distributed.launch("m", "lora", 4096, 2, "fsdp", 1, 0, log, "c")
-    assert summary["status"] == "oom" and summary["exit_code"] == 1 and read_jsonl(log) == [summary]
-    assert "OutOfMemoryError" in (tmp_path / "m_lora_4096.launch.txt").read_text() and run.is_complete(log)
+    done, log, longer = (tmp_path / f"m_lora_{n}.jsonl" for n in (2048, 4096, 8192))
+    with JsonlWriter(done) as writer:
+        writer.write({"record": "summary", "status": "ok"})
+    summaries = distributed.launch(
+        distributed.Job("m", "lora", [2048, 4096, 8192], 2, "fsdp", 1, 0, [done, log, longer], "c")
+    )
+    assert [s["status"] for s in summaries] == ["ok", "oom", "oom"]
+    assert summaries[1]["exit_code"] == 1 and read_jsonl(log) == [summaries[1]]
+    assert "not run" in summaries[2]["error"] and "not run" not in summaries[1]["error"]
+    assert "OutOfMemoryError" in (tmp_path / "m_lora_2048.launch.txt").read_text() and run.is_complete(log)
 
 
 def test_one_sweep_launches_multi_gpu_configurations(monkeypatch, tmp_path):
-    """The runner's one sweep: with --num-gpus 2 each incomplete configuration goes to the launcher; with one
-    GPU to a worker process of the runner."""
+    """The runner's one sweep: with --num-gpus 2 each method's incomplete lengths go to the launcher as one job;
+    with one GPU each configuration goes to a worker process of the runner."""
     launched, single = [], []
 
-    def fake_launch(model, method, seq, num_gpus, backend, steps, warmup, log, command):
-        launched.append((method, seq, num_gpus, backend, log.name))
-        return {"status": "ok"}
+    def fake_launch(job):
+        launched.append((job.method, job.seqs, job.num_gpus, job.backend, [log.name for log in job.logs]))
+        return [{"status": "ok"} for _ in job.seqs]
 
     monkeypatch.setattr(distributed, "launch", fake_launch)
     monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: single.append(cmd) or SimpleNamespace(returncode=0))
     with JsonlWriter(run.log_path(tmp_path, "m", "lora", 1024)) as writer:
         writer.write({"record": "summary", "status": "ok"})
-    argv = ["--model", "m", "--methods", "lora", "jenga", "--seqs", "1024", "--logs", str(tmp_path)]
+    argv = ["--model", "m", "--methods", "lora", "jenga", "--seqs", "2048", "1024", "--logs", str(tmp_path)]
     assert run.main([*argv, "--num-gpus", "2", "--backend", "fsdp"]) == 0
-    assert launched == [("jenga", 1024, 2, "fsdp", "m_jenga_1024.jsonl")]  # lora's complete log is skipped
+    assert launched == [  # lora's complete 1024 log is skipped; lengths ascend within a job
+        ("lora", [2048], 2, "fsdp", ["m_lora_2048.jsonl"]),
+        ("jenga", [1024, 2048], 2, "fsdp", ["m_jenga_1024.jsonl", "m_jenga_2048.jsonl"]),
+    ]
     assert not single
-    run.main(argv)  # --num-gpus 1 (the default): a worker process of the runner, not the launcher
-    assert len(single) == 1 and single[0][single[0].index("--worker") + 1] == "jenga" and len(launched) == 1
+    launched.clear()
+    run.main(argv)  # --num-gpus 1 (the default): a worker process of the runner per configuration
+    assert [cmd[cmd.index("--worker") + 1 : cmd.index("--worker") + 3] for cmd in single] == [
+        ["lora", "2048"], ["jenga", "1024"], ["jenga", "2048"]
+    ]  # fmt: skip
+    assert not launched
     for bad in (["--num-gpus", "2", "--max-length"], ["--num-gpus", "2", "--breakdown"], ["--num-gpus", "0"]):
         with pytest.raises(SystemExit):
             run.main([*argv, *bad])

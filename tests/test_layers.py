@@ -21,6 +21,7 @@ CORE = (
     "jenga.lora",
     "jenga.projections",
     "jenga.saved",
+    "jenga.autocast",
     "jenga.norms",
     "jenga.offload",
     "jenga.profiling",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from jenga.mlp import gated_mlp, kept_channels, sparse_activation
 
@@ -107,3 +108,42 @@ def test_gated_mlp_in_token_chunks_ranks_channels_per_chunk(keep):
         whole = x.detach().clone().requires_grad_(True)
         gated_mlp(whole, gate, up, down, F.silu, keep).backward(grad)
         assert not torch.allclose(whole.grad, x.grad)  # per-chunk ranking differs from per-sequence ranking
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of every matrix product dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.dtypes.append(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_gated_mlp_under_autocast_matches_the_unpatched_mlp_and_stays_in_bf16(keep):
+    """fp32 master weights under bf16 autocast (the fine-tunes' precision): the output is the autocast MLP's,
+    activations are saved in bf16, backward multiplies in bf16 (not fp32) and returns an fp32 input gradient
+    equal to autograd's through the kept channels."""
+    torch.manual_seed(4)
+    gate, up, down = frozen_linear(32, 96, False), frozen_linear(32, 96, False), frozen_linear(96, 32, False)
+    x = torch.randn(2, 20, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    saved: list[torch.dtype] = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            out = gated_mlp(x, gate, up, down, F.silu, keep)
+        ref = masked_gated_reference(x_ref, gate, up, down, keep)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    assert saved.count(torch.bfloat16) == 2 and saved.count(torch.float32) == 3  # gate/up rows; the weights
+    grad = torch.randn_like(out)
+    with MatmulDtypes() as products:
+        out.backward(grad)
+    assert products.dtypes and set(products.dtypes) == {torch.bfloat16}
+    ref.backward(grad)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=2e-2, atol=2e-3)

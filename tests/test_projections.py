@@ -62,7 +62,9 @@ def _grads(module: nn.Module, reuse: bool, dtype: torch.dtype) -> tuple[torch.Te
 def test_reused_projection_backward_matches_autograd(build, dtype):
     ref_x, ref = _grads(build(), reuse=False, dtype=dtype)
     got_x, got = _grads(build(), reuse=True, dtype=dtype)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    # fp32: the closed form sums in another order than autograd; on a 16-core CPU (the GPU machine's) one
+    # cancelling element of LoRA A's gradient differed by 1.3e-5
+    tol = {"rtol": 1e-4, "atol": 5e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(got_x, ref_x, **tol)
     assert got.keys() == ref.keys()
     for name in ref:

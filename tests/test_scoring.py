@@ -64,3 +64,19 @@ def test_causal_tiles_above_diagonal_are_zero_and_half_precision_inputs():
 def test_gqa_head_mismatch_raises():
     with pytest.raises(ValueError, match="multiple"):
         scoring.block_tile_scores(torch.randn(1, 3, 16, 4), torch.randn(1, 2, 16, 4), 8, 1.0)
+
+
+def test_scores_under_autocast_use_the_autocast_dtype():
+    """The rotary embedding hands q/k over in fp32 under autocast; they are scored in the autocast dtype, as
+    the attention's matmuls would run, and outside autocast in their own dtype."""
+    from jenga.kernels import block_scores
+
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block_scores(q, k, 16, 0.25)
+    expected = scoring.block_scores(q.bfloat16(), k.bfloat16(), 16, 0.25)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    exact = block_scores(q, k, 16, 0.25)
+    torch.testing.assert_close(exact, scoring.block_scores(q, k, 16, 0.25), rtol=0, atol=0)
+    assert not torch.equal(exact, got)

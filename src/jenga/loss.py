@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from .autocast import autocast_state
+
 __all__ = ["segmented_causal_lm_loss"]
 
 
@@ -55,12 +57,7 @@ class _SegmentedCrossEntropySum(torch.autograd.Function):
         ctx.segment_size = segment_size
         ctx.ignore_index = ignore_index
         # Backward must recompute the logits exactly as forward did, including under Trainer's autocast.
-        device_type = hidden.device.type
-        ctx.autocast_kwargs = {
-            "device_type": device_type,
-            "dtype": torch.get_autocast_dtype(device_type),
-            "enabled": torch.is_autocast_enabled(device_type),
-        }
+        ctx.autocast_kwargs = autocast_state(hidden.device.type)
         return total
 
     @staticmethod

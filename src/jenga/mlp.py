@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .autocast import autocast_state
+
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -46,6 +48,10 @@ class GatedMLPFunction(torch.autograd.Function):
     Tokens go through in chunks of `chunk`: the MLP is token-wise, so chunking changes no output, and it
     bounds the transient channel-wide intermediates (four token×channel tensors, about 86 KB per token on
     Llama-2-7B) by the chunk instead of the sequence. Channels are ranked per chunk.
+
+    Under autocast (fp32 master weights, bf16 compute) the projections run in the autocast dtype as the
+    unpatched MLP's would, activations are saved in that dtype, and backward runs under the same autocast
+    state: without it backward would multiply in fp32 against the fp32 weights, several times slower.
     """
 
     @staticmethod
@@ -54,38 +60,46 @@ class GatedMLPFunction(torch.autograd.Function):
         width = gate_w.shape[0]
         count = kept_channels(width, keep)
         spans = [(s, min(s + chunk, tokens)) for s in range(0, tokens, chunk)]
-        out = x.new_empty(rows, tokens, down_w.shape[0])
-        saved_gate, saved_up = x.new_empty(rows, tokens, count), x.new_empty(rows, tokens, count)
+        out = saved_gate = saved_up = None
         channels = x.new_empty(rows, len(spans), count, dtype=torch.long) if count < width else None
         for i, (s, e) in enumerate(spans):
             gate = F.linear(x[:, s:e], gate_w, gate_b)
             up = F.linear(x[:, s:e], up_w, up_b)
             hidden = act_fn(gate) * up
-            out[:, s:e] = F.linear(hidden, down_w, down_b)
+            down = F.linear(hidden, down_w, down_b)
+            if out is None:  # buffers in the dtypes the projections computed in (the autocast dtype under autocast)
+                out = down.new_empty(rows, tokens, down.shape[-1])
+                saved_gate, saved_up = gate.new_empty(rows, tokens, count), up.new_empty(rows, tokens, count)
+            out[:, s:e] = down
             if channels is not None:
                 channels[:, i] = _top_channels(hidden, count)
                 gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
-            del hidden
+            del hidden, down
             saved_gate[:, s:e], saved_up[:, s:e] = gate, up
         ctx.save_for_backward(saved_gate, saved_up, gate_w, up_w, down_w, channels)
-        ctx.act_fn, ctx.spans = act_fn, spans
+        ctx.act_fn, ctx.spans, ctx.x_dtype = act_fn, spans, x.dtype
+        ctx.autocast = autocast_state(x.device.type)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, gate_w, up_w, down_w, channels = ctx.saved_tensors
-        grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
-        for i, (s, e) in enumerate(ctx.spans):
-            if channels is None:
-                grad_hidden = grad_out[:, s:e] @ down_w
-                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[:, s:e], up[:, s:e])
-                grad_x[:, s:e] = grad_gate @ gate_w + grad_up @ up_w
-                continue
-            for row, idx in enumerate(channels[:, i]):
-                grad_hidden = grad_out[row, s:e] @ down_w[:, idx]
-                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[row, s:e], up[row, s:e])
-                grad_x[row, s:e] = grad_gate @ gate_w[idx] + grad_up @ up_w[idx]
-        return grad_x, None, None, None, None, None, None, None, None, None
+        grad_x = None
+        with torch.autocast(**ctx.autocast):
+            for i, (s, e) in enumerate(ctx.spans):
+                for row in range(grad_out.shape[0]) if channels is not None else [slice(None)]:
+                    if channels is None:
+                        g_down, g_gate, g_up = down_w, gate_w, up_w
+                    else:
+                        idx = channels[row, i]
+                        g_down, g_gate, g_up = down_w[:, idx], gate_w[idx], up_w[idx]
+                    grad_hidden = grad_out[row, s:e] @ g_down
+                    grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[row, s:e], up[row, s:e])
+                    part = grad_gate @ g_gate + grad_up @ g_up
+                    if grad_x is None:
+                        grad_x = part.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
+                    grad_x[row, s:e] = part
+        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
 
 
 class SparseActivationFunction(torch.autograd.Function):

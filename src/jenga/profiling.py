@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -38,6 +38,7 @@ __all__ = [
     "SublayerSavedMeter",
     "TimedScorer",
     "cuda_memory_snapshot",
+    "op_profile",
     "read_jsonl",
     "run_header",
 ]
@@ -476,3 +477,17 @@ class TimedScorer:
         total = self._cpu_seconds + sum(s.elapsed_time(e) for s, e in self._events) / 1000.0
         self._events, self._cpu_seconds = [], 0.0
         return total
+
+
+def op_profile(work: Callable[[], object], rows: int = 40) -> str:
+    """Run `work` under torch.profiler; the table of its operators by self device time (CPU time without a GPU),
+    synchronized at the end so that every kernel is counted."""
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    with torch.profiler.profile(activities=activities) as prof:
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)

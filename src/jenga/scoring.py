@@ -33,7 +33,8 @@ def block_tile_scores(
 
     q: (B, H, S, d); k: (B, Hkv, S, d) with H a multiple of Hkv (grouped-query attention).
     valid: optional (B, S) bool, False for padding. Returns fp32 (B, nb, nb); tiles above the diagonal
-    are 0. Computed in slabs of query blocks so the S×S matrix never exists whole.
+    are 0. Computed in fp32 from the given q and k (autocast off, as in the kernel's fp32 accumulation), in
+    slabs of query blocks so the S×S matrix never exists whole.
     """
     bsz, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
@@ -52,7 +53,8 @@ def block_tile_scores(
         last = min(nb, first + blocks_per_slab)
         rows = slice(first * block_size, last * block_size)
         cols = last * block_size
-        logits = torch.matmul(qf[..., rows, :], kf[..., :cols, :].transpose(-1, -2)).mul_(scale)
+        with torch.autocast(q.device.type, enabled=False):
+            logits = torch.matmul(qf[..., rows, :], kf[..., :cols, :].transpose(-1, -2)).mul_(scale)
         summed = logits.relu_().sum(dim=(1, 2))
         allowed = (pos[rows, None] >= pos[None, :cols]) & keep[:, rows, None] & keep[:, None, :cols]
         summed = summed.masked_fill_(~allowed, 0.0)

@@ -13,6 +13,7 @@ trainable weights) and, with --merged, a merged Hugging Face checkpoint that any
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import replace
@@ -27,7 +28,7 @@ from .. import apply_jenga, jenga_state, remove_jenga
 from ..cli import make_parser
 from ..data.loaders import load_documents
 from ..data.tasks import training_example
-from ..profiling import JsonlWriter, run_header
+from ..profiling import JsonlWriter, op_profile, run_header
 from . import longlora
 from .methods import Method, get_method
 from .sampling import apply_sampled
@@ -190,6 +191,13 @@ def main(argv: list[str] | None = None) -> None:
         default="fp32",
         help="fp32 (tf32 matmuls on GPU) or bf16 (autocast; fp32 master weights and optimizer states)",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="STEPS",
+        help="instead of fine-tuning: one warm-up step, then STEPS steps under torch.profiler; writes the "
+        "operators by device time to <out>/profile.txt and saves no adapter",
+    )
     args = parser.parse_args(argv)
 
     method = accuracy_method(args.method, args.predictor)
@@ -220,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.precision == "bf16")
     started = time.perf_counter()
     with JsonlWriter(args.out / "finetune_log.jsonl", header=header) as log:
-        stats = train_steps(
+        train = functools.partial(
+            train_steps,
             model,
-            args.steps,
             batches=lambda _step: next(stream),
             writer=log,
             forward_context=autocast,
@@ -231,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
             scheduler=scheduler,
             progress=f"finetune {method.name} s{args.seed}",
         )
+        if args.profile is not None:
+            train(1)
+            (args.out / "profile.txt").write_text(op_profile(lambda: train(args.profile)))
+            print((args.out / "profile.txt").read_text())
+            return
+        stats = train(args.steps)
         seconds = time.perf_counter() - started
         log.write({"record": "summary", "status": stats.status, "steps": len(stats.steps), "seconds": seconds})
     if stats.status != "ok":

@@ -288,17 +288,15 @@ def run_worker(path: Path, run: Callable[[], dict]) -> dict:
 def spawn(
     args: argparse.Namespace, method: str, seq: int, path: Path, steps: int, warmup: int, extra: dict | None = None
 ) -> dict:
-    """Run one configuration in a fresh process (with `--num-gpus N > 1`, N processes started by
-    `distributed.launch`) and return its summary (status "failed" if it crashed).
+    """Run one single-GPU configuration in a fresh process and return its summary (status "failed" if it
+    crashed).
 
     `extra` holds `run_one`'s optional switches (breakdown, snapshot), taken from `args` when None; the
     token source (`--data`) always comes from `args`.
     """
     extra = {"breakdown": args.breakdown, "snapshot": args.snapshot} if extra is None else extra
     extra = {**extra, "data": args.data}
-    command = " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
-    if args.num_gpus > 1:
-        return distributed.launch(args.model, method, seq, args.num_gpus, args.backend, steps, warmup, path, command)
+    command = sweep_command()
     if args.fork:
         worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
         job = functools.partial(run_one, *worker, **extra)
@@ -324,24 +322,45 @@ def spawn(
     return summary
 
 
+def sweep_command() -> str:
+    """This sweep's command line, recorded in every log header."""
+    return " ".join([Path(sys.executable).name, "-m", "jenga.experiments.run", *sys.argv[1:]])
+
+
 def sweep(args: argparse.Namespace) -> int:
-    """Run every (method, length) not yet complete, on one GPU or `--num-gpus`; returns the exit code: 1 when a
-    configuration failed (crashed, not OOM)."""
-    configs = [(m, s) for s in args.seqs for m in args.methods]
-    if args.num_gpus > 1:
+    """Run every (method, length) not yet complete, on one GPU (a process per configuration) or on
+    `--num-gpus` (a job per method covering its lengths); returns the exit code: 1 when a configuration failed
+    (crashed, not OOM)."""
+    todo: dict[str, list[int]] = {}
+    for method in args.methods:
+        for seq in sorted(args.seqs):
+            path = log_path(args.logs, args.model, method, seq)
+            if is_complete(path) and not args.force:
+                tqdm.write(f"skip {path.name} (complete; --force reruns)")
+                continue
+            path.unlink(missing_ok=True)
+            todo.setdefault(method, []).append(seq)
+    if args.num_gpus > 1 and todo:
         distributed.require_deepspeed(args.backend)
     where = f" x{args.num_gpus} {args.backend}" if args.num_gpus > 1 else ""
     failed = 0
-    for method, seq in tqdm(configs, desc=f"{args.model} sweep", unit="run"):
-        path = log_path(args.logs, args.model, method, seq)
-        if is_complete(path) and not args.force:
-            tqdm.write(f"skip {path.name} (complete; --force reruns)")
-            continue
-        path.unlink(missing_ok=True)
-        summary = spawn(args, method, seq, path, args.steps, args.warmup)
-        failed += summary.get("status") == "failed"
-        tqdm.write(progress_line(f"{method} {seq}{where}", summary))
-    return report_failures(failed, len(configs))
+    with tqdm(total=sum(map(len, todo.values())), desc=f"{args.model} sweep", unit="run") as bar:
+        for method, seqs in todo.items():
+            paths = [log_path(args.logs, args.model, method, seq) for seq in seqs]
+            if args.num_gpus > 1:
+                job = distributed.Job(
+                    args.model, method, seqs, args.num_gpus, args.backend, args.steps, args.warmup, paths,
+                    sweep_command(),
+                )  # fmt: skip
+                summaries = distributed.launch(job)
+            else:
+                pairs = zip(seqs, paths, strict=True)
+                summaries = [spawn(args, method, seq, path, args.steps, args.warmup) for seq, path in pairs]
+            for seq, summary in zip(seqs, summaries, strict=True):
+                failed += summary.get("status") == "failed"
+                tqdm.write(progress_line(f"{method} {seq}{where}", summary))
+            bar.update(len(seqs))
+    return report_failures(failed, sum(map(len, todo.values())))
 
 
 def report_failures(failed: int, total: int) -> int:
