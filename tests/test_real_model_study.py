@@ -14,7 +14,7 @@ from conftest import tiny_llama
 from jenga import JengaConfig
 from jenga.experiments.fidelity import DESIGNS, measure
 from jenga.experiments.training import add_attention_lora
-from jenga.plotting.real_model import bench_table, plot_real_model, study_tables
+from jenga.plotting.real_model import bench_table, plot_real_model, profile_table, study_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,21 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
     written = plot_real_model(tmp_path, tmp_path / "out")
     assert [p.name for p in written] == ["fidelity.png", "study-x.png", "real-model.md"]
     assert "| default | GPU | code | 256 | 2 | 1.000 | 0.500 | — |" in (tmp_path / "out" / "real-model.md").read_text()
+
+
+def test_profile_table_reads_the_profiled_steps_and_the_profiler_totals(tmp_path):
+    """The warm-up step is left out (its time and peak); torch.profiler's totals (ms or s) are divided by the
+    profiled steps."""
+    folder = tmp_path / "profile-x" / "jenga"
+    header = {"record": "header", "method": "jenga", "device": "GPU", "args": {"seq_len": "4096"}}
+    steps = [
+        {"record": "step", "step": i, "step_s": s, "forward_s": s / 2, "backward_s": s / 2, "peak_gib": p}
+        for i, (s, p) in enumerate([(9.0, 30.0), (1.0, 10.0), (3.0, 12.0)])
+    ]
+    _write(folder / "finetune_log.jsonl", header, *steps)
+    (folder / "profile.txt").write_text("...\nSelf CPU time total: 3.000s\nSelf CUDA time total: 900.000ms\n")
+    rows = profile_table(tmp_path)
+    assert rows[2] == "| profile-x | jenga | 4096 | 2 | 2.000 | 1.000 | 1.000 | 0.450 | 1.500 | 12.0 | GPU |"
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -221,6 +222,35 @@ def bench_table(logs: Path) -> list[str]:
     return lines
 
 
+def profile_table(logs: Path) -> list[str]:
+    """One row per profiled fine-tune (`finetune --profile`, `<logs>/profile-*/<method>/`): the profiled steps'
+    median wall time and phases, the GPU and host time per step from torch.profiler, the peak."""
+    lines = []
+    for log in sorted(logs.glob("profile-*/*/finetune_log.jsonl")):
+        run = read_run(log)
+        header, steps = run.header, run.steps[1:]  # the first step is the unprofiled warm-up
+        text = (log.parent / "profile.txt").read_text()
+        per_step = {  # torch.profiler's totals over the profiled steps, per step
+            kind: float(value) / (1000 if unit == "ms" else 1) / len(steps)
+            for kind, value, unit in re.findall(r"Self (CPU|CUDA) time total: ([\d.]+)(m?s)", text)
+        }
+        median = statistics.median
+        lines.append(
+            f"| {log.parent.parent.name} | {header['method']} | {header['args']['seq_len']} | {len(steps)} | "
+            f"{median(r['step_s'] for r in steps):.3f} | {median(r['forward_s'] for r in steps):.3f} | "
+            f"{median(r['backward_s'] for r in steps):.3f} | {per_step.get('CUDA', float('nan')):.3f} | "
+            f"{per_step.get('CPU', float('nan')):.3f} | {max(r['peak_gib'] for r in steps):.1f} | {header['device']} |"
+        )
+    if not lines:
+        return []
+    head = [
+        "| folder | method | tokens | profiled steps | step s (median) | forward s | backward s | GPU s / step "
+        "| host s / step | peak GiB | device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return head + lines
+
+
 def plot_real_model(logs: Path, out: Path) -> list[Path]:
     """The fidelity figure and `real-model.md` (fidelity, fine-tune accuracy and the 7B/8B cost tables)."""
     if not logs.exists():
@@ -239,6 +269,8 @@ def plot_real_model(logs: Path, out: Path) -> list[Path]:
         bench_table(logs),
     )
     sections.append(bench)
+    profiled = "Where a fine-tune step's time goes (`jenga.experiments.finetune --profile`)"
+    sections.append((profiled, "", profile_table(logs)))
     text = ["# Real-model study: SmolLM2-135M (generated from logs/real-model by `bash RUNME-a.sh`)", ""]
     for title, intro, table in sections:
         if table:

@@ -12,7 +12,7 @@ PREAMBLE = """# Benchmark results
 
 Generated from the JSON-lines logs in `benchmarks/logs/` by `bash RUNME-a.sh` (no GPU needed); the logs come
 from real runs of the commands named in each section, on the device each section names. Do not edit by hand.
-The last sweep section reads `logs/real-model/bench`, the cost table of the README.
+The last sweep sections read `logs/real-model/bench` (the cost table of the README) and `logs/longest`.
 
 """
 
@@ -25,7 +25,10 @@ BENCH_SWEEPS = [
     ("core-reference-scorer", "Core benchmark, first run (PyTorch reference scorer, no lean norms)"),
     ("eliminated-local", "The schema-1 default (a block-local attention pass for eliminated tokens), 8K"),
 ]
-FIGURE_SWEEPS = [("real-model/bench", "The exact-forward default on 7B/8B architectures (random weights)")]
+FIGURE_SWEEPS = [
+    ("real-model/bench", "The exact-forward default on 7B/8B architectures (random weights)"),
+    ("longest/shared-64k-h200", "64K on one H200 (uncapped): checkpoints on the GPU (+ckpt) or offloaded (+offckpt)"),
+]
 
 
 def run_sections(bench_logs: Path, logs: Path) -> list[str]:
