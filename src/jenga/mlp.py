@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .autocast import autocast_state
+from .autocast import compute_dtype
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,8 +50,9 @@ class GatedMLPFunction(torch.autograd.Function):
     Llama-2-7B) by the chunk instead of the sequence. Channels are ranked per chunk.
 
     Under autocast (fp32 master weights, bf16 compute) the projections run in the autocast dtype as the
-    unpatched MLP's would, activations are saved in that dtype, and backward runs under the same autocast
-    state: without it backward would multiply in fp32 against the fp32 weights, several times slower.
+    unpatched MLP's would, with each weight cast once per pass rather than once per chunk. Activations are
+    saved in that dtype (the weights by reference, uncast) and backward multiplies in it too: autograd runs
+    backward outside autocast, where products against the fp32 weights would run in fp32, several times slower.
     """
 
     @staticmethod
@@ -60,45 +61,46 @@ class GatedMLPFunction(torch.autograd.Function):
         width = gate_w.shape[0]
         count = kept_channels(width, keep)
         spans = [(s, min(s + chunk, tokens)) for s in range(0, tokens, chunk)]
-        out = saved_gate = saved_up = None
+        # Cast once, not per chunk: the dtype autocast would give each product (else the inputs' own)
+        dtype = compute_dtype(x)
+        weights = (gate_w, up_w, down_w)  # saved as given: a frozen weight by reference, never a cast copy
+        gate_w, up_w, down_w = (w.to(dtype) for w in weights)
+        gate_b, up_b, down_b = (None if b is None else b.to(dtype) for b in (gate_b, up_b, down_b))
+        out = x.new_empty(rows, tokens, down_w.shape[0], dtype=dtype)
+        saved_gate, saved_up = (x.new_empty(rows, tokens, count, dtype=dtype) for _ in range(2))
         channels = x.new_empty(rows, len(spans), count, dtype=torch.long) if count < width else None
-        for i, (s, e) in enumerate(spans):
-            gate = F.linear(x[:, s:e], gate_w, gate_b)
-            up = F.linear(x[:, s:e], up_w, up_b)
-            hidden = act_fn(gate) * up
-            down = F.linear(hidden, down_w, down_b)
-            if out is None:  # buffers in the dtypes the projections computed in (the autocast dtype under autocast)
-                out = down.new_empty(rows, tokens, down.shape[-1])
-                saved_gate, saved_up = gate.new_empty(rows, tokens, count), up.new_empty(rows, tokens, count)
-            out[:, s:e] = down
-            if channels is not None:
-                channels[:, i] = _top_channels(hidden, count)
-                gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
-            del hidden, down
-            saved_gate[:, s:e], saved_up[:, s:e] = gate, up
-        ctx.save_for_backward(saved_gate, saved_up, gate_w, up_w, down_w, channels)
+        with torch.autocast(x.device.type, enabled=False):
+            for i, (s, e) in enumerate(spans):
+                part = x[:, s:e].to(dtype)
+                gate = F.linear(part, gate_w, gate_b)
+                up = F.linear(part, up_w, up_b)
+                hidden = act_fn(gate) * up
+                out[:, s:e] = F.linear(hidden, down_w, down_b)
+                if channels is not None:
+                    channels[:, i] = _top_channels(hidden, count)
+                    gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
+                del hidden, part
+                saved_gate[:, s:e], saved_up[:, s:e] = gate, up
+        ctx.save_for_backward(saved_gate, saved_up, *weights, channels)
         ctx.act_fn, ctx.spans, ctx.x_dtype = act_fn, spans, x.dtype
-        ctx.autocast = autocast_state(x.device.type)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, gate_w, up_w, down_w, channels = ctx.saved_tensors
-        grad_x = None
-        with torch.autocast(**ctx.autocast):
-            for i, (s, e) in enumerate(ctx.spans):
-                for row in range(grad_out.shape[0]) if channels is not None else [slice(None)]:
-                    if channels is None:
-                        g_down, g_gate, g_up = down_w, gate_w, up_w
-                    else:
-                        idx = channels[row, i]
-                        g_down, g_gate, g_up = down_w[:, idx], gate_w[idx], up_w[idx]
-                    grad_hidden = grad_out[row, s:e] @ g_down
-                    grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[row, s:e], up[row, s:e])
-                    part = grad_gate @ g_gate + grad_up @ g_up
-                    if grad_x is None:
-                        grad_x = part.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
-                    grad_x[row, s:e] = part
+        gate, up, *weights, channels = ctx.saved_tensors
+        gate_w, up_w, down_w = (w.to(gate.dtype) for w in weights)
+        grad_out = grad_out.to(gate.dtype)
+        grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
+        for i, (s, e) in enumerate(ctx.spans):
+            for row in range(grad_out.shape[0]) if channels is not None else [slice(None)]:
+                if channels is None:
+                    g_down, g_gate, g_up = down_w, gate_w, up_w
+                else:
+                    idx = channels[row, i]
+                    g_down, g_gate, g_up = down_w[:, idx], gate_w[idx], up_w[idx]
+                grad_hidden = grad_out[row, s:e] @ g_down
+                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, gate[row, s:e], up[row, s:e])
+                grad_x[row, s:e] = grad_gate @ g_gate + grad_up @ g_up
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
 
 
