@@ -305,3 +305,12 @@ def test_trainer_callback_writes_step_records(tmp_path, accumulation):
         if not torch.cuda.is_available():
             assert s["peak_gib"] is None
     assert callback.recorder.records == []
+
+
+def test_op_profile_tables_the_work_it_ran():
+    """The table lists the operators `work` ran and the profiler's total (CPU time without a GPU)."""
+    from jenga.profiling import op_profile
+
+    a = torch.randn(64, 64)
+    table = op_profile(lambda: (a @ a).relu())
+    assert "aten::mm" in table and "aten::relu" in table and "Self CPU time total" in table

@@ -7,11 +7,11 @@
 runs every length in turn. Every rank builds the model exactly as the single-GPU runner does (`training.build`:
 weights, LoRA, then Jenga) and trains on its own batch-1 sequence of `seq` tokens, so the global batch is the
 GPU count. Before the engine shards the model, the first step is checked against one process on the whole
-global batch (`reference_step`). Jenga selects blocks and MLP channels
-per sequence, so selection needs no communication: the engine only reduces the LoRA gradients. Rank 0 writes
-the log (run header with num_gpus/backend, one record per step with every rank's time and peak memory, and a
-summary). The DeepSpeed configs are the JSON files in scripts/scalability/; FSDP is FSDP2 (`fully_shard` per
-decoder layer), the alternative where DeepSpeed is not installed.
+global batch (`reference_step`). Jenga selects blocks and MLP channels per sequence, so selection needs no
+communication: the engine only reduces the LoRA gradients. Rank 0 writes the log (run header with
+num_gpus/backend, one record per step with every rank's time and peak memory, and a summary). The DeepSpeed
+configs are the JSON files in scripts/scalability/; FSDP is FSDP2 (`fully_shard` per decoder layer), the
+alternative where DeepSpeed is not installed.
 """
 
 from __future__ import annotations
