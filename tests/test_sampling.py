@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import add_lora, batch, tiny_llama
 
 from jenga import JengaConfig, apply_jenga, jenga_state, remove_jenga
 from jenga.elimination import select_tokens
-from jenga.experiments.sampling import WeightedSelection, apply_sampled, uniform_scorer
+from jenga.experiments.sampling import WeightedSelection, apply_sampled, systematic_scorer, uniform_scorer
 
 
-def test_inverse_probability_weights_are_unbiased_per_block():
-    """Over many uniform draws, E[weight x kept] is 1 for every block (forced and drawn): the weighted kept
-    pass estimates the sum over every query row."""
+@pytest.mark.parametrize("draw", ["uniform", "systematic"])
+def test_inverse_probability_weights_are_unbiased_per_block(draw):
+    """Over many draws (uniform or systematic), E[weight x kept] is 1 for every block (forced and drawn): the
+    weighted kept pass estimates the sum over every query row."""
     torch.manual_seed(0)
     seq, bs, keep_blocks, draws = 16 * 10, 16, 5, 4000
+    config = JengaConfig(block_size=bs, attn_keep=keep_blocks / 10)
+    scorer = uniform_scorer if draw == "uniform" else systematic_scorer(config)
     total = torch.zeros(10)
     for _ in range(draws):
-        scores = uniform_scorer(0, torch.zeros(1, seq, 1), None, bs, None)
+        scores = scorer(0, torch.zeros(1, seq, 1), None, bs, None)
         s = select_tokens(scores, keep_blocks, bs, seq, sink_blocks=1, token_valid=None, recent_blocks=1)
         weighted = WeightedSelection(s.index, s.valid, s.seq_len, bs, 1, 1)
         y = torch.ones(1, s.num_kept, 1, requires_grad=True)
@@ -26,6 +30,16 @@ def test_inverse_probability_weights_are_unbiased_per_block():
     mean = total / draws
     assert mean[0] == 1 and mean[-1] == 1  # sink and recent blocks: always kept, weight 1
     assert torch.allclose(mean[1:-1], torch.ones(8), atol=0.06), mean  # drawn: weight 8/3, kept 3/8 of the time
+
+
+def test_systematic_draw_spreads_the_kept_blocks():
+    """Of 8 free blocks, 4 drawn at a stride of 2: exactly one of each pair, every time."""
+    config = JengaConfig(block_size=16, attn_keep=0.6)  # 10 blocks: 6 kept, 1 sink + 1 recent + 4 drawn
+    for seed in range(20):
+        torch.manual_seed(seed)
+        scores = systematic_scorer(config)(0, torch.zeros(2, 160, 1), None, 16, None)
+        drawn = scores[:, 1:9].view(2, 4, 2)
+        assert torch.equal(drawn.sum(dim=2), torch.ones(2, 4)) and scores[:, [0, 9]].sum() == 0
 
 
 def test_sampled_forward_is_dense_and_gradient_is_scaled():

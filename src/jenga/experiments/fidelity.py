@@ -45,7 +45,8 @@ def _authors(num_layers: int) -> JengaConfig:
     return JengaConfig(attn_keep=keep, mlp_keep=0.2, eliminated="zero", sink_blocks=0, recent_blocks=0)
 
 
-# name -> config for a model with n layers. "keyset", "rows" and "random" designs are not library configs: see
+# name -> config for a model with n layers. "keyset", "rows", "random" and "systematic" designs are not library
+# configs: see
 # `_keyset`, `_rows` and `jenga.experiments.sampling`.
 DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "default": lambda n: DEFAULT,
@@ -63,9 +64,11 @@ DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "rows-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
     "random": lambda n: DEFAULT,
     "random-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
+    "systematic": lambda n: DEFAULT,
+    "systematic-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
 }
 # Designs whose selection is random: measured over `--samples` draws per window.
-STOCHASTIC = ("random", "random-mlp-1.0")
+STOCHASTIC = ("random", "random-mlp-1.0", "systematic", "systematic-mlp-1.0")
 KEYSET_LOCAL_BLOCKS = 2  # the query's own block and the one before it
 LLAMA = LlamaFamilyAdapter()  # the explored designs patch LLaMA-family attention only
 
@@ -165,7 +168,7 @@ def _install(model: torch.nn.Module, design: str, config: JengaConfig) -> Callab
     if design.startswith("rows"):
         return _rows(model, config, detach_kv=design != "rows-kv")
     if design in STOCHASTIC:
-        return apply_sampled(model, config)
+        return apply_sampled(model, config, systematic=design.startswith("systematic"))
     apply_jenga(model, config)
     return functools.partial(remove_jenga, model)
 

@@ -40,6 +40,28 @@ def uniform_scorer(layer_idx, hidden_states, token_valid, block_size, query_key)
     return torch.rand(hidden_states.shape[0], nb, device=hidden_states.device)
 
 
+def systematic_scorer(config: JengaConfig) -> Callable[..., torch.Tensor]:
+    """Scores that make the selection a systematic draw: of the F free blocks (neither sink nor recent) it keeps
+    D at a stride of F / D from a uniform random offset, so each free block is kept with probability D / F,
+    as in the uniform draw (the same weights make it unbiased), but the kept blocks are spread evenly along the
+    sequence. Neighbouring blocks contribute similar gradients, so this draw's estimate varies less."""
+
+    def scorer(layer_idx, hidden_states, token_valid, block_size, query_key) -> torch.Tensor:
+        rows, nb = hidden_states.shape[0], num_blocks(hidden_states.shape[1], block_size)
+        keep = config.attn_keep if isinstance(config.attn_keep, float) else config.attn_keep[layer_idx]
+        free = nb - config.sink_blocks - config.recent_blocks
+        drawn = config.kept_blocks(nb, keep) - config.sink_blocks - config.recent_blocks
+        scores = torch.zeros(rows, nb, device=hidden_states.device)
+        if drawn <= 0 or free <= 0:
+            return scores
+        offset = torch.rand(rows, 1, device=scores.device)
+        steps = torch.arange(drawn, device=scores.device)
+        chosen = ((steps + offset) * (free / drawn)).floor().long().clamp(max=free - 1) + config.sink_blocks
+        return scores.scatter_(1, chosen, 1.0)
+
+    return scorer
+
+
 @dataclass
 class WeightedSelection(TokenSelection):
     """A uniform draw's selection: the kept pass's gradient rows are scaled by (free blocks) / (drawn blocks),
@@ -59,11 +81,12 @@ class WeightedSelection(TokenSelection):
         return super().with_gradient_from(value, ScaleGrad.apply(y, weight[..., None]))
 
 
-def apply_sampled(model: torch.nn.Module, config: JengaConfig) -> Callable[[], None]:
-    """`apply_jenga` with uniform selection and inverse-probability weights; returns the undo function."""
+def apply_sampled(model: torch.nn.Module, config: JengaConfig, systematic: bool = False) -> Callable[[], None]:
+    """`apply_jenga` with a random selection (uniform, or `systematic`) and inverse-probability weights;
+    returns the undo function. Unpadded batches only (the draw counts every block as real)."""
     if config.eliminated != "dense":
         raise ValueError("sampled selection weights the kept pass's gradient: it needs eliminated='dense'")
-    apply_jenga(model, config, scorer=uniform_scorer)
+    apply_jenga(model, config, scorer=systematic_scorer(config) if systematic else uniform_scorer)
     selector = jenga_state(model).selector
     choose = selector.choose
 
