@@ -45,7 +45,7 @@ def _authors(num_layers: int) -> JengaConfig:
     return JengaConfig(attn_keep=keep, mlp_keep=0.2, eliminated="zero", sink_blocks=0, recent_blocks=0)
 
 
-# name -> config for a model with n layers. "keyset", "rows" and the random designs are not library configs: see
+# name -> config for a model with n layers. "keyset", "rows" and "random" designs are not library configs: see
 # `_keyset`, `_rows` and `jenga.experiments.sampling`.
 DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "default": lambda n: DEFAULT,
@@ -63,21 +63,9 @@ DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "rows-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
     "random": lambda n: DEFAULT,
     "random-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
-    "systematic": lambda n: DEFAULT,
-    "systematic-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
-    "pps": lambda n: DEFAULT,
-    "pps-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
 }
-# Designs whose selection is random, by their draw (`jenga.experiments.sampling.Draw`): measured over
-# `--samples` draws per window.
-STOCHASTIC = {
-    "random": "uniform",
-    "random-mlp-1.0": "uniform",
-    "systematic": "systematic",
-    "systematic-mlp-1.0": "systematic",
-    "pps": "pps",
-    "pps-mlp-1.0": "pps",
-}
+# Designs whose selection is random: measured over `--samples` draws per window.
+STOCHASTIC = ("random", "random-mlp-1.0")
 KEYSET_LOCAL_BLOCKS = 2  # the query's own block and the one before it
 LLAMA = LlamaFamilyAdapter()  # the explored designs patch LLaMA-family attention only
 
@@ -177,7 +165,7 @@ def _install(model: torch.nn.Module, design: str, config: JengaConfig) -> Callab
     if design.startswith("rows"):
         return _rows(model, config, detach_kv=design != "rows-kv")
     if design in STOCHASTIC:
-        return apply_sampled(model, config, STOCHASTIC[design])
+        return apply_sampled(model, config)
     apply_jenga(model, config)
     return functools.partial(remove_jenga, model)
 
