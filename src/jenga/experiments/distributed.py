@@ -113,10 +113,9 @@ def launch(job: Job) -> list[dict[str, Any]]:
         records = read_jsonl(log) if log.exists() else []
         summary = next((r for r in records if r.get("record") == "summary"), None)
         if summary is None:
+            error = "see" if stopped is None else f"not run: the job stopped at {stopped} tokens; see"
             summary = {"record": "summary", "status": "oom" if oom else "failed", "exit_code": exit_code}
-            summary["error"] = f"see {output.name}"
-            if stopped is not None:
-                summary["error"] = f"not run: the job stopped at {stopped} tokens ({output.name})"
+            summary["error"] = f"{error} {output.name}"
             stopped = stopped or seq
             with JsonlWriter(log, append=True) as writer:
                 writer.write(summary)
@@ -246,6 +245,25 @@ def run_rank(
     vocab_size = model.config.vocab_size
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
+    header = {  # what every length's log header shares; the length and the reference are added per log
+        "experiment": "scalability",
+        "model": Path(model_name).name,
+        "method": method.name,
+        "method_description": method.description,
+        "batch": 1,
+        "global_batch": world,
+        "num_gpus": world,
+        "backend": backend,
+        "engine": str(accelerator.distributed_type).split(".")[-1],
+        "ds_config": ds_config(backend).name if backend.startswith("deepspeed") else None,
+        "dtype": "bfloat16",
+        "lora": "r=8 q/k/v/o",
+        "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
+        "gradient_checkpointing": method.checkpointing,
+        "weights": weights,
+        "built_for_seq_len": max(seqs),
+        "job_seqs": seqs,
+    }
     summaries, combine = [], combine_ranks(rank)
     for seq, path in zip(seqs, paths, strict=True):
         norms: list[float] = []
@@ -263,28 +281,8 @@ def run_rank(
 
         writer = JsonlWriter(path) if rank == 0 else None
         if writer is not None:
-            header = {
-                "experiment": "scalability",
-                "model": Path(model_name).name,
-                "method": method.name,
-                "method_description": method.description,
-                "seq_len": seq,
-                "batch": 1,
-                "global_batch": world,
-                "num_gpus": world,
-                "backend": backend,
-                "engine": str(accelerator.distributed_type).split(".")[-1],
-                "ds_config": ds_config(backend).name if backend.startswith("deepspeed") else None,
-                "dtype": "bfloat16",
-                "lora": "r=8 q/k/v/o",
-                "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
-                "gradient_checkpointing": method.checkpointing,
-                "weights": weights,
-                "built_for_seq_len": max(seqs),
-                "job_seqs": seqs,
-                "reference": reference if seq == seqs[0] else None,
-            }
-            writer.write(run_header(command, extra=header))
+            this = {"seq_len": seq, "reference": reference if seq == seqs[0] else None}
+            writer.write(run_header(command, extra={**header, **this}))
         stats = train_steps(
             model,
             steps,

@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.profile is not None:
             train(1)
-            (args.out / "profile.txt").write_text(op_profile(lambda: train(args.profile)))
-            print((args.out / "profile.txt").read_text())
+            table = op_profile(lambda: train(args.profile))
+            (args.out / "profile.txt").write_text(table)
+            print(table)
             return
         stats = train(args.steps)
         seconds = time.perf_counter() - started
