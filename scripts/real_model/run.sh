@@ -54,7 +54,9 @@ for stage in $stages; do
       wait ;;
     eval)
       done_ok() { grep -qs '"status": "ok"' "$logs/eval/$1.jsonl"; }
-      runs=$(for r in "$logs"/runs/*/; do [ -f "$r/adapter/seq_len" ] && ! done_ok "$(basename "$r")" && echo "$r"; done)
+      runs=$(for r in "$logs"/runs/*/; do
+        if [ -f "$r/adapter/seq_len" ] && ! done_ok "$(basename "$r")"; then echo "$r"; fi
+      done)
       evaluate() { $py -m jenga.experiments.accuracy --base $base --data dataset/code-corpus --tasks-dir $tasks \
         --windows 8192 16384 32768 --limit "${LIMIT:-40}" --batch 4 --logs "$logs/eval" "$@"; }
       done_ok base || { slot; evaluate & }

@@ -59,6 +59,9 @@ JENGA_ABLATIONS = {
 # `jenga` with uniformly random kept blocks and inverse-probability gradient weights (`jenga.experiments.sampling`):
 # an unbiased attention gradient in place of the oracle's biased one; `-mlp1` also saves every MLP channel.
 SAMPLED = {"jenga-random": {}, "jenga-random-mlp1": {"mlp_keep": 1.0}}
+# The benchmark's Jenga schedules (`jenga.experiments.methods`), so a fine-tune measures the accuracy of the very
+# configuration whose cost the runner measures.
+SCHEDULES = ("jenga-attn", "jenga-a0.75", "jenga-a0.9", "jenga-mlp")
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
 EXTRAS = "extra_trainables.safetensors"
@@ -72,8 +75,8 @@ def accuracy_method(name: str, predictor: Path | None) -> Method:
     if name in JENGA_ABLATIONS or name in SAMPLED:
         change = JENGA_ABLATIONS.get(name, SAMPLED.get(name))
         return replace(jenga, name=name, jenga=replace(jenga.jenga, **change))
-    if name not in ACCURACY_METHODS:
-        known = ", ".join([*ACCURACY_METHODS, *JENGA_ABLATIONS, *SAMPLED])
+    if name not in ACCURACY_METHODS and name not in SCHEDULES:
+        known = ", ".join([*ACCURACY_METHODS, *SCHEDULES, *JENGA_ABLATIONS, *SAMPLED])
         raise ValueError(f"unknown method {name!r}; the accuracy study compares {known}")
     if name == "jenga-predictor":
         if predictor is None or not (Path(predictor) / "predictor.json").exists():
@@ -167,7 +170,7 @@ def load_merged(run: Path, base: Path, device: str = "cpu", dtype: torch.dtype =
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--base", type=Path, required=True, help="trained base model folder (with tokenizer)")
-    methods = [*ACCURACY_METHODS, *JENGA_ABLATIONS, *SAMPLED]
+    methods = [*ACCURACY_METHODS, *SCHEDULES, *JENGA_ABLATIONS, *SAMPLED]
     parser.add_argument(
         "--method", required=True, choices=methods, metavar="METHOD", help=f"one of: {', '.join(methods)}"
     )

@@ -76,6 +76,21 @@ _BASE = [
         jenga=replace(HALF, mlp_keep=1.0),
     ),
     Method(
+        "jenga-a0.75",
+        "Jenga with attention keep 0.75 and MLP keep 1.0, segmented loss",
+        jenga=replace(HALF, attn_keep=0.75, mlp_keep=1.0),
+    ),
+    Method(
+        "jenga-a0.9",
+        "Jenga with attention keep 0.9 and MLP keep 1.0, segmented loss",
+        jenga=replace(HALF, attn_keep=0.9, mlp_keep=1.0),
+    ),
+    Method(
+        "jenga-mlp",
+        "Jenga with MLP channel sparsity only: attention keep 1.0 (no elimination), MLP keep 0.5, segmented loss",
+        jenga=replace(HALF, attn_keep=1.0),
+    ),
+    Method(
         "jenga",
         "Jenga's default: attention and MLP keep 0.5 (first 2 layers and the last dense), eliminated tokens get "
         "their dense output without autograd",
