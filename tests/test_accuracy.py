@@ -171,7 +171,7 @@ def test_every_method_finetunes_and_merges_to_the_same_model(base, built, predic
 
 
 def test_ablations_change_one_schedule_field():
-    jenga = finetune.accuracy_method("jenga", None).jenga
+    jenga = finetune.accuracy_method("jenga-0.5", None).jenga
     for name, change in {**finetune.JENGA_ABLATIONS, **finetune.SAMPLED}.items():
         config = finetune.accuracy_method(name, None).jenga
         differs = {k for k, v in config.to_dict().items() if v != jenga.to_dict()[k]}
@@ -291,3 +291,19 @@ def test_pretrain_runs_the_shared_loop_and_saves_a_checkpoint(built, tmp_path):
     assert [("validation_loss" in r) for r in steps] == [False, True, False, True]
     assert records[-1]["record"] == "summary" and records[-1]["status"] == "ok" and records[-1]["steps"] == 4
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_finished_run_checks_the_logged_config(tmp_path):
+    """run.sh skips a finished fine-tune only when it ran the method's config of today: a `jenga` run of the
+    schema-3 default (keep 0.5 / 0.5) is an error for today's `jenga`, and finished for `jenga-0.5`."""
+    run = tmp_path / "jenga-s0"
+    assert not finetune.finished_run(run, "jenga")
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter/seq_len").write_text("4096")
+    old = {**finetune.accuracy_method("jenga-0.5", None).jenga.to_dict(), "schema_version": 3}
+    (run / "finetune_log.jsonl").write_text(json.dumps({"record": "header", "jenga_config": old}) + "\n")
+    with pytest.raises(SystemExit, match="another Jenga config"):
+        finetune.finished_run(run, "jenga")
+    assert finetune.finished_run(run, "jenga-0.5")
+    (run / "finetune_log.jsonl").write_text(json.dumps({"record": "header", "jenga_config": None}) + "\n")
+    assert finetune.finished_run(run, "lora")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from conftest import tiny_llama
 from jenga import JengaConfig
 from jenga.experiments.fidelity import DESIGNS, measure
 from jenga.experiments.training import add_attention_lora
-from jenga.plotting.real_model import bench_table, plot_real_model, profile_table, study_tables
+from jenga.plotting.real_model import bench_table, plot_real_model, profile_table, study_tables, tradeoff_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +27,11 @@ def test_fidelity_default_is_the_dense_forward_and_zero_is_not():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
     windows = torch.randint(0, 128, (2, 256))
-    small = JengaConfig(block_size=32, dense_first_layers=1)
+    small = JengaConfig(block_size=32, dense_first_layers=1, attn_keep=0.5, mlp_keep=0.5)
     default = measure(model, windows, "default", small)
     assert default["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert 0.0 < default["grad_cosine"] < 0.9999  # the backward runs over the kept subset only
-    zero = measure(model, windows, "zero", JengaConfig(block_size=32, dense_first_layers=1, eliminated="zero"))
+    zero = measure(model, windows, "zero", replace(small, eliminated="zero"))
     assert abs(zero["ppl_ratio"] - 1.0) > 1e-3
     keyset = measure(model, windows, "keyset", small)
     assert keyset["ppl_ratio"] != pytest.approx(1.0, abs=1e-6) and keyset["grad_cosine"] > 0
@@ -49,19 +50,30 @@ def _write(path: Path, *records: dict) -> None:
 
 
 def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
+    """Cost ratios use the LoRA run of the same sweep (folder); the trade-off joins a fine-tuned schedule to its
+    cost rows on the logged config, whatever the methods' names."""
     head = {"record": "header", "device": "GPU", "memory_cap_gib": 80.0}
-    for method, ckpt, seq, peak, step in [
-        ("lora", False, 8192, 60.0, 1.0),
-        ("jenga", False, 8192, 30.0, 0.9),
-        ("lora+ckpt", True, 65536, 50.0, 10.0),
-        ("jenga+ckpt", True, 65536, 40.0, 7.0),
+    half = JengaConfig(attn_keep=0.5, mlp_keep=0.5).to_dict()
+    mlp_only = JengaConfig(attn_keep=1.0, mlp_keep=0.5).to_dict()
+    for sweep, method, ckpt, seq, peak, step in [
+        ("bench", "lora", False, 8192, 60.0, 1.0),
+        ("bench", "jenga", False, 8192, 30.0, 0.9),
+        ("bench", "lora+ckpt", True, 65536, 50.0, 10.0),
+        ("bench", "jenga+ckpt", True, 65536, 40.0, 7.0),
+        ("bench-schedules/b", "lora", False, 8192, 80.0, 2.0),
+        ("bench-schedules/b", "jenga-0.5", False, 8192, 20.0, 1.0),
+        ("bench-schedules/b", "jenga-mlp", False, 8192, 40.0, 1.8),
     ]:
         h = {**head, "model": "m", "method": method, "seq_len": seq, "gradient_checkpointing": ckpt}
+        h["jenga_config"] = {"jenga-mlp": mlp_only}.get(method, half) if method.startswith("jenga") else None
         summary = {"record": "summary", "status": "ok", "peak_gib": peak, "median_step_s": step}
-        _write(tmp_path / "bench" / f"m_{method}_{seq}.jsonl", h, summary)
+        _write(tmp_path / sweep / f"m_{method}_{seq}.jsonl", h, summary)
     rows = bench_table(tmp_path)
-    assert any("| jenga | 30.0 | 0.50 | 0.900 | 0.90 |" in r for r in rows)
-    assert any("| jenga+ckpt | 40.0 | 0.80 | 7.000 | 0.70 |" in r for r in rows)
+    assert any("| bench | m | 8192 | jenga | 0.5 / 0.5 | 30.0 | 0.50 | 0.900 | 0.90 |" in r for r in rows)
+    assert any("| jenga+ckpt | 0.5 / 0.5 | 40.0 | 0.80 | 7.000 | 0.70 |" in r for r in rows)
+    assert any(
+        "| bench-schedules/b | m | 8192 | jenga-0.5 | 0.5 / 0.5 | 20.0 | 0.25 | 1.000 | 0.50 |" in r for r in rows
+    )
 
     def evaluation(name: str, ppl: float, passkey: float) -> list[dict]:
         return [
@@ -74,15 +86,28 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
     _write(study / "eval" / "lora-s0.jsonl", *evaluation("lora-s0", 4.0, 50.0))
     _write(study / "eval" / "lora-s1.jsonl", *evaluation("lora-s1", 6.0, 50.0))
     _write(study / "eval" / "jenga-s0.jsonl", *evaluation("jenga-s0", 5.5, 75.0))
+    recipe = {"base": "b", "rope_parameters": {"rope_type": "linear", "factor": 2}, "dtype": "fp32", "device": "cpu"}
+    args = {"seq_len": 8192, "steps": 2, "batch": 1, "lr": 1e-4, "trainable": []}
+    finetune = {"record": "header", "jenga_config": half, "args": args, **recipe}
+    _write(study / "runs" / "jenga-s0" / "finetune_log.jsonl", finetune)
+    _write(study / "eval" / "mlp-s0.jsonl", *evaluation("mlp-s0", 5.2, 50.0))
+    _write(study / "runs" / "mlp-s0" / "finetune_log.jsonl", {**finetune, "jenga_config": mlp_only})
     table = "\n".join(study_tables(study))
-    assert "| lora | 2 | 5.000 ± 1.414 | 1.000x | 50.000 ± 0.000 |" in table  # mean ± std over seeds
-    assert "| jenga | 1 | 5.500 | 1.100x | 75.000 |" in table  # against the mean of the LoRA seeds
+    assert "| lora | — | 2 | 5.000 ± 1.414 | 1.000x | 50.000 ± 0.000 |" in table  # mean ± std over seeds
+    assert "| jenga | 0.5 / 0.5 | 1 | 5.500 | 1.100x | 75.000 |" in table  # against the mean of the LoRA seeds
     assert "| jenga-s0 | 5.500 | 75.0 (4) | — |" in table
+    # the study's jenga (keep 0.5 / 0.5) meets both sweeps' rows of that config; the later sweep's ratio is kept
+    assert tradeoff_table(tmp_path)[2:] == [
+        "| study-x | jenga | 0.5 / 0.5 | 1 | 1.100x @8192 | 0.25 / 0.50 |",
+        "| study-x | mlp | 1 / 0.5 | 1 | 1.040x @8192 | 0.50 / 0.90 |",
+    ]
     fidelity = {"record": "fidelity", "design": "default", "seq_len": 256, "ppl_ratio": 1.0, "grad_cosine": 0.5}
-    _write(tmp_path / "fidelity-x" / "fidelity_code.jsonl", {**head, "domain": "code", "windows": 2}, fidelity)
+    header = {**head, "domain": "code", "windows": 2, "designs": {"default": JengaConfig().to_dict()}}
+    _write(tmp_path / "fidelity-x" / "fidelity_code.jsonl", header, fidelity)
     written = plot_real_model(tmp_path, tmp_path / "out")
-    assert [p.name for p in written] == ["fidelity.png", "study-x.png", "real-model.md"]
-    assert "| default | GPU | code | 256 | 2 | 1.000 | 0.500 | — |" in (tmp_path / "out" / "real-model.md").read_text()
+    assert [p.name for p in written] == ["fidelity.png", "study-x.png", "tradeoff-study-x.png", "real-model.md"]
+    report = (tmp_path / "out" / "real-model.md").read_text()
+    assert "| default | 0.9 / 1 | GPU | code | 256 | 2 | 1.000 | 0.500 | — |" in report
 
 
 def test_profile_table_reads_the_profiled_steps_and_the_profiler_totals(tmp_path):

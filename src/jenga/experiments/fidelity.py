@@ -37,6 +37,8 @@ from .sampling import apply_sampled
 from .training import add_attention_lora
 
 DEFAULT = JengaConfig()
+# The designs below vary the keep-0.5 schedule (the default of config schemas 2-3), as when they were measured.
+HALF = JengaConfig(attn_keep=0.5, mlp_keep=0.5)
 
 
 def _authors(num_layers: int) -> JengaConfig:
@@ -49,23 +51,27 @@ def _authors(num_layers: int) -> JengaConfig:
 # `_keyset`, `_rows` and `jenga.experiments.sampling`.
 DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "default": lambda n: DEFAULT,
-    "keep-0.25": lambda n: replace(DEFAULT, attn_keep=0.25),
-    "keep-0.75": lambda n: replace(DEFAULT, attn_keep=0.75),
-    "mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
-    "keep-0.75-mlp-1.0": lambda n: replace(DEFAULT, attn_keep=0.75, mlp_keep=1.0),
-    "keep-0.9-mlp-1.0": lambda n: replace(DEFAULT, attn_keep=0.9, mlp_keep=1.0),
-    "mlp-only": lambda n: replace(DEFAULT, attn_keep=1.0),
-    "zero": lambda n: replace(DEFAULT, eliminated="zero"),
-    "zero-0.75": lambda n: replace(DEFAULT, eliminated="zero", attn_keep=0.75),
-    "zero-0.9": lambda n: replace(DEFAULT, eliminated="zero", attn_keep=0.9),
+    "keep-0.25": lambda n: replace(HALF, attn_keep=0.25),
+    "keep-0.75": lambda n: replace(HALF, attn_keep=0.75),
+    "mlp-1.0": lambda n: replace(HALF, mlp_keep=1.0),
+    "keep-0.75-mlp-1.0": lambda n: replace(HALF, attn_keep=0.75, mlp_keep=1.0),
+    "keep-0.9-mlp-1.0": lambda n: replace(HALF, attn_keep=0.9, mlp_keep=1.0),
+    "mlp-only": lambda n: replace(HALF, attn_keep=1.0),
+    "mlp-only-0.75": lambda n: replace(HALF, attn_keep=1.0, mlp_keep=0.75),
+    "mlp-only-0.9": lambda n: replace(HALF, attn_keep=1.0, mlp_keep=0.9),
+    "keep-0.8-mlp-1.0": lambda n: replace(HALF, attn_keep=0.8, mlp_keep=1.0),
+    "zero": lambda n: replace(HALF, eliminated="zero"),
+    "zero-0.75": lambda n: replace(HALF, eliminated="zero", attn_keep=0.75),
+    "zero-0.9": lambda n: replace(HALF, eliminated="zero", attn_keep=0.9),
     "authors": _authors,
-    "keyset": lambda n: replace(DEFAULT, attn_keep=0.5, mlp_keep=1.0),
-    "keyset-0.25": lambda n: replace(DEFAULT, attn_keep=0.25, mlp_keep=1.0),
-    "rows": lambda n: DEFAULT,
-    "rows-kv": lambda n: DEFAULT,
-    "rows-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
-    "random": lambda n: DEFAULT,
-    "random-mlp-1.0": lambda n: replace(DEFAULT, mlp_keep=1.0),
+    "keyset": lambda n: replace(HALF, attn_keep=0.5, mlp_keep=1.0),
+    "keyset-0.25": lambda n: replace(HALF, attn_keep=0.25, mlp_keep=1.0),
+    "rows": lambda n: HALF,
+    "rows-kv": lambda n: HALF,
+    "rows-mlp-1.0": lambda n: replace(HALF, mlp_keep=1.0),
+    "rows-0.9-mlp-1.0": lambda n: replace(HALF, attn_keep=0.9, mlp_keep=1.0),
+    "random": lambda n: HALF,
+    "random-mlp-1.0": lambda n: replace(HALF, mlp_keep=1.0),
 }
 # Designs whose selection is random: measured over `--samples` draws per window.
 STOCHASTIC = ("random", "random-mlp-1.0")

@@ -14,6 +14,7 @@ trainable weights) and, with --merged, a merged Hugging Face checkpoint that any
 from __future__ import annotations
 
 import functools
+import json
 import random
 import time
 from dataclasses import replace
@@ -26,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import apply_jenga, jenga_state, remove_jenga
 from ..cli import make_parser
+from ..config import JengaConfig
 from ..data.loaders import load_documents
 from ..data.tasks import training_example
 from ..profiling import JsonlWriter, op_profile, run_header
@@ -35,7 +37,8 @@ from .sampling import apply_sampled
 from .training import add_attention_lora, interpolate_positions, train_steps
 
 ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
-# Ablations of `jenga` (oracle scoring) that locate what costs accuracy: which config field changes.
+# Ablations of `jenga-0.5` (oracle scoring, keep 0.5: the default of config schemas 2-3) that locate what costs
+# accuracy: which config field changes.
 # `jenga-zero` is the paper's elimination (no attention output for eliminated blocks); logs of the toy-base study
 # name it `jenga-nolocal` (its `jenga` rows ran the schema-1 block-local pass, see docs/toy-accuracy.md).
 # The per-layer lists are for the 6-layer accuracy base, whose sparse layers are 2-4: one sparse attention
@@ -61,7 +64,7 @@ JENGA_ABLATIONS = {
 SAMPLED = {"jenga-random": {}, "jenga-random-mlp1": {"mlp_keep": 1.0}}
 # The benchmark's Jenga schedules (`jenga.experiments.methods`), so a fine-tune measures the accuracy of the very
 # configuration whose cost the runner measures.
-SCHEDULES = ("jenga-attn", "jenga-a0.75", "jenga-a0.9", "jenga-mlp")
+SCHEDULES = ("jenga-0.5", "jenga-attn", "jenga-a0.75", "jenga-mlp")
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
 EXTRAS = "extra_trainables.safetensors"
@@ -69,9 +72,9 @@ EXTRAS = "extra_trainables.safetensors"
 
 def accuracy_method(name: str, predictor: Path | None) -> Method:
     """The benchmark method of that name, minus its own extra trainables (every method here trains the same
-    parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder; the ablations are
-    `jenga` with one schedule field changed."""
-    jenga = get_method("jenga")
+    parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder; the ablations and
+    sampled designs are `jenga-0.5` with one schedule field changed."""
+    jenga = get_method("jenga-0.5")
     if name in JENGA_ABLATIONS or name in SAMPLED:
         change = JENGA_ABLATIONS.get(name, SAMPLED.get(name))
         return replace(jenga, name=name, jenga=replace(jenga.jenga, **change))
@@ -83,6 +86,22 @@ def accuracy_method(name: str, predictor: Path | None) -> Method:
             raise ValueError(f"method jenga-predictor needs --predictor <folder with predictor.json>, got {predictor}")
         return replace(jenga, name=name, predictor=str(predictor))
     return replace(get_method(name), train_embed_norm=False)
+
+
+def finished_run(run: Path, method: str) -> bool:
+    """Whether `run` holds a finished fine-tune of `method` as it is configured today. A finished run of another
+    Jenga config under that name (the default changed in config schema 4) is an error, not a silent skip."""
+    log = Path(run) / "finetune_log.jsonl"
+    if not (Path(run) / "adapter" / "seq_len").exists() or not log.exists():
+        return False
+    logged = json.loads(log.read_text().splitlines()[0]).get("jenga_config")
+    today = accuracy_method(method, None if method != "jenga-predictor" else Path(run)).jenga
+    if (logged and JengaConfig.from_dict(logged)) != today:
+        raise SystemExit(
+            f"{run} holds a finished {method!r} fine-tune of another Jenga config than {method!r} has today "
+            f"({logged} against {today.to_dict() if today else None}); move that folder away or choose another LOGS"
+        )
+    return True
 
 
 def scaled_config(base: Path, seq_len: int):

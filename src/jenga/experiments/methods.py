@@ -12,8 +12,10 @@ from dataclasses import dataclass, replace
 
 from ..config import JengaConfig
 
-# Every field pinned by the schema version the config carries; "jenga" is the library default.
-HALF = JengaConfig()
+# Every field pinned by the schema version the config carries; "jenga" is the library default. HALF is the
+# default of schemas 2-3 (keep 0.5 for attention and MLP): the speed schedule most ablations start from.
+DEFAULT = JengaConfig()
+HALF = JengaConfig(attn_keep=0.5, mlp_keep=0.5)
 QUARTER = replace(HALF, attn_keep=0.25, mlp_keep=0.25)
 ZERO = replace(HALF, eliminated="zero")
 
@@ -81,19 +83,20 @@ _BASE = [
         jenga=replace(HALF, attn_keep=0.75, mlp_keep=1.0),
     ),
     Method(
-        "jenga-a0.9",
-        "Jenga with attention keep 0.9 and MLP keep 1.0, segmented loss",
-        jenga=replace(HALF, attn_keep=0.9, mlp_keep=1.0),
-    ),
-    Method(
         "jenga-mlp",
         "Jenga with MLP channel sparsity only: attention keep 1.0 (no elimination), MLP keep 0.5, segmented loss",
         jenga=replace(HALF, attn_keep=1.0),
     ),
     Method(
         "jenga",
-        "Jenga's default: attention and MLP keep 0.5 (first 2 layers and the last dense), eliminated tokens get "
-        "their dense output without autograd",
+        "Jenga's default: attention keep 0.9, MLP keep 1.0 (first 2 layers and the last dense), eliminated tokens "
+        "get their dense output without autograd",
+        jenga=DEFAULT,
+    ),
+    Method(
+        "jenga-0.5",
+        "Jenga, attention and MLP keep 0.5 (first 2 layers and the last dense): the speed schedule, the default "
+        "before schema 4",
         jenga=HALF,
     ),
     Method(

@@ -5,7 +5,10 @@
 - `<study>/runs/<method>-s<seed>/finetune_log.jsonl` and `<study>/eval/<run>.jsonl` (`jenga.experiments.finetune`,
   `jenga.experiments.accuracy`): dense-evaluation perplexity and retrieval scores of each fine-tune, one table
   and figure per study folder (`pilot-8k`, `study-32k`), methods aggregated over seeds.
-- `bench/*.jsonl` (`jenga.experiments.run`): the default's peak memory and step time against LoRA, same sweep.
+- `bench*/**/*.jsonl` (`jenga.experiments.run`): peak memory and step time of Jenga's schedules against LoRA, one
+  sweep per folder (ratios only within a sweep).
+- The trade-off: per schedule (attention / MLP keep), the fine-tune's perplexity against LoRA's next to its cost on
+  7B/8B architectures, joined on the logged `jenga_config`, not on method names (the default changed in schema 4).
 """
 
 from __future__ import annotations
@@ -19,6 +22,18 @@ from .logs import load_runs, read_run
 from .style import color, figure, save
 
 
+def schedule(config: dict | None) -> str:
+    """ "attention keep / MLP keep" of a logged `jenga_config` ("—" for no Jenga; lists as their mean)."""
+    if not config:
+        return "—"
+
+    def ratio(value: float | list[float]) -> str:
+        return f"{value:g}" if not isinstance(value, list) else f"mean {statistics.mean(value):.2f}"
+
+    zero = ", zero output" if config.get("eliminated") == "zero" else ""
+    return f"{ratio(config['attn_keep'])} / {ratio(config['mlp_keep'])}{zero}"
+
+
 def _fidelity_records(logs: Path) -> list[tuple[dict, dict]]:
     """(header, record) for every fidelity record of the logs under `logs`."""
     return [(run.header, r) for run in load_runs(logs, recursive=True) for r in run.of("fidelity")]
@@ -29,15 +44,16 @@ def fidelity_table(logs: Path) -> list[str]:
     if not rows:
         return []
     lines = [
-        "| design | device | domain | tokens | windows | training-forward ppl / dense | LoRA-gradient cosine | "
-        "cosine of the mean of draws |",
-        "|---|---|---|---|---|---|---|---|",
+        "| design | attention / MLP keep | device | domain | tokens | windows | training-forward ppl / dense | "
+        "LoRA-gradient cosine | cosine of the mean of draws |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for header, r in rows:
         draws = r.get("samples", 1)
         of_mean = f"{r['grad_cosine_of_mean']:.3f} ({draws})" if draws > 1 else "—"
+        keep = schedule(header.get("designs", {}).get(r["design"]))
         lines.append(
-            f"| {r['design']} | {header.get('device', '?')} | {header.get('domain', '?')} | {r['seq_len']} | "
+            f"| {r['design']} | {keep} | {header.get('device', '?')} | {header.get('domain', '?')} | {r['seq_len']} | "
             f"{header.get('windows', '?')} | {r['ppl_ratio']:.3f} | {r['grad_cosine']:.3f} | {of_mean} |"
         )
     return lines
@@ -80,12 +96,16 @@ def _eval_summary(study: Path) -> dict[str, dict]:
             scores[r["task"]].append((r["score"], r["samples"]))
         tasks = {t: (sum(s * n for s, n in v) / sum(n for _, n in v), sum(n for _, n in v)) for t, v in scores.items()}
         h = run.header
+        log = study / "runs" / str(h.get("run")) / "finetune_log.jsonl"
+        finetune = read_run(log) if log.exists() else None
         result[h["model"]] = {
             "method": h["method"],
             "seed": h.get("seed"),
             "run": h.get("run"),
             "ppl": ppl,
             "tasks": tasks,
+            "config": finetune.header.get("jenga_config") if finetune else None,
+            "steps": finetune.steps if finetune else [],
         }
     return result
 
@@ -113,7 +133,7 @@ def study_tables(study: Path) -> list[str]:
     methods = _by_method(evals)
     lora = {w: statistics.mean(e["ppl"][w] for e in methods.get("lora", [])) for w in windows if "lora" in methods}
     head = [f"ppl @{w}" for w in windows] + [f"vs LoRA @{w}" for w in windows] + list(tasks)
-    lines = ["| method | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    lines = ["| method | attention / MLP keep | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 3) + "|"]
     for method, group in methods.items():
         ppl = [[e["ppl"][w] for e in group if w in e["ppl"]] for w in windows]
         cells = [_spread(v) if v else "—" for v in ppl]
@@ -122,7 +142,7 @@ def study_tables(study: Path) -> list[str]:
             for v, w in zip(ppl, windows, strict=True)
         ]
         cells += [_spread([e["tasks"][t][0] for e in group if t in e["tasks"]]) for t in tasks]
-        lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {schedule(group[0]['config'])} | {len(group)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| model | "
@@ -135,9 +155,7 @@ def study_tables(study: Path) -> list[str]:
     for name, e in sorted(evals.items()):
         cells = [f"{e['ppl'][w]:.3f}" if w in e["ppl"] else "—" for w in windows]
         cells += [f"{e['tasks'][t][0]:.1f} ({e['tasks'][t][1]})" if t in e["tasks"] else "—" for t in tasks]
-        log = study / "runs" / str(e["run"]) / "finetune_log.jsonl"
-        finetune = read_run(log) if log.exists() else None
-        steps = finetune.steps if finetune else []
+        steps = e["steps"]
         loss = f"{statistics.mean(r['loss'] for r in steps[-20:]):.3f}" if steps else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {loss} |")
     return lines
@@ -190,36 +208,152 @@ def plot_study(study: Path, out: Path) -> list[Path]:
     return [save(fig, out / f"{study.name}.png", caption)]
 
 
+def _sweeps(logs: Path) -> dict[str, list]:
+    """Runner logs under `logs/bench*`, per folder: one folder is one sweep (its own LoRA baseline)."""
+    sweeps: dict[str, list] = defaultdict(list)
+    for folder in sorted(logs.glob("bench*")):
+        for run in load_runs(folder, recursive=True):
+            sweeps[str(run.path.parent.relative_to(logs))].append(run)
+    return sweeps
+
+
+def _costs(logs: Path) -> list[dict]:
+    """One row per runner log: the run, its sweep, and its peak and step time against LoRA's of the same sweep,
+    model, length and checkpointing (None when that LoRA run is missing or failed)."""
+    rows = []
+    for sweep, runs in _sweeps(logs).items():
+        base = {
+            (r.header["model"], r.header["seq_len"], bool(r.header.get("gradient_checkpointing"))): r.summary
+            for r in runs
+            if r.header["method"] in ("lora", "lora+ckpt")
+        }
+        for run in runs:
+            h, s = run.header, run.summary
+            ref = base.get((h["model"], h["seq_len"], bool(h.get("gradient_checkpointing"))))
+            both_ok = s.get("status") == "ok" and ref is not None and ref.get("status") == "ok"
+            rows.append(
+                {
+                    "sweep": sweep,
+                    "header": h,
+                    "summary": s,
+                    "lora_status": ref.get("status") if ref else None,
+                    "memory": s["peak_gib"] / ref["peak_gib"] if both_ok else None,
+                    "time": s["median_step_s"] / ref["median_step_s"] if both_ok else None,
+                }
+            )
+    rows.sort(key=lambda r: (r["sweep"], r["header"]["model"], r["header"]["seq_len"], r["header"]["method"] != "lora"))
+    return rows
+
+
 def bench_table(logs: Path) -> list[str]:
-    runs = [(run.header, run.summary) for run in load_runs(logs / "bench")]
-    if not runs:
+    rows = _costs(logs)
+    if not rows:
         return []
-    runs.sort(key=lambda run: (run[0]["model"], run[0]["seq_len"], not run[0]["method"].startswith("lora")))
-    base = {
-        (h["model"], h["seq_len"], bool(h.get("gradient_checkpointing"))): s
-        for h, s in runs
-        if h["method"] in ("lora", "lora+ckpt")
-    }
     lines = [
-        "| model | tokens | method | peak GiB | vs LoRA | step s | vs LoRA | device (memory cap) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sweep | model | tokens | method | attention / MLP keep | peak GiB | vs LoRA | step s | vs LoRA | "
+        "device (memory cap) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for h, s in runs:
+    for row in rows:
+        h, s = row["header"], row["summary"]
         device = f"{h['device']} ({h['memory_cap_gib']:.0f} GiB)" if h.get("memory_cap_gib") else h["device"]
-        ref = base.get((h["model"], h["seq_len"], bool(h.get("gradient_checkpointing"))))
+        first = f"| {row['sweep']} | {h['model']} | {h['seq_len']} | {h['method']} | {schedule(h.get('jenga_config'))}"
         if s.get("status") != "ok":
-            lines.append(f"| {h['model']} | {h['seq_len']} | {h['method']} | {s.get('status')} | | | | {device} |")
+            lines.append(f"{first} | {s.get('status')} | | | | {device} |")
             continue
-        mem, step = s["peak_gib"], s["median_step_s"]
-        if ref and ref.get("status") == "ok":
-            rel = (f"{mem / ref['peak_gib']:.2f}", f"{step / ref['median_step_s']:.2f}")
+        if row["memory"] is not None:
+            rel = (f"{row['memory']:.2f}", f"{row['time']:.2f}")
         else:
-            rel = ("LoRA OOM", "LoRA OOM") if ref else ("—", "—")
+            rel = (f"LoRA {row['lora_status']}",) * 2 if row["lora_status"] else ("—", "—")
+        lines.append(f"{first} | {s['peak_gib']:.1f} | {rel[0]} | {s['median_step_s']:.3f} | {rel[1]} | {device} |")
+    return lines
+
+
+def _tradeoff(logs: Path) -> list[dict]:
+    """Per oracle-selected Jenga schedule fine-tuned in a study with a LoRA baseline: its perplexity against LoRA's
+    (mean over seeds, the study's longest window) and its 8K cost rows without checkpointing, joined on the
+    logged config. Sampled designs (`jenga-random*`) have no library cost and are left out."""
+    costs = [r for r in _costs(logs) if r["memory"] is not None and not r["header"].get("gradient_checkpointing")]
+    points = []
+    for study in sorted(p.parent for p in logs.glob("*/eval")):
+        methods = _by_method(_eval_summary(study))
+        if "lora" not in methods:
+            continue
+        window = max(w for e in methods["lora"] for w in e["ppl"])
+        lora = statistics.mean(e["ppl"][window] for e in methods["lora"])
+        for method, group in methods.items():
+            config = group[0]["config"]
+            if not config or "random" in method:
+                continue
+            rows = [r for r in costs if r["header"].get("jenga_config") == config]
+            points.append(
+                {
+                    "study": study.name,
+                    "method": method,
+                    "schedule": schedule(config),
+                    "window": window,
+                    "seeds": len(group),
+                    "ppl_ratio": statistics.mean(e["ppl"][window] for e in group) / lora,
+                    "costs": {r["header"]["model"]: (r["memory"], r["time"]) for r in rows},
+                }
+            )
+    return points
+
+
+def tradeoff_table(logs: Path) -> list[str]:
+    points = _tradeoff(logs)
+    if not points:
+        return []
+    models = sorted({m for p in points for m in p["costs"]})
+    head = [f"{m} memory / time vs LoRA" for m in models]
+    lines = [
+        "| study | method | attention / MLP keep | seeds | ppl vs LoRA (longest window) | " + " | ".join(head) + " |",
+        "|---" * (5 + len(head)) + "|",
+    ]
+    for p in sorted(points, key=lambda p: -p["ppl_ratio"]):
+        cells = [f"{p['costs'][m][0]:.2f} / {p['costs'][m][1]:.2f}" if m in p["costs"] else "—" for m in models]
         lines.append(
-            f"| {h['model']} | {h['seq_len']} | {h['method']} | {mem:.1f} | {rel[0]} | {step:.3f} | {rel[1]} | "
-            f"{device} |"
+            f"| {p['study']} | {p['method']} | {p['schedule']} | {p['seeds']} | {p['ppl_ratio']:.3f}x "
+            f"@{p['window']} | " + " | ".join(cells) + " |"
         )
     return lines
+
+
+def plot_tradeoff(logs: Path, out: Path) -> list[Path]:
+    """Per study with two or more costed schedules: perplexity against LoRA (y) over memory and time against LoRA
+    at 8K (x), one colour per schedule, one marker per model architecture."""
+    by_study: dict[str, list[dict]] = defaultdict(list)
+    for p in _tradeoff(logs):
+        if p["costs"]:
+            by_study[p["study"]].append(p)
+    written = []
+    for study, points in sorted(by_study.items()):
+        if len(points) < 2:
+            continue
+        models = sorted({m for p in points for m in p["costs"]})
+        fig, axes = figure(width=8, height=3.4, ncols=2)
+        for i, p in enumerate(points):
+            for ax, which in zip(axes[0], (0, 1), strict=True):
+                for model, marker in zip(models, "os^D", strict=False):
+                    if model in p["costs"]:
+                        label = f"{p['schedule']}, {model}"
+                        ax.scatter(
+                            p["costs"][model][which],
+                            p["ppl_ratio"],
+                            color=color(p["schedule"], i),
+                            marker=marker,
+                            label=label,
+                            s=26,
+                        )
+        for ax, label in zip(axes[0], ("peak memory / LoRA's (8K)", "step time / LoRA's (8K)"), strict=True):
+            ax.axhline(1.02, color="black", linestyle="--", linewidth=0.8, label="accuracy target 1.02x")
+            ax.set_xlabel(label)
+        axes[0][0].set_ylabel(f"perplexity / LoRA's (@{points[0]['window']})")
+        axes[0][1].legend(fontsize=6, title="attention / MLP keep, model", title_fontsize=6)
+        fig.suptitle(f"SmolLM2-135M fine-tunes ({study}) against their cost on Llama architectures")
+        caption = f"Jenga schedules of {study}: perplexity against LoRA's over memory and time against LoRA's"
+        written.append(save(fig, out / f"tradeoff-{study}.png", caption))
+    return written
 
 
 def profile_table(logs: Path) -> list[str]:
@@ -263,12 +397,10 @@ def plot_real_model(logs: Path, out: Path) -> list[Path]:
             f"Fine-tunes, evaluated dense: {study.name} (`jenga.experiments.finetune` + `jenga.experiments.accuracy`)"
         )
         sections.append((title, _recipe(study), study_tables(study)))
-    bench = (
-        "The default's cost on 7B/8B architectures (`jenga.experiments.run`, random weights)",
-        "",
-        bench_table(logs),
-    )
-    sections.append(bench)
+    written += plot_tradeoff(logs, out)
+    cost = "Cost on 7B/8B architectures (`jenga.experiments.run`, random weights; ratios within one sweep)"
+    sections.append((cost, "", bench_table(logs)))
+    sections.append(("Accuracy against cost, per schedule", "", tradeoff_table(logs)))
     profiled = "Where a fine-tune step's time goes (`jenga.experiments.finetune --profile`)"
     sections.append((profiled, "", profile_table(logs)))
     text = ["# Real-model study: SmolLM2-135M (generated from logs/real-model by `bash RUNME-a.sh`)", ""]
