@@ -39,6 +39,7 @@ def test_json_roundtrip(tmp_path):
         ({"loss_chunk_tokens": -1}, "loss_chunk_tokens"),
         ({"mlp_chunk_tokens": 0}, "mlp_chunk_tokens"),
         ({"shared_selection": "yes"}, "shared_selection"),
+        ({"mlp_fp8": 1}, "mlp_fp8"),
         ({"dense_first_layers": True}, "dense_first_layers"),
         ({"attn_keep": [1.0, 0.5], "mlp_keep": [1.0, 0.5], "dense_first_layers": 1}, "both per-layer lists"),
         ({"schema_version": 2}, "from_dict"),

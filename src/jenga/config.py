@@ -58,6 +58,8 @@ class JengaConfig:
         (docs/real-model.md).
     mlp_chunk_tokens: tokens a gated (SwiGLU) MLP processes at once; bounds its channel-wide temporaries,
         which dominate a layer's peak at long lengths. Channels are ranked per chunk.
+    mlp_fp8: save the gated MLP's kept activations in float8 e4m3 (one scale per token) instead of the compute
+        dtype: half their bytes, with the rounding error of 3 mantissa bits in the gradient.
     dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio (None: 2 / True).
         Setting them when both schedules are per-layer lists is an error (they would do nothing).
     sink_blocks: leading blocks every layer keeps (attention sinks).
@@ -83,6 +85,7 @@ class JengaConfig:
     attn_keep: Schedule = 0.9
     mlp_keep: Schedule = 1.0
     mlp_chunk_tokens: int = 4096
+    mlp_fp8: bool = False
     dense_first_layers: int | None = None
     dense_last_layer: bool | None = None
     sink_blocks: int = 1
@@ -135,6 +138,8 @@ class JengaConfig:
         chunk = self.loss_chunk_tokens
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
             raise JengaConfigError(f"loss_chunk_tokens must be an int >= 0 (0 = the model's own loss), got {chunk!r}")
+        if not isinstance(self.mlp_fp8, bool):
+            raise JengaConfigError(f"mlp_fp8 must be True or False, got {self.mlp_fp8!r}")
         if not isinstance(self.shared_selection, bool):
             raise JengaConfigError(f"shared_selection must be True or False, got {self.shared_selection!r}")
         if self.eliminated not in ELIMINATED_MODES:

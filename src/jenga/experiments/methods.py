@@ -83,6 +83,12 @@ _BASE = [
         jenga=replace(HALF, attn_keep=0.75, mlp_keep=1.0),
     ),
     Method(
+        "jenga-fp8",
+        "Jenga with no elimination: attention keep 1.0, every MLP channel saved in float8 (one scale per token), "
+        "segmented loss",
+        jenga=replace(HALF, attn_keep=1.0, mlp_keep=1.0, mlp_fp8=True),
+    ),
+    Method(
         "jenga-mlp",
         "Jenga with MLP channel sparsity only: attention keep 1.0 (no elimination), MLP keep 0.5, segmented loss",
         jenga=replace(HALF, attn_keep=1.0),

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from ..config import JengaConfig
+from ..config import JengaConfig, JengaConfigError
 from ..elimination import BlockScorer, Selector, oracle_scorer
 from ..predictor.bundle import PredictorBundle
 from .base import (
@@ -116,6 +116,11 @@ def apply_jenga(
         scorer = bundle.placed_like(base).scorer()
     config = config or JengaConfig()
     config.validate()
+    if config.mlp_fp8 and not adapter.gated_mlp:
+        raise JengaConfigError(
+            f"mlp_fp8 saves a gated (SwiGLU) MLP's activations in float8; {type(base).__name__} has an "
+            "fc1 -> activation -> fc2 MLP without that path: leave mlp_fp8 False for this model"
+        )
     layers = adapter.decoder_layers(base)
     state = JengaState(
         config=config,

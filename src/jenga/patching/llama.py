@@ -41,7 +41,8 @@ class LlamaFamilyAdapter(FamilyAdapter):
             if not frozen_linears(self.gate_proj, self.up_proj, self.down_proj):
                 return original(self, x)
             chunk = state.config.mlp_chunk_tokens
-            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, chunk)
+            fp8 = state.config.mlp_fp8
+            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, chunk, fp8)
 
         override_forward(mlp, forward, state)
         return mlp

@@ -13,6 +13,7 @@ from .base import FamilyAdapter, JengaState, Projected, ScaledQK, frozen_linears
 
 class OPTAdapter(FamilyAdapter):
     model_types = ("opt",)
+    gated_mlp = False
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return model.model.decoder
