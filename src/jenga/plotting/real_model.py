@@ -31,7 +31,8 @@ def schedule(config: dict | None) -> str:
         return f"{value:g}" if not isinstance(value, list) else f"mean {statistics.mean(value):.2f}"
 
     zero = ", zero output" if config.get("eliminated") == "zero" else ""
-    return f"{ratio(config['attn_keep'])} / {ratio(config['mlp_keep'])}{zero}"
+    fp8 = " in fp8" if config.get("mlp_fp8") else ""
+    return f"{ratio(config['attn_keep'])} / {ratio(config['mlp_keep'])}{fp8}{zero}"
 
 
 def _fidelity_records(logs: Path) -> list[tuple[dict, dict]]:
@@ -54,7 +55,7 @@ def fidelity_table(logs: Path) -> list[str]:
         keep = schedule(header.get("designs", {}).get(r["design"]))
         lines.append(
             f"| {r['design']} | {keep} | {header.get('device', '?')} | {header.get('domain', '?')} | {r['seq_len']} | "
-            f"{header.get('windows', '?')} | {r['ppl_ratio']:.3f} | {r['grad_cosine']:.3f} | {of_mean} |"
+            f"{header.get('windows', '?')} | {r['ppl_ratio']:.3f} | {r['grad_cosine']:.4f} | {of_mean} |"
         )
     return lines
 
