@@ -39,7 +39,7 @@ def test_json_roundtrip(tmp_path):
         ({"loss_chunk_tokens": -1}, "loss_chunk_tokens"),
         ({"mlp_chunk_tokens": 0}, "mlp_chunk_tokens"),
         ({"shared_selection": "yes"}, "shared_selection"),
-        ({"mlp_fp8": 1}, "mlp_fp8"),
+        ({"fp8_activations": 1}, "fp8_activations"),
         ({"dense_first_layers": True}, "dense_first_layers"),
         ({"attn_keep": [1.0, 0.5], "mlp_keep": [1.0, 0.5], "dense_first_layers": 1}, "both per-layer lists"),
         ({"schema_version": 2}, "from_dict"),
@@ -53,7 +53,7 @@ def test_validation_errors(kwargs, match):
 
 
 def test_older_schemas_translate():
-    """Schema 1-3 dicts (logs, predictor bundles) load with renamed fields and without removed ones."""
+    """Schema 1-4 dicts (logs, predictor bundles) load with renamed fields and without removed ones."""
     v1 = {
         "block_size": 64,
         "attn_keep": [1.0, 0.5],
@@ -69,7 +69,7 @@ def test_older_schemas_translate():
     }
     cfg = JengaConfig.from_dict(v1)
     assert (cfg.loss_chunk_tokens, cfg.mlp_chunk_tokens, cfg.eliminated) == (512, 2048, "dense")
-    assert cfg.dense_first_layers is None and cfg.schema_version == 4
+    assert cfg.dense_first_layers is None and cfg.schema_version == 5
     v2 = {**JengaConfig().to_dict(), "schema_version": 2, "segment_size": 0, "scoring": "oracle"}
     del v2["loss_chunk_tokens"]
     assert JengaConfig.from_dict(v2).loss_chunk_tokens == 0
@@ -79,6 +79,9 @@ def test_older_schemas_translate():
         cfg = JengaConfig.from_dict(old)
         assert (cfg.attn_keep, cfg.mlp_keep) == keep
     assert (JengaConfig().attn_keep, JengaConfig().mlp_keep) == (0.9, 1.0)
+    v4 = {**JengaConfig().to_dict(), "schema_version": 4, "mlp_fp8": True}
+    del v4["fp8_activations"]
+    assert JengaConfig.from_dict(v4).fp8_activations
     with pytest.raises(JengaConfigError, match="unknown"):
         JengaConfig.from_dict({"schema_version": 9})
     assert JengaConfig.from_dict(JengaConfig(attn_keep=0.25).to_dict()) == JengaConfig(attn_keep=0.25)

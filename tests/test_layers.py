@@ -23,6 +23,7 @@ CORE = (
     "jenga.saved",
     "jenga.autocast",
     "jenga.norms",
+    "jenga.fp8",
     "jenga.offload",
     "jenga.profiling",
     "jenga.cli",

@@ -602,8 +602,8 @@ def test_shared_selection_is_the_first_sparse_layers_only():
         assert calls == [0, 1]
 
 
-def test_mlp_fp8_on_a_model_without_a_gated_mlp_is_an_error_before_any_patch():
+def test_fp8_activations_on_a_model_without_a_gated_mlp_is_an_error_before_any_patch():
     model = tiny_opt()
-    with pytest.raises(JengaConfigError, match="mlp_fp8"):
-        apply_jenga(model, JengaConfig(mlp_fp8=True))
+    with pytest.raises(JengaConfigError, match="fp8_activations"):
+        apply_jenga(model, JengaConfig(fp8_activations=True))
     assert jenga_state(model) is None and "forward" not in model.model.decoder.layers[0].self_attn.__dict__

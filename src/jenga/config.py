@@ -29,9 +29,10 @@ ELIMINATED_MODES = ("dense", "zero")
 #    `lean_lora` left the config (see the module docstring); `dense_first_layers` / `dense_last_layer` default to
 #    None (2 / True for a single-ratio schedule) and are an error when no schedule is a single ratio.
 # 4: attn_keep 0.9 and mlp_keep 1.0 by default (0.5 / 0.5 before).
-SCHEMA_VERSION = 4
+# 5: `mlp_fp8` (the MLP's saves in float8) -> `fp8_activations` (the RMSNorm inputs too).
+SCHEMA_VERSION = 5
 # Defaults of older schemas, for dicts written without the field.
-OLD_KEEP = {1: (0.5, 1.0), 2: (0.5, 0.5), 3: (0.5, 0.5)}
+OLD_KEEP = {1: (0.5, 1.0), 2: (0.5, 0.5), 3: (0.5, 0.5), 4: (0.9, 1.0)}
 DENSE_FIRST_LAYERS, DENSE_LAST_LAYER = 2, True
 # Fields of schema 1-2 configs renamed in schema 3, and those that left the config.
 RENAMED = {"segment_size": "loss_chunk_tokens", "mlp_chunk": "mlp_chunk_tokens"}
@@ -58,8 +59,10 @@ class JengaConfig:
         (docs/real-model.md).
     mlp_chunk_tokens: tokens a gated (SwiGLU) MLP processes at once; bounds its channel-wide temporaries,
         which dominate a layer's peak at long lengths. Channels are ranked per chunk.
-    mlp_fp8: save the gated MLP's kept activations in float8 e4m3 (one scale per token) instead of the compute
-        dtype: half their bytes, with the rounding error of 3 mantissa bits in the gradient.
+    fp8_activations: save the gated MLP's kept activations and, with lean norms (`apply_jenga`'s default), the
+        RMSNorm inputs in float8 e4m3 with one scale per token (`jenga.fp8`): half their bf16 bytes, with the
+        rounding of 3 mantissa bits in the gradient (LoRA-gradient cosine 0.9996 with the exact one on
+        SmolLM2). LLaMA-family models only.
     dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio (None: 2 / True).
         Setting them when both schedules are per-layer lists is an error (they would do nothing).
     sink_blocks: leading blocks every layer keeps (attention sinks).
@@ -85,7 +88,7 @@ class JengaConfig:
     attn_keep: Schedule = 0.9
     mlp_keep: Schedule = 1.0
     mlp_chunk_tokens: int = 4096
-    mlp_fp8: bool = False
+    fp8_activations: bool = False
     dense_first_layers: int | None = None
     dense_last_layer: bool | None = None
     sink_blocks: int = 1
@@ -138,8 +141,8 @@ class JengaConfig:
         chunk = self.loss_chunk_tokens
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
             raise JengaConfigError(f"loss_chunk_tokens must be an int >= 0 (0 = the model's own loss), got {chunk!r}")
-        if not isinstance(self.mlp_fp8, bool):
-            raise JengaConfigError(f"mlp_fp8 must be True or False, got {self.mlp_fp8!r}")
+        if not isinstance(self.fp8_activations, bool):
+            raise JengaConfigError(f"fp8_activations must be True or False, got {self.fp8_activations!r}")
         if not isinstance(self.shared_selection, bool):
             raise JengaConfigError(f"shared_selection must be True or False, got {self.shared_selection!r}")
         if self.eliminated not in ELIMINATED_MODES:
@@ -188,8 +191,9 @@ class JengaConfig:
         """Build from a dict, translating older schemas. Schema 1 (no `schema_version`): `eliminated_local=False`
         (or no such field: it predates the field) is `eliminated="zero"`; the removed block-local pass (`True`)
         becomes the default "dense". Schemas 1-2: renamed fields take their new names, removed ones are dropped,
-        and the dense-layer rule is cleared when both schedules are lists (it did nothing there). Schemas 1-3:
-        a missing keep ratio takes that schema's default."""
+        and the dense-layer rule is cleared when both schedules are lists (it did nothing there). Schemas 1-4:
+        a missing keep ratio takes that schema's default. Schema 4's `mlp_fp8` becomes `fp8_activations`, which
+        also rounds the RMSNorm inputs."""
         data = dict(data)
         version = data.pop("schema_version", 1)
         if version not in (*OLD_KEEP, SCHEMA_VERSION):
@@ -200,6 +204,8 @@ class JengaConfig:
         if version in OLD_KEEP:
             data.setdefault("attn_keep", OLD_KEEP[version][0])
             data.setdefault("mlp_keep", OLD_KEEP[version][1])
+        if version == 4 and "mlp_fp8" in data:
+            data["fp8_activations"] = data.pop("mlp_fp8")
         if version == 1:
             data["eliminated"] = "dense" if data.pop("eliminated_local", False) else "zero"
         if version < 3:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .autocast import compute_dtype
+from .fp8 import FP8, from_fp8, to_fp8
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,21 +29,6 @@ def _top_channels(act: torch.Tensor, count: int) -> torch.Tensor:
     """(N, count) channel indices with the largest L2 norm over tokens, per row of the batch."""
     norms = torch.linalg.vector_norm(act, dim=1, dtype=torch.float32)
     return norms.topk(count, dim=1, sorted=False).indices.sort(dim=1).values
-
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-
-
-def _to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., C) as float8 e4m3 with one float32 scale per token: the token's largest magnitude maps to the
-    format's largest value, so every token keeps 3 mantissa bits over 2^17 of dynamic range below its peak."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / FP8_MAX
-    return (x.float() / scale).to(FP8), scale.squeeze(-1)
-
-
-def _from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (x.float() * scale[..., None]).to(dtype)
 
 
 def _take(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -99,7 +85,7 @@ class GatedMLPFunction(torch.autograd.Function):
                     gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
                 del hidden, part
                 if fp8:
-                    (gate, scales[0, :, s:e]), (up, scales[1, :, s:e]) = _to_fp8(gate), _to_fp8(up)
+                    (gate, scales[0, :, s:e]), (up, scales[1, :, s:e]) = to_fp8(gate), to_fp8(up)
                 saved_gate[:, s:e], saved_up[:, s:e] = gate, up
         ctx.save_for_backward(saved_gate, saved_up, *weights, channels, scales)
         ctx.act_fn, ctx.spans, ctx.x_dtype, ctx.dtype = act_fn, spans, x.dtype, dtype
@@ -121,7 +107,7 @@ class GatedMLPFunction(torch.autograd.Function):
                 grad_hidden = grad_out[row, s:e] @ g_down
                 g, u = gate[row, s:e], up[row, s:e]
                 if scales is not None:
-                    g, u = _from_fp8(g, scales[0, row, s:e], ctx.dtype), _from_fp8(u, scales[1, row, s:e], ctx.dtype)
+                    g, u = from_fp8(g, scales[0, row, s:e], ctx.dtype), from_fp8(u, scales[1, row, s:e], ctx.dtype)
                 grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, g, u)
                 grad_x[row, s:e] = grad_gate @ g_gate + grad_up @ g_up
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None

@@ -116,10 +116,11 @@ def apply_jenga(
         scorer = bundle.placed_like(base).scorer()
     config = config or JengaConfig()
     config.validate()
-    if config.mlp_fp8 and not adapter.gated_mlp:
+    if config.fp8_activations and not adapter.gated_mlp:
         raise JengaConfigError(
-            f"mlp_fp8 saves a gated (SwiGLU) MLP's activations in float8; {type(base).__name__} has an "
-            "fc1 -> activation -> fc2 MLP without that path: leave mlp_fp8 False for this model"
+            f"fp8_activations saves a gated (SwiGLU) MLP's activations and RMSNorm inputs in float8; "
+            f"{type(base).__name__} has an fc1 -> activation -> fc2 MLP and LayerNorms without that path: leave "
+            "fp8_activations False for this model"
         )
     layers = adapter.decoder_layers(base)
     state = JengaState(

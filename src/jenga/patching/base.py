@@ -64,7 +64,7 @@ class FamilyAdapter:
     """What Jenga must know about one architecture family; subclasses fill in the internals."""
 
     model_types: tuple[str, ...] = ()
-    gated_mlp = True  # a SwiGLU-style MLP (gate, up, down), the one `JengaConfig.mlp_fp8` applies to
+    gated_mlp = True  # a SwiGLU-style MLP (gate, up, down) and RMSNorms: what `fp8_activations` applies to
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The module that maps input ids to final hidden states."""

@@ -41,7 +41,7 @@ class LlamaFamilyAdapter(FamilyAdapter):
             if not frozen_linears(self.gate_proj, self.up_proj, self.down_proj):
                 return original(self, x)
             chunk = state.config.mlp_chunk_tokens
-            fp8 = state.config.mlp_fp8
+            fp8 = state.config.fp8_activations
             return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, chunk, fp8)
 
         override_forward(mlp, forward, state)
@@ -56,6 +56,6 @@ class LlamaFamilyAdapter(FamilyAdapter):
             def forward(self, x, _original=original):
                 if not (self.training and torch.is_grad_enabled()):
                     return _original(self, x)
-                return rms_norm(x, self.weight, self.variance_epsilon)
+                return rms_norm(x, self.weight, self.variance_epsilon, state.config.fp8_activations)
 
             override_forward(norm, forward, state)

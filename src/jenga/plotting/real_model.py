@@ -31,7 +31,7 @@ def schedule(config: dict | None) -> str:
         return f"{value:g}" if not isinstance(value, list) else f"mean {statistics.mean(value):.2f}"
 
     zero = ", zero output" if config.get("eliminated") == "zero" else ""
-    fp8 = " in fp8" if config.get("mlp_fp8") else ""
+    fp8 = " in fp8" if config.get("fp8_activations") or config.get("mlp_fp8") else ""
     return f"{ratio(config['attn_keep'])} / {ratio(config['mlp_keep'])}{fp8}{zero}"
 
 

@@ -1,0 +1,24 @@
+"""Float8 copies of saved activations: half the bytes of bf16 for tensors backward only reads.
+
+One scale per token (the last dimension's largest magnitude maps to e4m3's largest value, 448) keeps 3 mantissa
+bits over 2^17 of range below each token's peak. Used where the rounded gradient measured within 0.1% cosine
+of the exact one on a real model (the gated MLP's channels, RMSNorm inputs); the attention's q and k stay in
+bf16, since softmax amplifies their rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in float8, float32 scale per token of shape x.shape[:-1])."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / FP8_MAX
+    return (x.float() / scale).to(FP8), scale.squeeze(-1)
+
+
+def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x.float() * scale[..., None]).to(dtype)
