@@ -59,10 +59,10 @@ class JengaConfig:
         (docs/real-model.md).
     mlp_chunk_tokens: tokens a gated (SwiGLU) MLP processes at once; bounds its channel-wide temporaries,
         which dominate a layer's peak at long lengths. Channels are ranked per chunk.
-    fp8_activations: save the gated MLP's kept activations and, with lean norms (`apply_jenga`'s default), the
-        RMSNorm inputs in float8 e4m3 with one scale per token (`jenga.fp8`): half their bf16 bytes, with the
-        rounding of 3 mantissa bits in the gradient (LoRA-gradient cosine 0.9996 with the exact one on
-        SmolLM2). LLaMA-family models only.
+    fp8_activations: save in float8 e4m3 with one scale per token (`jenga.fp8`) the gated MLP's kept
+        activations and, on the lean paths (`apply_jenga`'s defaults), the RMSNorm inputs and the attention LoRA
+        inputs: half their bf16 bytes, with the rounding of 3 mantissa bits in the gradient (LoRA-gradient
+        cosine 0.9996 with the exact one on SmolLM2, MLP and norms). LLaMA-family models only.
     dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio (None: 2 / True).
         Setting them when both schedules are per-layer lists is an error (they would do nothing).
     sink_blocks: leading blocks every layer keeps (attention sinks).

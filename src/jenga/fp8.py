@@ -22,3 +22,13 @@ def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (x.float() * scale[..., None]).to(dtype)
+
+
+def shared_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_fp8(x)`, computed once per tensor (and version): q, k and v read the same normed rows, and one float8
+    copy saved for all three keeps the saving."""
+    cached = x.__dict__.get("_jenga_fp8")
+    if cached is None or cached[0] != x._version:
+        cached = (x._version, *to_fp8(x.detach()))
+        x.__dict__["_jenga_fp8"] = cached
+    return cached[1], cached[2]

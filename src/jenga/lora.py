@@ -10,6 +10,7 @@ of the projection's full width too, memory-bound passes that cost as much time a
 projection reads and saves the bf16 input (one tensor shared by q, k and v), and the up-projection, scaling
 and sum are one bf16 `addmm` on the base output. Gradients reach the fp32 weights through the casts. The
 results differ from PEFT's only by bf16 rounding of the adapter's product, the precision of the base layer.
+With `fp8` the down-projection saves a float8 copy of its input instead (`jenga.fp8`, one copy per tensor).
 """
 
 from __future__ import annotations
@@ -19,6 +20,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fp8 import from_fp8, shared_fp8
+
+
+class _Fp8Down(torch.autograd.Function):
+    """`x @ A.T` whose backward reads a float8 copy of x (shared by the adapters that read the same x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*shared_fp8(x), weight)
+        ctx.dtype = x.dtype
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xq, scale, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            x = from_fp8(xq, scale, ctx.dtype)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_weight
 
 
 def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
@@ -35,14 +58,15 @@ def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict)
     return True
 
 
-def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = False, **kwargs: Any) -> torch.Tensor:
     """PEFT `lora.Linear.forward` for vanilla adapters, computed in the input's dtype (module docstring)."""
     if not (torch.is_grad_enabled() and _is_plain_lora(self, x, args, kwargs)):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     for name in self.active_adapters:
         if name in self.lora_A:
-            down = F.linear(x, self.lora_A[name].weight.to(x.dtype))
+            weight = self.lora_A[name].weight.to(x.dtype)
+            down = _Fp8Down.apply(x, weight) if fp8 else F.linear(x, weight)
             down, up = down.to(result.dtype).flatten(0, -2), self.lora_B[name].weight.to(result.dtype).t()
             flat = torch.addmm(result.flatten(0, -2), down, up, alpha=self.scaling[name])
             result = flat.view_as(result)

@@ -9,7 +9,8 @@ projections' forward matmuls at keep 0.5.
 
 Only projections whose backward is known in closed form take this path: a frozen `nn.Linear`, or a PEFT LoRA
 linear with vanilla adapters (no dropout, no bias, no variant such as DoRA) on a frozen `nn.Linear`. Anything
-else (a trainable base or bias, dropout, quantized layers) is recomputed on the kept rows, as before.
+else (a trainable base or bias, dropout, quantized layers) is recomputed on the kept rows, as before. With `fp8`
+the LoRA projections save a float8 copy of their input (`jenga.fp8`); a frozen linear saves no input at all.
 """
 
 from __future__ import annotations
@@ -20,19 +21,25 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .fp8 import from_fp8, shared_fp8
+
 
 class _ProjectionGrad(torch.autograd.Function):
     """Returns `value` (the projection of `x`, computed elsewhere); backward is that of `x @ W.T + Σ s·x A.T B.T`."""
 
     @staticmethod
-    def forward(ctx, value, x, weight, scalings: tuple[float, ...], *lora):
-        ctx.save_for_backward(x, weight, *lora)
-        ctx.scalings = scalings
+    def forward(ctx, value, x, weight, scalings: tuple[float, ...], fp8: bool, *lora):
+        # only LoRA's weight gradients read x
+        saved = (None, None) if not lora else shared_fp8(x) if fp8 else (x, None)
+        ctx.save_for_backward(*saved, weight, *lora)
+        ctx.scalings, ctx.dtype = scalings, x.dtype
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, *lora = ctx.saved_tensors
+        x, x_scale, weight, *lora = ctx.saved_tensors
+        if x_scale is not None:
+            x = from_fp8(x, x_scale, ctx.dtype)
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[1] else None
         lora_grads = []
         for scale, a, b in zip(ctx.scalings, lora[0::2], lora[1::2], strict=True):
@@ -44,7 +51,7 @@ class _ProjectionGrad(torch.autograd.Function):
             grad_a = grad_down.reshape(-1, grad_down.shape[-1]).t() @ flat_x.to(grad.dtype)
             grad_b = (flat_grad.t() @ (flat_x.to(grad.dtype) @ a_c.t())) * scale
             lora_grads += [grad_a.to(a.dtype), grad_b.to(b.dtype)]
-        return (None, grad_x, None, None, *lora_grads)
+        return (None, grad_x, None, None, None, *lora_grads)
 
 
 def _closed_form(module: nn.Module) -> tuple[torch.Tensor, tuple[float, ...], list[torch.Tensor]] | None:
@@ -72,9 +79,10 @@ def _closed_form(module: nn.Module) -> tuple[torch.Tensor, tuple[float, ...], li
 
 
 @contextmanager
-def reuse_outputs(outputs: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
+def reuse_outputs(outputs: dict[nn.Module, torch.Tensor], fp8: bool = False) -> Iterator[None]:
     """While the block runs, each module in `outputs` that has a closed-form backward returns its given output
-    (kept rows of the dense pass) with that backward attached, instead of computing it; the others compute."""
+    (kept rows of the dense pass) with that backward attached, instead of computing it; the others compute.
+    `fp8`: LoRA projections save their input in float8."""
     swapped: dict[nn.Module, object] = {}
     for module, value in outputs.items():
         form = _closed_form(module)
@@ -85,7 +93,7 @@ def reuse_outputs(outputs: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
         def forward(x, *args, _value=value, _weight=weight, _scalings=scalings, _lora=lora, **kwargs):
             if args or kwargs or x.shape[:-1] != _value.shape[:-1]:
                 raise RuntimeError("Jenga: a projection was called in the kept pass with inputs it did not expect")
-            return _ProjectionGrad.apply(_value, x, _weight, _scalings, *_lora)
+            return _ProjectionGrad.apply(_value, x, _weight, _scalings, fp8, *_lora)
 
         swapped[module] = module.__dict__.get("forward")
         module.forward = forward

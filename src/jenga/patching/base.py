@@ -161,9 +161,15 @@ def _gather_positional(selection, value):
 def _lean_lora(attn: nn.Module, state: JengaState) -> None:
     """Give the attention's PEFT LoRA projections the lean forward; checked per call because PEFT may wrap
     the projections after `apply_jenga`."""
+    fp8 = state.config.fp8_activations
+
+    def forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return lean_lora_forward(self, x, *args, fp8=fp8, **kwargs)
+
+    forward.__doc__ = lean_lora_forward.__doc__
     for linear in lora_linears(attn):
         if "forward" not in linear.__dict__:
-            override_forward(linear, lean_lora_forward, state)
+            override_forward(linear, forward, state)
 
 
 @contextmanager
@@ -234,7 +240,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         for name in ("position_ids", "position_embeddings"):
             if name in call:
                 call[name] = _gather_positional(selection, call[name])
-        with reuse_outputs(reused):
+        with reuse_outputs(reused, fp8=config.fp8_activations):
             out, *rest = original(self, **call)
         del reused
         state.last_selection[layer_idx] = selection
