@@ -29,7 +29,7 @@ ELIMINATED_MODES = ("dense", "zero")
 #    `lean_lora` left the config (see the module docstring); `dense_first_layers` / `dense_last_layer` default to
 #    None (2 / True for a single-ratio schedule) and are an error when no schedule is a single ratio.
 # 4: attn_keep 0.9 and mlp_keep 1.0 by default (0.5 / 0.5 before).
-# 5: `mlp_fp8` (the MLP's saves in float8) -> `fp8_activations` (the RMSNorm inputs too).
+# 5: `mlp_fp8` (the MLP's saves in float8) -> `fp8_activations` (the RMSNorm and attention LoRA inputs too).
 SCHEMA_VERSION = 5
 # Defaults of older schemas, for dicts written without the field.
 OLD_KEEP = {1: (0.5, 1.0), 2: (0.5, 0.5), 3: (0.5, 0.5), 4: (0.9, 1.0)}
@@ -62,7 +62,7 @@ class JengaConfig:
     fp8_activations: save in float8 e4m3 with one scale per token (`jenga.fp8`) the gated MLP's kept
         activations and, on the lean paths (`apply_jenga`'s defaults), the RMSNorm inputs and the attention LoRA
         inputs: half their bf16 bytes, with the rounding of 3 mantissa bits in the gradient (LoRA-gradient
-        cosine 0.9996 with the exact one on SmolLM2, MLP and norms). LLaMA-family models only.
+        cosine 0.9996 with the exact one on SmolLM2). LLaMA-family models only.
     dense_first_layers / dense_last_layer: the rule used when a schedule is a single ratio (None: 2 / True).
         Setting them when both schedules are per-layer lists is an error (they would do nothing).
     sink_blocks: leading blocks every layer keeps (attention sinks).
@@ -193,7 +193,7 @@ class JengaConfig:
         becomes the default "dense". Schemas 1-2: renamed fields take their new names, removed ones are dropped,
         and the dense-layer rule is cleared when both schedules are lists (it did nothing there). Schemas 1-4:
         a missing keep ratio takes that schema's default. Schema 4's `mlp_fp8` becomes `fp8_activations`, which
-        also rounds the RMSNorm inputs."""
+        also rounds the RMSNorm and attention LoRA inputs."""
         data = dict(data)
         version = data.pop("schema_version", 1)
         if version not in (*OLD_KEEP, SCHEMA_VERSION):

@@ -2,8 +2,8 @@
 
 One scale per token (the last dimension's largest magnitude maps to e4m3's largest value, 448) keeps 3 mantissa
 bits over 2^17 of range below each token's peak. Used where the rounded gradient measured within 0.1% cosine
-of the exact one on a real model (the gated MLP's channels, RMSNorm inputs); the attention's q and k stay in
-bf16, since softmax amplifies their rounding.
+of the exact one on a real model (the gated MLP's channels, RMSNorm inputs, attention LoRA inputs); the
+attention's q and k stay in bf16, since softmax amplifies their rounding.
 """
 
 from __future__ import annotations

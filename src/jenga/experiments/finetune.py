@@ -95,7 +95,7 @@ def finished_run(run: Path, method: str) -> bool:
     if not (Path(run) / "adapter" / "seq_len").exists() or not log.exists():
         return False
     logged = json.loads(log.read_text().splitlines()[0]).get("jenga_config")
-    today = accuracy_method(method, None if method != "jenga-predictor" else Path(run)).jenga
+    today = accuracy_method("jenga" if method == "jenga-predictor" else method, None).jenga  # same schedule
     if (logged and JengaConfig.from_dict(logged)) != today:
         raise SystemExit(
             f"{run} holds a finished {method!r} fine-tune of another Jenga config than {method!r} has today "

@@ -84,8 +84,8 @@ _BASE = [
     ),
     Method(
         "jenga-fp8",
-        "Jenga with no elimination: attention keep 1.0, every MLP channel and the RMSNorm inputs saved in float8 "
-        "(one scale per token), segmented loss",
+        "Jenga with no elimination: attention keep 1.0; every MLP channel, the RMSNorm inputs and the LoRA inputs "
+        "saved in float8 (one scale per token); segmented loss",
         jenga=replace(HALF, attn_keep=1.0, mlp_keep=1.0, fp8_activations=True),
     ),
     Method(
