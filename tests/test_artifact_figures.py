@@ -43,19 +43,19 @@ def tiny_logs(tmp_path_factory):
             "--methods",
             "lora",
             "jenga-dense",
-            "jenga",
+            "jenga-0.5",
             "--logs",
             str(logs / "ablations/memory-breakdown/80gb"),
         ]
     )
-    run(base + ["--methods", "jenga", "--logs", str(logs / "ablations/algorithm/80gb")])
-    run(base + ["--breakdown", "--methods", "jenga", "jenga-noseg", "--logs", str(logs / "ablations/segment/80gb")])
-    run(base + ["--methods", "jenga+ckpt", "jenga-2d+ckpt", "--logs", str(logs / "extension/2d/80gb")])
-    run(base + ["--methods", "jenga", "jenga-offload-sparse", "--logs", str(logs / "extension/offload/80gb")])
+    run(base + ["--methods", "jenga-0.5", "--logs", str(logs / "ablations/algorithm/80gb")])
+    run(base + ["--breakdown", "--methods", "jenga-0.5", "jenga-noseg", "--logs", str(logs / "ablations/segment/80gb")])
+    run(base + ["--methods", "jenga-0.5+ckpt", "jenga-2d+ckpt", "--logs", str(logs / "extension/2d/80gb")])
+    run(base + ["--methods", "jenga-0.5", "jenga-offload-sparse", "--logs", str(logs / "extension/offload/80gb")])
     for folder, source, method, seq in (
         ("ablations/memory-breakdown/80gb", "lora", "lora", 512),
         ("ablations/memory-breakdown/80gb", "lora", "jenga-norms", 512),  # two OOM runs side by side, as at 16K
-        ("extension/2d/80gb", "jenga+ckpt", "longlora+ckpt", 256),
+        ("extension/2d/80gb", "jenga-0.5+ckpt", "longlora+ckpt", 256),
     ):  # out-of-memory runs: the real header of a sibling run, then an OOM summary
         header = read_jsonl(logs / folder / f"tiny_{source}_256.jsonl")[0]
         lines = [
@@ -63,7 +63,7 @@ def tiny_logs(tmp_path_factory):
             json.dumps({"record": "summary", "status": "oom"}),
         ]
         (logs / folder / f"tiny_{method}_{seq}.jsonl").write_text("\n".join(lines) + "\n")
-    for method, peak in (("jenga", 1.0), ("jenga-noseg", 2.0)):  # allocator traces (CUDA-only) as fixtures
+    for method, peak in (("jenga-0.5", 1.0), ("jenga-noseg", 2.0)):  # allocator traces (CUDA-only) as fixtures
         trace = [
             {"action": "alloc", "size": int(peak * GIB), "time_us": 0},
             {"action": "free_completed", "size": int(peak * GIB), "time_us": 500_000},
@@ -90,21 +90,21 @@ def test_breakdown_records_split_memory_by_sublayer(tiny_logs):
     logs, _ = tiny_logs
     folder = logs / "ablations/memory-breakdown/80gb"
     parts = {}
-    for method in ("lora", "jenga-dense", "jenga"):
+    for method in ("lora", "jenga-dense", "jenga-0.5"):
         record = next(r for r in read_jsonl(folder / f"tiny_{method}_256.jsonl") if r["record"] == "memory_breakdown")
         parts[method] = record["saved_gib"]
     assert (
         parts["jenga-dense"]["embedding, final norm, LM head & loss"]
         < parts["lora"]["embedding, final norm, LM head & loss"]
     )
-    assert parts["jenga"]["attention"] < parts["jenga-dense"]["attention"]
-    assert parts["jenga"]["mlp"] < parts["jenga-dense"]["mlp"]
+    assert parts["jenga-0.5"]["attention"] < parts["jenga-dense"]["attention"]
+    assert parts["jenga-0.5"]["mlp"] < parts["jenga-dense"]["mlp"]
 
 
 @pytest.mark.integration
 def test_layer_sparsity_record_matches_the_schedule(tiny_logs):
     logs, _ = tiny_logs
-    records = read_jsonl(logs / "ablations/algorithm/80gb/tiny_jenga_256.jsonl")
+    records = read_jsonl(logs / "ablations/algorithm/80gb/tiny_jenga-0.5_256.jsonl")
     layers = next(r for r in records if r["record"] == "layer_sparsity")["layers"]
     assert [la["attn_keep"] for la in layers] == [1.0, 1.0, 0.5, 1.0]
     sparse = layers[2]
@@ -145,16 +145,16 @@ def test_2d_figure_draws_oom_at_the_capacity_on_memory_and_as_a_label_on_time(ti
 @pytest.mark.integration
 def test_algorithm_and_segment_figures_draw_their_logs(tiny_logs):
     logs, figs = tiny_logs
-    keep, _ = figs["ablations/algorithm/80gb_tiny_jenga_256.png"].axes[:2]
+    keep, _ = figs["ablations/algorithm/80gb_tiny_jenga-0.5_256.png"].axes[:2]
     schedule = next(line for line in keep.get_lines() if line.get_label() == "attention keep")
     assert list(schedule.get_ydata()) == [1.0, 1.0, 0.5, 1.0]
     (ax,) = figs["ablations/segment/80gb_memory_over_time.png"].axes
     before = {}
-    for method in ("jenga", "jenga-noseg"):
+    for method in ("jenga-0.5", "jenga-noseg"):
         records = read_jsonl(logs / "ablations/segment/80gb" / f"tiny_{method}_256.jsonl")
         before[method] = next(r for r in records if r["record"] == "memory_breakdown")["allocated_before_gib"]
     peaks = {line.get_label().split(" ")[0]: max(line.get_ydata()) for line in ax.get_lines()}
-    assert peaks == pytest.approx({"jenga": before["jenga"] + 1.0, "jenga-noseg": before["jenga-noseg"] + 2.0})
+    assert peaks == pytest.approx({"jenga-0.5": before["jenga-0.5"] + 1.0, "jenga-noseg": before["jenga-noseg"] + 2.0})
 
 
 @pytest.mark.integration

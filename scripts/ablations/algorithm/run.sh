@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 logs=logs/ablations/algorithm/80gb
 for model in llama-2-7b opt-6.7b; do
-  python -m jenga.experiments.run --model "$model" --methods jenga --seqs 8192 --steps 1 --warmup 1 --logs $logs "$@"
+  python -m jenga.experiments.run --model "$model" --methods jenga-0.5 --seqs 8192 --steps 1 --warmup 1 --logs $logs "$@"
 done
 [ -f dataset/tokens/validation.pt ] || python -m jenga.data.corpus --out dataset
-python -m jenga.experiments.run --model code-llama --methods jenga --seqs 4096 --steps 1 --warmup 1 --data dataset \
+python -m jenga.experiments.run --model code-llama --methods jenga-0.5 --seqs 4096 --steps 1 --warmup 1 --data dataset \
   --logs $logs "$@"

@@ -4,5 +4,5 @@
 # out of memory past 8K). 2 measured steps after 1 warm-up (long steps). Resumable; extra args go to the runner.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
-python -m jenga.experiments.run --model llama-2-7b --methods longlora+ckpt jenga+ckpt jenga-2d+ckpt \
+python -m jenga.experiments.run --model llama-2-7b --methods longlora+ckpt jenga-0.5+ckpt jenga-2d+ckpt \
   --seqs 16384 32768 65536 --steps 2 --warmup 1 --logs logs/extension/2d/80gb "$@"

@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 python -m jenga.experiments.run --model llama-2-7b --seqs 8192 4096 16384 --steps 3 --warmup 2 \
-  --methods lora jenga lora-offload jenga-offload jenga-offload-sparse --logs logs/extension/offload/80gb "$@"
+  --methods lora jenga-0.5 lora-offload jenga-offload jenga-offload-sparse --logs logs/extension/offload/80gb "$@"

@@ -28,7 +28,8 @@ LADDER = {
     "jenga-lean": "+lean LoRA",
     "jenga-dense": "+segmented\nloss",
     "jenga-attn": "+attention\nelimination",
-    "jenga": "+MLP\nelimination",
+    "jenga-0.5": "+MLP\nelimination",
+    "jenga": "+MLP\nelimination",  # logs before config schema 4, where `jenga` was the keep-0.5 schedule
     "jenga-predictor-timing": "+predictors\n(random-init)",
 }
 PARTS = (
