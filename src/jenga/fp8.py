@@ -14,14 +14,23 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16 scales its tensors in place of an fp32 copy (its range holds any reciprocal scale); others go
+    through fp32 (fp16's range does not)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x in float8, float32 scale per token of shape x.shape[:-1])."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / FP8_MAX
-    return (x.float() / scale).to(FP8), scale.squeeze(-1)
+    peak = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scale = peak.clamp_min(1e-30) / FP8_MAX
+    work = _work_dtype(x.dtype)
+    return (x.to(work) * (1.0 / scale).to(work)).to(FP8), scale.squeeze(-1)
 
 
 def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (x.float() * scale[..., None]).to(dtype)
+    work = _work_dtype(dtype)
+    return (x.to(work) * scale[..., None].to(work)).to(dtype)
 
 
 def shared_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
