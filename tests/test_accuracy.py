@@ -178,6 +178,13 @@ def test_ablations_change_one_schedule_field():
         assert differs == set(change), name
 
 
+def test_authors_method_is_sized_to_the_model():
+    config = finetune.accuracy_method("jenga-authors", None, layers=6).jenga
+    assert config.attn_schedule(6) == [1.0, 1.0, 1.0, 0.4, 0.4, 1.0] and config.eliminated == "zero"
+    with pytest.raises(ValueError, match="number of layers"):
+        finetune.accuracy_method("jenga-authors", None)
+
+
 def test_finetune_names_missing_predictor():
     with pytest.raises(ValueError, match="--predictor"):
         finetune.accuracy_method("jenga-predictor", None)

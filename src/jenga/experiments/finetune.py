@@ -32,11 +32,12 @@ from ..data.loaders import load_documents
 from ..data.tasks import training_example
 from ..profiling import JsonlWriter, op_profile, run_header
 from . import longlora
-from .methods import Method, get_method
+from .methods import Method, authors_config, get_method
 from .sampling import apply_sampled
 from .training import add_attention_lora, interpolate_positions, train_steps
 
-ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor")
+# `jenga-authors`: the authors' artifact schedule (`methods.authors_config`), sized to the model's layers.
+ACCURACY_METHODS = ("lora", "longlora", "jenga", "jenga-predictor", "jenga-authors")
 # Ablations of `jenga-0.5` (oracle scoring, keep 0.5: the default of config schemas 2-3) that locate what costs
 # accuracy: which config field changes.
 # `jenga-zero` is the paper's elimination (no attention output for eliminated blocks); logs of the toy-base study
@@ -70,10 +71,10 @@ PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocas
 EXTRAS = "extra_trainables.safetensors"
 
 
-def accuracy_method(name: str, predictor: Path | None) -> Method:
+def accuracy_method(name: str, predictor: Path | None, layers: int | None = None) -> Method:
     """The benchmark method of that name, minus its own extra trainables (every method here trains the same
     parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder; the ablations and
-    sampled designs are `jenga-0.5` with one schedule field changed."""
+    sampled designs are `jenga-0.5` with one schedule field changed; `jenga-authors` needs the model's `layers`."""
     jenga = get_method("jenga-0.5")
     if name in JENGA_ABLATIONS or name in SAMPLED:
         change = JENGA_ABLATIONS.get(name, SAMPLED.get(name))
@@ -84,7 +85,12 @@ def accuracy_method(name: str, predictor: Path | None) -> Method:
     if name == "jenga-predictor":
         if predictor is None or not (Path(predictor) / "predictor.json").exists():
             raise ValueError(f"method jenga-predictor needs --predictor <folder with predictor.json>, got {predictor}")
-        return replace(jenga, name=name, predictor=str(predictor))
+        return replace(get_method("jenga"), name=name, predictor=str(predictor))
+    if name == "jenga-authors":
+        if layers is None:
+            raise ValueError("method jenga-authors is sized to the model: pass its number of layers")
+        description = "the authors' artifact schedule (first half dense, keep 0.4, MLP 0.2, zero output)"
+        return replace(jenga, name=name, description=description, jenga=authors_config(layers))
     return replace(get_method(name), train_embed_norm=False)
 
 
@@ -95,7 +101,8 @@ def finished_run(run: Path, method: str) -> bool:
     if not (Path(run) / "adapter" / "seq_len").exists() or not log.exists():
         return False
     logged = json.loads(log.read_text().splitlines()[0]).get("jenga_config")
-    today = accuracy_method("jenga" if method == "jenga-predictor" else method, None).jenga  # same schedule
+    layers = len(logged["attn_keep"]) if logged and isinstance(logged["attn_keep"], list) else None
+    today = accuracy_method("jenga" if method == "jenga-predictor" else method, None, layers).jenga
     if (logged and JengaConfig.from_dict(logged)) != today:
         raise SystemExit(
             f"{run} holds a finished {method!r} fine-tune of another Jenga config than {method!r} has today "
@@ -222,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    method = accuracy_method(args.method, args.predictor)
+    method = accuracy_method(args.method, args.predictor, AutoConfig.from_pretrained(args.base).num_hidden_layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(args.seed)

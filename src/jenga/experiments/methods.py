@@ -12,6 +12,14 @@ from dataclasses import dataclass, replace
 
 from ..config import JengaConfig
 
+
+def authors_config(num_layers: int) -> JengaConfig:
+    """The authors' artifact schedule for a model of `num_layers` layers: the first half and the last layer
+    dense, attention keep 0.4 elsewhere, MLP keep 0.2, eliminated tokens get no output, no forced blocks."""
+    keep = [1.0 if i < num_layers // 2 or i == num_layers - 1 else 0.4 for i in range(num_layers)]
+    return JengaConfig(attn_keep=keep, mlp_keep=0.2, eliminated="zero", sink_blocks=0, recent_blocks=0)
+
+
 # Every field pinned by the schema version the config carries; "jenga" is the library default. HALF is the
 # default of schemas 2-3 (keep 0.5 for attention and MLP): the speed schedule most ablations start from.
 DEFAULT = JengaConfig()
