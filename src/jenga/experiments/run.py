@@ -353,13 +353,13 @@ def sweep(args: argparse.Namespace) -> int:
                     sweep_command(),
                 )  # fmt: skip
                 summaries = distributed.launch(job)
-            else:
+            else:  # lazily: each configuration reports as it finishes
                 pairs = zip(seqs, paths, strict=True)
-                summaries = [spawn(args, method, seq, path, args.steps, args.warmup) for seq, path in pairs]
+                summaries = (spawn(args, method, seq, path, args.steps, args.warmup) for seq, path in pairs)
             for seq, summary in zip(seqs, summaries, strict=True):
                 failed += summary.get("status") == "failed"
                 tqdm.write(progress_line(f"{method} {seq}{where}", summary))
-            bar.update(len(seqs))
+                bar.update(1)
     return report_failures(failed, sum(map(len, todo.values())))
 
 

@@ -161,14 +161,10 @@ def _gather_positional(selection, value):
 def _lean_lora(attn: nn.Module, state: JengaState) -> None:
     """Give the attention's PEFT LoRA projections the lean forward; checked per call because PEFT may wrap
     the projections after `apply_jenga`."""
-    fp8 = state.config.fp8_activations
-
-    def forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return lean_lora_forward(self, x, *args, fp8=fp8, **kwargs)
-
-    forward.__doc__ = lean_lora_forward.__doc__
     for linear in lora_linears(attn):
         if "forward" not in linear.__dict__:
+            forward = functools.partial(lean_lora_forward, fp8=state.config.fp8_activations)
+            forward.__doc__ = lean_lora_forward.__doc__
             override_forward(linear, forward, state)
 
 
