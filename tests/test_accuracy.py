@@ -153,7 +153,7 @@ def predictor(base, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method", [*finetune.ACCURACY_METHODS, "jenga-fp8", *finetune.SAMPLED])
+@pytest.mark.parametrize("method", [*finetune.ACCURACY_METHODS, "jenga-fp8", "jenga-a0.9-fp8", *finetune.SAMPLED])
 def test_every_method_finetunes_and_merges_to_the_same_model(base, built, predictor, tmp_path, method):
     extra = ["--predictor", str(predictor)] if method == "jenga-predictor" else []
     _finetune(base, built, tmp_path / "run", method, "--merged", *extra)

@@ -65,7 +65,7 @@ JENGA_ABLATIONS = {
 SAMPLED = {"jenga-random": {}, "jenga-random-mlp1": {"mlp_keep": 1.0}}
 # The benchmark's Jenga schedules (`jenga.experiments.methods`), so a fine-tune measures the accuracy of the very
 # configuration whose cost the runner measures.
-SCHEDULES = ("jenga-0.5", "jenga-attn", "jenga-a0.75", "jenga-mlp", "jenga-fp8", "jenga-dense")
+SCHEDULES = ("jenga-0.5", "jenga-attn", "jenga-a0.75", "jenga-mlp", "jenga-fp8", "jenga-a0.9-fp8", "jenga-dense")
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
 EXTRAS = "extra_trainables.safetensors"

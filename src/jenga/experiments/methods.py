@@ -97,6 +97,12 @@ _BASE = [
         jenga=replace(HALF, attn_keep=1.0, mlp_keep=1.0, fp8_activations=True),
     ),
     Method(
+        "jenga-a0.9-fp8",
+        "Jenga's default (attention keep 0.9, MLP keep 1.0) with the MLP activations, the RMSNorm inputs and the "
+        "LoRA inputs saved in float8 (one scale per token)",
+        jenga=replace(DEFAULT, fp8_activations=True),
+    ),
+    Method(
         "jenga-mlp",
         "Jenga with MLP channel sparsity only: attention keep 1.0 (no elimination), MLP keep 0.5, segmented loss",
         jenga=replace(HALF, attn_keep=1.0),
