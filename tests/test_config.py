@@ -53,7 +53,7 @@ def test_validation_errors(kwargs, match):
 
 
 def test_older_schemas_translate():
-    """Schema 1-4 dicts (logs, predictor bundles) load with renamed fields and without removed ones."""
+    """Schema 1-5 dicts (logs, predictor bundles) load with renamed fields and without removed ones."""
     v1 = {
         "block_size": 64,
         "attn_keep": [1.0, 0.5],
@@ -69,16 +69,17 @@ def test_older_schemas_translate():
     }
     cfg = JengaConfig.from_dict(v1)
     assert (cfg.loss_chunk_tokens, cfg.mlp_chunk_tokens, cfg.eliminated) == (512, 2048, "dense")
-    assert cfg.dense_first_layers is None and cfg.schema_version == 5
+    assert cfg.dense_first_layers is None and cfg.schema_version == 6
     v2 = {**JengaConfig().to_dict(), "schema_version": 2, "segment_size": 0, "scoring": "oracle"}
     del v2["loss_chunk_tokens"]
     assert JengaConfig.from_dict(v2).loss_chunk_tokens == 0
-    # a keep ratio missing from an older dict is that schema's default, not today's
-    for version, keep in ((1, (0.5, 1.0)), (3, (0.5, 0.5))):
+    # a keep ratio or fp8 switch missing from an older dict is that schema's default, not today's
+    for version, keep in ((1, (0.5, 1.0)), (3, (0.5, 0.5)), (5, (0.9, 1.0))):
         old = {"schema_version": version, "block_size": 64}
         cfg = JengaConfig.from_dict(old)
-        assert (cfg.attn_keep, cfg.mlp_keep) == keep
-    assert (JengaConfig().attn_keep, JengaConfig().mlp_keep) == (0.9, 1.0)
+        assert (cfg.attn_keep, cfg.mlp_keep, cfg.fp8_activations) == (*keep, False)
+    today = JengaConfig()
+    assert (today.attn_keep, today.mlp_keep, today.fp8_activations) == (1.0, 1.0, None)
     v4 = {**JengaConfig().to_dict(), "schema_version": 4, "mlp_fp8": True}
     del v4["fp8_activations"]
     assert JengaConfig.from_dict(v4).fp8_activations

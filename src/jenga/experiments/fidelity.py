@@ -33,13 +33,13 @@ from ..patching import find_adapter, jenga_state
 from ..patching.llama import LlamaFamilyAdapter
 from ..profiling import JsonlWriter, run_header
 from ..scoring import block_scores
-from .methods import authors_config
+from .methods import HALF, authors_config
 from .sampling import apply_sampled
 from .training import add_attention_lora
 
-DEFAULT = JengaConfig()
-# The designs below vary the keep-0.5 schedule (the default of config schemas 2-3), as when they were measured.
-HALF = JengaConfig(attn_keep=0.5, mlp_keep=0.5)
+DEFAULT = replace(JengaConfig(), fp8_activations=True)  # the default as it runs here (LLaMA-family models only)
+# The designs below vary the keep-0.5 schedule (HALF: the default of config schemas 2-3), as when they were
+# measured.
 
 
 # name -> config for a model with n layers. "keyset", "rows" and "random" designs are not library configs: see

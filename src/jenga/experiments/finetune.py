@@ -32,7 +32,7 @@ from ..data.loaders import load_documents
 from ..data.tasks import training_example
 from ..profiling import JsonlWriter, op_profile, run_header
 from . import longlora
-from .methods import Method, authors_config, get_method
+from .methods import Method, authors_config, get_method, logged_config
 from .sampling import apply_sampled
 from .training import add_attention_lora, interpolate_positions, train_steps
 
@@ -65,7 +65,7 @@ JENGA_ABLATIONS = {
 SAMPLED = {"jenga-random": {}, "jenga-random-mlp1": {"mlp_keep": 1.0}}
 # The benchmark's Jenga schedules (`jenga.experiments.methods`), so a fine-tune measures the accuracy of the very
 # configuration whose cost the runner measures.
-SCHEDULES = ("jenga-0.5", "jenga-attn", "jenga-a0.75", "jenga-mlp", "jenga-fp8", "jenga-a0.9-fp8", "jenga-dense")
+SCHEDULES = ("jenga-0.5", "jenga-attn", "jenga-a0.75", "jenga-a0.9", "jenga-mlp", "jenga-a0.9-fp8", "jenga-dense")
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
 EXTRAS = "extra_trainables.safetensors"
@@ -73,7 +73,7 @@ EXTRAS = "extra_trainables.safetensors"
 
 def accuracy_method(name: str, predictor: Path | None, layers: int | None = None) -> Method:
     """The benchmark method of that name, minus its own extra trainables (every method here trains the same
-    parameters); `jenga-predictor` is `jenga` selecting with the trained predictor folder; the ablations and
+    parameters); `jenga-predictor` is `jenga-a0.9` selecting with the trained predictor folder; the ablations and
     sampled designs are `jenga-0.5` with one schedule field changed; `jenga-authors` needs the model's `layers`."""
     jenga = get_method("jenga-0.5")
     if name in JENGA_ABLATIONS or name in SAMPLED:
@@ -85,7 +85,7 @@ def accuracy_method(name: str, predictor: Path | None, layers: int | None = None
     if name == "jenga-predictor":
         if predictor is None or not (Path(predictor) / "predictor.json").exists():
             raise ValueError(f"method jenga-predictor needs --predictor <folder with predictor.json>, got {predictor}")
-        return replace(get_method("jenga"), name=name, predictor=str(predictor))
+        return replace(get_method("jenga-a0.9"), name=name, predictor=str(predictor))
     if name == "jenga-authors":
         if layers is None:
             raise ValueError("method jenga-authors is sized to the model: pass its number of layers")
@@ -96,14 +96,17 @@ def accuracy_method(name: str, predictor: Path | None, layers: int | None = None
 
 def finished_run(run: Path, method: str) -> bool:
     """Whether `run` holds a finished fine-tune of `method` as it is configured today. A finished run of another
-    Jenga config under that name (the default changed in config schema 4) is an error, not a silent skip."""
+    Jenga config under that name (the default changed in config schemas 4 and 6) is an error, not a silent skip."""
     log = Path(run) / "finetune_log.jsonl"
     if not (Path(run) / "adapter" / "seq_len").exists() or not log.exists():
         return False
     logged = json.loads(log.read_text().splitlines()[0]).get("jenga_config")
     layers = len(logged["attn_keep"]) if logged and isinstance(logged["attn_keep"], list) else None
-    today = accuracy_method("jenga" if method == "jenga-predictor" else method, None, layers).jenga
-    if (logged and JengaConfig.from_dict(logged)) != today:
+    today = accuracy_method("jenga-a0.9" if method == "jenga-predictor" else method, None, layers).jenga
+    ran = JengaConfig.from_dict(logged) if logged else None
+    if ran and today and today.fp8_activations is None:  # the log holds it resolved for the model's family
+        today = replace(today, fp8_activations=ran.fp8_activations)
+    if ran != today:
         raise SystemExit(
             f"{run} holds a finished {method!r} fine-tune of another Jenga config than {method!r} has today "
             f"({logged} against {today.to_dict() if today else None}); move that folder away or choose another LOGS"
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             "base": str(args.base),
             "method": method.name,
             "method_description": method.description,
-            "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
+            "jenga_config": logged_config(method, model),
             "trainable_params": sum(p.numel() for p in params),
             "rope_parameters": model.config.rope_parameters,
             "dtype": PRECISIONS[args.precision],

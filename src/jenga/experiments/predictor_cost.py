@@ -19,9 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..cli import make_parser
-from ..config import JengaConfig
 from ..patching import find_adapter
 from ..predictor import PredictorBundle
+from .methods import SPARSE
 
 
 def layer_costs(model_config: Any, seq_len: int) -> dict[int, dict[str, int]]:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.predictor is not None:
         bundle = PredictorBundle.load(args.predictor)
     else:
-        config = JengaConfig()
+        config = SPARSE
         layers = model_config.num_hidden_layers
         bundle = PredictorBundle(model_config.hidden_size, layers, config.sparse_layers(layers), config)
     print(json.dumps(cost_table(bundle, model_config, args.seq_len), indent=2))

@@ -36,6 +36,7 @@ from ..patching import find_adapter, unwrap
 from ..predictor import PredictorBundle
 from ..predictor.model import KEY_PIECES, ROPE_PAIRS, pool_pieces
 from ..profiling import JsonlWriter, run_header
+from .methods import SPARSE
 from .predictor_cost import cost_table
 from .training import load_model
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer)")
     parser.add_argument("--data", required=True, type=Path, help="JSON lines with input_ids or text")
     parser.add_argument("--out", required=True, type=Path, help="folder for the predictors (apply_jenga predictor=)")
-    parser.add_argument("--config", type=Path, help="JengaConfig JSON (None: JengaConfig())")
+    parser.add_argument("--config", type=Path, help="JengaConfig JSON (None: the keep-0.9 schedule, methods.SPARSE)")
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
     parser.add_argument("--max-sequences", type=int, default=64, help="sequences read from --data")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of sequences kept for recall")
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prune-every", type=int, default=100, help="steps between pruning passes")
     parser.add_argument("--prune-threshold", type=float, default=0.01, help="hidden units below it are pruned")
     args = parser.parse_args(argv)
-    config = JengaConfig.from_json(args.config) if args.config else JengaConfig()
+    config = JengaConfig.from_json(args.config) if args.config else SPARSE
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, weights = load_model(args.model, args.seq_len, dtype=dtype, device=device)

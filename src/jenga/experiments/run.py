@@ -44,7 +44,7 @@ from ..patching import find_adapter, jenga_state
 from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, read_jsonl, run_header
 from ..scoring import num_blocks
 from . import distributed
-from .methods import METHODS, Method, get_method
+from .methods import METHODS, Method, get_method, logged_config
 from .training import SelectionRecorder, build, is_out_of_memory, train_steps
 
 
@@ -225,7 +225,7 @@ def run_one(
         "batch": 1,
         "dtype": "bfloat16",
         "lora": "r=8 q/k/v/o",
-        "jenga_config": None if method.jenga is None else method.jenga.to_dict(),
+        "jenga_config": logged_config(method),
         "gradient_checkpointing": method.checkpointing,
         "checkpoint_offload": method.checkpoint_offload,
         "predictor": method.predictor,
@@ -243,6 +243,7 @@ def run_one(
             summary = {"record": "summary", "status": "oom", "error": str(exc).splitlines()[0], "stage": "build"}
             writer.write(summary)
             return summary
+        header["jenga_config"] = logged_config(method, model)
         writer.write(run_header(command, extra={**header, "weights": weights}))
         offloader = None if method.offload is None else make_offloader(method, model)
         stats = train_steps(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
@@ -88,7 +89,8 @@ def apply_jenga(
     `model.eval()` and generation run the dense model. `scorer` replaces the oracle block score (the
     predictor issue plugs learned predictors in here); `predictor` (a folder written by
     `python -m jenga.experiments.predictor_train`, or a loaded `PredictorBundle`) selects blocks with learned predictors
-    and, when `config` is None, brings the config it was trained with.
+    and, when `config` is None, brings the config it was trained with. `fp8_activations=None` (the default) is
+    resolved for the model's family; `jenga_state(model).config` holds the config that runs.
 
     `lean_norms`: norms whose autograd keeps fp32 copies are replaced by `jenga.norms` (same outputs, fewer
     saved bytes). `lean_lora`: PEFT LoRA layers on the attention projections compute in the model's dtype with
@@ -120,8 +122,10 @@ def apply_jenga(
         raise JengaConfigError(
             f"fp8_activations saves a gated (SwiGLU) MLP's activations and RMSNorm inputs in float8; "
             f"{type(base).__name__} has an fc1 -> activation -> fc2 MLP and LayerNorms without that path: leave "
-            "fp8_activations False for this model"
+            "fp8_activations None or False for this model"
         )
+    if config.fp8_activations is None:  # the default: on where the family has the path
+        config = dataclasses.replace(config, fp8_activations=adapter.gated_mlp)
     layers = adapter.decoder_layers(base)
     state = JengaState(
         config=config,

@@ -8,7 +8,8 @@
 - `bench*/**/*.jsonl` (`jenga.experiments.run`): peak memory and step time of Jenga's schedules against LoRA, one
   sweep per folder (ratios only within a sweep).
 - The trade-off: per schedule (attention / MLP keep), the fine-tune's perplexity against LoRA's next to its cost on
-  7B/8B architectures, joined on the logged `jenga_config`, not on method names (the default changed in schema 4).
+  7B/8B architectures, joined on the logged `jenga_config`, not on method names (the default changed in schemas 4
+  and 6).
 """
 
 from __future__ import annotations
