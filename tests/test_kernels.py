@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from jenga.fp8 import FP8_MAX, from_fp8, to_fp8
+from jenga.kernels.fp8 import dequantize_rows, quantize_rows
 from jenga.kernels.scoring import block_tile_scores_triton
 from jenga.scoring import block_tile_scores
 
@@ -49,3 +51,46 @@ def test_kernel_argument_errors():
         block_tile_scores_triton(q, torch.randn(1, 2, 32, 16, device=DEVICE), 16, 1.0)
     with pytest.raises(ValueError, match="tile"):
         block_tile_scores_triton(q, q, 16, 1.0, tile=24)
+
+
+def _e4m3_grid() -> torch.Tensor:
+    """Every finite e4m3 value, the midpoints between neighbours (ties: round to even), points a quarter and
+    three quarters of the way, and the same negated: the values the codec's rounding must get right."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = codes[torch.isfinite(codes) & (codes >= 0)].sort().values
+    gaps = values[1:] - values[:-1]
+    between = [values[:-1] + gaps * f for f in (0.25, 0.5, 0.75)]
+    grid = torch.cat([values, *between])
+    return torch.cat([grid, -grid])
+
+
+def test_fp8_codec_rounds_every_e4m3_value_and_tie_like_torch():
+    """With a row peak of exactly 448 the scale is 1, so the kernel's bits must equal `Tensor.to(float8)`'s for
+    every representable value, midpoint (ties to even), subnormal and sign; decoding gives the values back."""
+    grid = _e4m3_grid()
+    rows = torch.cat([torch.full((grid.numel(), 1), 448.0), grid[:, None]], dim=1)  # one value per row
+    q, scale = quantize_rows(rows.to(DEVICE), FP8_MAX)
+    assert torch.equal(scale.cpu(), torch.ones(grid.numel()))
+    assert torch.equal(q[:, 1].cpu().view(torch.uint8), grid.to(torch.float8_e4m3fn).view(torch.uint8))
+    decoded = dequantize_rows(q, scale, torch.float32)
+    assert torch.equal(decoded[:, 1].cpu(), grid.to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_codec_matches_the_reference_bit_for_bit(dtype):
+    """Rows of mixed magnitude (a zero row, a row of tiny values that land on subnormals, a strided input),
+    quantized and decoded by the kernels and by `jenga.fp8`'s PyTorch reference: the same bytes, scales and
+    decoded values."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 1500, generator=gen) * torch.logspace(-3, 3, 7)[None, :, None]
+    x[0, 0] = 0.0
+    x[1, 1] *= 1e-4
+    x = x.to(dtype)
+    for inp in (x, x[:, :, ::2]):
+        ref_q, ref_scale = to_fp8(inp)  # CPU tensors: the reference
+        q, scale = quantize_rows(inp.to(DEVICE), FP8_MAX)
+        assert q.dtype == torch.float8_e4m3fn and q.shape == inp.shape
+        assert torch.equal(scale.cpu(), ref_scale)
+        assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
+        decoded = dequantize_rows(q, scale, dtype)
+        assert decoded.dtype == dtype and torch.equal(decoded.cpu(), from_fp8(ref_q, ref_scale, dtype))

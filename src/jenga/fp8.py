@@ -14,23 +14,25 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """bf16 scales its tensors in place of an fp32 copy (its range holds any reciprocal scale); others go
-    through fp32 (fp16's range does not)."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-
-
 def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x in float8, float32 scale per token of shape x.shape[:-1])."""
+    """(x in float8, float32 scale per token of shape x.shape[:-1]): the Triton kernel on CUDA
+    (`jenga.kernels.fp8`, one pass), this reference elsewhere. Both scale in fp32 and round to nearest even."""
+    if x.is_cuda:
+        from .kernels.fp8 import quantize_rows  # Triton is needed on the GPU path only
+
+        return quantize_rows(x, FP8_MAX)
     peak = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
     scale = peak.clamp_min(1e-30) / FP8_MAX
-    work = _work_dtype(x.dtype)
-    return (x.to(work) * (1.0 / scale).to(work)).to(FP8), scale.squeeze(-1)
+    return (x.float() * (1.0 / scale)).to(FP8), scale.squeeze(-1)
 
 
 def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    work = _work_dtype(dtype)
-    return (x.to(work) * scale[..., None].to(work)).to(dtype)
+    """x * scale per token, in `dtype`: the Triton kernel on CUDA, this reference elsewhere."""
+    if x.is_cuda:
+        from .kernels.fp8 import dequantize_rows
+
+        return dequantize_rows(x, scale, dtype)
+    return (x.float() * scale[..., None]).to(dtype)
 
 
 def shared_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

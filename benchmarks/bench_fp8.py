@@ -1,0 +1,87 @@
+"""GPU benchmark of the float8 codec (`jenga.kernels.fp8`): bf16 exactness first, then time against the eager passes.
+
+1. Check (must pass before any timing): on CUDA bf16 rows of mixed magnitude, the kernels' bytes, scales and
+   decoded values equal `jenga.fp8`'s PyTorch reference computed on the CPU.
+2. Time and effective bandwidth of quantize and dequantize at the activations a 7B/8B step converts at 8K
+   tokens (hidden 4096; MLP 11008 and 14336), the kernels against the same arithmetic in eager PyTorch.
+
+    python benchmarks/bench_fp8.py --out $OUT/fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from jenga.fp8 import FP8, FP8_MAX, from_fp8, to_fp8
+from jenga.kernels.fp8 import dequantize_rows, quantize_rows
+from jenga.profiling import JsonlWriter, run_header
+
+SHAPES = [(8192, 4096), (8192, 11008), (8192, 14336)]
+
+
+def eager_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's arithmetic as eager CUDA passes (what ran before the kernels)."""
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-30)
+    scale = scale / FP8_MAX
+    return (x.float() * (1.0 / scale)).to(FP8), scale.squeeze(-1)
+
+
+def eager_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+def check(writer: JsonlWriter) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3000, generator=gen) * torch.logspace(-4, 3, 4)[:, None]).bfloat16()
+    ref_q, ref_scale = to_fp8(x)
+    q, scale = quantize_rows(x.cuda(), FP8_MAX)
+    decoded = dequantize_rows(q, scale, torch.bfloat16).cpu()
+    same = {
+        "bytes": torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8)),
+        "scales": torch.equal(scale.cpu(), ref_scale),
+        "decoded": torch.equal(decoded, from_fp8(ref_q, ref_scale, torch.bfloat16)),
+    }
+    writer.write({"record": "check", "what": "fp8_codec_bf16", **same})
+    print(f"bf16 check: {same}")
+    return all(same.values())
+
+
+def timings(writer: JsonlWriter) -> None:
+    for rows, cols in SHAPES:
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        q, scale = quantize_rows(x, FP8_MAX)
+        ops = {
+            "quantize": (functools.partial(quantize_rows, x, FP8_MAX), functools.partial(eager_quantize, x)),
+            "dequantize": (
+                functools.partial(dequantize_rows, q, scale, x.dtype),
+                functools.partial(eager_dequantize, q, scale, x.dtype),
+            ),
+        }
+        for op, (fused, eager) in ops.items():
+            fused_ms, eager_ms = do_bench(fused), do_bench(eager)
+            record = {"record": "fp8", "op": op, "rows": rows, "cols": cols, "kernel_ms": fused_ms}
+            # one fused pass moves 3 bytes per element: 2 of bf16 and 1 of float8
+            gb_s = 3 * x.numel() / fused_ms / 1e6
+            record |= {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms}
+            writer.write(record)
+            print(f"{op} {rows}x{cols}: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / fused_ms:.1f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/logs/fp8")
+    out = Path(parser.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    with JsonlWriter(out / "fp8.jsonl", header=run_header(extra={"experiment": "bench_fp8"})) as writer:
+        if not check(writer):
+            raise SystemExit("bf16 check failed: see fp8.jsonl; no timings taken")
+        timings(writer)
+
+
+if __name__ == "__main__":
+    main()

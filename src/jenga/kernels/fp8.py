@@ -1,0 +1,88 @@
+"""Float8 e4m3 row codec in one pass each way; must match `jenga.fp8`'s PyTorch reference.
+
+The reference takes three element-wise passes to quantize (the row maximum, the scaled copy, the cast) and two
+to dequantize. Here one program owns one row: it reads the row twice (the second read hits the cache) and
+writes one byte per element, or reads one byte and writes the output dtype. The e4m3 bits are built with
+integer arithmetic (round to nearest even, as `Tensor.to(torch.float8_e4m3fn)` rounds), so the kernel needs no
+float8 support from the compiler and its results equal the reference's bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _e4m3_bits(v):
+    """e4m3fn bits (int32, 0..255) of fp32 values with |v| <= 448, rounded to nearest even."""
+    a = tl.abs(v)
+    bits = a.to(tl.int32, bitcast=True)
+    # normal: keep 3 of fp32's 23 mantissa bits, rounding at bit 20 (ties to even), then rebias 127 -> 7
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    # subnormal (below 2^-6): a multiple of 2^-9, rounded to nearest even; 8 is the smallest normal's code
+    t = a * 512.0
+    f = tl.floor(t)
+    up = (t - f > 0.5) | ((t - f == 0.5) & ((f.to(tl.int32) & 1) == 1))
+    sub = f.to(tl.int32) + up.to(tl.int32)
+    code = tl.minimum(tl.where(a < 0.015625, sub, normal), 0x7E)
+    return code | tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0)  # the sign bit: -0.0 keeps it
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    peak = tl.zeros([BLOCK], dtype=tl.float32)
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        peak = tl.maximum(peak, tl.abs(tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
+    scale = tl.maximum(tl.max(peak, axis=0), 1e-30) / fp8_max
+    tl.store(scale_ptr + row, scale)
+    inv = 1.0 / scale
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32) * inv
+        tl.store(q_ptr + row * cols + offs, _e4m3_bits(v).to(tl.uint8), mask=offs < cols)
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, cols, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row)
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        code = tl.load(q_ptr + row * cols + offs, mask=offs < cols, other=0).to(tl.int32)
+        exponent, mantissa = (code >> 3) & 0xF, code & 7
+        normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+        magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+        value = tl.where(code >= 0x80, -magnitude, magnitude) * scale
+        tl.store(out_ptr + row * cols + offs, value.to(out_ptr.dtype.element_ty), mask=offs < cols)
+
+
+def quantize_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in float8 e4m3, float32 scale per row of the last dimension): `jenga.fp8.to_fp8` in one pass."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rows.numel():
+        cols = rows.shape[1]
+        steps = triton.cdiv(cols, BLOCK)  # a compile-time loop: one variant per row width (a model has two or three)
+        _quantize_kernel[(rows.shape[0],)](rows, q, scale, cols, rows.stride(0), fp8_max, BLOCK=BLOCK, STEPS=steps)
+    return q.view(torch.float8_e4m3fn), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`q * scale` per row in `dtype`: `jenga.fp8.from_fp8` in one pass."""
+    q = q.contiguous().view(torch.uint8)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if q.numel():
+        rows, cols = q.numel() // q.shape[-1], q.shape[-1]
+        steps = triton.cdiv(cols, BLOCK)
+        _dequantize_kernel[(rows,)](q, scale.contiguous(), out, cols, BLOCK=BLOCK, STEPS=steps)
+    return out
