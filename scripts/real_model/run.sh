@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-model study on SmolLM2-135M (docs/real-model.md): fidelity screen, fine-tunes, dense evaluation,
 # and the default's cost on 7B/8B architectures. Stages run in order; name some to run only those.
-#   bash scripts/real_model/run.sh [convert] [fidelity] [data] [predictor] [finetune] [eval] [bench]
+#   bash scripts/real_model/run.sh [convert] [fidelity] [data] [predictor] [finetune] [eval] [lm_eval] [bench]
 # The fine-tunes extend SmolLM2's 8K context to SEQ by linear RoPE scaling and train in bf16 autocast; the
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
 # Env: LOGS (default logs/real-model), SEEDS ("0 1 2"),
@@ -26,7 +26,7 @@ steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
 predictor=${PREDICTOR:-$logs/predictor}
-stages=${*:-convert fidelity data predictor finetune eval bench}
+stages=${*:-convert fidelity data predictor finetune eval lm_eval bench}
 jobs=${JOBS:-1}
 gpus=${GPUS:-1}
 started=0
@@ -72,6 +72,27 @@ for stage in $stages; do
       done_ok base || { slot; evaluate & }
       for r in $runs; do slot; evaluate --skip-base --runs "$r" & done
       wait ;;
+    lm_eval)
+      # the repository's lm_eval tasks (tasks/) on SmolLM2's own retrieval sets, over the base and the merged
+      # seed-0 checkpoints (needs lm-eval; the task files are rewritten to read $tasks)
+      include=$(mktemp -d); cp tasks/utils.py "$include/"
+      for f in tasks/*.yaml; do
+        sed "s#dataset/longbench/#$tasks/#; s#^task: jenga_#task: smollm2_#; s#^tag: jenga_longcontext#tag: smollm2_longcontext#" \
+          "$f" > "$include/smollm2_$(basename "$f" | sed 's/^jenga_//')"
+      done
+      models=($base)
+      for m in ${LM_EVAL_METHODS:-lora longlora jenga jenga-predictor}; do
+        [ -f "$logs/runs/$m-s0/adapter/seq_len" ] || { echo "lm_eval: no finished $m-s0 fine-tune, skipped" >&2; continue; }
+        merged=checkpoints/smollm2-135m-32k-$m-s0
+        [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run "$logs/runs/$m-s0" --out $merged
+        models+=($merged)
+      done
+      for model in "${models[@]}"; do
+        max=$([ "$model" = "$base" ] && echo 8192 || echo 32768)
+        lm_eval run --model hf --model_args "pretrained=./$model,max_length=$max,dtype=bfloat16" \
+          --tasks smollm2_longcontext --include_path "$include" --limit "${LIMIT:-40}" \
+          --output_path "$logs/lm_eval/$(basename "$model")"
+      done ;;
     bench)
       # one sweep (own LoRA runs) per folder; SWEEP names it
       for model in llama-2-7b llama-3-8b; do
@@ -80,6 +101,6 @@ for stage in $stages; do
         $py -m jenga.experiments.run --model $model --methods lora+ckpt jenga+ckpt jenga-a0.9+ckpt jenga-dense+ckpt \
           --seqs 65536 --steps 2 --memory-gib "${MEMORY_GIB:-80}" --logs "$logs/bench-schedules/${SWEEP:-rerun}"
       done ;;
-    *) echo "unknown stage $stage (convert fidelity data predictor finetune eval bench)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (convert fidelity data predictor finetune eval lm_eval bench)" >&2; exit 2 ;;
   esac
 done
