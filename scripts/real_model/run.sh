@@ -73,8 +73,8 @@ for stage in $stages; do
       for r in $runs; do slot; evaluate --skip-base --runs "$r" & done
       wait ;;
     lm_eval)
-      # the repository's lm_eval tasks (tasks/) on SmolLM2's own retrieval sets, over the base and the merged
-      # seed-0 checkpoints (needs lm-eval; the task files are rewritten to read $tasks)
+      # the repository's lm_eval tasks (tasks/) on SmolLM2's own retrieval sets, over the base and each method's
+      # merged checkpoint of its first finished seed (needs lm-eval; the task files are rewritten to read $tasks)
       include=$(mktemp -d); cp tasks/utils.py "$include/"
       for f in tasks/*.yaml; do
         sed "s#dataset/longbench/#$tasks/#; s#^task: jenga_#task: smollm2_#; s#^tag: jenga_longcontext#tag: smollm2_longcontext#" \
@@ -82,9 +82,10 @@ for stage in $stages; do
       done
       models=($base)
       for m in ${LM_EVAL_METHODS:-lora longlora jenga jenga-predictor}; do
-        [ -f "$logs/runs/$m-s0/adapter/seq_len" ] || { echo "lm_eval: no finished $m-s0 fine-tune, skipped" >&2; continue; }
-        merged=checkpoints/smollm2-135m-32k-$m-s0
-        [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run "$logs/runs/$m-s0" --out $merged
+        run=$(for s in $seeds; do [ -f "$logs/runs/$m-s$s/adapter/seq_len" ] && echo "$m-s$s" && break; done || true)
+        [ -n "$run" ] || { echo "lm_eval: no finished $m fine-tune (seeds $seeds), skipped" >&2; continue; }
+        merged=checkpoints/smollm2-135m-32k-$run
+        [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run "$logs/runs/$run" --out $merged
         models+=($merged)
       done
       for model in "${models[@]}"; do
