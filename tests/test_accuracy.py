@@ -271,6 +271,8 @@ def test_lm_eval_table_reads_the_newest_results_per_checkpoint(tmp_path):
             "results": {"jenga_passkey": {"score,none": score}},
             "n-samples": {"jenga_passkey": {"original": 160, "effective": 20}},
             "lm_eval_version": "0.4.13",
+            "config": {"device": "cuda:0", "model_args": {"pretrained": "./ckpt-a", "max_length": 4096}},
+            "pretty_env_info": "CUDA used to build PyTorch: 13.0\nGPU 0: NVIDIA H200\n",
         }
 
     folder = tmp_path / "lm_eval" / "ckpt-a" / ".__ckpt-a"
@@ -278,7 +280,8 @@ def test_lm_eval_table_reads_the_newest_results_per_checkpoint(tmp_path):
     (folder / "results_2026-01-01T00-00-00.json").write_text(json.dumps(results(10.0)))
     (folder / "results_2026-02-01T00-00-00.json").write_text(json.dumps(results(45.0)))
     table = lm_eval_table(tmp_path / "lm_eval")
-    assert "| ckpt-a | 45.0 |" in table and "samples per task: 20" in table
+    assert "| ckpt-a | 45.0 | 4096 |" in table and "samples per task: 20" in table
+    assert "cuda:0 = NVIDIA H200" in table
     assert lm_eval_table(tmp_path / "missing") is None
 
 

@@ -98,8 +98,8 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
     assert "| jenga-s0 | 5.500 | 75.0 (4) | — |" in table
     # the study's jenga (keep 0.5 / 0.5) meets both sweeps' rows of that config; the later sweep's ratio is kept
     assert tradeoff_table(tmp_path)[2:] == [
-        "| study-x | jenga | 0.5 / 0.5 | 1 | 1.100x @8192 | 0.25 / 0.50 |",
-        "| study-x | mlp | 1 / 0.5 | 1 | 1.040x @8192 | 0.50 / 0.90 |",
+        "| study-x | jenga | 0.5 / 0.5 | 1 | 1.100x @8192 | 0.25 / 0.50 | bench-schedules/b |",
+        "| study-x | mlp | 1 / 0.5 | 1 | 1.040x @8192 | 0.50 / 0.90 | bench-schedules/b |",
     ]
     fidelity = {"record": "fidelity", "design": "default", "seq_len": 256, "ppl_ratio": 1.0, "grad_cosine": 0.5}
     header = {**head, "domain": "code", "windows": 2, "designs": {"default": JengaConfig().to_dict()}}
@@ -108,6 +108,37 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
     assert [p.name for p in written] == ["fidelity.png", "study-x.png", "tradeoff-study-x.png", "real-model.md"]
     report = (tmp_path / "out" / "real-model.md").read_text()
     assert "| default | 1 / 1 | GPU | code | 256 | 2 | 1.000 | 0.5000 | — |" in report
+
+
+def test_study_splits_a_method_logged_with_two_schedules_and_joins_costs_across_schemas(tmp_path):
+    """`jenga` logged under schema 2 (keep 0.5 / 0.5) and schema 6 (the default) are two rows, the older one
+    labelled; a schema-5 dict joins the schema-6 cost row of the same schedule; a predictor-selected fine-tune
+    gets no (oracle) cost row."""
+    sparse = JengaConfig(attn_keep=0.9, mlp_keep=1.0, fp8_activations=False).to_dict()
+    schema5 = {k: v for k, v in sparse.items() if k != "fp8_activations"} | {"schema_version": 5}
+    head = {"record": "header", "device": "GPU", "model": "m", "seq_len": 8192}
+    for method, config, step in [("lora", None, 1.0), ("jenga-a0.9", sparse, 1.1)]:
+        summary = {"record": "summary", "status": "ok", "peak_gib": 10.0, "median_step_s": step}
+        _write(tmp_path / "bench-x" / f"m_{method}.jsonl", {**head, "method": method, "jenga_config": config}, summary)
+    study = tmp_path / "study-y"
+    runs = [
+        ("lora-s0", "lora", None, None, 4.0),
+        ("jenga-s0", "jenga", JengaConfig(fp8_activations=True).to_dict(), None, 4.0),
+        ("jenga-schema2-s0", "jenga", {"attn_keep": 0.5, "mlp_keep": 0.5, "schema_version": 2}, None, 4.4),
+        ("jenga-a0.9-s0", "jenga-a0.9", schema5, None, 4.1),
+        ("jenga-predictor-s0", "jenga-predictor", sparse, "/p", 4.04),
+    ]
+    for name, method, config, predictor, ppl in runs:
+        header = {"record": "header", "model": name, "run": name, "method": method, "seed": 0}
+        _write(study / "eval" / f"{name}.jsonl", header, {"record": "perplexity", "window": 8192, "perplexity": ppl})
+        finetune = {"record": "header", "jenga_config": config, "args": {"predictor": str(predictor)}}
+        _write(study / "runs" / name / "finetune_log.jsonl", finetune)
+    table = "\n".join(study_tables(study))
+    assert "| jenga | 1 / 1 in fp8 | 1 | 4.000 | 1.000x |" in table
+    assert "| jenga (schema 2) | 0.5 / 0.5 | 1 | 4.400 | 1.100x |" in table
+    rows = "\n".join(tradeoff_table(tmp_path))
+    assert "| study-y | jenga-a0.9 | 0.9 / 1 | 1 | 1.025x @8192 | 1.00 / 1.10 | bench-x |" in rows
+    assert "| study-y | jenga-predictor | 0.9 / 1 | 1 | 1.010x @8192 | — | — |" in rows
 
 
 def test_profile_table_reads_the_profiled_steps_and_the_profiler_totals(tmp_path):
@@ -131,3 +162,22 @@ def test_tracked_tree_fits_the_gpu_tool_with_room():
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
     size = sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
     assert size < 56 * 2**20, f"tracked files total {size / 2**20:.1f} MiB; keep them under 56 MiB"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_reports_the_fine_tunes_that_failed(tmp_path):
+    """Fine-tunes run in the background; one that fails is named and the stage exits non-zero (it was dropped
+    silently: `wait` without arguments returns 0)."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "false", "LOGS": str(tmp_path), "METHODS": "lora jenga", "SEEDS": "0"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/real_model/run.sh"), "finetune"],
+        env={**env, "JOBS": "2"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "failed:" in done.stderr and "lora-s0" in done.stderr and "jenga-s0" in done.stderr
+    skipped = subprocess.run(
+        ["bash", str(ROOT / "scripts/real_model/run.sh"), "finetune"], env={**env, "PYTHON": "true"}, check=True
+    )
+    assert skipped.returncode == 0  # `true` says every run is finished: nothing to run, nothing failed

@@ -61,7 +61,7 @@ case "$stage" in
       models+=($merged)
     done
     for model in "${models[@]}"; do
-      lm_eval run --model hf --model_args pretrained=./$model,max_length=4096 --tasks jenga_longcontext \
+      $py -m lm_eval run --model hf --model_args pretrained=./$model,max_length=4096 --tasks jenga_longcontext \
         --include_path tasks --device cpu --limit "${LIMIT:-20}" --output_path $logs/lm_eval/$(basename $model)
     done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

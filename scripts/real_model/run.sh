@@ -36,6 +36,10 @@ slot() {
   [ "$gpus" -gt 1 ] && export CUDA_VISIBLE_DEVICES=$((started % gpus))
   started=$((started + 1))
 }
+# run "$@" in the background, naming it in $failed when it fails; finish() reports those and stops
+failed=$(mktemp)
+background() { local name=$1; shift; ( "$@" || echo "$name" >> "$failed" ) & }
+finish() { wait; [ ! -s "$failed" ] || { echo "failed: $(tr '\n' ' ' < "$failed")(see their logs)" >&2; exit 1; }; }
 mkdir -p "$logs"
 for stage in $stages; do
   case $stage in
@@ -57,11 +61,11 @@ for stage in $stages; do
           "$logs/runs/$m-s$s" "$m" && continue
         slot
         extra=(); [ "$m" = jenga-predictor ] && extra=(--predictor "$predictor")
-        $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" --steps "$steps" "${extra[@]}" \
-          --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 --data dataset/code-corpus \
-          --out "$logs/runs/$m-s$s" &
+        background "$m-s$s" $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" \
+          --steps "$steps" "${extra[@]}" --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 --data dataset/code-corpus \
+          --out "$logs/runs/$m-s$s"
       done; done
-      wait ;;
+      finish ;;
     eval)
       done_ok() { grep -qs '"status": "ok"' "$logs/eval/$1.jsonl"; }
       runs=$(for r in "$logs"/runs/*/; do
@@ -69,9 +73,9 @@ for stage in $stages; do
       done)
       evaluate() { $py -m jenga.experiments.accuracy --base $base --data dataset/code-corpus --tasks-dir $tasks \
         --windows 8192 16384 32768 --limit "${LIMIT:-40}" --batch 4 --logs "$logs/eval" "$@"; }
-      done_ok base || { slot; evaluate & }
-      for r in $runs; do slot; evaluate --skip-base --runs "$r" & done
-      wait ;;
+      done_ok base || { slot; background base evaluate; }
+      for r in $runs; do slot; background "$(basename "$r")" evaluate --skip-base --runs "$r"; done
+      finish ;;
     lm_eval)
       # the repository's lm_eval tasks (tasks/) on SmolLM2's own retrieval sets, over the base and each method's
       # merged checkpoint of its first finished seed (needs lm-eval; the task files are rewritten to read $tasks)
@@ -90,7 +94,7 @@ for stage in $stages; do
       done
       for model in "${models[@]}"; do
         max=$([ "$model" = "$base" ] && echo 8192 || echo 32768)
-        lm_eval run --model hf --model_args "pretrained=./$model,max_length=$max,dtype=bfloat16" \
+        $py -m lm_eval run --model hf --model_args "pretrained=./$model,max_length=$max,dtype=bfloat16" \
           --tasks smollm2_longcontext --include_path "$include" --limit "${LIMIT:-40}" \
           --output_path "$logs/lm_eval/$(basename "$model")"
       done ;;

@@ -7,6 +7,7 @@ The tables hold every method found in the logs, ablations included; the figure d
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping
@@ -104,18 +105,25 @@ def lm_eval_table(folder: Path) -> str | None:
         results = data["results"]
         tasks = sorted(results)
         samples = {t: data["n-samples"][t]["effective"] for t in tasks}
-        rows.append((model.name, {t: results[t]["score,none"] for t in tasks}, samples, data.get("lm_eval_version")))
+        config = data.get("config", {})
+        gpu = re.search(r"GPU 0: ([^\n]+)", data.get("pretty_env_info") or "")
+        about = (data.get("lm_eval_version"), config.get("device", "?") + (f" = {gpu[1]}" if gpu else ""))
+        rows.append((model.name, {t: results[t]["score,none"] for t in tasks}, samples, about, config))
     if not rows:
         return None
-    tasks = sorted({t for _, scores, _, _ in rows for t in scores})
+    tasks = sorted({t for row in rows for t in row[1]})
+    version, device = rows[0][3]
     lines = [
-        f"lm_eval {rows[0][3]} (`--model hf --device cpu`, the repository's `tasks/`), merged seed-0 checkpoints; "
-        f"samples per task: {rows[0][2][tasks[0]]} (the first records, which span every length × depth cell).",
+        f"lm_eval {version} (`--model hf`, {device}, the repository's `tasks/`), merged checkpoints; "
+        f"samples per task: {rows[0][2][tasks[0]]} (the first records, which span every length × depth cell); "
+        "prompts longer than a checkpoint's max length are cut from the left.",
         "",
-        "| checkpoint | " + " | ".join(tasks) + " |",
-        "|---|" + "---|" * len(tasks),
+        "| checkpoint | " + " | ".join(tasks) + " | max length |",
+        "|---|" + "---|" * (len(tasks) + 1),
     ]
-    lines += [f"| {name} | " + " | ".join(f"{scores[t]:.1f}" for t in tasks) + " |" for name, scores, _, _ in rows]
+    for name, scores, _, _, config in rows:
+        length = config.get("model_args", {}).get("max_length", "—")
+        lines.append(f"| {name} | " + " | ".join(f"{scores[t]:.1f}" for t in tasks) + f" | {length} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from matplotlib import colormaps
+
+from ..config import JengaConfig
+from .accuracy import lm_eval_table
 from .logs import load_runs, read_run
 from .style import color, figure, save
 
@@ -107,6 +111,7 @@ def _eval_summary(study: Path) -> dict[str, dict]:
             "ppl": ppl,
             "tasks": tasks,
             "config": finetune.header.get("jenga_config") if finetune else None,
+            "predictor": finetune is not None and finetune.header["args"].get("predictor", "None") != "None",
             "steps": finetune.steps if finetune else [],
         }
     return result
@@ -119,10 +124,23 @@ def _spread(values: list[float]) -> str:
 
 
 def _by_method(evals: dict[str, dict]) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = defaultdict(list)
+    """Runs per method; a method logged with two schedules (the default's name across config schemas) is split,
+    and every schedule but the newest schema's is labelled "<method> (schema N)"."""
+    grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in evals.values():
-        grouped[e["method"]].append(e)
-    return grouped
+        grouped[e["method"], schedule(e["config"])].append(e)
+    newest = defaultdict(int)
+    for (method, _), group in grouped.items():
+        newest[method] = max(newest[method], _schema(group[0]["config"]))
+    labelled = {}
+    for (method, _), group in grouped.items():
+        version = _schema(group[0]["config"])
+        labelled[method if version == newest[method] else f"{method} (schema {version})"] = group
+    return labelled
+
+
+def _schema(config: dict | None) -> int:
+    return config.get("schema_version", 1) if config else 0
 
 
 def study_tables(study: Path) -> list[str]:
@@ -163,6 +181,21 @@ def study_tables(study: Path) -> list[str]:
     return lines
 
 
+def _predictor_note(study: Path) -> str:
+    """One line on the predictors `jenga-predictor` selected with (`<study>/predictor/train_log.jsonl`)."""
+    log = study / "predictor" / "train_log.jsonl"
+    if not log.exists():
+        return ""
+    run = read_run(log)
+    recall = run.of("eval")[-1]["recall"]
+    args = run.header["command"].split("predictor_train.py")[-1].strip()
+    return (
+        f"`jenga-predictor` selected with predictors trained by `jenga.experiments.predictor_train {args}` "
+        f"({run.header['device']}): held-out top-k recall at keep 0.9 per sparse layer, mean "
+        f"{statistics.mean(recall.values()):.3f}, lowest {min(recall.values()):.3f}."
+    )
+
+
 def _recipe(study: Path) -> str:
     """One line naming the fine-tune recipe, from the first fine-tune's header."""
     runs = load_runs(study / "runs", recursive=True) if (study / "runs").exists() else []
@@ -185,7 +218,11 @@ def plot_study(study: Path, out: Path) -> list[Path]:
         return []
     fig, axes = figure(width=4.5, height=3.2)
     ax = axes[0][0]
+    others = [colormaps["tab10"](k) for k in (1, 2, 4, 5, 6, 8, 9)]  # tab10 without LoRA's grey, blue and red
     for i, (method, group) in enumerate(methods.items()):
+        # the study's many Jenga schedules share a family colour: each gets its own here, the default red
+        jenga = method.startswith("jenga")
+        line = "#d62728" if method == "jenga" else others[i % len(others)] if jenga else color(method)
         windows = sorted({w for e in group for w in e["ppl"]})
         values = [[e["ppl"][w] for e in group if w in e["ppl"]] for w in windows]
         means = [statistics.mean(v) for v in values]
@@ -199,13 +236,16 @@ def plot_study(study: Path, out: Path) -> list[Path]:
             yerr=err,
             marker="o",
             capsize=3,
-            color=color(method, i),
-            label=f"{method} ({len(group)} seeds)",
+            color=line,
+            linestyle="--" if jenga and method != "jenga" and i >= len(others) else "-",
+            label=f"{method} ({len(group)} seed{'s' if len(group) > 1 else ''})",
+            linewidth=2.2 if method == "jenga" else 1.2,
         )
+    ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("evaluation window (tokens)")
-    ax.set_ylabel("perplexity (held-out code)")
-    ax.legend()
+    ax.set_ylabel("perplexity (held-out code, log scale)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
     caption = f"SmolLM2-135M fine-tunes evaluated dense ({study.name})"
     return [save(fig, out / f"{study.name}.png", caption)]
 
@@ -271,10 +311,16 @@ def bench_table(logs: Path) -> list[str]:
     return lines
 
 
+def _normalized(config: dict | None) -> dict | None:
+    """A logged config in today's schema, so that the same schedule logged under two schemas joins."""
+    return JengaConfig.from_dict(dict(config)).to_dict() if config else None
+
+
 def _tradeoff(logs: Path) -> list[dict]:
     """Per oracle-selected Jenga schedule fine-tuned in a study with a LoRA baseline: its perplexity against LoRA's
     (mean over seeds, the study's longest window) and its 8K cost rows without checkpointing, joined on the
-    logged config. Sampled designs (`jenga-random*`) have no library cost and are left out."""
+    logged config (translated to today's schema). Sampled designs (`jenga-random*`) have no library cost and are
+    left out."""
     costs = [r for r in _costs(logs) if r["memory"] is not None and not r["header"].get("gradient_checkpointing")]
     points = []
     for study in sorted(p.parent for p in logs.glob("*/eval")):
@@ -287,7 +333,13 @@ def _tradeoff(logs: Path) -> list[dict]:
             config = group[0]["config"]
             if not config or "random" in method:
                 continue
-            rows = [r for r in costs if r["header"].get("jenga_config") == config]
+            # runner sweeps select with the oracle: a predictor-selected fine-tune has no cost row of its own
+            same = _normalized(config)
+            rows = (
+                []
+                if group[0]["predictor"]
+                else [r for r in costs if _normalized(r["header"].get("jenga_config")) == same]
+            )
             points.append(
                 {
                     "study": study.name,
@@ -296,7 +348,8 @@ def _tradeoff(logs: Path) -> list[dict]:
                     "window": window,
                     "seeds": len(group),
                     "ppl_ratio": statistics.mean(e["ppl"][window] for e in group) / lora,
-                    "costs": {r["header"]["model"]: (r["memory"], r["time"]) for r in rows},
+                    # one row per model: the last matching sweep in name order, named in the table
+                    "costs": {r["header"]["model"]: (r["memory"], r["time"], r["sweep"]) for r in rows},
                 }
             )
     return points
@@ -309,11 +362,14 @@ def tradeoff_table(logs: Path) -> list[str]:
     models = sorted({m for p in points for m in p["costs"]})
     head = [f"{m} memory / time vs LoRA" for m in models]
     lines = [
-        "| study | method | attention / MLP keep | seeds | ppl vs LoRA (longest window) | " + " | ".join(head) + " |",
-        "|---" * (5 + len(head)) + "|",
+        "| study | method | attention / MLP keep | seeds | ppl vs LoRA (longest window) | "
+        + " | ".join(head)
+        + " | cost sweep |",
+        "|---" * (6 + len(head)) + "|",
     ]
     for p in sorted(points, key=lambda p: -p["ppl_ratio"]):
         cells = [f"{p['costs'][m][0]:.2f} / {p['costs'][m][1]:.2f}" if m in p["costs"] else "—" for m in models]
+        cells.append(", ".join(sorted({c[2] for c in p["costs"].values()})) or "—")
         lines.append(
             f"| {p['study']} | {p['method']} | {p['schedule']} | {p['seeds']} | {p['ppl_ratio']:.3f}x "
             f"@{p['window']} | " + " | ".join(cells) + " |"
@@ -398,7 +454,11 @@ def plot_real_model(logs: Path, out: Path) -> list[Path]:
         title = (
             f"Fine-tunes, evaluated dense: {study.name} (`jenga.experiments.finetune` + `jenga.experiments.accuracy`)"
         )
-        sections.append((title, _recipe(study), study_tables(study)))
+        intro = "\n\n".join(filter(None, [_recipe(study), _predictor_note(study)]))
+        sections.append((title, intro, study_tables(study)))
+        lm_eval = f"lm_eval on merged checkpoints: {study.name} (`scripts/real_model/run.sh lm_eval`)"
+        table = lm_eval_table(study / "lm_eval")
+        sections.append((lm_eval, "", table.splitlines() if table else []))
     written += plot_tradeoff(logs, out)
     cost = "Cost on 7B/8B architectures (`jenga.experiments.run`, random weights; ratios within one sweep)"
     sections.append((cost, "", bench_table(logs)))
