@@ -125,6 +125,8 @@ def test_study_splits_a_method_logged_with_two_schedules_and_joins_costs_across_
         ("lora-s0", "lora", None, None, 4.0),
         ("jenga-s0", "jenga", JengaConfig(fp8_activations=True).to_dict(), None, 4.0),
         ("jenga-schema2-s0", "jenga", {"attn_keep": 0.5, "mlp_keep": 0.5, "schema_version": 2}, None, 4.4),
+        ("jenga-half-s1", "jenga-x", JengaConfig(attn_keep=0.5, mlp_keep=0.5).to_dict(), None, 4.2),
+        ("jenga-x-s0", "jenga-x", JengaConfig(fp8_activations=False).to_dict(), None, 4.0),
         ("jenga-a0.9-s0", "jenga-a0.9", schema5, None, 4.1),
         ("jenga-predictor-s0", "jenga-predictor", sparse, "/p", 4.04),
     ]
@@ -136,6 +138,8 @@ def test_study_splits_a_method_logged_with_two_schedules_and_joins_costs_across_
     table = "\n".join(study_tables(study))
     assert "| jenga | 1 / 1 in fp8 | 1 | 4.000 | 1.000x |" in table
     assert "| jenga (schema 2) | 0.5 / 0.5 | 1 | 4.400 | 1.100x |" in table
+    assert "| jenga-x [0.5 / 0.5] | 0.5 / 0.5 | 1 | 4.200 | 1.050x |" in table  # one schema, two schedules
+    assert "| jenga-x [1 / 1] | 1 / 1 | 1 | 4.000 | 1.000x |" in table
     rows = "\n".join(tradeoff_table(tmp_path))
     assert "| study-y | jenga-a0.9 | 0.9 / 1 | 1 | 1.025x @8192 | 1.00 / 1.10 | bench-x |" in rows
     assert "| study-y | jenga-predictor | 0.9 / 1 | 1 | 1.010x @8192 | — | — |" in rows

@@ -62,8 +62,8 @@ for stage in $stages; do
         slot
         extra=(); [ "$m" = jenga-predictor ] && extra=(--predictor "$predictor")
         background "$m-s$s" $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" \
-          --steps "$steps" "${extra[@]}" --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 --data dataset/code-corpus \
-          --out "$logs/runs/$m-s$s"
+          --steps "$steps" "${extra[@]}" --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 \
+          --data dataset/code-corpus --out "$logs/runs/$m-s$s"
       done; done
       finish ;;
     eval)

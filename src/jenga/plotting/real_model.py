@@ -111,7 +111,7 @@ def _eval_summary(study: Path) -> dict[str, dict]:
             "ppl": ppl,
             "tasks": tasks,
             "config": finetune.header.get("jenga_config") if finetune else None,
-            "predictor": finetune is not None and finetune.header["args"].get("predictor", "None") != "None",
+            "predictor": finetune is not None and finetune.header.get("args", {}).get("predictor", "None") != "None",
             "steps": finetune.steps if finetune else [],
         }
     return result
@@ -124,18 +124,22 @@ def _spread(values: list[float]) -> str:
 
 
 def _by_method(evals: dict[str, dict]) -> dict[str, list[dict]]:
-    """Runs per method; a method logged with two schedules (the default's name across config schemas) is split,
-    and every schedule but the newest schema's is labelled "<method> (schema N)"."""
+    """Runs per method; a method logged with two schedules (the default's name across config schemas) is split:
+    every schedule but the newest schema's is labelled "<method> (schema N)", and schedules that share a schema
+    are named too ("<method> [0.5 / 0.5]")."""
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in evals.values():
         grouped[e["method"], schedule(e["config"])].append(e)
-    newest = defaultdict(int)
+    newest: dict[str, int] = defaultdict(int)
+    shared: dict[tuple[str, int], int] = defaultdict(int)  # schedules per method and schema
     for (method, _), group in grouped.items():
         newest[method] = max(newest[method], _schema(group[0]["config"]))
+        shared[method, _schema(group[0]["config"])] += 1
     labelled = {}
-    for (method, _), group in grouped.items():
+    for (method, keep), group in grouped.items():
         version = _schema(group[0]["config"])
-        labelled[method if version == newest[method] else f"{method} (schema {version})"] = group
+        label = method if version == newest[method] else f"{method} (schema {version})"
+        labelled[label if shared[method, version] == 1 else f"{label} [{keep}]"] = group
     return labelled
 
 
@@ -191,7 +195,8 @@ def _predictor_note(study: Path) -> str:
     args = run.header["command"].split("predictor_train.py")[-1].strip()
     return (
         f"`jenga-predictor` selected with predictors trained by `jenga.experiments.predictor_train {args}` "
-        f"({run.header['device']}): held-out top-k recall at keep 0.9 per sparse layer, mean "
+        f"({run.header['device']}): held-out top-k recall at keep {schedule(run.header['jenga_config'])} per "
+        "sparse layer, mean "
         f"{statistics.mean(recall.values()):.3f}, lowest {min(recall.values()):.3f}."
     )
 
