@@ -1,9 +1,12 @@
-"""GPU benchmark of the float8 codec (`jenga.kernels.fp8`): bf16 exactness first, then time against the eager passes.
+"""GPU benchmark of the float8 kernels (`jenga.kernels.fp8`): bf16 checks first, then time against the eager passes.
 
-1. Check (must pass before any timing): on CUDA bf16 rows of mixed magnitude, the kernels' bytes, scales and
-   decoded values equal `jenga.fp8`'s PyTorch reference computed on the CPU.
+1. Checks (must pass before any timing): on CUDA bf16 rows of mixed magnitude, the codec's bytes, scales and
+   decoded values equal `jenga.fp8`'s PyTorch reference computed on the CPU; the fused SiLU-product backward
+   is within bf16's rounding of its outputs (2^-9 relative) of a float64 reference, and the error of the path
+   it replaces (decode, then autograd in bf16) is logged beside it.
 2. Time and effective bandwidth of quantize and dequantize at the activations a 7B/8B step converts at 8K
-   tokens (hidden 4096; MLP 11008 and 14336), the kernels against the same arithmetic in eager PyTorch.
+   tokens (hidden 4096; MLP 11008 and 14336), and of the MLP backward's element-wise part, the kernels against
+   the same arithmetic in eager PyTorch.
 
     python benchmarks/bench_fp8.py --out $OUT/fp8
 """
@@ -18,7 +21,7 @@ import torch
 from triton.testing import do_bench
 
 from jenga.fp8 import FP8, FP8_MAX, from_fp8, to_fp8
-from jenga.kernels.fp8 import dequantize_rows, quantize_rows
+from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward
 from jenga.profiling import JsonlWriter, run_header
 
 SHAPES = [(8192, 4096), (8192, 11008), (8192, 14336)]
@@ -51,6 +54,32 @@ def check(writer: JsonlWriter) -> bool:
     return all(same.values())
 
 
+def eager_silu_mul_backward(g, g_scale, u, u_scale, grad):
+    """The gated MLP's float8 backward before the fused kernel: decode both copies, autograd through silu * u."""
+    leaves = [from_fp8(g, g_scale, grad.dtype).requires_grad_(), from_fp8(u, u_scale, grad.dtype).requires_grad_()]
+    with torch.enable_grad():
+        return torch.autograd.grad(torch.nn.functional.silu(leaves[0]) * leaves[1], leaves, grad)
+
+
+def check_silu(writer: JsonlWriter) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    g, u = (torch.randn(256, 11008, generator=gen) * 3 for _ in range(2))
+    grad = torch.randn(256, 11008, generator=gen).bfloat16()
+    (gq, gs), (uq, us) = to_fp8(g), to_fp8(u)
+    leaves = [from_fp8(gq, gs, torch.float64).requires_grad_(), from_fp8(uq, us, torch.float64).requires_grad_()]
+    ref = torch.autograd.grad(torch.nn.functional.silu(leaves[0]) * leaves[1], leaves, grad.double())
+    args = (gq.cuda(), gs.cuda(), uq.cuda(), us.cuda(), grad.cuda())
+    errors = {
+        name: [((mine.double().cpu() - r).norm() / r.norm()).item() for mine, r in zip(fn(*args), ref, strict=True)]
+        for name, fn in (("kernel", silu_mul_backward), ("eager", eager_silu_mul_backward))
+    }
+    # fp32 arithmetic, one rounding to bf16 at the end: within 2^-9 relative (the eager path rounds in between)
+    ok = all(k <= 2**-9 * 1.05 for k in errors["kernel"])
+    writer.write({"record": "check", "what": "silu_mul_backward_bf16", "relative_errors": errors, "ok": ok})
+    print(f"silu backward bf16 relative errors (grad g, grad u): {errors}")
+    return ok
+
+
 def timings(writer: JsonlWriter) -> None:
     for rows, cols in SHAPES:
         x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
@@ -62,11 +91,19 @@ def timings(writer: JsonlWriter) -> None:
                 functools.partial(eager_dequantize, q, scale, x.dtype),
             ),
         }
+        if cols != 4096:  # the MLP's channels
+            args = (q, scale, q, scale, x)
+            ops["silu_mul_backward"] = (
+                functools.partial(silu_mul_backward, *args),
+                functools.partial(eager_silu_mul_backward, *args),
+            )
         for op, (fused, eager) in ops.items():
             fused_ms, eager_ms = do_bench(fused), do_bench(eager)
             record = {"record": "fp8", "op": op, "rows": rows, "cols": cols, "kernel_ms": fused_ms}
-            # one fused pass moves 3 bytes per element: 2 of bf16 and 1 of float8
-            gb_s = 3 * x.numel() / fused_ms / 1e6
+            # bytes per element of one fused pass: the codec 2 of bf16 and 1 of float8; the backward reads two
+            # float8 copies and the bf16 gradient and writes two bf16 gradients
+            moved = 8 if op == "silu_mul_backward" else 3
+            gb_s = moved * x.numel() / fused_ms / 1e6
             record |= {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms}
             writer.write(record)
             print(f"{op} {rows}x{cols}: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / fused_ms:.1f}x)")
@@ -78,7 +115,7 @@ def main() -> None:
     out = Path(parser.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
     with JsonlWriter(out / "fp8.jsonl", header=run_header(extra={"experiment": "bench_fp8"})) as writer:
-        if not check(writer):
+        if not (check(writer) & check_silu(writer)):  # both run, whatever the first says
             raise SystemExit("bf16 check failed: see fp8.jsonl; no timings taken")
         timings(writer)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jenga.fp8 import FP8_MAX, from_fp8, to_fp8
-from jenga.kernels.fp8 import dequantize_rows, quantize_rows
+from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward
 from jenga.kernels.scoring import block_tile_scores_triton
 from jenga.scoring import block_tile_scores
 
@@ -94,3 +94,23 @@ def test_fp8_codec_matches_the_reference_bit_for_bit(dtype):
         assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
         decoded = dequantize_rows(q, scale, dtype)
         assert decoded.dtype == dtype and torch.equal(decoded.cpu(), from_fp8(ref_q, ref_scale, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_backward_from_fp8_matches_autograd(dtype):
+    """The fused backward against float64 autograd through silu(g) * u on the decoded float8 copies (a zero row,
+    a width that is not a multiple of the block); a mismatched shape is an error that names the shapes."""
+    gen = torch.Generator().manual_seed(1)
+    g, u = (torch.randn(2, 5, 1100, generator=gen) * 4 for _ in range(2))
+    g[0, 0] = 0.0
+    grad = torch.randn(2, 5, 1100, generator=gen).to(dtype)
+    (gq, gs), (uq, us) = to_fp8(g), to_fp8(u)
+    leaves = [from_fp8(gq, gs, torch.float64).requires_grad_(), from_fp8(uq, us, torch.float64).requires_grad_()]
+    ref = torch.autograd.grad(torch.nn.functional.silu(leaves[0]) * leaves[1], leaves, grad.double())
+    got = silu_mul_backward(gq.to(DEVICE), gs.to(DEVICE), uq.to(DEVICE), us.to(DEVICE), grad.to(DEVICE))
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for mine, theirs in zip(got, ref, strict=True):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine.cpu().double(), theirs.to(dtype).double(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="one shape"):
+        silu_mul_backward(gq, gs, uq[:, :, 1:], us, grad)

@@ -174,3 +174,25 @@ def test_gated_mlp_fp8_saves_float8_and_backpropagates_through_the_rounded_activ
     torch.testing.assert_close(x.grad, g.grad @ gate.weight + u.grad @ up.weight, rtol=1e-4, atol=1e-5)
     exact = torch.autograd.grad(down(F.silu(gate(x)) * up(x)), x, grad)[0]
     assert 0 < (x.grad - exact).norm() < 0.1 * exact.norm()  # rounded, not exact, and close
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_gated_mlp_fp8_fused_silu_backward_matches_the_pytorch_path(monkeypatch, keep):
+    """The fused float8 backward (a CUDA path, forced here onto the Triton interpreter) gives the input gradient
+    of the decode-and-autograd path, whole or with kept channels, and it is the path taken."""
+    import jenga.kernels.fp8 as kernels
+    import jenga.mlp as mlp
+
+    torch.manual_seed(0)
+    gate, up, down = frozen_linear(32, 96, False), frozen_linear(32, 96, False), frozen_linear(96, 32, False)
+    x0, grad = torch.randn(2, 20, 32), torch.randn(2, 20, 32)
+    calls = []
+    monkeypatch.setattr(kernels, "silu_mul_backward", lambda *a, f=kernels.silu_mul_backward: calls.append(1) or f(*a))
+    grads = {}
+    for fused in (False, True):
+        monkeypatch.setattr(mlp, "fused_silu_backward", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))
+        x = x0.clone().requires_grad_(True)
+        gated_mlp(x, gate, up, down, torch.nn.SiLU(), keep, chunk=8, fp8=True).backward(grad)
+        grads[fused] = x.grad
+    assert calls  # the fused run went through the kernel
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)

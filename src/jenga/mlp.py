@@ -14,11 +14,14 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers import activations
 
 from .autocast import compute_dtype
 from .fp8 import FP8, from_fp8, to_fp8
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+# the SiLU modules a LLaMA-family MLP holds as act_fn (transformers' own class, else torch's)
+SILU = (torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU))
 
 
 def kept_channels(num_channels: int, keep: float) -> int:
@@ -41,6 +44,11 @@ def _activation_grads(act_fn: Activation, grad: torch.Tensor, *pre: torch.Tensor
         leaves = [p.detach().requires_grad_(True) for p in pre]
         out = act_fn(leaves[0]) if len(leaves) == 1 else act_fn(leaves[0]) * leaves[1]
         return torch.autograd.grad(out, leaves, grad)
+
+
+def fused_silu_backward(act_fn: Activation, grad: torch.Tensor) -> bool:
+    """Whether the float8 backward takes the fused kernel (`jenga.kernels.fp8.silu_mul_backward`): SiLU on CUDA."""
+    return grad.is_cuda and isinstance(act_fn, SILU)
 
 
 class GatedMLPFunction(torch.autograd.Function):
@@ -106,9 +114,15 @@ class GatedMLPFunction(torch.autograd.Function):
                     g_down, g_gate, g_up = down_w[:, idx], gate_w[idx], up_w[idx]
                 grad_hidden = grad_out[row, s:e] @ g_down
                 g, u = gate[row, s:e], up[row, s:e]
-                if scales is not None:
-                    g, u = from_fp8(g, scales[0, row, s:e], ctx.dtype), from_fp8(u, scales[1, row, s:e], ctx.dtype)
-                grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, g, u)
+                if scales is not None and fused_silu_backward(ctx.act_fn, grad_hidden):
+                    from .kernels.fp8 import silu_mul_backward  # Triton is needed on the GPU path only
+
+                    grad_gate, grad_up = silu_mul_backward(g, scales[0, row, s:e], u, scales[1, row, s:e], grad_hidden)
+                else:
+                    if scales is not None:
+                        g = from_fp8(g, scales[0, row, s:e], ctx.dtype)
+                        u = from_fp8(u, scales[1, row, s:e], ctx.dtype)
+                    grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, g, u)
                 grad_x[row, s:e] = grad_gate @ g_gate + grad_up @ g_up
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None
 

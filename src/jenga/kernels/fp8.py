@@ -5,6 +5,9 @@ to dequantize. Here one program owns one row: it reads the row twice (the second
 writes one byte per element, or reads one byte and writes the output dtype. The e4m3 bits are built with
 integer arithmetic (round to nearest even, as `Tensor.to(torch.float8_e4m3fn)` rounds), so the kernel needs no
 float8 support from the compiler and its results equal the reference's bit for bit.
+
+`silu_mul_backward` is the gated MLP's backward from its float8 copies: it decodes both in registers and writes
+the two gradients in one pass.
 """
 
 from __future__ import annotations
@@ -52,17 +55,54 @@ def _quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, BLOCK: tl
 
 
 @triton.jit
+def _e4m3_value(code):
+    """fp32 value of e4m3fn bits (int32, 0..255; 0x7F/0xFF, NaN, never written by the quantizer)."""
+    exponent, mantissa = (code >> 3) & 0xF, code & 7
+    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+    return tl.where(code >= 0x80, -magnitude, magnitude)
+
+
+@triton.jit
 def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, cols, BLOCK: tl.constexpr, STEPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row)
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
         code = tl.load(q_ptr + row * cols + offs, mask=offs < cols, other=0).to(tl.int32)
-        exponent, mantissa = (code >> 3) & 0xF, code & 7
-        normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
-        magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
-        value = tl.where(code >= 0x80, -magnitude, magnitude) * scale
+        value = _e4m3_value(code) * scale
         tl.store(out_ptr + row * cols + offs, value.to(out_ptr.dtype.element_ty), mask=offs < cols)
+
+
+@triton.jit
+def _silu_mul_backward_kernel(
+    g_ptr,
+    u_ptr,
+    g_scale_ptr,
+    u_scale_ptr,
+    grad_ptr,
+    grad_g_ptr,
+    grad_u_ptr,
+    cols,
+    BLOCK: tl.constexpr,
+    STEPS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g_scale, u_scale = tl.load(g_scale_ptr + row), tl.load(u_scale_ptr + row)
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < cols
+        g = _e4m3_value(tl.load(g_ptr + row * cols + offs, mask=mask, other=0).to(tl.int32)) * g_scale
+        u = _e4m3_value(tl.load(u_ptr + row * cols + offs, mask=mask, other=0).to(tl.int32)) * u_scale
+        grad = tl.load(grad_ptr + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        # d/dg silu(g) * u = u * sig * (1 + g * (1 - sig)); d/du = silu(g)
+        tl.store(
+            grad_g_ptr + row * cols + offs,
+            (grad * u * sig * (1.0 + g * (1.0 - sig))).to(grad_g_ptr.dtype.element_ty),
+            mask=mask,
+        )
+        tl.store(grad_u_ptr + row * cols + offs, (grad * g * sig).to(grad_u_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,3 +128,21 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
         steps = triton.cdiv(cols, BLOCK)
         _dequantize_kernel[(rows,)](q, scale.contiguous(), out, cols, BLOCK=BLOCK, STEPS=steps)
     return out
+
+
+def silu_mul_backward(
+    g: torch.Tensor, g_scale: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `silu(g) * u` with respect to g and u (in grad's dtype) from their float8 copies and scales
+    per row, in one pass that reads one byte of each and writes the two gradients. The gated MLP's backward
+    otherwise decodes both copies and recomputes silu and the product under autograd: seven element-wise passes.
+    The arithmetic is fp32 throughout (the PyTorch path rounds to the compute dtype between steps)."""
+    if not (g.shape == u.shape == grad.shape and g.dtype == u.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"need float8 g and u and a gradient of one shape, got {g.shape}, {u.shape}, {grad.shape}")
+    g, u, grad = (t.contiguous() for t in (g.view(torch.uint8), u.view(torch.uint8), grad))
+    grad_g, grad_u = torch.empty_like(grad), torch.empty_like(grad)
+    if grad.numel():
+        rows, cols = grad.numel() // grad.shape[-1], grad.shape[-1]
+        args = (g, u, g_scale.contiguous(), u_scale.contiguous(), grad, grad_g, grad_u, cols)
+        _silu_mul_backward_kernel[(rows,)](*args, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
+    return grad_g, grad_u
