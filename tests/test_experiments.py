@@ -160,3 +160,18 @@ def test_dataset_windows_follow_the_validation_stream(tmp_path):
     assert windows(3).tolist() == windows(0).tolist()
     with pytest.raises(ValueError, match="fewer than one 64-token window"):
         dataset_windows(tmp_path, 64, eos=0)
+
+
+def test_runner_profile_writes_one_more_steps_operators(tmp_path):
+    """`--profile`: after the measured steps, one forward and backward under torch.profiler; its operator table
+    sits beside the log and a record names it (the sweep passes the switch to its worker)."""
+    from jenga.experiments.run import run_one
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2).config.save_pretrained(folder)
+    log = tmp_path / "arch_jenga_96.jsonl"
+    assert run_one(str(folder), "jenga", 96, 1, 0, log, None, profile=True)["status"] == "ok"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["record"] for r in records][-2:] == ["profile", "summary"]
+    table = (tmp_path / records[-2]["file"]).read_text()
+    assert records[-2]["file"] == "arch_jenga_96.profile.txt" and "aten::" in table and "Self CPU" in table

@@ -12,7 +12,9 @@ of memory: doubling, then bisection.
 
 Extra records a run can add after its measured steps: `--breakdown` runs one more, untimed step that splits
 memory into weights, optimizer state, gradients and saved activations per sublayer (figure 14);
-`--snapshot` records that step's allocator history as `<log>.snapshot.pickle.gz` (figure 18). Jenga runs
+`--snapshot` records that step's allocator history as `<log>.snapshot.pickle.gz` (figure 18); `--profile` runs
+one more step under torch.profiler and writes its operators by device time to `<log>.profile.txt` (where a
+method's step time goes, beside another's). Jenga runs
 always log the per-layer keep ratios and what selection kept in their last step (figure 15). `--fork` forks
 each configuration's process from the sweep's, which has imported torch but not touched CUDA: still one
 process (and CUDA context) per configuration, without paying the imports each time.
@@ -41,7 +43,7 @@ from ..data.loaders import join_documents, load_documents
 from ..mlp import kept_channels
 from ..offload import ActivationOffloader
 from ..patching import find_adapter, jenga_state
-from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, read_jsonl, run_header
+from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, op_profile, read_jsonl, run_header
 from ..scoring import num_blocks
 from . import distributed
 from .methods import METHODS, Method, get_method, logged_config
@@ -182,6 +184,20 @@ def profile_step(model: torch.nn.Module, seq: int, snapshot: Path | None = None)
     return record
 
 
+def kernel_profile(model: torch.nn.Module, seq: int, out: Path) -> dict[str, Any]:
+    """One extra forward and backward (no optimizer step) under torch.profiler: its operators by self device
+    time go to `out`; the record names the file."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(2)).to(device)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    out.write_text(op_profile(step))
+    return {"record": "profile", "file": out.name, "what": "one forward and backward, operators by self device time"}
+
+
 def dataset_windows(data: Path, seq: int, eos: int) -> Callable[[int], torch.Tensor]:
     """Step → (1, seq) ids: consecutive windows of the validation documents joined by `eos`, wrapping around."""
     stream = join_documents(load_documents(data, "validation"), eos)
@@ -203,11 +219,13 @@ def run_one(
     breakdown: bool = False,
     snapshot: bool = False,
     data: Path | None = None,
+    profile: bool = False,
 ) -> dict:
     """Train `steps` measured steps in this process and log them; returns the summary record.
 
-    `breakdown` / `snapshot` add the records of `profile_step` after the measured steps. `data` (a dataset
-    folder built by `jenga.data.corpus`) replaces random tokens by windows of its validation documents.
+    `breakdown` / `snapshot` add the records of `profile_step` after the measured steps, `profile` those of
+    `kernel_profile`. `data` (a dataset folder built by `jenga.data.corpus`) replaces random tokens by windows of
+    its validation documents.
     """
     method = get_method(method_name)
     capped = None
@@ -269,6 +287,8 @@ def run_one(
                 if not is_out_of_memory(exc):
                     raise
                 writer.write({"record": "memory_breakdown", "status": "oom", "error": str(exc).splitlines()[0]})
+        if stats.status == "ok" and profile:
+            writer.write(kernel_profile(model, seq, path.with_name(path.stem + ".profile.txt")))
         summary = stats.as_record()
         writer.write(summary)
     return summary
@@ -295,7 +315,9 @@ def spawn(
     `extra` holds `run_one`'s optional switches (breakdown, snapshot), taken from `args` when None; the
     token source (`--data`) always comes from `args`.
     """
-    extra = {"breakdown": args.breakdown, "snapshot": args.snapshot} if extra is None else extra
+    extra = (
+        {"breakdown": args.breakdown, "snapshot": args.snapshot, "profile": args.profile} if extra is None else extra
+    )
     extra = {**extra, "data": args.data}
     command = sweep_command()
     if args.fork:
@@ -403,7 +425,9 @@ def max_length(args: argparse.Namespace) -> int:
             path = log_path(args.logs / "probes", args.model, method, seq)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
-            probes[seq] = spawn(args, method, seq, path, 1, 0, {"breakdown": False, "snapshot": False})["status"]
+            probes[seq] = spawn(
+                args, method, seq, path, 1, 0, dict.fromkeys(("breakdown", "snapshot", "profile"), False)
+            )["status"]
             tqdm.write(f"{method} {seq}: {probes[seq]}")
             return probes[seq] == "ok"
 
@@ -456,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, help="first length the search tries (a multiple of --length-step)")
     parser.add_argument("--breakdown", action="store_true", help="log a memory breakdown step (figure 14)")
     parser.add_argument("--snapshot", action="store_true", help="save that step's allocator history (figure 18)")
+    parser.add_argument("--profile", action="store_true", help="write one more step's operators by device time")
     parser.add_argument(
         "--data", type=Path, help="dataset folder (jenga.data.corpus): train on its text instead of random tokens"
     )
@@ -490,12 +515,14 @@ def main(argv: list[str] | None = None) -> int:
             breakdown=args.breakdown,
             snapshot=args.snapshot,
             data=args.data,
+            profile=args.profile,
         )
         run_worker(args.log, job)
         return 0
     if args.num_gpus < 1:
         parser.error("--num-gpus must be at least 1")
     single_only = {"--max-length": args.max_length, "--breakdown": args.breakdown, "--snapshot": args.snapshot}
+    single_only["--profile"] = args.profile
     single_only.update({"--fork": args.fork, "--memory-gib": args.memory_gib is not None})
     if args.num_gpus > 1 and any(single_only.values()):
         parser.error(f"{', '.join(k for k, v in single_only.items() if v)}: single-GPU runs only (--num-gpus 1)")
