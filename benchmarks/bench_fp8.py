@@ -3,10 +3,11 @@
 1. Checks (must pass before any timing): on CUDA bf16 rows of mixed magnitude, the codec's bytes, scales and
    decoded values equal `jenga.fp8`'s PyTorch reference computed on the CPU; the fused SiLU-product backward
    is within bf16's rounding of its outputs (2^-9 relative) of a float64 reference, and the error of the path
-   it replaces (decode, then autograd in bf16) is logged beside it.
+   it replaces (decode, then autograd in bf16) is logged beside it; the RMSNorm backward kernel is within 2^-8
+   of the PyTorch backward it replaces.
 2. Time and effective bandwidth of quantize and dequantize at the activations a 7B/8B step converts at 8K
-   tokens (hidden 4096; MLP 11008 and 14336), and of the MLP backward's element-wise part, the kernels against
-   the same arithmetic in eager PyTorch.
+   tokens (hidden 4096; MLP 11008 and 14336), of the MLP backward's element-wise part and of the RMSNorm
+   backward, the kernels against the same arithmetic in eager PyTorch.
 
     python benchmarks/bench_fp8.py --out $OUT/fp8
 """
@@ -22,6 +23,8 @@ from triton.testing import do_bench
 
 from jenga.fp8 import FP8, FP8_MAX, from_fp8, to_fp8
 from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward
+from jenga.kernels.rms_norm import rms_norm_backward
+from jenga.norms import reference_backward
 from jenga.profiling import JsonlWriter, run_header
 
 SHAPES = [(8192, 4096), (8192, 11008), (8192, 14336)]
@@ -80,6 +83,29 @@ def check_silu(writer: JsonlWriter) -> bool:
     return ok
 
 
+def norm_inputs(rows: int, cols: int, device: str) -> tuple[torch.Tensor, ...]:
+    """A saved float8 input with its scale and rstd, an fp32 weight and a bf16 gradient (the default's RMSNorm)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, cols, generator=gen).bfloat16()
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+    q, scale = to_fp8(x)
+    weight, grad = torch.randn(cols, generator=gen) * 0.1 + 1, torch.randn(rows, cols, generator=gen).bfloat16()
+    return tuple(t.to(device) for t in (q, scale, rstd, weight, grad))
+
+
+def check_norm(writer: JsonlWriter) -> bool:
+    """The RMSNorm backward kernel against the PyTorch backward it replaces (which rounds where the kernel
+    rounds): within a bf16 rounding (2^-8 relative), the row sums' order being the only difference."""
+    q, scale, rstd, weight, grad = norm_inputs(256, 4096, "cpu")
+    ref, _ = reference_backward(q, scale, rstd, weight, grad, torch.bfloat16, False)
+    mine = rms_norm_backward(q.cuda(), scale.cuda(), rstd.cuda(), weight.cuda(), grad.cuda(), torch.bfloat16).cpu()
+    error = ((mine.double() - ref.double()).norm() / ref.double().norm()).item()
+    ok = error <= 2**-8
+    writer.write({"record": "check", "what": "rms_norm_backward_bf16", "relative_error": error, "ok": ok})
+    print(f"rms_norm backward bf16 relative error against the PyTorch path: {error:.2e}")
+    return ok
+
+
 def timings(writer: JsonlWriter) -> None:
     for rows, cols in SHAPES:
         x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
@@ -91,6 +117,12 @@ def timings(writer: JsonlWriter) -> None:
                 functools.partial(eager_dequantize, q, scale, x.dtype),
             ),
         }
+        if cols == 4096:  # the hidden size: the RMSNorm backward
+            args = (*norm_inputs(rows, cols, "cuda")[:4], x)
+            ops["rms_norm_backward"] = (
+                functools.partial(rms_norm_backward, *args, torch.bfloat16),
+                functools.partial(reference_backward, *args, torch.bfloat16, False),
+            )
         if cols != 4096:  # the MLP's channels
             args = (q, scale, q, scale, x)
             ops["silu_mul_backward"] = (
@@ -102,7 +134,8 @@ def timings(writer: JsonlWriter) -> None:
             record = {"record": "fp8", "op": op, "rows": rows, "cols": cols, "kernel_ms": fused_ms}
             # bytes per element of one fused pass: the codec 2 of bf16 and 1 of float8; the backward reads two
             # float8 copies and the bf16 gradient and writes two bf16 gradients
-            moved = 8 if op == "silu_mul_backward" else 3
+            # reads its float8 input and the bf16 gradient and writes one bf16 gradient
+            moved = {"silu_mul_backward": 8, "rms_norm_backward": 5}.get(op, 3)
             gb_s = moved * x.numel() / fused_ms / 1e6
             record |= {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms}
             writer.write(record)
@@ -115,7 +148,7 @@ def main() -> None:
     out = Path(parser.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
     with JsonlWriter(out / "fp8.jsonl", header=run_header(extra={"experiment": "bench_fp8"})) as writer:
-        if not (check(writer) & check_silu(writer)):  # both run, whatever the first says
+        if not (check(writer) & check_silu(writer) & check_norm(writer)):  # all run, whatever the first says
             raise SystemExit("bf16 check failed: see fp8.jsonl; no timings taken")
         timings(writer)
 

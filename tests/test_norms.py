@@ -62,3 +62,43 @@ def test_fp8_saves_a_float8_input_with_an_exact_forward_and_a_close_gradient():
     (exact,) = torch.autograd.grad(rms_norm(x, norm.weight, norm.variance_epsilon), x, grad)
     error = (fp8_grad.float() - exact.float()).norm() / exact.float().norm()
     assert 0 < error < 0.05, error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32])
+def test_fused_backward_matches_the_pytorch_backward(monkeypatch, dtype, fp8, weight_dtype):
+    """The one-pass kernel (a CUDA path, forced here onto the Triton interpreter) gives the PyTorch backward's input
+    gradient: float8 or plain saved input, the weight in the input's dtype or fp32 (autocast's master weights),
+    a width off the block size. A trained weight keeps the PyTorch path (the kernel computes no weight gradient)."""
+    import jenga.kernels.rms_norm as kernel
+    import jenga.norms as norms
+
+    torch.manual_seed(0)
+    weight = (torch.randn(1100) * 0.5 + 1).to(weight_dtype or dtype)
+    x0 = torch.randn(3, 7, 1100).to(dtype)
+    grad = torch.randn(3, 7, 1100).to(dtype)
+    calls = []
+    monkeypatch.setattr(kernel, "rms_norm_backward", lambda *a, f=kernel.rms_norm_backward: calls.append(1) or f(*a))
+    grads = {}
+    for fused in (False, True):
+        monkeypatch.setattr(norms, "fused_backward", lambda g, on=fused: on)
+        x = x0.clone().requires_grad_(True)
+        rms_norm(x, weight, 1e-5, fp8=fp8).backward(grad)
+        grads[fused] = x.grad
+    assert len(calls) == 1 and grads[True].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(grads[True], grads[False], rtol=tol, atol=tol)
+    trained = weight.clone().requires_grad_(True)
+    rms_norm(x0.clone().requires_grad_(True), trained, 1e-5, fp8=fp8).backward(grad)
+    assert len(calls) == 1 and trained.grad is not None
+
+
+def test_fused_backward_names_bad_inputs():
+    from jenga.kernels.rms_norm import rms_norm_backward
+
+    x, rstd, weight = torch.randn(4, 8), torch.ones(4, 1), torch.ones(8)
+    with pytest.raises(ValueError, match="a scale exactly when x is float8"):
+        rms_norm_backward(x, torch.ones(4), rstd, weight, torch.randn(4, 8), torch.float32)
+    with pytest.raises(ValueError, match="of one shape"):
+        rms_norm_backward(x, None, rstd, weight, torch.randn(4, 9), torch.float32)

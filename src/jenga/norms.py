@@ -3,7 +3,8 @@
 HF's RMSNorm upcasts the input to fp32 and autograd keeps that copy (4 bytes per element) for backward,
 once per norm per layer. This function keeps the input in its own dtype plus one fp32 scale per token and
 recomputes the normalized values in backward: for bf16 that halves the norm's saved bytes. With `fp8` the input
-is kept in float8 (`jenga.fp8`), a quarter of HF's bytes.
+is kept in float8 (`jenga.fp8`), a quarter of HF's bytes. On CUDA, a frozen norm's backward is one Triton pass
+(`jenga.kernels.rms_norm`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from __future__ import annotations
 import torch
 
 from .fp8 import from_fp8, to_fp8
+
+
+def fused_backward(grad: torch.Tensor) -> bool:
+    """Whether backward takes the one-pass Triton kernel (`jenga.kernels.rms_norm`): on CUDA."""
+    return grad.is_cuda
 
 
 class LeanRMSNormFunction(torch.autograd.Function):
@@ -26,15 +32,33 @@ class LeanRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, scale, weight, rstd = ctx.saved_tensors
-        x = x if scale is None else from_fp8(x, scale, ctx.dtype)
-        normed = x.float() * rstd
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        grad_normed = (grad_out * weight).to(x.dtype).float()
-        dot = (grad_normed * normed).mean(-1, keepdim=True)
-        grad_x = (rstd * (grad_normed - normed * dot)).to(x.dtype)
+        if fused_backward(grad_out) and not ctx.needs_input_grad[1]:  # a trained weight takes the path below
+            from .kernels.rms_norm import rms_norm_backward  # Triton is needed on the GPU path only
+
+            return rms_norm_backward(x, scale, rstd, weight, grad_out, ctx.dtype), None, None, None
+        grad_x, grad_weight = reference_backward(x, scale, rstd, weight, grad_out, ctx.dtype, ctx.needs_input_grad[1])
         return grad_x, grad_weight, None, None
+
+
+def reference_backward(
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    rstd: torch.Tensor,
+    weight: torch.Tensor,
+    grad_out: torch.Tensor,
+    dtype: torch.dtype,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input gradient, weight gradient or None) of the lean RMSNorm in PyTorch, from the saved input (float8
+    with `scale`, or plain): the CPU path, and the reference of the CUDA kernel."""
+    x = x if scale is None else from_fp8(x, scale, dtype)
+    normed = x.float() * rstd
+    grad_weight = None
+    if weight_grad:
+        grad_weight = (grad_out * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    grad_normed = (grad_out * weight).to(x.dtype).float()
+    dot = (grad_normed * normed).mean(-1, keepdim=True)
+    return (rstd * (grad_normed - normed * dot)).to(x.dtype), grad_weight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False) -> torch.Tensor:
