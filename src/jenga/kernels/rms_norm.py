@@ -17,11 +17,17 @@ from .fp8 import BLOCK, _e4m3_value
 
 
 @triton.jit
-def _load_row(x_ptr, x_scale, offs, mask, FP8: tl.constexpr, dtype: tl.constexpr):
+def _row_terms(x_ptr, x_scale, rstd, w_ptr, grad_ptr, offs, cols, FP8: tl.constexpr, dtype: tl.constexpr):
+    """(normalized input, grad * weight rounded to `dtype`) of one block of a row, in fp32."""
+    mask = offs < cols
     if FP8:
         code = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
-        return (_e4m3_value(code) * x_scale).to(dtype).to(tl.float32)
-    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (_e4m3_value(code) * x_scale).to(dtype).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x * rstd, (grad * weight).to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -41,23 +47,17 @@ def _rms_norm_backward_kernel(
     dtype = out_ptr.dtype.element_ty
     rstd = tl.load(rstd_ptr + row)
     x_scale = tl.load(x_scale_ptr + row) if FP8 else 1.0
+    x_row, grad_row = x_ptr + row * cols, grad_ptr + row * cols
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for step in range(STEPS):
+    for step in range(STEPS):  # the row's dot product of grad * weight and the normalized input
         offs = step * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < cols
-        normed = _load_row(x_ptr + row * cols, x_scale, offs, mask, FP8, dtype) * rstd
-        grad = tl.load(grad_ptr + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
-        weight = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += (grad * weight).to(dtype).to(tl.float32) * normed
+        normed, grad_normed = _row_terms(x_row, x_scale, rstd, w_ptr, grad_row, offs, cols, FP8, dtype)
+        acc += grad_normed * normed
     dot = tl.sum(acc, axis=0) / cols
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < cols
-        normed = _load_row(x_ptr + row * cols, x_scale, offs, mask, FP8, dtype) * rstd
-        grad = tl.load(grad_ptr + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
-        weight = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        grad_normed = (grad * weight).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * cols + offs, (rstd * (grad_normed - normed * dot)).to(dtype), mask=mask)
+        normed, grad_normed = _row_terms(x_row, x_scale, rstd, w_ptr, grad_row, offs, cols, FP8, dtype)
+        tl.store(out_ptr + row * cols + offs, (rstd * (grad_normed - normed * dot)).to(dtype), mask=offs < cols)
 
 
 def rms_norm_backward(
