@@ -46,7 +46,7 @@ def _rms_norm_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     dtype = out_ptr.dtype.element_ty
     rstd = tl.load(rstd_ptr + row)
-    x_scale = tl.load(x_scale_ptr + row) if FP8 else 1.0
+    x_scale = tl.load(x_scale_ptr + row)  # without float8 a placeholder row that is never used
     x_row, grad_row = x_ptr + row * cols, grad_ptr + row * cols
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for step in range(STEPS):  # the row's dot product of grad * weight and the normalized input
@@ -80,7 +80,7 @@ def rms_norm_backward(
     grad, out = grad.contiguous(), torch.empty(grad.shape, dtype=dtype, device=grad.device)
     if grad.numel():
         rows, cols = grad.numel() // grad.shape[-1], grad.shape[-1]
-        scale = x_scale.contiguous() if fp8 else rstd  # an unread placeholder without float8
+        scale = x_scale.contiguous() if fp8 else rstd  # read, never used without float8
         args = (x, scale, rstd.contiguous(), weight.contiguous(), grad, out, cols)
         _rms_norm_backward_kernel[(rows,)](*args, FP8=fp8, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
     return out
