@@ -173,5 +173,28 @@ def test_runner_profile_writes_one_more_steps_operators(tmp_path):
     assert run_one(str(folder), "jenga", 96, 1, 0, log, None, profile=True)["status"] == "ok"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["record"] for r in records][-2:] == ["profile", "summary"]
+    assert 0.05 < records[-1]["host_peak_gib"] < 24  # this process's peak resident memory, in GiB (ru_maxrss is KiB)
     table = (tmp_path / records[-2]["file"]).read_text()
     assert records[-2]["file"] == "arch_jenga_96.profile.txt" and "aten::" in table and "Self CPU" in table
+
+
+def test_longest_length_table_names_the_host_memory_at_the_longest_length(tmp_path):
+    """The max-length section brackets each method's limit and shows its process's peak host memory there (where
+    offloaded checkpoints live); a ratio is against LoRA of the same checkpointing."""
+    from jenga.plotting.results import max_length_section
+
+    for method, seq, status, host in [
+        ("lora+ckpt", 65536, "ok", 3.0),
+        ("lora+ckpt", 98304, "oom", 3.5),
+        ("jenga+offckpt", 131072, "ok", 70.25),
+        ("jenga+offckpt", 196608, "oom", None),
+    ]:
+        header = {"record": "header", "experiment": "run", "model": "m", "method": method, "seq_len": seq}
+        header |= {"gradient_checkpointing": True, "device": "GPU", "git_commit": "abc"}
+        summary = {"record": "summary", "status": status, "peak_gib": 1.0, "median_step_s": 1.0}
+        summary |= {"host_peak_gib": host} if host is not None else {}
+        lines = [json.dumps(header), json.dumps(summary)]
+        (tmp_path / f"m_{method}_{seq}.jsonl").write_text("\n".join(lines) + "\n")
+    table = max_length_section(tmp_path)
+    assert "| m | jenga+offckpt | 131072 | 196608 | 2.00x | 70.2 |" in table
+    assert "| m | lora+ckpt | 65536 | 98304 |  | 3.0 |" in table

@@ -27,6 +27,7 @@ import functools
 import gzip
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -289,7 +290,8 @@ def run_one(
                 writer.write({"record": "memory_breakdown", "status": "oom", "error": str(exc).splitlines()[0]})
         if stats.status == "ok" and profile:
             writer.write(kernel_profile(model, seq, path.with_name(path.stem + ".profile.txt")))
-        summary = stats.as_record()
+        # this process's peak resident host memory (one configuration per process): pinned offload buffers count
+        summary = {**stats.as_record(), "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         writer.write(summary)
     return summary
 

@@ -48,26 +48,31 @@ def max_length_section(probes: Path) -> str | None:
     shortest failing length above it bracket the limit. Ratios are against the baseline of the same kind
     (with or without gradient checkpointing).
     """
-    runs: dict[tuple[str, str], list[tuple[int, str, dict]]] = {}
+    runs: dict[tuple[str, str], list[tuple[int, dict, dict]]] = {}
     for (model, method, seq), run in sorted(runner_runs(probes).items()):
-        runs.setdefault((model, method), []).append((seq, run.summary["status"], run.header))
+        runs.setdefault((model, method), []).append((seq, run.summary, run.header))
     if not runs:
         return None
-    longest = {key: max((s for s, status, _ in probes if status == "ok"), default=0) for key, probes in runs.items()}
+    longest = {key: max((s for s, r, _ in probes if r["status"] == "ok"), default=0) for key, probes in runs.items()}
     lines = [
         "## Longest trainable sequence (one training step without OOM; every probe, one process each)",
         "",
-        "| model | method | longest OK | first failing above | vs baseline | probes (length: status) | device, git |",
-        "|---|---|---|---|---|---|---|",
+        "| model | method | longest OK | first failing above | vs baseline | host peak GiB there | probes (length: "
+        "status) | device, git |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (model, method), found in sorted(runs.items()):
         best = longest[(model, method)]
-        failing = min((s for s, status, _ in found if s > best and status != "ok"), default=None)
+        failing = min((s for s, r, _ in found if s > best and r["status"] != "ok"), default=None)
         baseline = (model, "lora+ckpt" if found[0][2]["gradient_checkpointing"] else "lora")
         ratio = f"{best / longest[baseline]:.2f}x" if longest.get(baseline) and baseline != (model, method) else ""
-        listed = ", ".join(f"{s}: {status}" for s, status, _ in found)
+        # the process's peak resident host memory at the longest length (pinned offload buffers included)
+        host = next((r.get("host_peak_gib") for s, r, _ in found if s == best and r["status"] == "ok"), None)
+        host_cell = f"{host:.1f}" if host is not None else "—"
+        listed = ", ".join(f"{s}: {r['status']}" for s, r, _ in found)
         where = sorted({f"{h.get('device')} {h.get('git_commit')}" for _, _, h in found})
-        lines.append(f"| {model} | {method} | {best} | {failing or '-'} | {ratio} | {listed} | {'; '.join(where)} |")
+        cells = [model, method, str(best), str(failing or "-"), ratio, host_cell, listed, "; ".join(where)]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Probe logs in `benchmarks/logs/e2e/probes/`; the searches that chose them in `e2e/maxlen/`."]
     return "\n".join(lines) + "\n"
 
