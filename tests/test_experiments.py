@@ -17,8 +17,9 @@ from jenga.plotting.tables import runs_table
 
 def test_every_method_has_checkpointing_twins():
     for name, method in METHODS.items():
-        if not name.endswith(("+ckpt", "+offckpt")) and method.offload is None:
-            twin, offloaded = METHODS[f"{name}+ckpt"], METHODS[f"{name}+offckpt"]
+        if "+" not in name and method.offload is None:
+            twin, offloaded, half = METHODS[f"{name}+ckpt"], METHODS[f"{name}+offckpt"], METHODS[f"{name}+halfoffckpt"]
+            assert half.checkpointing and half.checkpoint_offload == 0.5 and half.baseline == "lora+halfoffckpt"
             assert twin.checkpointing and twin.jenga == method.jenga and twin.baseline == "lora+ckpt"
             assert not twin.checkpoint_offload and offloaded.checkpointing and offloaded.checkpoint_offload
             assert offloaded.jenga == method.jenga and offloaded.baseline == "lora+offckpt"

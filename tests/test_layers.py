@@ -25,6 +25,7 @@ CORE = (
     "jenga.norms",
     "jenga.fp8",
     "jenga.offload",
+    "jenga.checkpointing",
     "jenga.profiling",
     "jenga.cli",
     "jenga.kernels",

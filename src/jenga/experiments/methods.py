@@ -1,8 +1,9 @@
 """Methods as data: what each compared system does to the same HF+PEFT model before training.
 
-Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient checkpointing on) and a
+Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient checkpointing on), a
 "+offckpt" suffix (checkpointing whose saved layer inputs wait in pinned host memory: transformers'
-`gradient_checkpointing_enable(offload=True)`). Adding a
+`gradient_checkpointing_enable(offload=True)`) and a "+halfoffckpt" suffix (the last half of the layers' inputs
+in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both). Adding a
 method means adding one entry here; the runner, sweeps and plots pick it up by name.
 """
 
@@ -44,7 +45,7 @@ class Method:
     description: str
     jenga: JengaConfig | None = None
     checkpointing: bool = False
-    checkpoint_offload: bool = False  # checkpoints held in pinned host memory (needs checkpointing)
+    checkpoint_offload: float = 0.0  # share of the layers whose checkpoints wait in pinned host memory
     s2attn: bool = False
     liger: bool = False
     train_embed_norm: bool = False
@@ -57,7 +58,7 @@ class Method:
     def baseline(self) -> str:
         """The method this one is compared against (same checkpointing setting)."""
         if self.checkpoint_offload:
-            return "lora+offckpt"
+            return "lora+offckpt" if self.checkpoint_offload == 1.0 else "lora+halfoffckpt"
         return "lora+ckpt" if self.checkpointing else "lora"
 
 
@@ -184,16 +185,18 @@ METHODS.update(
         for m in _BASE
     }
 )
+OFFLOADED_CHECKPOINTS = {"offckpt": (1.0, "the checkpoints"), "halfoffckpt": (0.5, "the last half of the checkpoints")}
 METHODS.update(
     {
-        f"{m.name}+offckpt": replace(
+        f"{m.name}+{suffix}": replace(
             m,
-            name=f"{m.name}+offckpt",
-            description=m.description + ", gradient checkpointing with the checkpoints in pinned host memory",
+            name=f"{m.name}+{suffix}",
+            description=m.description + f", gradient checkpointing with {what} in pinned host memory",
             checkpointing=True,
-            checkpoint_offload=True,
+            checkpoint_offload=fraction,
         )
         for m in _BASE
+        for suffix, (fraction, what) in OFFLOADED_CHECKPOINTS.items()
     }
 )
 

@@ -458,7 +458,7 @@ def max_length(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run; the exit code is 1 when a configuration failed (OOM is not a failure)."""
     parser = make_parser(__doc__)
-    plain = [m for m in METHODS if not m.endswith(("+ckpt", "+offckpt"))]
+    plain = [m for m in METHODS if "+" not in m]
     parser.add_argument("--model", required=True, help="folder under checkpoints/ or a path with config.json")
     parser.add_argument(
         "--methods",
@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(METHODS),
         metavar="METHOD",
         help=f"methods to run: {', '.join(plain)}; <name>+ckpt adds gradient checkpointing, <name>+offckpt "
-        f"checkpointing with the checkpoints in pinned host memory (all but "
+        f"checkpointing with the checkpoints in pinned host memory, <name>+halfoffckpt with the last half of them "
+        f"there (all but "
         f"{', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
     )
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192], help="sequence lengths in tokens")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import apply_jenga
+from ..checkpointing import offload_checkpoints
 from ..elimination import oracle_scorer
 from ..predictor import PredictorBundle
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer
@@ -101,10 +102,11 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     attn = longlora.register() if method.s2attn else "sdpa"
     model, weights = load_model(model_name, seq, device=device, attn_implementation=attn)
-    if method.checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}, offload=method.checkpoint_offload
-        )
+    if method.checkpointing:  # every layer offloaded: transformers' own option; a share of them: ours
+        everything = method.checkpoint_offload == 1.0
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=everything)
+        if 0.0 < method.checkpoint_offload < 1.0:
+            offload_checkpoints(model, method.checkpoint_offload)
     if method.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
