@@ -196,3 +196,27 @@ def test_gated_mlp_fp8_fused_silu_backward_matches_the_pytorch_path(monkeypatch,
         grads[fused] = x.grad
     assert calls  # the fused run went through the kernel
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_recompute_saves_the_input_and_gives_the_same_gradient(keep, bias):
+    """With `recompute` the MLP saves its input (and the kept channels' indices) instead of two channel-wide
+    activations, and backward's recomputed projections give the same input gradient."""
+    torch.manual_seed(0)
+    gate, up, down = frozen_linear(32, 96, bias), frozen_linear(32, 96, bias), frozen_linear(96, 32, bias)
+    x0, grad = torch.randn(2, 20, 32), torch.randn(2, 20, 32)
+    frozen = {id(t) for lin in (gate, up, down) for t in lin.parameters()}
+    results = {}
+    for recompute in (False, True):
+        x = x0.clone().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, into=saved: into.append(t) or t, lambda t: t):
+            out = gated_mlp(x, gate, up, down, F.silu, keep, chunk=8, recompute=recompute)
+        out.backward(grad)
+        activations = [t for t in saved if id(t) not in frozen and t.dtype != torch.long and t.dim() == 3]
+        results[recompute] = (out.detach(), x.grad, sum(t.numel() for t in activations))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-6, atol=1e-7)
+    assert results[True][2] == x0.numel()  # the input, 32 values per token
+    assert results[False][2] == 2 * 2 * 20 * kept_channels(96, keep)  # gate and up, the kept channels per token

@@ -612,3 +612,21 @@ def test_fp8_activations_on_a_model_without_a_gated_mlp_is_an_error_before_any_p
     # the default (None) resolves per family: off for OPT, on for the LLaMA family
     assert jenga_state(apply_jenga(model, JengaConfig())).config.fp8_activations is False
     assert jenga_state(apply_jenga(tiny_llama(layers=2), JengaConfig())).config.fp8_activations is True
+
+
+def test_mlp_recompute_gives_the_same_training_step_and_needs_a_gated_mlp():
+    """`apply_jenga(mlp_recompute=True)`: the same loss and LoRA gradients as saving the MLP's activations (with
+    elimination, fp32); on a model without a gated MLP it is an error before any patch."""
+    config = JengaConfig(block_size=32, attn_keep=0.5, mlp_keep=0.5, fp8_activations=False)
+    ids = batch(2, 160)
+    ref_loss, ref_grads = loss_and_grads(apply_jenga(add_lora(tiny_llama(layers=3)), config), ids)
+    model = apply_jenga(add_lora(tiny_llama(layers=3)), config, mlp_recompute=True)
+    assert jenga_state(model).mlp_recompute
+    loss, grads = loss_and_grads(model, ids)
+    assert rel_err(loss, ref_loss) < 1e-6
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+    opt = tiny_opt()
+    with pytest.raises(JengaConfigError, match="mlp_recompute"):
+        apply_jenga(opt, mlp_recompute=True)
+    assert jenga_state(opt) is None

@@ -62,11 +62,28 @@ class GatedMLPFunction(torch.autograd.Function):
     unpatched MLP's would, with each weight cast once per pass rather than once per chunk. Activations are
     saved in that dtype (the weights by reference, uncast) and backward multiplies in it too: autograd runs
     backward outside autocast, where products against the fp32 weights would run in fp32, several times slower.
+
+    With `recompute` the forward saves its input instead of the channel activations, and backward recomputes
+    the gate and up projections chunk by chunk (two of the three matmuls once more): a token costs the input's
+    bytes (8 KB on Llama-3-8B) instead of two channel-wide rows (29 KB in float8), the working set that decides
+    the longest trainable length under checkpointing.
     """
 
     @staticmethod
     def forward(
-        ctx, x, gate_w, gate_b, up_w, up_b, down_w, down_b, act_fn: Activation, keep: float, chunk: int, fp8: bool
+        ctx,
+        x,
+        gate_w,
+        gate_b,
+        up_w,
+        up_b,
+        down_w,
+        down_b,
+        act_fn: Activation,
+        keep: float,
+        chunk: int,
+        fp8: bool,
+        recompute: bool = False,
     ):
         rows, tokens, _ = x.shape
         width = gate_w.shape[0]
@@ -78,8 +95,10 @@ class GatedMLPFunction(torch.autograd.Function):
         gate_w, up_w, down_w = (w.to(dtype) for w in weights)
         gate_b, up_b, down_b = (None if b is None else b.to(dtype) for b in (gate_b, up_b, down_b))
         out = x.new_empty(rows, tokens, down_w.shape[0], dtype=dtype)
-        saved_gate, saved_up = (x.new_empty(rows, tokens, count, dtype=FP8 if fp8 else dtype) for _ in range(2))
-        scales = x.new_empty(2, rows, tokens, dtype=torch.float32) if fp8 else None
+        saved_gate = saved_up = scales = None
+        if not recompute:
+            saved_gate, saved_up = (x.new_empty(rows, tokens, count, dtype=FP8 if fp8 else dtype) for _ in range(2))
+            scales = x.new_empty(2, rows, tokens, dtype=torch.float32) if fp8 else None
         channels = x.new_empty(rows, len(spans), count, dtype=torch.long) if count < width else None
         with torch.autocast(x.device.type, enabled=False):
             for i, (s, e) in enumerate(spans):
@@ -90,30 +109,38 @@ class GatedMLPFunction(torch.autograd.Function):
                 out[:, s:e] = F.linear(hidden, down_w, down_b)
                 if channels is not None:
                     channels[:, i] = _top_channels(hidden, count)
-                    gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
                 del hidden, part
+                if recompute:
+                    continue
+                if channels is not None:
+                    gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
                 if fp8:
                     (gate, scales[0, :, s:e]), (up, scales[1, :, s:e]) = to_fp8(gate), to_fp8(up)
                 saved_gate[:, s:e], saved_up[:, s:e] = gate, up
-        ctx.save_for_backward(saved_gate, saved_up, *weights, channels, scales)
+        inputs = (x, gate_b, up_b) if recompute else (None, None, None)
+        ctx.save_for_backward(saved_gate, saved_up, *weights, channels, scales, *inputs)
         ctx.act_fn, ctx.spans, ctx.x_dtype, ctx.dtype = act_fn, spans, x.dtype, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, *weights, channels, scales = ctx.saved_tensors
+        gate, up, *weights, channels, scales, x, gate_b, up_b = ctx.saved_tensors
         gate_w, up_w, down_w = (w.to(ctx.dtype) for w in weights)
         grad_out = grad_out.to(ctx.dtype)
         grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
         for i, (s, e) in enumerate(ctx.spans):
             for row in range(grad_out.shape[0]) if channels is not None else [slice(None)]:
-                if channels is None:
-                    g_down, g_gate, g_up = down_w, gate_w, up_w
-                else:
-                    idx = channels[row, i]
-                    g_down, g_gate, g_up = down_w[:, idx], gate_w[idx], up_w[idx]
+                idx = slice(None) if channels is None else channels[row, i]
+                g_down, g_gate, g_up = (
+                    (down_w, gate_w, up_w) if channels is None else (down_w[:, idx], gate_w[idx], up_w[idx])
+                )
                 grad_hidden = grad_out[row, s:e] @ g_down
-                g, u = gate[row, s:e], up[row, s:e]
+                if x is not None:  # recompute the kept channels' pre-activations of this chunk
+                    part = x[row, s:e].to(ctx.dtype)
+                    g = F.linear(part, g_gate, None if gate_b is None else gate_b[idx])
+                    u = F.linear(part, g_up, None if up_b is None else up_b[idx])
+                else:
+                    g, u = gate[row, s:e], up[row, s:e]
                 if scales is not None and fused_silu_backward(ctx.act_fn, grad_hidden):
                     from .kernels.fp8 import silu_mul_backward  # Triton is needed on the GPU path only
 
@@ -124,7 +151,7 @@ class GatedMLPFunction(torch.autograd.Function):
                         u = from_fp8(u, scales[1, row, s:e], ctx.dtype)
                     grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, g, u)
                 grad_x[row, s:e] = grad_gate @ g_gate + grad_up @ g_up
-        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None, None
 
 
 class SparseActivationFunction(torch.autograd.Function):
@@ -162,12 +189,14 @@ def gated_mlp(
     keep: float,
     chunk: int = 4096,
     fp8: bool = False,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Sparse-saved SwiGLU-style MLP on (B, T, D) or (T, D) input; channels ranked per sequence and chunk; with
-    `fp8` the kept activations are saved in float8 (half the bytes of bf16, 3 mantissa bits)."""
+    `fp8` the kept activations are saved in float8 (half the bytes of bf16, 3 mantissa bits); with `recompute`
+    only the input is saved and backward recomputes the activations per chunk (`fp8` then saves nothing)."""
     x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
     weights = (gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
-    out = GatedMLPFunction.apply(x3, *weights, act_fn, keep, chunk, fp8)
+    out = GatedMLPFunction.apply(x3, *weights, act_fn, keep, chunk, fp8, recompute)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -53,6 +53,7 @@ class Method:
     offload: str | None = None  # activation offloading policy of `jenga.offload` ("uniform" / "sparsity")
     offload_resident: float = 0.5  # fraction of the layers' saved bytes that stays on the GPU
     lean_lora: bool = True  # `apply_jenga(lean_lora=...)`
+    mlp_recompute: bool = False  # `apply_jenga(mlp_recompute=...)`
 
     @property
     def baseline(self) -> str:
@@ -121,6 +122,13 @@ _BASE = [
         "Jenga's default: no elimination (attention and MLP keep 1.0); the MLP activations, RMSNorm inputs and "
         "attention LoRA inputs saved in float8 with one scale per token (gated-MLP models); segmented loss",
         jenga=DEFAULT,
+    ),
+    Method(
+        "jenga-tiledmlp",
+        "Jenga's default with the gated MLP saving its input only and recomputing its projections in backward, "
+        "chunk by chunk (for the longest lengths, under checkpointing)",
+        jenga=DEFAULT,
+        mlp_recompute=True,
     ),
     Method(
         "jenga-0.5",

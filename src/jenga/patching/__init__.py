@@ -82,6 +82,7 @@ def apply_jenga(
     *,
     lean_norms: bool = True,
     lean_lora: bool = True,
+    mlp_recompute: bool = False,
 ) -> nn.Module:
     """Patch `model` in place for sparse long-context training and return it.
 
@@ -95,7 +96,9 @@ def apply_jenga(
     `lean_norms`: norms whose autograd keeps fp32 copies are replaced by `jenga.norms` (same outputs, fewer
     saved bytes). `lean_lora`: PEFT LoRA layers on the attention projections compute in the model's dtype with
     their fp32 weights as master copies, as autocast would (`jenga.lora`): they save the bf16 input instead of
-    PEFT's fp32 cast and skip its full-width fp32 passes; results differ by bf16 rounding.
+    PEFT's fp32 cast and skip its full-width fp32 passes; results differ by bf16 rounding. `mlp_recompute`: a
+    gated MLP saves its input and recomputes its gate and up projections in backward, chunk by chunk (a third
+    of the saved bytes or less, two more matmuls per layer): for the longest lengths, under checkpointing.
     """
     if isinstance(config, dict):
         raise TypeError(
@@ -124,6 +127,11 @@ def apply_jenga(
             f"{type(base).__name__} has an fc1 -> activation -> fc2 MLP and LayerNorms without that path: leave "
             "fp8_activations None or False for this model"
         )
+    if mlp_recompute and not adapter.gated_mlp:
+        raise JengaConfigError(
+            f"mlp_recompute recomputes a gated (SwiGLU) MLP's projections in backward; {type(base).__name__} has an "
+            "fc1 -> activation -> fc2 MLP: leave mlp_recompute False for this model"
+        )
     if config.fp8_activations is None:  # the default: on where the family has the path
         config = dataclasses.replace(config, fp8_activations=adapter.gated_mlp)
     layers = adapter.decoder_layers(base)
@@ -134,6 +142,7 @@ def apply_jenga(
         mlp_keep=config.mlp_schedule(len(layers)),
         selector=Selector(config, scorer or oracle_scorer),
         lean_lora=lean_lora,
+        mlp_recompute=mlp_recompute,
     )
     for idx, layer in enumerate(layers):
         patch_attention(adapter.attention(layer), idx, state, layer)

@@ -103,6 +103,7 @@ class JengaState:
     mlp_keep: list[float]
     selector: Selector
     lean_lora: bool = True
+    mlp_recompute: bool = False
     patched: list[nn.Module] = field(default_factory=list)
     last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
 

@@ -42,7 +42,8 @@ class LlamaFamilyAdapter(FamilyAdapter):
                 return original(self, x)
             chunk = state.config.mlp_chunk_tokens
             fp8 = state.config.fp8_activations
-            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, keep, chunk, fp8)
+            projections = (self.gate_proj, self.up_proj, self.down_proj)
+            return gated_mlp(x, *projections, self.act_fn, keep, chunk, fp8, recompute=state.mlp_recompute)
 
         override_forward(mlp, forward, state)
         return mlp
