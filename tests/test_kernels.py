@@ -114,3 +114,23 @@ def test_silu_mul_backward_from_fp8_matches_autograd(dtype):
         torch.testing.assert_close(mine.cpu().double(), theirs.to(dtype).double(), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="one shape"):
         silu_mul_backward(gq, gs, uq[:, :, 1:], us, grad)
+
+
+def test_gpu_checks_run_and_fail_on_a_wrong_kernel(monkeypatch):
+    """`jenga.kernel_checks` (the bf16 checks bench_fp8.py and hello_world.sh run on the GPU) run here on the
+    interpreter, which truncates bf16 stores: the codec's bytes and scales match, and a codec whose scales are
+    off fails its check."""
+    import jenga.kernel_checks as checks
+
+    codec = checks.codec(DEVICE)
+    assert codec["bytes"] and codec["scales"] and codec["what"] == "fp8_codec_bf16"
+
+    def off_by_one_ulp(x, fp8_max):
+        q, scale = quantize_rows(x, fp8_max)
+        return q, torch.nextafter(scale, torch.full_like(scale, 1e30))
+
+    monkeypatch.setattr(checks, "quantize_rows", off_by_one_ulp)
+    assert not checks.codec(DEVICE)["scales"] and not checks.codec(DEVICE)["ok"]
+    records = checks.run_all(DEVICE)
+    assert [r["what"] for r in records] == ["fp8_codec_bf16", "silu_mul_backward_bf16", "rms_norm_backward_bf16"]
+    assert all(isinstance(r["ok"], bool) for r in records)

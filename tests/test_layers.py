@@ -29,6 +29,7 @@ CORE = (
     "jenga.profiling",
     "jenga.cli",
     "jenga.kernels",
+    "jenga.kernel_checks",
     "jenga.patching",
     "jenga.predictor",
 )

@@ -1,0 +1,82 @@
+"""bf16 checks of the float8 path's kernels on the GPU, each against its reference: what `benchmarks/bench_fp8.py`
+requires before it times anything and what `hello_world.sh` reports. The CPU tests run these kernels in Triton's
+interpreter, which neither rounds to bf16 nor divides as CUDA does (an approximate `/` once passed them there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .fp8 import FP8_MAX, from_fp8, to_fp8
+from .kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward
+from .kernels.rms_norm import rms_norm_backward
+from .mlp import _activation_grads
+from .norms import reference_backward
+
+
+def eager_silu_mul_backward(g, g_scale, u, u_scale, grad) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated MLP's float8 backward without the fused kernel: decode both copies, autograd through silu * u."""
+    decoded = from_fp8(g, g_scale, grad.dtype), from_fp8(u, u_scale, grad.dtype)
+    return _activation_grads(torch.nn.functional.silu, grad, *decoded)
+
+
+def codec(device: str) -> dict[str, Any]:
+    """On bf16 rows of mixed magnitude, the codec's bytes, scales and decoded values equal the PyTorch reference's
+    computed on the CPU."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3000, generator=gen) * torch.logspace(-4, 3, 4)[:, None]).bfloat16()
+    ref_q, ref_scale = to_fp8(x)
+    q, scale = quantize_rows(x.to(device), FP8_MAX)
+    same = {
+        "bytes": torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8)),
+        "scales": torch.equal(scale.cpu(), ref_scale),
+        "decoded": torch.equal(
+            dequantize_rows(q, scale, torch.bfloat16).cpu(), from_fp8(ref_q, ref_scale, torch.bfloat16)
+        ),
+    }
+    return {"what": "fp8_codec_bf16", **same, "ok": all(same.values())}
+
+
+def silu_backward(device: str) -> dict[str, Any]:
+    """The fused SiLU-product backward within bf16's rounding of its outputs (2^-9 relative) of a float64
+    reference; the error of the path it replaces is logged beside it."""
+    gen = torch.Generator().manual_seed(0)
+    g, u = (torch.randn(256, 11008, generator=gen) * 3 for _ in range(2))
+    grad = torch.randn(256, 11008, generator=gen).bfloat16()
+    (gq, gs), (uq, us) = to_fp8(g), to_fp8(u)
+    exact = _activation_grads(
+        torch.nn.functional.silu, grad.double(), from_fp8(gq, gs, torch.float64), from_fp8(uq, us, torch.float64)
+    )
+    args = (gq.to(device), gs.to(device), uq.to(device), us.to(device), grad.to(device))
+    errors = {
+        name: [((mine.double().cpu() - r).norm() / r.norm()).item() for mine, r in zip(fn(*args), exact, strict=True)]
+        for name, fn in (("kernel", silu_mul_backward), ("eager", eager_silu_mul_backward))
+    }
+    return {"what": "silu_mul_backward_bf16", "relative_errors": errors, "ok": max(errors["kernel"]) <= 2**-9 * 1.05}
+
+
+def norm_inputs(rows: int, cols: int, device: str) -> tuple[torch.Tensor, ...]:
+    """A saved float8 input with its scale and rstd, an fp32 weight and a bf16 gradient (the default's RMSNorm)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, cols, generator=gen).bfloat16()
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+    q, scale = to_fp8(x)
+    weight, grad = torch.randn(cols, generator=gen) * 0.1 + 1, torch.randn(rows, cols, generator=gen).bfloat16()
+    return tuple(t.to(device) for t in (q, scale, rstd, weight, grad))
+
+
+def norm_backward(device: str) -> dict[str, Any]:
+    """The RMSNorm backward kernel within a bf16 rounding (2^-8 relative) of the PyTorch backward it replaces,
+    which rounds where the kernel rounds: only the row sums' order differs."""
+    inputs = norm_inputs(256, 4096, "cpu")
+    ref, _ = reference_backward(*inputs, torch.bfloat16, False)
+    mine = rms_norm_backward(*(t.to(device) for t in inputs), torch.bfloat16).cpu()
+    error = ((mine.double() - ref.double()).norm() / ref.double().norm()).item()
+    return {"what": "rms_norm_backward_bf16", "relative_error": error, "ok": error <= 2**-8}
+
+
+def run_all(device: str = "cuda") -> list[dict[str, Any]]:
+    """Every check's record (each has "what" and "ok")."""
+    return [check(device) for check in (codec, silu_backward, norm_backward)]
