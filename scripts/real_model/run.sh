@@ -37,7 +37,7 @@ slot() {
   started=$((started + 1))
 }
 # run "$@" in the background, naming it in $failed when it fails; finish() reports those and stops
-failed=$(mktemp)
+failed=$(mktemp); trap 'rm -f "$failed"' EXIT
 background() { local name=$1; shift; ( "$@" || echo "$name" >> "$failed" ) & }
 finish() { wait; [ ! -s "$failed" ] || { echo "failed: $(tr '\n' ' ' < "$failed")(see their logs)" >&2; exit 1; }; }
 mkdir -p "$logs"

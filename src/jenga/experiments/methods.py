@@ -37,6 +37,10 @@ QUARTER = replace(HALF, attn_keep=0.25, mlp_keep=0.25)
 ZERO = replace(HALF, eliminated="zero")
 
 
+# the suffixes of offloaded checkpointing: (share of the layers offloaded, what a description says)
+OFFLOADED_CHECKPOINTS = {"offckpt": (1.0, "the checkpoints"), "halfoffckpt": (0.5, "the last half of the checkpoints")}
+
+
 @dataclass(frozen=True)
 class Method:
     """One compared system. `jenga` is applied after LoRA; the flags select the baselines' own changes."""
@@ -59,7 +63,8 @@ class Method:
     def baseline(self) -> str:
         """The method this one is compared against (same checkpointing setting)."""
         if self.checkpoint_offload:
-            return "lora+offckpt" if self.checkpoint_offload == 1.0 else "lora+halfoffckpt"
+            suffix = next(s for s, (share, _) in OFFLOADED_CHECKPOINTS.items() if share == self.checkpoint_offload)
+            return f"lora+{suffix}"
         return "lora+ckpt" if self.checkpointing else "lora"
 
 
@@ -193,7 +198,6 @@ METHODS.update(
         for m in _BASE
     }
 )
-OFFLOADED_CHECKPOINTS = {"offckpt": (1.0, "the checkpoints"), "halfoffckpt": (0.5, "the last half of the checkpoints")}
 METHODS.update(
     {
         f"{m.name}+{suffix}": replace(
