@@ -84,11 +84,14 @@ for stage in $stages; do
         sed "s#dataset/longbench/#$tasks/#; s#^task: jenga_#task: smollm2_#; s#^tag: jenga_longcontext#tag: smollm2_longcontext#" \
           "$f" > "$include/smollm2_$(basename "$f" | sed 's/^jenga_//')"
       done
-      models=($base)
+      # a model whose results are logged already is skipped (resumable)
+      evaluated() { find "$logs/lm_eval/$(basename "$1")" -name 'results_*.json' 2>/dev/null | grep -q .; }
+      models=(); evaluated $base || models=($base)
       for m in ${LM_EVAL_METHODS:-lora longlora jenga jenga-predictor}; do
         run=$(for s in $seeds; do [ -f "$logs/runs/$m-s$s/adapter/seq_len" ] && echo "$m-s$s" && break; done || true)
         [ -n "$run" ] || { echo "lm_eval: no finished $m fine-tune (seeds $seeds), skipped" >&2; continue; }
         merged=checkpoints/smollm2-135m-32k-$run
+        evaluated $merged && continue
         [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run "$logs/runs/$run" --out $merged
         models+=($merged)
       done
