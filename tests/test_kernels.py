@@ -117,7 +117,7 @@ def test_silu_mul_backward_from_fp8_matches_autograd(dtype):
 
 
 def test_gpu_checks_run_and_fail_on_a_wrong_kernel(monkeypatch):
-    """`jenga.kernel_checks` (the bf16 checks bench_fp8.py and hello_world.sh run on the GPU) run here on the
+    """`jenga.kernel_checks` (the bf16 checks bench_elementwise.py and hello_world.sh run on the GPU) run here on the
     interpreter, which truncates bf16 stores: the codec's bytes and scales match, and a codec whose scales are
     off fails its check."""
     import jenga.kernel_checks as checks
@@ -132,5 +132,11 @@ def test_gpu_checks_run_and_fail_on_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(checks, "quantize_rows", off_by_one_ulp)
     assert not checks.codec(DEVICE)["scales"] and not checks.codec(DEVICE)["ok"]
     records = checks.run_all(DEVICE)
-    assert [r["what"] for r in records] == ["fp8_codec_bf16", "silu_mul_backward_bf16", "rms_norm_backward_bf16"]
+    assert [r["what"] for r in records] == [
+        "fp8_codec_bf16",
+        "silu_mul_backward_bf16",
+        "rms_norm_backward_bf16",
+        "rms_norm_forward_bf16",
+        "rotary_bf16",
+    ]
     assert all(isinstance(r["ok"], bool) for r in records)

@@ -23,6 +23,7 @@ CORE = (
     "jenga.saved",
     "jenga.autocast",
     "jenga.norms",
+    "jenga.rotary",
     "jenga.fp8",
     "jenga.offload",
     "jenga.checkpointing",

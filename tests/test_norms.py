@@ -102,3 +102,50 @@ def test_fused_backward_names_bad_inputs():
         rms_norm_backward(x, torch.ones(4), rstd, weight, torch.randn(4, 8), torch.float32)
     with pytest.raises(ValueError, match="of one shape"):
         rms_norm_backward(x, None, rstd, weight, torch.randn(4, 9), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32])
+def test_fused_forward_matches_the_pytorch_forward(monkeypatch, dtype, fp8, weight_dtype):
+    """The one-pass forward (a CUDA path, forced onto the Triton interpreter) gives the PyTorch forward's output in
+    its dtype and its rstd (the row sum's order aside), and the float8 copy bit for bit `to_fp8`'s; the model's
+    gradient through it is the PyTorch path's. A width off the block size, rows of mixed magnitude."""
+    import jenga.kernels.rms_norm as kernel
+    import jenga.norms as norms
+    from jenga.fp8 import to_fp8
+
+    torch.manual_seed(0)
+    weight = (torch.randn(1100) * 0.5 + 1).to(weight_dtype or dtype)
+    x0 = (torch.randn(3, 7, 1100) * torch.logspace(-2, 2, 7)[:, None]).to(dtype)
+    grad = torch.randn(3, 7, 1100)
+    calls, saved, results = [], {}, {}
+    monkeypatch.setattr(kernel, "rms_norm_forward", lambda *a, f=kernel.rms_norm_forward: calls.append(1) or f(*a))
+    for fused in (False, True):
+        monkeypatch.setattr(norms, "fused_forward", lambda x, on=fused: on)
+        x = x0.clone().requires_grad_(True)
+        kept = saved.setdefault(fused, [])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, kept=kept: kept.append(t) or t, lambda t: t):
+            out = rms_norm(x, weight, 1e-5, fp8=fp8)
+        out.backward(grad.to(out.dtype))
+        results[fused] = out, x.grad
+    assert len(calls) == 1
+    (ref, ref_grad), (out, out_grad) = results[False], results[True]
+    assert out.dtype == ref.dtype == torch.promote_types(weight.dtype, dtype)
+    ulp = 1e-6 if dtype == torch.float32 else 2e-3  # a rounding of the normalized row (and of the product)
+    torch.testing.assert_close(out, ref, rtol=ulp, atol=0)
+    if dtype == torch.float16:  # rstd's last bit moves a rounding of the fp16 row only rarely
+        assert (out != ref).float().mean() < 0.01
+    rstd_ref, rstd = saved[False][-1], saved[True][-1]
+    torch.testing.assert_close(rstd, rstd_ref, rtol=1e-6, atol=0)
+    if fp8:
+        q, scale = to_fp8(x0)
+        assert torch.equal(saved[True][0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(saved[True][1], scale)
+    torch.testing.assert_close(out_grad, ref_grad, rtol=ulp * 2, atol=ulp * 2)
+
+
+def test_fused_forward_names_bad_inputs():
+    from jenga.kernels.rms_norm import rms_norm_forward
+
+    with pytest.raises(ValueError, match="last dimension"):
+        rms_norm_forward(torch.randn(4, 8), torch.ones(7), 1e-5, fp8=False)

@@ -3,15 +3,15 @@
 HF's RMSNorm upcasts the input to fp32 and autograd keeps that copy (4 bytes per element) for backward,
 once per norm per layer. This function keeps the input in its own dtype plus one fp32 scale per token and
 recomputes the normalized values in backward: for bf16 that halves the norm's saved bytes. With `fp8` the input
-is kept in float8 (`jenga.fp8`), a quarter of HF's bytes. On CUDA, a frozen norm's backward is one Triton pass
-(`jenga.kernels.rms_norm`).
+is kept in float8 (`jenga.fp8`), a quarter of HF's bytes. On CUDA the forward (with the float8 copy) and a frozen
+norm's backward are one Triton pass each (`jenga.kernels.rms_norm`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fp8 import from_fp8, to_fp8
+from .fp8 import FP8_MAX, from_fp8, to_fp8
 
 
 def fused_backward(grad: torch.Tensor) -> bool:
@@ -19,13 +19,23 @@ def fused_backward(grad: torch.Tensor) -> bool:
     return grad.is_cuda
 
 
+def fused_forward(x: torch.Tensor) -> bool:
+    """Whether forward (with the float8 copy) takes the one-pass Triton kernel: on CUDA."""
+    return x.is_cuda
+
+
 class LeanRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        out = weight * (x32 * rstd).to(x.dtype)
-        ctx.save_for_backward(*(to_fp8(x) if fp8 else (x, None)), weight, rstd)
+        if fused_forward(x):
+            from .kernels.rms_norm import rms_norm_forward
+
+            out, rstd, q, scale = rms_norm_forward(x, weight, eps, fp8, FP8_MAX)
+            saved = (q, scale) if fp8 else (x, None)
+        else:
+            out, rstd = reference_forward(x, weight, eps)
+            saved = to_fp8(x) if fp8 else (x, None)
+        ctx.save_for_backward(*saved, weight, rstd)
         ctx.dtype = x.dtype
         return out
 
@@ -38,6 +48,13 @@ class LeanRMSNormFunction(torch.autograd.Function):
             return rms_norm_backward(x, scale, rstd, weight, grad_out, ctx.dtype), None, None, None
         grad_x, grad_weight = reference_backward(x, scale, rstd, weight, grad_out, ctx.dtype, ctx.needs_input_grad[1])
         return grad_x, grad_weight, None, None
+
+
+def reference_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, rstd) as LlamaRMSNorm computes them: the CPU path, and the reference of the CUDA kernel."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
 
 
 def reference_backward(

@@ -107,16 +107,16 @@ def _kernel() -> str:
     return f"Triton block scoring matches the reference on {device} ({dtype}): relative error {err:.1e}"
 
 
-def _fp8_kernels() -> str:
+def _elementwise_kernels() -> str:
     if not _cuda():
-        raise Info("no GPU: the float8 path runs its PyTorch references (the CPU tests run its kernels' interpreter)")
+        raise Info("no GPU: the default path runs its PyTorch references (the CPU tests run its kernels' interpreter)")
     from ..kernel_checks import run_all
 
     checks = run_all("cuda")
     failed = [c for c in checks if not c["ok"]]
     if failed:
-        raise RuntimeError(f"float8 kernels differ from their references in bf16: {failed}")
-    return "float8 codec, MLP and RMSNorm backward kernels match their references in bf16: " + ", ".join(
+        raise RuntimeError(f"element-wise kernels differ from their references in bf16: {failed}")
+    return "float8 codec, MLP backward, RMSNorm and rotary kernels match their references in bf16: " + ", ".join(
         c["what"] for c in checks
     )
 
@@ -172,7 +172,7 @@ CHECKS: list[tuple[str, str, Callable[[], str]]] = [
         ),
     ),
     ("PASS", "kernel", _kernel),
-    ("PASS", "float8 kernels", _fp8_kernels),
+    ("PASS", "element-wise kernels", _elementwise_kernels),
     ("PASS", "jenga step", _tiny_training_step),
 ]
 

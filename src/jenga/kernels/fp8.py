@@ -44,7 +44,7 @@ def _quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, BLOCK: tl
         offs = step * BLOCK + tl.arange(0, BLOCK)
         peak = tl.maximum(peak, tl.abs(tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
     # IEEE divisions: Triton's `/` on CUDA is an approximate division, whose scales missed the reference's by
-    # an ulp on the H200 (benchmarks/bench_fp8.py's check)
+    # an ulp on the H200 (benchmarks/bench_elementwise.py's check)
     scale = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-30), fp8_max)
     tl.store(scale_ptr + row, scale)
     inv = tl.math.div_rn(1.0, scale)

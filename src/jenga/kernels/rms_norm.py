@@ -1,10 +1,11 @@
-"""RMSNorm's input gradient in one Triton program per row, from the saved input (float8 or the input dtype).
+"""RMSNorm forward (with the float8 copy backward reads) and its input gradient, one Triton program per row.
 
-`jenga.norms`' PyTorch backward takes about ten element-wise passes over the row (decode, upcast, normalize,
-the product with the weight, the row dot product, the combination, the casts). Here a program reads the row
-twice (the second read hits the cache) and writes the gradient once. It rounds where the PyTorch path rounds
-(the decoded input and `grad * weight` to the input dtype) and computes the rest in fp32; only the row sum's
-order differs.
+`jenga.norms`' PyTorch forward takes about seven element-wise passes over the row (upcast, square, mean,
+normalize, cast, the product with the weight) and the float8 copy two more; its backward about ten (decode,
+upcast, normalize, the product with the weight, the row dot product, the combination, the casts). Here each
+direction reads the row twice (the second read hits the cache) and writes its outputs once. Both round where
+the PyTorch path rounds (the normalized row, `grad * weight` and the decoded input to the input dtype) and
+compute the rest in fp32; only the row sums' order differs, which can move rstd by an fp32 ulp.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, _e4m3_value
+from .fp8 import BLOCK, _e4m3_bits, _e4m3_value
 
 
 @triton.jit
@@ -84,3 +85,66 @@ def rms_norm_backward(
         args = (x, scale, rstd.contiguous(), weight.contiguous(), grad, out, cols)
         _rms_norm_backward_kernel[(rows,)](*args, FP8=fp8, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
     return out
+
+
+@triton.jit
+def _rms_norm_forward_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    rstd_ptr,
+    q_ptr,
+    scale_ptr,
+    cols,
+    eps,
+    fp8_max,
+    FP8: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STEPS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    x_row = x_ptr + row * cols
+    squares = tl.zeros([BLOCK], dtype=tl.float32)
+    peak = tl.zeros([BLOCK], dtype=tl.float32)
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        squares += x * x
+        peak = tl.maximum(peak, tl.abs(x))
+    # the mean as PyTorch takes it (the sum times 1 / cols), then rsqrt of the variance plus eps
+    rstd = tl.math.rsqrt(tl.sum(squares, axis=0) * tl.math.div_rn(1.0, cols.to(tl.float32)) + eps)
+    tl.store(rstd_ptr + row, rstd)
+    inv = 1.0
+    if FP8:  # the codec's scale (`jenga.kernels.fp8`), with its IEEE divisions
+        scale = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-30), fp8_max)
+        tl.store(scale_ptr + row, scale)
+        inv = tl.math.div_rn(1.0, scale)
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < cols
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        weight = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        normed = (x * rstd).to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * cols + offs, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
+        if FP8:
+            tl.store(q_ptr + row * cols + offs, _e4m3_bits(x * inv).to(tl.uint8), mask=mask)
+
+
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool, fp8_max: float = 448.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(`weight * (x * rstd).to(x.dtype)` in PyTorch's result dtype of weight and x, rstd (rows, 1) in fp32, and
+    with `fp8` x's float8 copy and scales as `jenga.fp8.to_fp8` makes them, else None twice), in one pass."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"need a weight of x's last dimension, got {tuple(weight.shape)} for x {tuple(x.shape)}")
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rstd = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if fp8 else rstd  # rstd: a pointer never written
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if fp8 else rstd
+    if x.numel():
+        rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+        args = (x, weight.contiguous(), out, rstd, q, scale, cols, eps, fp8_max)
+        _rms_norm_forward_kernel[(rows,)](*args, FP8=fp8, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
+    return (out, rstd, q.view(torch.float8_e4m3fn), scale) if fp8 else (out, rstd, None, None)

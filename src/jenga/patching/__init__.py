@@ -18,6 +18,7 @@ from .base import (
     patch_attention,
     patch_causal_lm_loss,
     restore_forward,
+    restore_function,
 )
 from .llama import LlamaFamilyAdapter
 from .opt import OPTAdapter
@@ -149,6 +150,7 @@ def apply_jenga(
         adapter.patch_mlp(layer, idx, state.mlp_keep[idx], state)
     if lean_norms:
         adapter.patch_norms(base, state)
+    adapter.patch_functions(base, state)
     if config.loss_chunk_tokens > 0:
         patch_causal_lm_loss(base, state)
     base.__dict__["_jenga"] = state
@@ -156,13 +158,15 @@ def apply_jenga(
 
 
 def remove_jenga(model: nn.Module) -> nn.Module:
-    """Undo `apply_jenga`: every patched module gets its class forward back."""
+    """Undo `apply_jenga`: every patched module gets its class forward back, every swapped function its original."""
     base = unwrap(model)
     state = base.__dict__.pop("_jenga", None)
     if state is None:
         raise RuntimeError("Jenga is not applied to this model")
     for module in state.patched:
         restore_forward(module)
+    for module, name in state.swapped:
+        restore_function(module, name)
     return model
 
 

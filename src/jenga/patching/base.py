@@ -92,6 +92,9 @@ class FamilyAdapter:
     def patch_norms(self, model: nn.Module, state: JengaState) -> None:
         """Swap in lean norms where the family's norm saves more than it needs (default: nothing to do)."""
 
+    def patch_functions(self, model: nn.Module, state: JengaState) -> None:
+        """Swap module-level functions of the family's modeling code for fused equals (default: none)."""
+
 
 @dataclass
 class JengaState:
@@ -105,6 +108,7 @@ class JengaState:
     lean_lora: bool = True
     mlp_recompute: bool = False
     patched: list[nn.Module] = field(default_factory=list)
+    swapped: list[tuple[types.ModuleType, str]] = field(default_factory=list)  # see `swap_function`
     last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
 
 
@@ -127,6 +131,31 @@ def override_forward(module: nn.Module, new_forward: Callable, state: JengaState
 
 def restore_forward(module: nn.Module) -> None:
     module.__dict__.pop("forward", None)
+
+
+# Module-level functions swapped while patched models use them: (module, name) -> [original, number of users].
+_SWAPPED: dict[tuple[types.ModuleType, str], list] = {}
+
+
+def swap_function(module: types.ModuleType, name: str, wrap: Callable[[Callable], Callable], state: JengaState) -> None:
+    """Make `module.<name>` `wrap(original)` until the last patched model using it is restored.
+
+    For functions a family's modeling code calls by module-level name (the rotary embedding), which no instance
+    override reaches. The swap is process-wide, so `wrap` must compute exactly what the original computes.
+    """
+    entry = _SWAPPED.setdefault((module, name), [getattr(module, name), 0])
+    if entry[1] == 0:
+        setattr(module, name, wrap(entry[0]))
+    entry[1] += 1
+    state.swapped.append((module, name))
+
+
+def restore_function(module: types.ModuleType, name: str) -> None:
+    entry = _SWAPPED[(module, name)]
+    entry[1] -= 1
+    if entry[1] == 0:
+        setattr(module, name, entry[0])
+        del _SWAPPED[(module, name)]
 
 
 def frozen_linears(*modules: nn.Module) -> bool:

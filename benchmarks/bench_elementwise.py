@@ -1,0 +1,134 @@
+"""GPU benchmark of the default path's element-wise kernels: bf16 checks first, then time against eager PyTorch.
+
+1. The bf16 checks of `jenga.kernel_checks` (must pass before any timing): the float8 codec bit for bit against
+   `jenga.fp8`'s reference, the fused SiLU-product backward against float64, the RMSNorm backward kernel
+   against the PyTorch backward it replaces, the rotary kernel bit for bit against the Llama family's function.
+2. Time and effective bandwidth of quantize and dequantize at the activations a 7B/8B step converts at 8K
+   tokens (hidden 4096; MLP 11008 and 14336), of the MLP backward's element-wise part, of the RMSNorm
+   backward, and of the rotary embedding's forward and backward on q and k (32 heads; k with 32 and 8), the
+   kernels against the eager passes they replace.
+
+    python benchmarks/bench_elementwise.py --out $OUT/elementwise
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from jenga.fp8 import FP8, FP8_MAX
+from jenga.kernel_checks import eager_silu_mul_backward, norm_inputs, run_all
+from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward
+from jenga.kernels.rms_norm import rms_norm_backward, rms_norm_forward
+from jenga.norms import reference_backward, reference_forward
+from jenga.profiling import JsonlWriter, run_header
+from jenga.rotary import FusedRotaryFunction
+
+SHAPES = [(8192, 4096), (8192, 11008), (8192, 14336)]
+
+
+def eager_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's arithmetic as eager CUDA passes (what ran before the kernels)."""
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-30)
+    scale = scale / FP8_MAX
+    return (x.float() * (1.0 / scale)).to(FP8), scale.squeeze(-1)
+
+
+def eager_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+def eager_norm_forward_fp8(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The lean RMSNorm's forward and float8 copy as eager passes (what ran before the kernel)."""
+    return (*reference_forward(x, weight, 1e-5), *eager_quantize(x))
+
+
+def timings(writer: JsonlWriter) -> None:
+    for rows, cols in SHAPES:
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        q, scale = quantize_rows(x, FP8_MAX)
+        ops = {
+            "quantize": (functools.partial(quantize_rows, x, FP8_MAX), functools.partial(eager_quantize, x)),
+            "dequantize": (
+                functools.partial(dequantize_rows, q, scale, x.dtype),
+                functools.partial(eager_dequantize, q, scale, x.dtype),
+            ),
+        }
+        if cols == 4096:  # the hidden size: the RMSNorm backward, and its forward with the float8 copy
+            args = (*norm_inputs(rows, cols, "cuda")[:4], x)
+            ops["rms_norm_backward"] = (
+                functools.partial(rms_norm_backward, *args, torch.bfloat16),
+                functools.partial(reference_backward, *args, torch.bfloat16, False),
+            )
+            weight = args[3].bfloat16()  # as in the 7B/8B sweeps (bf16 models)
+            ops["rms_norm_forward_fp8"] = (
+                functools.partial(rms_norm_forward, x, weight, 1e-5, True, FP8_MAX),
+                functools.partial(eager_norm_forward_fp8, x, weight),
+            )
+        if cols != 4096:  # the MLP's channels
+            args = (q, scale, q, scale, x)
+            ops["silu_mul_backward"] = (
+                functools.partial(silu_mul_backward, *args),
+                functools.partial(eager_silu_mul_backward, *args),
+            )
+        for op, (fused, eager) in ops.items():
+            fused_ms, eager_ms = do_bench(fused), do_bench(eager)
+            record = {"record": "fp8", "op": op, "rows": rows, "cols": cols, "kernel_ms": fused_ms}
+            # bytes per element of one fused pass: the codec 2 of bf16 and 1 of float8; the SiLU backward reads
+            # two float8 copies and the bf16 gradient and writes two bf16 gradients; the RMSNorm backward reads
+            # its float8 input and the bf16 gradient and writes one bf16 gradient; the RMSNorm forward reads the
+            # bf16 row and writes the bf16 output and the float8 copy
+            moved = {"silu_mul_backward": 8, "rms_norm_backward": 5, "rms_norm_forward_fp8": 5}.get(op, 3)
+            gb_s = moved * x.numel() / fused_ms / 1e6
+            record |= {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms}
+            writer.write(record)
+            print(f"{op} {rows}x{cols}: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / fused_ms:.1f}x)")
+
+
+def rotary_step(fn, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Forward and backward of one rotary call on (B, H, S, D) views of (B, S, H, D) projections."""
+    outs = fn(q, k, cos, sin)
+    torch.autograd.grad(outs, (q, k), [torch.ones_like(o) for o in outs])
+
+
+def rotary_timings(writer: JsonlWriter, tokens: int = 8192) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    angles = torch.rand(1, tokens, 64, device="cuda") * 1000
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    for kv_heads in (32, 8):
+        q, k = (
+            torch.randn(1, tokens, h, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+            for h in (32, kv_heads)
+        )
+        fused_ms = do_bench(functools.partial(rotary_step, FusedRotaryFunction.apply, q, k, cos, sin))
+        eager_ms = do_bench(functools.partial(rotary_step, apply_rotary_pos_emb, q, k, cos, sin))
+        gb_s = 4 * (q.numel() + k.numel()) * 2 / fused_ms / 1e6  # read and write q and k, forward and backward
+        record = {"record": "rotary", "op": "rotary_fwd_bwd", "tokens": tokens, "heads": 32, "kv_heads": kv_heads}
+        writer.write(record | {"kernel_ms": fused_ms, "eager_ms": eager_ms, "kernel_gb_s": gb_s})
+        print(f"rotary fwd+bwd {tokens} tokens, 32/{kv_heads} heads: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/logs/elementwise")
+    out = Path(parser.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    with JsonlWriter(out / "elementwise.jsonl", header=run_header(extra={"experiment": "bench_elementwise"})) as writer:
+        checks = run_all("cuda")  # `jenga.kernel_checks`: every check runs, whatever the first says
+        for record in checks:
+            writer.write({"record": "check", **record})
+            print(f"check: {record}")
+        if not all(r["ok"] for r in checks):
+            raise SystemExit("bf16 check failed: see fp8.jsonl; no timings taken")
+        timings(writer)
+        rotary_timings(writer)
+
+
+if __name__ == "__main__":
+    main()
