@@ -1,12 +1,12 @@
 """GPU benchmark of the default path's element-wise kernels: bf16 checks first, then time against eager PyTorch.
 
 1. The bf16 checks of `jenga.kernel_checks` (must pass before any timing): the float8 codec bit for bit against
-   `jenga.fp8`'s reference, the fused SiLU-product backward against float64, the RMSNorm backward kernel
-   against the PyTorch backward it replaces, the rotary kernel bit for bit against the Llama family's function.
+   `jenga.fp8`'s reference, the fused SiLU-product forward and backward, the RMSNorm forward and backward
+   kernels, the rotary kernel bit for bit against the Llama family's function.
 2. Time and effective bandwidth of quantize and dequantize at the activations a 7B/8B step converts at 8K
-   tokens (hidden 4096; MLP 11008 and 14336), of the MLP backward's element-wise part, of the RMSNorm
-   backward, and of the rotary embedding's forward and backward on q and k (32 heads; k with 32 and 8), the
-   kernels against the eager passes they replace.
+   tokens (hidden 4096; MLP 11008 and 14336), of the MLP forward's and backward's element-wise parts, of the
+   RMSNorm forward and backward, and of the rotary embedding's forward and backward on q and k (32 heads; k
+   with 32 and 8), the kernels against the eager passes they replace.
 
     python benchmarks/bench_elementwise.py --out $OUT/elementwise
 """
@@ -22,7 +22,7 @@ from triton.testing import do_bench
 
 from jenga.fp8 import FP8, FP8_MAX
 from jenga.kernel_checks import eager_silu_mul_backward, norm_inputs, run_all
-from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward
+from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward, silu_mul_quantize
 from jenga.kernels.rms_norm import rms_norm_backward, rms_norm_forward
 from jenga.norms import reference_backward, reference_forward
 from jenga.profiling import JsonlWriter, run_header
@@ -47,6 +47,15 @@ def eager_norm_forward_fp8(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch
     return (*reference_forward(x, weight, 1e-5), *eager_quantize(x))
 
 
+def eager_silu_mul_forward_fp8(g, u, saved_g, saved_u) -> torch.Tensor:
+    """The gated MLP forward's element-wise work as it ran before the kernel: the SiLU product, the codec on both
+    pre-activations (eager passes), the copies into the saved buffers."""
+    (qg, _), (qu, _) = eager_quantize(g), eager_quantize(u)
+    saved_g.copy_(qg)
+    saved_u.copy_(qu)
+    return torch.nn.functional.silu(g) * u
+
+
 def timings(writer: JsonlWriter) -> None:
     for rows, cols in SHAPES:
         x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
@@ -69,7 +78,12 @@ def timings(writer: JsonlWriter) -> None:
                 functools.partial(rms_norm_forward, x, weight, 1e-5, True, FP8_MAX),
                 functools.partial(eager_norm_forward_fp8, x, weight),
             )
-        if cols != 4096:  # the MLP's channels
+        if cols != 4096:  # the MLP's channels: its forward's element-wise work and its backward
+            x3, buffers = x[None], (torch.empty_like(q)[None], scale[None].clone(), torch.empty_like(q)[None])
+            ops["silu_mul_forward_fp8"] = (
+                functools.partial(silu_mul_quantize, x3, x3, buffers[0], buffers[1], buffers[2], buffers[1], FP8_MAX),
+                functools.partial(eager_silu_mul_forward_fp8, x, x, buffers[0][0], buffers[2][0]),
+            )
             args = (q, scale, q, scale, x)
             ops["silu_mul_backward"] = (
                 functools.partial(silu_mul_backward, *args),
@@ -81,8 +95,10 @@ def timings(writer: JsonlWriter) -> None:
             # bytes per element of one fused pass: the codec 2 of bf16 and 1 of float8; the SiLU backward reads
             # two float8 copies and the bf16 gradient and writes two bf16 gradients; the RMSNorm backward reads
             # its float8 input and the bf16 gradient and writes one bf16 gradient; the RMSNorm forward reads the
-            # bf16 row and writes the bf16 output and the float8 copy
-            moved = {"silu_mul_backward": 8, "rms_norm_backward": 5, "rms_norm_forward_fp8": 5}.get(op, 3)
+            # bf16 row and writes the bf16 output and the float8 copy; the SiLU forward reads two bf16 rows and
+            # writes one bf16 row and two float8 copies
+            fused_bytes = {"silu_mul_backward": 8, "silu_mul_forward_fp8": 8, "rms_norm_backward": 5}
+            moved = (fused_bytes | {"rms_norm_forward_fp8": 5}).get(op, 3)
             gb_s = moved * x.numel() / fused_ms / 1e6
             record |= {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms}
             writer.write(record)

@@ -198,6 +198,45 @@ def test_gated_mlp_fp8_fused_silu_backward_matches_the_pytorch_path(monkeypatch,
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gated_mlp_fp8_fused_silu_forward_matches_the_pytorch_path(monkeypatch, dtype, batch):
+    """The fused forward (SiLU product and both float8 copies in one pass; a CUDA path, forced here onto the
+    Triton interpreter) gives the PyTorch path's output (SiLU's exp aside), float8 copies and scales bit for bit
+    the codec's written into the saved buffers' chunk slices, the same input gradient; channels kept below 1.0
+    take the PyTorch path."""
+    import jenga.kernels.fp8 as kernels
+    import jenga.mlp as mlp
+
+    torch.manual_seed(0)
+    gate, up, down = (frozen_linear(*shape, False).to(dtype) for shape in ((32, 1100), (32, 1100), (1100, 32)))
+    x0, grad = torch.randn(batch, 20, 32).to(dtype), torch.randn(batch, 20, 32).to(dtype)
+    calls = []
+    monkeypatch.setattr(kernels, "silu_mul_quantize", lambda *a, f=kernels.silu_mul_quantize: calls.append(1) or f(*a))
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(mlp, "fused_silu_forward", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))
+        x, saved = x0.clone().requires_grad_(True), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            out = gated_mlp(x, gate, up, down, torch.nn.SiLU(), 1.0, chunk=8, fp8=True)
+        out.backward(grad)
+        results[fused] = out, x.grad, saved
+    assert len(calls) == 3  # one per chunk of 8 tokens
+    (ref, ref_grad, ref_saved), (out, out_grad, saved) = results[False], results[True]
+    codes = [t for t in saved if t.dtype == torch.float8_e4m3fn]
+    assert len(codes) == 2 and all(
+        torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        for a, b in zip(codes, [t for t in ref_saved if t.dtype == torch.float8_e4m3fn], strict=True)
+    )
+    scales = [t for t in saved if t.dtype == torch.float32 and t.dim() == 3]
+    assert torch.equal(scales[0], [t for t in ref_saved if t.dtype == torch.float32 and t.dim() == 3][0])
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(out_grad, ref_grad, rtol=tol, atol=tol)
+    gated_mlp(x0.clone().requires_grad_(True), gate, up, down, torch.nn.SiLU(), 0.5, chunk=8, fp8=True)
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("keep", [1.0, 0.5])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gated_mlp_recompute_saves_the_input_and_gives_the_same_gradient(keep, bias):

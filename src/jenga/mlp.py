@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import activations
 
 from .autocast import compute_dtype
-from .fp8 import FP8, from_fp8, to_fp8
+from .fp8 import FP8, FP8_MAX, from_fp8, to_fp8
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 # the SiLU modules a LLaMA-family MLP holds as act_fn (transformers' own class, else torch's)
@@ -49,6 +49,12 @@ def _activation_grads(act_fn: Activation, grad: torch.Tensor, *pre: torch.Tensor
 def fused_silu_backward(act_fn: Activation, grad: torch.Tensor) -> bool:
     """Whether the float8 backward takes the fused kernel (`jenga.kernels.fp8.silu_mul_backward`): SiLU on CUDA."""
     return grad.is_cuda and isinstance(act_fn, SILU)
+
+
+def fused_silu_forward(act_fn: Activation, gate: torch.Tensor) -> bool:
+    """Whether a forward chunk that saves every channel in float8 takes the fused kernel
+    (`jenga.kernels.fp8.silu_mul_quantize`: the SiLU product and both float8 copies in one pass): SiLU on CUDA."""
+    return gate.is_cuda and isinstance(act_fn, SILU)
 
 
 class GatedMLPFunction(torch.autograd.Function):
@@ -105,6 +111,12 @@ class GatedMLPFunction(torch.autograd.Function):
                 part = x[:, s:e].to(dtype)
                 gate = F.linear(part, gate_w, gate_b)
                 up = F.linear(part, up_w, up_b)
+                if fp8 and channels is None and not recompute and fused_silu_forward(act_fn, gate):
+                    from .kernels.fp8 import silu_mul_quantize  # Triton is needed on the GPU path only
+
+                    copies = (saved_gate[:, s:e], scales[0, :, s:e], saved_up[:, s:e], scales[1, :, s:e])
+                    out[:, s:e] = F.linear(silu_mul_quantize(gate, up, *copies, FP8_MAX), down_w, down_b)
+                    continue
                 hidden = act_fn(gate) * up
                 out[:, s:e] = F.linear(hidden, down_w, down_b)
                 if channels is not None:

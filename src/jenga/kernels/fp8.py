@@ -6,8 +6,9 @@ writes one byte per element, or reads one byte and writes the output dtype. The 
 integer arithmetic (round to nearest even, as `Tensor.to(torch.float8_e4m3fn)` rounds), so the kernel needs no
 float8 support from the compiler and its results equal the reference's bit for bit.
 
-`silu_mul_backward` is the gated MLP's backward from its float8 copies: it decodes both in registers and writes
-the two gradients in one pass.
+`silu_mul_quantize` is the gated MLP's forward element-wise work (the SiLU product and both float8 copies) and
+`silu_mul_backward` its backward from the copies: it decodes both in registers and writes the two gradients in
+one pass.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 BLOCK = 1024
 
@@ -103,6 +105,105 @@ def _silu_mul_backward_kernel(
             mask=mask,
         )
         tl.store(grad_u_ptr + row * cols + offs, (grad * g * sig).to(grad_u_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_quantize_kernel(
+    g_ptr,
+    u_ptr,
+    h_ptr,
+    qg_ptr,
+    qu_ptr,
+    sg_ptr,
+    su_ptr,
+    tokens,
+    cols,
+    in_sb,
+    in_st,
+    h_sb,
+    h_st,
+    q_sb,
+    q_st,
+    s_sb,
+    s_st,
+    fp8_max,
+    BLOCK: tl.constexpr,
+    STEPS: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b, t = pid // tokens, pid % tokens
+    g_row, u_row = g_ptr + b * in_sb + t * in_st, u_ptr + b * in_sb + t * in_st
+    dtype = h_ptr.dtype.element_ty
+    g_peak = tl.zeros([BLOCK], dtype=tl.float32)
+    u_peak = tl.zeros([BLOCK], dtype=tl.float32)
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        g_peak = tl.maximum(g_peak, tl.abs(tl.load(g_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
+        u_peak = tl.maximum(u_peak, tl.abs(tl.load(u_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
+    g_scale = tl.math.div_rn(tl.maximum(tl.max(g_peak, axis=0), 1e-30), fp8_max)  # the codec's scales
+    u_scale = tl.math.div_rn(tl.maximum(tl.max(u_peak, axis=0), 1e-30), fp8_max)
+    tl.store(sg_ptr + b * s_sb + t * s_st, g_scale)
+    tl.store(su_ptr + b * s_sb + t * s_st, u_scale)
+    g_inv, u_inv = tl.math.div_rn(1.0, g_scale), tl.math.div_rn(1.0, u_scale)
+    for step in range(STEPS):
+        offs = step * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < cols
+        g = tl.load(g_row + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_row + offs, mask=mask, other=0.0).to(tl.float32)
+        # SiLU as PyTorch's CUDA kernel computes it (x / (1 + exp(-x)) in fp32, IEEE division, the accurate
+        # exp), rounded to the dtype; then the product, rounded
+        if LIBDEVICE:  # noqa: SIM108 (a compile-time branch: only one side is traced)
+            exp = libdevice.exp(-g)
+        else:  # Triton's interpreter has no libdevice
+            exp = tl.exp(-g)
+        silu = tl.math.div_rn(g, 1.0 + exp).to(dtype).to(tl.float32)
+        tl.store(h_ptr + b * h_sb + t * h_st + offs, (silu * u).to(dtype), mask=mask)
+        q_at = b * q_sb + t * q_st + offs
+        tl.store(qg_ptr + q_at, _e4m3_bits(g * g_inv).to(tl.uint8), mask=mask)
+        tl.store(qu_ptr + q_at, _e4m3_bits(u * u_inv).to(tl.uint8), mask=mask)
+
+
+def silu_mul_quantize(
+    g: torch.Tensor,
+    u: torch.Tensor,
+    q_g: torch.Tensor,
+    s_g: torch.Tensor,
+    q_u: torch.Tensor,
+    s_u: torch.Tensor,
+    fp8_max: float,
+) -> torch.Tensor:
+    """`silu(g) * u` for (B, T, C) g and u, writing their float8 copies into q_g, q_u (float8, (B, T, C), rows
+    contiguous) and scales into s_g, s_u ((B, T) fp32), as `jenga.fp8.to_fp8` makes them: the gated MLP's
+    forward element-wise work in one pass (before: SiLU, the product, two codec passes and two copies)."""
+    if not (g.shape == u.shape == q_g.shape == q_u.shape and s_g.shape == s_u.shape == g.shape[:-1]):
+        raise ValueError(
+            f"need g, u and the float8 outputs of one shape (B, T, C) and scales (B, T); got g {tuple(g.shape)}, "
+            f"u {tuple(u.shape)}, q {tuple(q_g.shape)}, {tuple(q_u.shape)}, scales {tuple(s_g.shape)}"
+        )
+    if g.stride() != u.stride() or g.stride(-1) != 1 or q_g.stride() != q_u.stride() or q_g.stride(-1) != 1:
+        raise ValueError("need g and u with one layout and the float8 outputs with one layout, rows contiguous")
+    if s_g.stride() != s_u.stride():
+        raise ValueError("need the two scale outputs with one layout")
+    hidden = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if g.numel():
+        batch, tokens, cols = g.shape
+        strides = (*g.stride()[:2], *hidden.stride()[:2], *q_g.stride()[:2], *s_g.stride())
+        outs = (hidden, q_g.view(torch.uint8), q_u.view(torch.uint8), s_g, s_u)
+        grid = (batch * tokens,)
+        _silu_mul_quantize_kernel[grid](
+            g,
+            u,
+            *outs,
+            tokens,
+            cols,
+            *strides,
+            fp8_max,
+            BLOCK=BLOCK,
+            STEPS=triton.cdiv(cols, BLOCK),
+            LIBDEVICE=g.is_cuda,
+        )
+    return hidden
 
 
 def quantize_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
