@@ -77,6 +77,43 @@ def test_frozen_lm_head_gets_no_grad() -> None:
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("segment_size", [8, 1000])
+def test_frozen_head_takes_the_gradient_in_forward(monkeypatch: pytest.MonkeyPatch, segment_size: int) -> None:
+    """With a frozen head (LoRA) the logits are computed once per segment (no recompute in backward), the
+    saved gradient is the hidden states' size, and loss and gradient still match transformers', in fp32, under
+    autocast and with `num_items_in_batch`; all labels ignored gives zero gradients, not nan."""
+    hidden, lm_head, labels = _make()
+    lm_head.requires_grad_(False)
+    active = len(
+        {i // segment_size for i in range(B * S) if F.pad(labels, (0, 1), value=-100)[:, 1:].flatten()[i] >= 0}
+    )
+    saved, _ = _saved_and_linear_rows(
+        lambda: segmented_causal_lm_loss(hidden, lm_head, labels, segment_size), monkeypatch
+    )
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    loss = segmented_causal_lm_loss(hidden, lm_head, labels, segment_size)
+    grad = _grads(loss, hidden, lm_head)[0]
+    monkeypatch.undo()
+    assert len(calls) == active
+    budget = sum(t.numel() * t.element_size() for t in (hidden, hidden, labels, lm_head.weight, lm_head.bias))
+    assert sum(t.numel() * t.element_size() for t in saved) <= budget + 64
+    torch.testing.assert_close(loss, _dense(hidden, lm_head, labels), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, _grads(_dense(hidden, lm_head, labels), hidden, lm_head)[0], rtol=1e-5, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _dense(hidden, lm_head, labels, num_items_in_batch=50)
+        loss = segmented_causal_lm_loss(hidden, lm_head, labels, segment_size, num_items_in_batch=50)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    want, got = _grads(ref, hidden, lm_head)[0], _grads(loss, hidden, lm_head)[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+    labels.fill_(-100)
+    loss = segmented_causal_lm_loss(hidden, lm_head, labels, segment_size)
+    grad = _grads(loss, hidden, lm_head)[0]
+    assert loss.isnan() and not grad.isnan().any() and not grad.any()
+
+
 def test_trainable_head_with_frozen_hidden() -> None:
     hidden, lm_head, labels = _make()
     hidden = hidden.detach()

@@ -2,8 +2,9 @@
 
 At long context the dense loss is dominated by its logits: 8K tokens x 32K vocab is 1 GiB of fp32 logits,
 plus as much again for the softmax that autograd keeps for backward. Here the logits are computed one
-segment of tokens at a time in forward, thrown away, and recomputed segment by segment in backward, so
-the extra memory is O(segment_size x vocab) while the result equals ``transformers``' ``ForCausalLMLoss``.
+segment of tokens at a time and thrown away (with a frozen head, after the hidden states' gradient is taken
+from them; otherwise backward recomputes them segment by segment), so the extra memory is O(segment_size x
+vocab) while the result equals ``transformers``' ``ForCausalLMLoss``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ def _active_segment_starts(valid: Tensor, segment_size: int) -> list[int]:
     return (segment_ids * segment_size).tolist()
 
 
+def _logit_grads(logits: Tensor, labels: Tensor, ignore_index: int, row_scale: Tensor | None) -> Tensor:
+    """d(sum CE)/d(logits) of one segment in fp32: softmax - one_hot(label) on supervised rows, 0 on ignored
+    rows; each row times `row_scale` when given."""
+    valid = labels != ignore_index
+    grads = logits.float().softmax(dim=-1)
+    target = torch.where(valid, labels, 0).unsqueeze(1)
+    grads.scatter_add_(1, target, -valid.to(grads.dtype).unsqueeze(1))
+    return grads.mul_((valid if row_scale is None else row_scale).to(grads.dtype).unsqueeze(1))
+
+
 class _SegmentedCrossEntropySum(torch.autograd.Function):
     """Sum of fp32 cross-entropy of ``linear(hidden, weight, bias)`` against labels, segment by segment.
 
-    Only the inputs (by reference) and the shifted labels are saved; backward recomputes each segment's
-    logits, which costs one extra lm_head matmul but keeps peak memory at one segment's logits.
+    When only the hidden states need a gradient (a frozen head: LoRA), forward computes it with the loss, from
+    each segment's logits while they exist, and saves it unscaled (the hidden states' size); backward only
+    scales it. Otherwise only the inputs (by reference) and the shifted labels are saved, and backward
+    recomputes each segment's logits: one more lm_head matmul, peak memory still one segment's logits.
     """
 
     @staticmethod
@@ -44,15 +57,16 @@ class _SegmentedCrossEntropySum(torch.autograd.Function):
         flat = hidden.reshape(-1, hidden.shape[-1])
         starts = _active_segment_starts(shift_labels != ignore_index, segment_size)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_now = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        grad_flat = torch.zeros_like(flat) if grad_now else None
         for start in starts:
+            labels = shift_labels[start : start + segment_size]
             logits = F.linear(flat[start : start + segment_size], weight, bias)
-            total += F.cross_entropy(
-                logits.float(),
-                shift_labels[start : start + segment_size],
-                ignore_index=ignore_index,
-                reduction="sum",
-            )
-        ctx.save_for_backward(hidden, weight, bias, shift_labels)
+            total += F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+            if grad_flat is not None:  # under the caller's autocast, as the recompute below runs
+                grads = _logit_grads(logits, labels, ignore_index, None).to(logits.dtype)
+                grad_flat[start : start + segment_size] = grads @ weight
+        ctx.save_for_backward(hidden, weight, bias, shift_labels, grad_flat)
         ctx.starts = starts
         ctx.segment_size = segment_size
         ctx.ignore_index = ignore_index
@@ -65,7 +79,14 @@ class _SegmentedCrossEntropySum(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, grad_total: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
-        hidden, weight, bias, shift_labels = ctx.saved_tensors
+        hidden, weight, bias, shift_labels, unscaled = ctx.saved_tensors
+        # per row: grad_total on supervised rows, 0 on ignored rows (where, not multiply: an inf grad_total must
+        # not turn ignored rows into nan)
+        row_scale = torch.where(shift_labels != ctx.ignore_index, grad_total, 0.0)
+        if unscaled is not None:  # computed in forward: scale it (fp32 arithmetic, no fp32 copy)
+            grad_flat = torch.empty_like(unscaled)
+            torch.mul(unscaled, row_scale.unsqueeze(1), out=grad_flat)
+            return grad_flat.view(hidden.shape), None, None, None, None, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         flat = hidden.reshape(-1, hidden.shape[-1])
         grad_flat = torch.zeros_like(flat) if need_hidden else None
@@ -76,15 +97,9 @@ class _SegmentedCrossEntropySum(torch.autograd.Function):
         with torch.autocast(**ctx.autocast_kwargs):
             for start in ctx.starts:
                 h_seg = flat[start : start + size]
-                labels = shift_labels[start : start + size]
-                valid = labels != ctx.ignore_index
                 logits = F.linear(h_seg, weight, bias)
-                # d(sum CE)/d(logits) = softmax - one_hot(label) on supervised rows, 0 on ignored rows.
-                dlogits = logits.float().softmax(dim=-1)
-                target = torch.where(valid, labels, 0).unsqueeze(1)
-                dlogits.scatter_add_(1, target, -valid.to(dlogits.dtype).unsqueeze(1))
-                # where (not multiply) so an inf grad_total cannot turn ignored rows into nan.
-                dlogits.mul_(torch.where(valid, grad_total, 0.0).unsqueeze(1))
+                labels = shift_labels[start : start + size]
+                dlogits = _logit_grads(logits, labels, ctx.ignore_index, row_scale[start : start + size])
                 if grad_bias is not None:
                     grad_bias += dlogits.sum(dim=0)
                 dlogits = dlogits.to(logits.dtype)
