@@ -81,7 +81,8 @@ def test_frozen_lm_head_gets_no_grad() -> None:
 def test_frozen_head_takes_the_gradient_in_forward(monkeypatch: pytest.MonkeyPatch, segment_size: int) -> None:
     """With a frozen head (LoRA) the logits are computed once per segment (no recompute in backward), the
     saved gradient is the hidden states' size, and loss and gradient still match transformers', in fp32, under
-    autocast and with `num_items_in_batch`; all labels ignored gives zero gradients, not nan."""
+    autocast and with `num_items_in_batch`; all labels ignored gives zero gradients, not nan; an upstream
+    gradient other than 1 scales the gradient."""
     hidden, lm_head, labels = _make()
     lm_head.requires_grad_(False)
     active = len(
@@ -108,6 +109,8 @@ def test_frozen_head_takes_the_gradient_in_forward(monkeypatch: pytest.MonkeyPat
     want, got = _grads(ref, hidden, lm_head)[0], _grads(loss, hidden, lm_head)[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+    doubled = _grads(segmented_causal_lm_loss(hidden, lm_head, labels, segment_size) * 2, hidden, lm_head)[0]
+    torch.testing.assert_close(doubled, 2 * _grads(_dense(hidden, lm_head, labels), hidden, lm_head)[0])
     labels.fill_(-100)
     loss = segmented_causal_lm_loss(hidden, lm_head, labels, segment_size)
     grad = _grads(loss, hidden, lm_head)[0]

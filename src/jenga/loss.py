@@ -25,23 +25,30 @@ def _active_segment_starts(valid: Tensor, segment_size: int) -> list[int]:
     return (segment_ids * segment_size).tolist()
 
 
-def _logit_grads(logits: Tensor, labels: Tensor, ignore_index: int, row_scale: Tensor | None) -> Tensor:
-    """d(sum CE)/d(logits) of one segment in fp32: softmax - one_hot(label) on supervised rows, 0 on ignored
-    rows; each row times `row_scale` when given."""
+def _row_scale(shift_labels: Tensor, ignore_index: int, grad_total: Tensor) -> Tensor:
+    """The gradient of the summed loss per row: grad_total on supervised rows, 0 on ignored ones (where, not
+    multiply: an inf grad_total must not turn ignored rows into nan)."""
+    return torch.where(shift_labels != ignore_index, grad_total, 0.0)
+
+
+def _logit_grads(logits: Tensor, labels: Tensor, ignore_index: int, row_scale: Tensor) -> Tensor:
+    """d(loss)/d(logits) of one segment in fp32: (softmax - one_hot(label)) * row_scale per row."""
     valid = labels != ignore_index
     grads = logits.float().softmax(dim=-1)
     target = torch.where(valid, labels, 0).unsqueeze(1)
     grads.scatter_add_(1, target, -valid.to(grads.dtype).unsqueeze(1))
-    return grads.mul_((valid if row_scale is None else row_scale).to(grads.dtype).unsqueeze(1))
+    return grads.mul_(row_scale.unsqueeze(1))
 
 
-class _SegmentedCrossEntropySum(torch.autograd.Function):
-    """Sum of fp32 cross-entropy of ``linear(hidden, weight, bias)`` against labels, segment by segment.
+class _SegmentedCrossEntropy(torch.autograd.Function):
+    """fp32 cross-entropy of ``linear(hidden, weight, bias)`` against labels, summed segment by segment and
+    divided by ``normalizer`` (a tensor: the supervised-token count or ``num_items_in_batch``).
 
     When only the hidden states need a gradient (a frozen head: LoRA), forward computes it with the loss, from
-    each segment's logits while they exist, and saves it unscaled (the hidden states' size); backward only
-    scales it. Otherwise only the inputs (by reference) and the shifted labels are saved, and backward
-    recomputes each segment's logits: one more lm_head matmul, peak memory still one segment's logits.
+    each segment's logits while they exist, scaled as backward would scale it for an upstream gradient of 1, and
+    saves it (the hidden states' size); backward multiplies it by the upstream gradient (exact for 1). Otherwise
+    only the inputs (by reference) and the shifted labels are saved, and backward recomputes each segment's
+    logits: one more lm_head matmul, peak memory still one segment's logits.
     """
 
     @staticmethod
@@ -51,6 +58,7 @@ class _SegmentedCrossEntropySum(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         shift_labels: Tensor,
+        normalizer: Tensor,
         segment_size: int,
         ignore_index: int,
     ) -> Tensor:
@@ -59,34 +67,34 @@ class _SegmentedCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_now = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         grad_flat = torch.zeros_like(flat) if grad_now else None
+        # what backward's scale per row is for an upstream gradient of 1 (the division's own gradient)
+        row_scale = _row_scale(shift_labels, ignore_index, torch.ones_like(total) / normalizer) if grad_now else None
         for start in starts:
             labels = shift_labels[start : start + segment_size]
             logits = F.linear(flat[start : start + segment_size], weight, bias)
             total += F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
             if grad_flat is not None:  # under the caller's autocast, as the recompute below runs
-                grads = _logit_grads(logits, labels, ignore_index, None).to(logits.dtype)
-                grad_flat[start : start + segment_size] = grads @ weight
-        ctx.save_for_backward(hidden, weight, bias, shift_labels, grad_flat)
+                grads = _logit_grads(logits, labels, ignore_index, row_scale[start : start + segment_size])
+                grad_flat[start : start + segment_size] = grads.to(logits.dtype) @ weight
+        ctx.save_for_backward(hidden, weight, bias, shift_labels, normalizer, grad_flat)
         ctx.starts = starts
         ctx.segment_size = segment_size
         ctx.ignore_index = ignore_index
         # Backward must recompute the logits exactly as forward did, including under Trainer's autocast.
         ctx.autocast_kwargs = autocast_state(hidden.device.type)
-        return total
+        return total / normalizer
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
-        hidden, weight, bias, shift_labels, unscaled = ctx.saved_tensors
-        # per row: grad_total on supervised rows, 0 on ignored rows (where, not multiply: an inf grad_total must
-        # not turn ignored rows into nan)
-        row_scale = torch.where(shift_labels != ctx.ignore_index, grad_total, 0.0)
-        if unscaled is not None:  # computed in forward: scale it (fp32 arithmetic, no fp32 copy)
-            grad_flat = torch.empty_like(unscaled)
-            torch.mul(unscaled, row_scale.unsqueeze(1), out=grad_flat)
-            return grad_flat.view(hidden.shape), None, None, None, None, None
+        ctx: FunctionCtx, grad_loss: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
+        hidden, weight, bias, shift_labels, normalizer, scaled = ctx.saved_tensors
+        if scaled is not None:  # computed in forward for an upstream gradient of 1
+            grad_flat = torch.empty_like(scaled)
+            torch.mul(scaled, grad_loss, out=grad_flat)
+            return grad_flat.view(hidden.shape), None, None, None, None, None, None
+        row_scale = _row_scale(shift_labels, ctx.ignore_index, grad_loss / normalizer)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         flat = hidden.reshape(-1, hidden.shape[-1])
         grad_flat = torch.zeros_like(flat) if need_hidden else None
@@ -111,6 +119,7 @@ class _SegmentedCrossEntropySum(torch.autograd.Function):
             grad_flat.view(hidden.shape) if grad_flat is not None else None,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
             None,
             None,
             None,
@@ -152,11 +161,13 @@ def segmented_causal_lm_loss(
             f"hidden_states shape is {tuple(hidden_states.shape)} (expected (batch, seq, hidden))"
         )
     shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(hidden_states.device)
-    total = _SegmentedCrossEntropySum.apply(
-        hidden_states, lm_head.weight, lm_head.bias, shift_labels, segment_size, ignore_index
-    )
     if num_items_in_batch is None:
-        return total / (shift_labels != ignore_index).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        normalizer = (shift_labels != ignore_index).sum()
+    elif torch.is_tensor(num_items_in_batch):
+        normalizer = num_items_in_batch.to(hidden_states.device)
+    else:  # a Python number divides the fp32 sum as it would as a scalar
+        dtype = torch.float32 if isinstance(num_items_in_batch, float) else torch.int64
+        normalizer = torch.tensor(num_items_in_batch, dtype=dtype, device=hidden_states.device)
+    return _SegmentedCrossEntropy.apply(
+        hidden_states, lm_head.weight, lm_head.bias, shift_labels, normalizer, segment_size, ignore_index
+    )
