@@ -117,6 +117,20 @@ def test_frozen_head_takes_the_gradient_in_forward(monkeypatch: pytest.MonkeyPat
     assert loss.isnan() and not grad.isnan().any() and not grad.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_gradient_is_the_recompute_paths_bit_for_bit(dtype: torch.dtype) -> None:
+    """The hidden states' gradient taken in forward (frozen head) equals the one backward recomputes (trainable
+    head), bit for bit, with the token count and with `num_items_in_batch` as the normalizer."""
+    hidden, lm_head, labels = _make(dtype=dtype)
+    for items in (None, 50):
+        grads = []
+        for trainable in (False, True):
+            lm_head.requires_grad_(trainable)
+            loss = segmented_causal_lm_loss(hidden, lm_head, labels, 8, num_items_in_batch=items)
+            grads.append(_grads(loss, hidden, lm_head)[0])
+        assert torch.equal(*grads)
+
+
 def test_trainable_head_with_frozen_hidden() -> None:
     hidden, lm_head, labels = _make()
     hidden = hidden.detach()
