@@ -111,9 +111,8 @@ def norm_forward(device: str) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(256, 4096, generator=gen) * torch.logspace(-3, 2, 256)[:, None]).bfloat16().to(device)
     record: dict[str, Any] = {"what": "rms_norm_forward_bf16"}
-    for name, weight in (("fp32_weight", torch.randn(4096, generator=gen) * 0.1 + 1), ("bf16_weight", None)):
-        weight = (weight if weight is not None else torch.randn(4096, generator=gen) * 0.1 + 1).to(device)
-        weight = weight if name == "fp32_weight" else weight.bfloat16()
+    master = (torch.randn(4096, generator=gen) * 0.1 + 1).to(device)
+    for name, weight in (("fp32_weight", master), ("bf16_weight", master.bfloat16())):
         ref, ref_rstd = reference_forward(x, weight, 1e-5)
         out, rstd, q, scale = rms_norm_forward(x, weight, 1e-5, True, FP8_MAX)
         ref_q, ref_scale = to_fp8(x)
@@ -148,7 +147,7 @@ def rotary(device: str) -> dict[str, Any]:
         for fn in (apply_rotary_pos_emb, FusedRotaryFunction.apply):
             leaves = [t.transpose(1, 2).detach().requires_grad_() for t in (q, k)]
             outs = fn(*leaves, cos, sin)
-            torch.autograd.backward(outs, [o * 0.5 + 1 for o in outs])  # the same gradient for both
+            torch.autograd.backward(outs, [o.detach() * 0.5 + 1 for o in outs])  # the same gradient for both
             results.append([*outs, *(t.grad for t in leaves)])
         same[f"trig_{str(trig).split('.')[-1]}"] = all(torch.equal(a, b) for a, b in zip(*results, strict=True))
     return {"what": "rotary_bf16", **same, "ok": all(same.values())}
