@@ -190,7 +190,7 @@ def test_gated_mlp_fp8_fused_silu_backward_matches_the_pytorch_path(monkeypatch,
     monkeypatch.setattr(kernels, "silu_mul_backward", lambda *a, f=kernels.silu_mul_backward: calls.append(1) or f(*a))
     grads = {}
     for fused in (False, True):
-        monkeypatch.setattr(mlp, "fused_silu_backward", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))
+        monkeypatch.setattr(mlp, "fused_silu", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))
         x = x0.clone().requires_grad_(True)
         gated_mlp(x, gate, up, down, torch.nn.SiLU(), keep, chunk=8, fp8=True).backward(grad)
         grads[fused] = x.grad
@@ -215,7 +215,7 @@ def test_gated_mlp_fp8_fused_silu_forward_matches_the_pytorch_path(monkeypatch, 
     monkeypatch.setattr(kernels, "silu_mul_quantize", lambda *a, f=kernels.silu_mul_quantize: calls.append(1) or f(*a))
     results = {}
     for fused in (False, True):
-        monkeypatch.setattr(mlp, "fused_silu_forward", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))
+        monkeypatch.setattr(mlp, "fused_silu", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))
         x, saved = x0.clone().requires_grad_(True), []
         with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             out = gated_mlp(x, gate, up, down, torch.nn.SiLU(), 1.0, chunk=8, fp8=True)

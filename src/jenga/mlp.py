@@ -46,15 +46,10 @@ def _activation_grads(act_fn: Activation, grad: torch.Tensor, *pre: torch.Tensor
         return torch.autograd.grad(out, leaves, grad)
 
 
-def fused_silu_backward(act_fn: Activation, grad: torch.Tensor) -> bool:
-    """Whether the float8 backward takes the fused kernel (`jenga.kernels.fp8.silu_mul_backward`): SiLU on CUDA."""
-    return grad.is_cuda and isinstance(act_fn, SILU)
-
-
-def fused_silu_forward(act_fn: Activation, gate: torch.Tensor) -> bool:
-    """Whether a forward chunk that saves every channel in float8 takes the fused kernel
-    (`jenga.kernels.fp8.silu_mul_quantize`: the SiLU product and both float8 copies in one pass): SiLU on CUDA."""
-    return gate.is_cuda and isinstance(act_fn, SILU)
+def fused_silu(act_fn: Activation, t: torch.Tensor) -> bool:
+    """Whether the float8 path's SiLU product takes the fused kernels (`jenga.kernels.fp8`: `silu_mul_quantize`
+    forward, every channel saved; `silu_mul_backward`): SiLU on CUDA."""
+    return t.is_cuda and isinstance(act_fn, SILU)
 
 
 class GatedMLPFunction(torch.autograd.Function):
@@ -111,7 +106,7 @@ class GatedMLPFunction(torch.autograd.Function):
                 part = x[:, s:e].to(dtype)
                 gate = F.linear(part, gate_w, gate_b)
                 up = F.linear(part, up_w, up_b)
-                if fp8 and channels is None and not recompute and fused_silu_forward(act_fn, gate):
+                if fp8 and channels is None and not recompute and fused_silu(act_fn, gate):
                     from .kernels.fp8 import silu_mul_quantize  # Triton is needed on the GPU path only
 
                     copies = (saved_gate[:, s:e], scales[0, :, s:e], saved_up[:, s:e], scales[1, :, s:e])
@@ -153,7 +148,7 @@ class GatedMLPFunction(torch.autograd.Function):
                     u = F.linear(part, g_up, None if up_b is None else up_b[idx])
                 else:
                     g, u = gate[row, s:e], up[row, s:e]
-                if scales is not None and fused_silu_backward(ctx.act_fn, grad_hidden):
+                if scales is not None and fused_silu(ctx.act_fn, grad_hidden):
                     from .kernels.fp8 import silu_mul_backward  # Triton is needed on the GPU path only
 
                     grad_gate, grad_up = silu_mul_backward(g, scales[0, row, s:e], u, scales[1, row, s:e], grad_hidden)

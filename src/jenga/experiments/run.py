@@ -526,8 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_gpus < 1:
         parser.error("--num-gpus must be at least 1")
     single_only = {"--max-length": args.max_length, "--breakdown": args.breakdown, "--snapshot": args.snapshot}
-    single_only["--profile"] = args.profile
-    single_only.update({"--fork": args.fork, "--memory-gib": args.memory_gib is not None})
+    single_only.update({"--profile": args.profile, "--fork": args.fork, "--memory-gib": args.memory_gib is not None})
     if args.num_gpus > 1 and any(single_only.values()):
         parser.error(f"{', '.join(k for k, v in single_only.items() if v)}: single-GPU runs only (--num-gpus 1)")
     args.logs.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,15 @@ def _e4m3_bits(v):
 
 
 @triton.jit
+def _row_scale(peak, fp8_max):
+    """(scale, 1 / scale) of a row whose per-lane largest magnitudes are `peak`, as `jenga.fp8.to_fp8` scales.
+    IEEE divisions: Triton's `/` on CUDA is an approximate division, whose scales missed the reference's by an
+    ulp on the H200 (benchmarks/bench_elementwise.py's check)."""
+    scale = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-30), fp8_max)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, BLOCK: tl.constexpr, STEPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -45,11 +54,8 @@ def _quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, BLOCK: tl
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
         peak = tl.maximum(peak, tl.abs(tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
-    # IEEE divisions: Triton's `/` on CUDA is an approximate division, whose scales missed the reference's by
-    # an ulp on the H200 (benchmarks/bench_elementwise.py's check)
-    scale = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-30), fp8_max)
+    scale, inv = _row_scale(peak, fp8_max)
     tl.store(scale_ptr + row, scale)
-    inv = tl.math.div_rn(1.0, scale)
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32) * inv
@@ -141,11 +147,9 @@ def _silu_mul_quantize_kernel(
         offs = step * BLOCK + tl.arange(0, BLOCK)
         g_peak = tl.maximum(g_peak, tl.abs(tl.load(g_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
         u_peak = tl.maximum(u_peak, tl.abs(tl.load(u_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
-    g_scale = tl.math.div_rn(tl.maximum(tl.max(g_peak, axis=0), 1e-30), fp8_max)  # the codec's scales
-    u_scale = tl.math.div_rn(tl.maximum(tl.max(u_peak, axis=0), 1e-30), fp8_max)
+    (g_scale, g_inv), (u_scale, u_inv) = _row_scale(g_peak, fp8_max), _row_scale(u_peak, fp8_max)
     tl.store(sg_ptr + b * s_sb + t * s_st, g_scale)
     tl.store(su_ptr + b * s_sb + t * s_st, u_scale)
-    g_inv, u_inv = tl.math.div_rn(1.0, g_scale), tl.math.div_rn(1.0, u_scale)
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
         mask = offs < cols

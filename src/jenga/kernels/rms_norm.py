@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, _e4m3_bits, _e4m3_value
+from .fp8 import BLOCK, _e4m3_bits, _e4m3_value, _row_scale
 
 
 @triton.jit
@@ -116,10 +116,9 @@ def _rms_norm_forward_kernel(
     rstd = tl.math.rsqrt(tl.sum(squares, axis=0) * tl.math.div_rn(1.0, cols.to(tl.float32)) + eps)
     tl.store(rstd_ptr + row, rstd)
     inv = 1.0
-    if FP8:  # the codec's scale (`jenga.kernels.fp8`), with its IEEE divisions
-        scale = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-30), fp8_max)
+    if FP8:  # the codec's scale
+        scale, inv = _row_scale(peak, fp8_max)
         tl.store(scale_ptr + row, scale)
-        inv = tl.math.div_rn(1.0, scale)
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
         mask = offs < cols
