@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -141,3 +145,23 @@ def test_gpu_checks_run_and_fail_on_a_wrong_kernel(monkeypatch):
         "rotary_bf16",
     ]
     assert all(isinstance(r["ok"], bool) for r in records)
+
+
+_PARSE_ALL_KERNELS = """
+import importlib, pkgutil
+from triton.runtime.jit import JITFunction
+import jenga.kernels
+kernels = [obj for info in pkgutil.iter_modules(jenga.kernels.__path__, "jenga.kernels.")
+           for obj in vars(importlib.import_module(info.name)).values() if isinstance(obj, JITFunction)]
+assert len(kernels) >= 10, kernels
+for kernel in kernels:
+    assert kernel.cache_key
+"""
+
+
+def test_every_kernel_parses_for_the_gpu_compiler():
+    """The interpreter runs Python the GPU frontend rejects (a nested tuple target broke a kernel on CUDA only):
+    hash each kernel's source as a CUDA compile does first, which parses it and its callees (no GPU needed)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _PARSE_ALL_KERNELS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

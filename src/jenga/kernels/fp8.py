@@ -147,7 +147,8 @@ def _silu_mul_quantize_kernel(
         offs = step * BLOCK + tl.arange(0, BLOCK)
         g_peak = tl.maximum(g_peak, tl.abs(tl.load(g_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
         u_peak = tl.maximum(u_peak, tl.abs(tl.load(u_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
-    (g_scale, g_inv), (u_scale, u_inv) = _row_scale(g_peak, fp8_max), _row_scale(u_peak, fp8_max)
+    g_scale, g_inv = _row_scale(g_peak, fp8_max)
+    u_scale, u_inv = _row_scale(u_peak, fp8_max)
     tl.store(sg_ptr + b * s_sb + t * s_st, g_scale)
     tl.store(su_ptr + b * s_sb + t * s_st, u_scale)
     for step in range(STEPS):
