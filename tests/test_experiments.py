@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from conftest import batch, tiny_llama
 
 from jenga.experiments import longlora
+from jenga.experiments.length_search import Probe, longest_fitting
 from jenga.experiments.methods import METHODS, get_method
-from jenga.experiments.run import longest_fitting, main
+from jenga.experiments.run import main
 from jenga.plotting.tables import runs_table
 
 
@@ -36,7 +37,7 @@ def test_longest_fitting(limit, expected):
 
     def fits(seq):
         probed.append(seq)
-        return seq <= limit
+        return Probe(seq <= limit)
 
     assert longest_fitting(fits, 4096, 65536) == expected
     assert len(probed) == len(set(probed))
@@ -52,10 +53,43 @@ def test_longest_fitting_tries_the_cap_when_doubling_passes_it(limit, expected):
 
     def fits(seq):
         probed.append(seq)
-        return seq <= limit
+        return Probe(seq <= limit)
 
     assert longest_fitting(fits, 4096, 65536, start=40960) == expected
     assert probed[:2] == [40960, 65536]
+
+
+@pytest.mark.parametrize(
+    "base,per_token,limit,bend",
+    [
+        (15.0, 2e-4, 139.8, None),  # a straight line: start, the prediction, one step beyond
+        (15.0, 2e-4, 80.0, None),
+        (15.0, 2e-4, 139.8, 300_000),  # memory grows faster past 300K: the line overshoots, then bisection
+        (15.0, 2e-4, 139.8, 500_000),  # ... or the first prediction undershoots
+        (15.0, -1e-6, 139.8, None),  # a line that says nothing: doubling and bisection as without memory
+    ],
+)
+def test_longest_fitting_follows_the_memory_line(base, per_token, limit, bend):
+    step, cap = 16384, 2**20
+
+    def peak(seq):
+        extra = 0.0 if bend is None or seq <= bend else 3 * per_token * (seq - bend)
+        return base + abs(per_token) * seq + extra
+
+    truth = max((s for s in range(step, cap + 1, step) if peak(s) <= limit), default=0)
+    probed = []
+
+    def probe(seq):
+        probed.append(seq)
+        fits = peak(seq) <= limit
+        return Probe(fits, peak(seq) if per_token > 0 else None, base, limit) if fits else Probe(False)
+
+    good, bad = longest_fitting(probe, step, cap, start=65536)
+    assert (good, bad) == (truth, truth + step if truth < cap else None)
+    assert len(probed) == len(set(probed))
+    if bend is None and per_token > 0:
+        assert len(probed) <= 4, probed  # 65536, the prediction (3% short), at most one more, then the failure
+    assert len(probed) <= 10, probed
 
 
 def test_s2_attention_groups_and_shift():

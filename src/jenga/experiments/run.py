@@ -8,7 +8,7 @@ out of memory is a result (logged as OOM), any other error is a failure (exit co
 A sweep runs each configuration in a fresh process (allocator peaks never leak between runs) and skips
 configurations whose log is already complete (status ok or oom) unless --force; failed ones run again.
 `--max-length` finds the longest sequence (in steps of --length-step) that trains one step without running out
-of memory: doubling, then bisection.
+of memory, guided by the probes' memory (`jenga.experiments.length_search`).
 
 Extra records a run can add after its measured steps: `--breakdown` runs one more, untimed step that splits
 memory into weights, optimizer state, gradients and saved activations per sublayer (figure 14);
@@ -47,6 +47,7 @@ from ..patching import find_adapter, jenga_state
 from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, op_profile, read_jsonl, run_header
 from ..scoring import num_blocks
 from . import distributed
+from .length_search import Probe, longest_fitting
 from .methods import METHODS, Method, get_method, logged_config
 from .training import SelectionRecorder, build, is_out_of_memory, train_steps
 
@@ -396,24 +397,20 @@ def report_failures(failed: int, total: int) -> int:
     return int(failed > 0)
 
 
-def longest_fitting(
-    fits: Callable[[int], bool], step: int, cap: int, start: int | None = None
-) -> tuple[int, int | None]:
-    """(longest multiple of `step` for which `fits` holds, first failing length or None up to `cap`).
-
-    Doubles from `start` (default `step`) until a failure, trying `cap` itself when doubling would pass it, then
-    bisects in multiples of `step`; assumes that fitting is monotone in the length (memory grows with it).
-    """
-    good, bad, seq = 0, None, start or step
-    while seq <= cap:
-        if not fits(seq):
-            bad = seq
-            break
-        good, seq = seq, (seq * 2 if seq * 2 <= cap or seq == cap else cap)
-    while bad is not None and bad - good > step:
-        mid = (good + bad) // 2 // step * step
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    return good, bad
+def probe_memory(path: Path, ok: bool) -> Probe:
+    """A probe's outcome with the memory figures its log holds (the step's peak, what stays allocated between
+    steps, the process's cap or the GPU's memory), which guide the length search."""
+    records = read_jsonl(path) if path.exists() else []
+    header = next((r for r in records if r.get("record") == "header"), {})
+    steps = [r for r in records if r.get("record") == "step"]
+    if not ok or not steps:
+        return Probe(ok)
+    return Probe(
+        ok,
+        peak_gib=steps[-1].get("peak_gib"),
+        base_gib=steps[-1].get("optimizer_peak_gib"),
+        limit_gib=header.get("memory_cap_gib") or header.get("gpu_memory_gib"),
+    )
 
 
 def max_length(args: argparse.Namespace) -> int:
@@ -424,7 +421,7 @@ def max_length(args: argparse.Namespace) -> int:
     for method in args.methods:
         probes: dict[int, str] = {}
 
-        def fits(seq: int, method: str = method, probes: dict[int, str] = probes) -> bool:
+        def fits(seq: int, method: str = method, probes: dict[int, str] = probes) -> Probe:
             path = log_path(args.logs / "probes", args.model, method, seq)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
@@ -432,7 +429,7 @@ def max_length(args: argparse.Namespace) -> int:
                 args, method, seq, path, 1, 0, dict.fromkeys(("breakdown", "snapshot", "profile"), False)
             )["status"]
             tqdm.write(f"{method} {seq}: {probes[seq]}")
-            return probes[seq] == "ok"
+            return probe_memory(path, probes[seq] == "ok")
 
         good, bad = longest_fitting(fits, args.length_step, args.cap, args.start)
         failed += sum(status == "failed" for status in probes.values())
