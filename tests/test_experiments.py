@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from jenga.plotting.tables import runs_table
 
 def test_every_method_has_checkpointing_twins():
     for name, method in METHODS.items():
-        if "+" not in name and method.offload is None:
+        if "+" not in name and method.offload is None and not method.unsloth:
             twin, offloaded, half = METHODS[f"{name}+ckpt"], METHODS[f"{name}+offckpt"], METHODS[f"{name}+halfoffckpt"]
             assert half.checkpointing and half.checkpoint_offload == 0.5 and half.baseline == "lora+halfoffckpt"
             assert twin.checkpointing and twin.jenga == method.jenga and twin.baseline == "lora+ckpt"
@@ -233,3 +234,48 @@ def test_longest_length_table_names_the_host_memory_at_the_longest_length(tmp_pa
     table = max_length_section(tmp_path)
     assert "| m | jenga+offckpt | 131072 | 196608 | 2.00x | 70.2 |" in table
     assert "| m | lora+ckpt | 65536 | 98304 |  | 3.0 |" in table
+
+
+# A stand-in for Unsloth's loader API (the real package needs a GPU to import): transformers and PEFT underneath,
+# and it records that it was imported before transformers, as the runner promises Unsloth.
+_FAKE_UNSLOTH = """
+import sys
+FIRST = "transformers" not in sys.modules
+
+
+class FastLanguageModel:
+    @staticmethod
+    def from_pretrained(folder, max_seq_length, dtype, load_in_4bit, load_in_16bit, fix_tokenizer, unsloth_tiled_mlp):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        assert FIRST and load_in_16bit and not load_in_4bit and unsloth_tiled_mlp and max_seq_length == 96
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+
+    @staticmethod
+    def get_peft_model(model, r, lora_alpha, lora_dropout, target_modules, use_gradient_checkpointing):
+        from peft import LoraConfig, get_peft_model
+        assert use_gradient_checkpointing == "unsloth"
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules))
+"""
+
+
+@pytest.mark.integration
+def test_unsloth_runs_in_its_own_interpreter_on_cached_random_weights(tmp_path, monkeypatch):
+    from jenga.experiments import unsloth
+
+    (tmp_path / "fake" / "unsloth").mkdir(parents=True)
+    (tmp_path / "fake" / "unsloth" / "__init__.py").write_text(_FAKE_UNSLOTH)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("JENGA_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2).config.save_pretrained(folder)
+    logs = tmp_path / "logs"
+    assert (
+        main(["--model", str(folder), "--methods", "unsloth", "--seqs", "96", "--steps", "1", "--logs", str(logs)]) == 0
+    )
+    records = [json.loads(line) for line in (logs / "arch_unsloth_96.jsonl").read_text().splitlines()]
+    assert records[0]["method"] == "unsloth" and records[0]["checkpoint_offload"] == 1.0
+    assert records[-1]["status"] == "ok" and [r["record"] for r in records[1:-1]] == ["step", "step"]
+    cached = tmp_path / "cache" / "arch"
+    assert (cached / "done").exists() and any(cached.glob("*.safetensors"))
+    with pytest.raises(RuntimeError, match="imported before transformers"):
+        unsloth.build(str(folder), 96)

@@ -58,6 +58,7 @@ class Method:
     offload_resident: float = 0.5  # fraction of the layers' saved bytes that stays on the GPU
     lean_lora: bool = True  # `apply_jenga(lean_lora=...)`
     mlp_recompute: bool = False  # `apply_jenga(mlp_recompute=...)`
+    unsloth: bool = False  # Unsloth's loader and long-context settings, in its own process (`unsloth.py`)
 
     @property
     def baseline(self) -> str:
@@ -189,7 +190,19 @@ _OFFLOAD = [
     ),
 ]
 
-METHODS: dict[str, Method] = {m.name: m for m in _BASE + _OFFLOAD}
+# Unsloth brings its own checkpointing (offloaded to host memory): no +ckpt twin either.
+_UNSLOTH = [
+    Method(
+        "unsloth",
+        "Unsloth: bf16 LoRA r=8 on q/k/v/o with its fused kernels, its offloaded gradient checkpointing and tiled "
+        "MLP, in its own process",
+        checkpointing=True,
+        checkpoint_offload=1.0,
+        unsloth=True,
+    )
+]
+
+METHODS: dict[str, Method] = {m.name: m for m in _BASE + _OFFLOAD + _UNSLOTH}
 METHODS.update(
     {
         f"{m.name}+ckpt": replace(

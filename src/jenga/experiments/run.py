@@ -46,7 +46,7 @@ from ..offload import ActivationOffloader
 from ..patching import find_adapter, jenga_state
 from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, op_profile, read_jsonl, run_header
 from ..scoring import num_blocks
-from . import distributed
+from . import distributed, unsloth
 from .length_search import Probe, longest_fitting
 from .methods import METHODS, Method, get_method, logged_config
 from .training import SelectionRecorder, build, is_out_of_memory, train_steps
@@ -256,7 +256,10 @@ def run_one(
     }
     with JsonlWriter(path, header=None) as writer:
         try:
-            model, weights, timer = build(method, model_name, seq)
+            if method.unsloth:
+                model, weights, timer = unsloth.build(model_name, seq), "random-init", None
+            else:
+                model, weights, timer = build(method, model_name, seq)
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -314,7 +317,7 @@ def spawn(
     args: argparse.Namespace, method: str, seq: int, path: Path, steps: int, warmup: int, extra: dict | None = None
 ) -> dict:
     """Run one single-GPU configuration in a fresh process and return its summary (status "failed" if it
-    crashed).
+    crashed). Unsloth's run in a fresh interpreter that imports it first, after its weights are cached.
 
     `extra` holds `run_one`'s optional switches (breakdown, snapshot), taken from `args` when None; the
     token source (`--data`) always comes from `args`.
@@ -324,7 +327,13 @@ def spawn(
     )
     extra = {**extra, "data": args.data}
     command = sweep_command()
-    if args.fork:
+    in_unsloth = get_method(method).unsloth
+    if in_unsloth and subprocess.run([sys.executable, "-m", "jenga.experiments.unsloth", args.model]).returncode:
+        summary = {"record": "summary", "status": "failed", "error": "writing the random-init weights failed"}
+        with JsonlWriter(path) as writer:
+            writer.write(summary)
+        return summary
+    if args.fork and not in_unsloth:
         worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
         job = functools.partial(run_one, *worker, **extra)
         process = multiprocessing.get_context("fork").Process(target=run_worker, args=(path, job))
@@ -332,14 +341,15 @@ def spawn(
         process.join()
         exit_code = process.exitcode
     else:
-        cmd = [sys.executable, "-m", "jenga.experiments.run", "--model", args.model, "--worker", method, str(seq)]
-        cmd += ["--steps", str(steps), "--warmup", str(warmup), "--log", str(path), "--sweep-command", command]
-        cmd += [f"--{name}" for name, on in extra.items() if on is True]
+        worker_args = ["--model", args.model, "--worker", method, str(seq)]
+        worker_args += ["--steps", str(steps), "--warmup", str(warmup), "--log", str(path), "--sweep-command", command]
+        worker_args += [f"--{name}" for name, on in extra.items() if on is True]
         if args.data is not None:
-            cmd += ["--data", str(args.data)]
+            worker_args += ["--data", str(args.data)]
         if args.memory_gib is not None:
-            cmd += ["--memory-gib", str(args.memory_gib)]
-        exit_code = subprocess.run(cmd).returncode
+            worker_args += ["--memory-gib", str(args.memory_gib)]
+        runner = [sys.executable, "-m", "jenga.experiments.run", *worker_args]
+        exit_code = subprocess.run(unsloth.worker_command(worker_args) if in_unsloth else runner).returncode
     records = read_jsonl(path) if path.exists() else []
     summary = next((r for r in records if r.get("record") == "summary"), None)
     if summary is None:
