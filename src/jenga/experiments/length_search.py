@@ -2,12 +2,11 @@
 
 A probe at a long length costs a whole training step (at 512K tokens on an 8B model, about ten minutes of
 attention), so the search spends as few as it can near the limit. Peak memory grows about linearly with the
-length (flash attention; checkpointed layers), so after one probe that fits, the line through the memory kept
+length (flash attention; checkpointed layers): after one probe that fits, the line through the memory kept
 between steps (weights, adapters, optimizer state) and that probe's peak, or through the two longest probes
-that fit, predicts the longest length; the search probes there, then one step beyond. Without memory figures
-(or when the line says nothing useful) it doubles, then bisects. Every result is still a probe that ran:
-`good` trained a step, `bad` did not.
-"""
+that fit, predicts where the limit is. The search probes where the line reaches 97% of the memory, then all of
+it, then one step beyond. Without memory figures (or when the line says nothing useful) it doubles, then
+bisects. Every result is still a probe that ran: `good` trained a step, `bad` did not."""
 
 from __future__ import annotations
 
