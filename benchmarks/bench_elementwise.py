@@ -97,8 +97,13 @@ def timings(writer: JsonlWriter) -> None:
             # its float8 input and the bf16 gradient and writes one bf16 gradient; the RMSNorm forward reads the
             # bf16 row and writes the bf16 output and the float8 copy; the SiLU forward reads two bf16 rows and
             # writes one bf16 row and two float8 copies
-            fused_bytes = {"silu_mul_backward": 8, "silu_mul_forward_fp8": 8, "rms_norm_backward": 5}
-            moved = (fused_bytes | {"rms_norm_forward_fp8": 5}).get(op, 3)
+            fused_bytes = {
+                "silu_mul_backward": 8,
+                "silu_mul_forward_fp8": 8,
+                "rms_norm_backward": 5,
+                "rms_norm_forward_fp8": 5,
+            }
+            moved = fused_bytes.get(op, 3)
             gb_s = moved * x.numel() / fused_ms / 1e6
             record |= {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms}
             writer.write(record)
@@ -141,7 +146,7 @@ def main() -> None:
             writer.write({"record": "check", **record})
             print(f"check: {record}")
         if not all(r["ok"] for r in checks):
-            raise SystemExit("bf16 check failed: see fp8.jsonl; no timings taken")
+            raise SystemExit("bf16 check failed: see elementwise.jsonl; no timings taken")
         timings(writer)
         rotary_timings(writer)
 

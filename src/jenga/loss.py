@@ -91,9 +91,7 @@ class _SegmentedCrossEntropy(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
         hidden, weight, bias, shift_labels, normalizer, scaled = ctx.saved_tensors
         if scaled is not None:  # computed in forward for an upstream gradient of 1
-            grad_flat = torch.empty_like(scaled)
-            torch.mul(scaled, grad_loss, out=grad_flat)
-            return grad_flat.view(hidden.shape), None, None, None, None, None, None
+            return (scaled * grad_loss).view(hidden.shape), None, None, None, None, None, None
         row_scale = _row_scale(shift_labels, ctx.ignore_index, grad_loss / normalizer)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         flat = hidden.reshape(-1, hidden.shape[-1])
