@@ -279,3 +279,25 @@ def test_unsloth_runs_in_its_own_interpreter_on_cached_random_weights(tmp_path, 
     assert (cached / "done").exists() and any(cached.glob("*.safetensors"))
     with pytest.raises(RuntimeError, match="imported before transformers"):
         unsloth.build(str(folder), 96)
+
+
+def test_offloaded_checkpoints_beyond_the_hosts_memory_are_refused_before_the_run(tmp_path, monkeypatch):
+    """A probe whose pinned checkpoints would outgrow the host is logged as OOM at the host budget, unrun; half
+    the layers offloaded need half the bytes; GPU-only checkpointing is never refused."""
+    from jenga.experiments import run
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2, layers=2).config.save_pretrained(folder)  # hidden 64: 128 bf16 bytes per token per layer
+    tokens = 2**22  # 2 layers x 4M tokens x 128 B = 1 GiB offloaded in all
+    monkeypatch.setattr(run, "available_host_gib", lambda: 1.0)
+    assert run.host_memory_refusal(get_method("lora+ckpt"), str(folder), tokens) is None
+    assert run.host_memory_refusal(get_method("lora+halfoffckpt"), str(folder), tokens) is None  # 0.5 GiB
+    message = run.host_memory_refusal(get_method("lora+offckpt"), str(folder), tokens)
+    assert "2 layers need 1.0 GiB of pinned host memory" in message and "+halfoffckpt" in message
+    log = tmp_path / "arch_lora+offckpt.jsonl"
+    summary = run.run_one(str(folder), "lora+offckpt", tokens, 1, 0, log, None)
+    assert summary["status"] == "oom" and summary["stage"] == "host-budget"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["record"] for r in records] == ["header", "summary"] and records[0]["checkpoint_offload"] == 1.0
+    monkeypatch.setattr(run, "available_host_gib", lambda: 2.0)
+    assert run.host_memory_refusal(get_method("lora+offckpt"), str(folder), tokens) is None

@@ -45,6 +45,15 @@ def interpolate_positions(config, seq_len: int):
     return config
 
 
+def model_folder(name: str) -> Path:
+    """The folder holding `name`'s config.json: `name` itself if it is one, else `checkpoints/<name>`."""
+    folder = Path(name) if Path(name).is_dir() else CHECKPOINTS / name
+    if not (folder / "config.json").exists():
+        known = sorted(p.parent.name for p in CHECKPOINTS.glob("*/config.json"))
+        raise FileNotFoundError(f"no config.json for model {name!r}; known architectures: {known}")
+    return folder
+
+
 def load_model(
     name: str,
     max_length: int,
@@ -57,10 +66,7 @@ def load_model(
     Returns the model and "pretrained" or "random-init" for the log. Trained weights run beyond their
     trained length with interpolated positions; random-init ones just get a longer position table.
     """
-    folder = Path(name) if Path(name).is_dir() else CHECKPOINTS / name
-    if not (folder / "config.json").exists():
-        known = sorted(p.parent.name for p in CHECKPOINTS.glob("*/config.json"))
-        raise FileNotFoundError(f"no config.json for model {name!r}; known architectures: {known}")
+    folder = model_folder(name)
     config = AutoConfig.from_pretrained(folder)
     config.use_cache = False
     if has_weights(folder):
