@@ -60,3 +60,11 @@ def test_offload_needs_checkpointing_and_a_share():
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         offload_checkpoints(model, 0.0)
+
+
+def test_a_share_of_k_layers_offloads_k_layers():
+    """7/25 of 25 layers is 7 layers, although 7 / 25 * 25 is 7.000000000000001 in floating point (the share the
+    runner's "fit" offloading computes from a count of layers)."""
+    model = add_attention_lora(tiny_llama(layers=25))
+    model.gradient_checkpointing_enable()
+    assert offload_checkpoints(model, 7 / 25) == list(range(18, 25))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -284,20 +285,58 @@ def test_unsloth_runs_in_its_own_interpreter_on_cached_random_weights(tmp_path, 
 def test_offloaded_checkpoints_beyond_the_hosts_memory_are_refused_before_the_run(tmp_path, monkeypatch):
     """A probe whose pinned checkpoints would outgrow the host is logged as OOM at the host budget, unrun; half
     the layers offloaded need half the bytes; GPU-only checkpointing is never refused."""
-    from jenga.experiments import run
+    from jenga.experiments import host_memory, run
 
     folder = tmp_path / "arch"
     tiny_llama(kv_heads=2, layers=2).config.save_pretrained(folder)  # hidden 64: 128 bf16 bytes per token per layer
     tokens = 2**22  # 2 layers x 4M tokens x 128 B = 1 GiB offloaded in all
-    monkeypatch.setattr(run, "available_host_gib", lambda: 1.0)
-    assert run.host_memory_refusal(get_method("lora+ckpt"), str(folder), tokens) is None
-    assert run.host_memory_refusal(get_method("lora+halfoffckpt"), str(folder), tokens) is None  # 0.5 GiB
-    message = run.host_memory_refusal(get_method("lora+offckpt"), str(folder), tokens)
+    monkeypatch.setattr(host_memory, "available_gib", lambda: 1.0)
+    assert host_memory.refusal(get_method("lora+ckpt"), str(folder), tokens) is None
+    assert host_memory.refusal(get_method("lora+halfoffckpt"), str(folder), tokens) is None  # 0.5 GiB
+    message = host_memory.refusal(get_method("lora+offckpt"), str(folder), tokens)
     assert "2 layers need 1.0 GiB of pinned host memory" in message and "+halfoffckpt" in message
     log = tmp_path / "arch_lora+offckpt.jsonl"
     summary = run.run_one(str(folder), "lora+offckpt", tokens, 1, 0, log, None)
     assert summary["status"] == "oom" and summary["stage"] == "host-budget"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["record"] for r in records] == ["header", "summary"] and records[0]["checkpoint_offload"] == 1.0
-    monkeypatch.setattr(run, "available_host_gib", lambda: 2.0)
-    assert run.host_memory_refusal(get_method("lora+offckpt"), str(folder), tokens) is None
+    monkeypatch.setattr(host_memory, "available_gib", lambda: 2.0)
+    assert host_memory.refusal(get_method("lora+offckpt"), str(folder), tokens) is None
+
+
+@pytest.mark.parametrize("available,offloaded", [(None, 1.0), (100.0, 1.0), (0.5, 0.2), (0.05, 0.0)])
+def test_fit_offloading_moves_as_many_layers_as_the_host_budget_holds(tmp_path, monkeypatch, available, offloaded):
+    """ "+fitoffckpt" resolves, per run, to the share of layers whose checkpoints fit 90% of the available host
+    memory (all of them where that memory is unknown); the run's log records the share it used."""
+    from jenga.experiments import host_memory
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2, layers=5).config.save_pretrained(folder)
+    tokens = 2**21  # 0.25 GiB per layer: 0.45 GiB of budget holds one layer, 0.045 none
+    monkeypatch.setattr(host_memory, "available_gib", lambda: available)
+    method = host_memory.resolve_offload(get_method("jenga+fitoffckpt"), str(folder), tokens)
+    assert method.checkpoint_offload == offloaded and method.name == "jenga+fitoffckpt"
+    assert host_memory.refusal(method, str(folder), tokens) is None
+    assert host_memory.resolve_offload(get_method("jenga+offckpt"), str(folder), tokens) == get_method("jenga+offckpt")
+
+
+def test_a_fit_offloading_run_logs_the_share_it_used(tmp_path, monkeypatch):
+    from jenga.experiments import host_memory, run
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2, layers=5).config.save_pretrained(folder)
+    layer_bytes = 32 * 64 * 2  # one layer's checkpoint at 32 tokens
+    monkeypatch.setattr(host_memory, "available_gib", lambda: 2.5 * layer_bytes / host_memory.BUDGET / 2**30)
+    entered = []
+    original = torch.autograd.graph.save_on_cpu
+
+    @contextlib.contextmanager
+    def spy(*args, **kwargs):  # one entry per offloaded layer and forward; no pinned memory without a GPU
+        entered.append(kwargs)
+        with original(*args, **{**kwargs, "pin_memory": False}):
+            yield
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", spy)
+    log = tmp_path / "arch.jsonl"
+    assert run.run_one(str(folder), "lora+fitoffckpt", 32, 1, 0, log, None)["status"] == "ok"
+    assert json.loads(log.read_text().splitlines()[0])["checkpoint_offload"] == 0.4 and len(entered) == 2

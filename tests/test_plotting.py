@@ -241,3 +241,45 @@ def test_length_plots_draw_oom_on_the_capacity_line_or_in_an_oom_row(end2end):
     offsets = sorted(tuple(xy) for c in row.collections for xy in c.get_offsets())
     assert offsets == [(8192, 0), (8192, 1)]  # lora and longlora rows, at the length that ran out of memory
     assert [t.get_text() for t in row.get_yticklabels()] == ["lora: OOM", "longlora: OOM", "jenga: OOM"]
+
+
+def test_longest_context_figure_says_how_far_each_length_is_the_limit(tmp_path):
+    """Per method: the longest length that trained, bracketed by the shortest failure above it (OOM or the host
+    budget), or marked as the search's cap or as unsearched; failures are crosses and never a time point."""
+    from jenga.plotting.longest import limits, plot_longest
+
+    setting = tmp_path / "longest" / "gpu-uncapped"
+    ok = {"status": "ok", "peak_gib": 50.0, "median_step_s": 8.0, "host_peak_gib": 2.0}
+    header = {"gradient_checkpointing": True}
+    write_run(setting / "probes", "m", "lora+ckpt", 65536, ok, **header)
+    write_run(setting / "probes", "m", "lora+ckpt", 81920, {"status": "oom"}, **header)
+    write_run(setting / "probes", "m", "lora+offckpt", 98304, {"status": "oom", "stage": "host-budget"}, **header)
+    write_run(setting / "probes", "m", "jenga+halfoffckpt", 524288, {**ok, "median_step_s": 512.0}, **header)
+    write_run(setting / "shared", "m", "jenga+halfoffckpt", 131072, ok, **header)
+    write_run(setting / "shared", "m", "liger+ckpt", 131072, ok, **header)
+    (setting / "maxlen").mkdir()
+    search = {"record": "max_length", "method": "jenga+halfoffckpt", "max_ok": 524288, "cap": 524288}
+    lines = [{"record": "header", "experiment": "max_length", "model": "m", "method": "jenga+halfoffckpt"}, search]
+    (setting / "maxlen" / "m_jenga.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "longest" / "older-flat").mkdir()  # an older layout without probes/ or shared/: no figure
+    write_run(tmp_path / "longest" / "older-flat", "m", "lora+ckpt", 65536, ok, **header)
+
+    bounds = {limit.method: (limit.tokens, limit.bound) for limit in limits(setting, "m")}
+    assert bounds == {
+        "lora+ckpt": (65536, "fails at 80K (oom)"),
+        "lora+offckpt": (0, "fails at 96K (host budget)"),
+        "liger+ckpt": (131072, "not searched: at least this"),
+        "jenga+halfoffckpt": (524288, "the search's cap: at least this"),
+    }
+    with capture_figures() as drawn:
+        written = plot_longest(tmp_path / "longest", tmp_path / "out")
+    assert [p.name for p in written] == ["gpu-uncapped_m.png", "gpu-uncapped.md"]
+    bars, curve = drawn[tmp_path / "out" / "gpu-uncapped_m.png"].axes
+    crosses = [line for line in bars.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+    assert sorted(x for line in crosses for x in line.get_xdata()) == [80.0, 96.0]
+    per_k = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata(), strict=True)) for line in curve.get_lines()}
+    assert per_k["jenga+halfoffckpt"] == [(128.0, 8.0 / 128), (512.0, 1.0)]
+    assert "lora+offckpt" not in per_k and per_k["lora+ckpt"] == [(64.0, 0.125)]
+    table = (tmp_path / "out" / "gpu-uncapped.md").read_text()
+    assert "| lora+offckpt | none | fails at 96K (host budget) |" in table
+    assert "| jenga+halfoffckpt | 512K | the search's cap: at least this | 50.0 | 2.0 | 512.0 | 1.000 |" in table

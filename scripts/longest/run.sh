@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
 # Longest trainable context on one GPU, per method: LoRA and Jenga (the default and the keep-0.5 schedule
 # jenga-0.5) with checkpointing, with transformers' offloaded checkpoints (+offckpt: the saved layer inputs
-# wait in pinned host memory) and with half of them offloaded (+halfoffckpt: where all of them would outgrow
-# the host's memory), the last also with the MLP recomputing its projections (jenga-tiledmlp); Liger with
-# offloaded checkpoints when liger-kernel is installed. One step per probe; bf16 LoRA r=8, batch 1, random
-# weights. Unsloth (its offloaded checkpointing and tiled MLP, in its own interpreter) when it imports.
+# wait in pinned host memory), with half of them offloaded (+halfoffckpt: where all of them would outgrow the
+# host's memory) and with as many offloaded as the host holds at each length (+fitoffckpt), the last two also
+# with the MLP recomputing its projections (jenga-tiledmlp); Liger with checkpointing, on the GPU and offloaded,
+# when liger-kernel is installed. One step per probe; bf16 LoRA r=8, batch 1, random weights. Unsloth (its
+# offloaded checkpointing and tiled MLP, in its own interpreter) when it imports. Offloaded checkpoints that
+# would outgrow 90% of the host's available memory are logged as OOM without running (the host budget).
 #   bash scripts/longest/run.sh
 # Env: MODELS ("llama-3-8b llama-2-7b"), MEMORY_GIB (unset: the whole GPU; 80: the 80 GB set), CAP (1048576),
-#      STEP (16384), LOGS (logs/longest). Unsloth's wheels: docs/benchmarks.md.
+#      STEP (16384), SHARED (the shared lengths: "65536 131072 262144"), LOGS (logs/longest). Unsloth's wheels:
+#      docs/benchmarks.md. Figure and table: python -m jenga.plotting (output_figures/longest/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=${PYTHON:-python}
 methods="lora+ckpt lora+offckpt lora+halfoffckpt jenga+ckpt jenga+offckpt jenga+halfoffckpt jenga-0.5+ckpt"
-methods="$methods jenga-0.5+offckpt jenga-tiledmlp+halfoffckpt"
-$py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+offckpt"
+methods="$methods jenga-0.5+offckpt jenga-tiledmlp+halfoffckpt jenga-tiledmlp+fitoffckpt"
+$py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+ckpt liger+offckpt"
 $py -c "import unsloth" 2>/dev/null && methods="$methods unsloth"
-card=${MEMORY_GIB:+${MEMORY_GIB}gb}
+# one folder per setting: the GPU's model and the cap, e.g. logs/longest/h200-uncapped, logs/longest/h200-80gb
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')
+cap=${MEMORY_GIB:+${MEMORY_GIB}gb}
+setting="${LOGS:-logs/longest}/${gpu}-${cap:-uncapped}"
 for model in ${MODELS:-llama-3-8b llama-2-7b}; do
   $py -m jenga.experiments.run --model "$model" --methods $methods --max-length --cap "${CAP:-1048576}" \
-    --length-step "${STEP:-16384}" --start 65536 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} \
-    --logs "${LOGS:-logs/longest}/${card:-uncapped}"
+    --length-step "${STEP:-16384}" --start 65536 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting"
+  # the shared lengths, one measured step after a warm-up each (a length a method cannot train is logged OOM)
+  $py -m jenga.experiments.run --model "$model" --methods $methods --seqs ${SHARED:-65536 131072 262144} \
+    --steps 1 --warmup 1 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting/shared"
 done

@@ -29,7 +29,7 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
             "no checkpointed decoder layer: call model.gradient_checkpointing_enable() before offload_checkpoints"
         )
     device_type = (torch.accelerator.current_accelerator() or torch.device("cpu")).type
-    first = len(layers) - math.ceil(fraction * len(layers))
+    first = len(layers) - math.ceil(round(fraction * len(layers), 6))  # 7/25 of 25 layers is 7, not 8
     for layer in layers[first:]:
         inner = layer._gradient_checkpointing_func
 

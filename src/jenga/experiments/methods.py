@@ -2,9 +2,11 @@
 
 Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient checkpointing on), a
 "+offckpt" suffix (checkpointing whose saved layer inputs wait in pinned host memory: transformers'
-`gradient_checkpointing_enable(offload=True)`) and a "+halfoffckpt" suffix (the last half of the layers' inputs
-in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both). Adding a
-method means adding one entry here; the runner, sweeps and plots pick it up by name.
+`gradient_checkpointing_enable(offload=True)`), a "+halfoffckpt" suffix (the last half of the layers' inputs
+in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both) and a
+"+fitoffckpt" suffix (as many layers' inputs in host memory as it holds at the run's length: the runner resolves
+the share, `jenga.experiments.host_memory`). Adding a method means adding one entry here; the runner, sweeps and
+plots pick it up by name.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ ZERO = replace(HALF, eliminated="zero")
 
 
 # the suffixes of offloaded checkpointing: (share of the layers offloaded, what a description says)
-OFFLOADED_CHECKPOINTS = {"offckpt": (1.0, "the checkpoints"), "halfoffckpt": (0.5, "the last half of the checkpoints")}
+OFFLOADED_CHECKPOINTS: dict[str, tuple[float | str, str]] = {
+    "offckpt": (1.0, "the checkpoints"),
+    "halfoffckpt": (0.5, "the last half of the checkpoints"),
+    "fitoffckpt": ("fit", "the last layers' checkpoints, as many as fit 90% of the host's available memory,"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,9 @@ class Method:
     description: str
     jenga: JengaConfig | None = None
     checkpointing: bool = False
-    checkpoint_offload: float = 0.0  # share of the layers whose checkpoints wait in pinned host memory
+    # share of the layers whose checkpoints wait in pinned host memory; "fit": as many as the host holds at the
+    # run's length (`jenga.experiments.host_memory`)
+    checkpoint_offload: float | str = 0.0
     s2attn: bool = False
     liger: bool = False
     train_embed_norm: bool = False

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
-import math
 import multiprocessing
 import os
 import resource
@@ -39,7 +38,6 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from ..cli import make_parser
 from ..data.loaders import join_documents, load_documents
@@ -48,10 +46,10 @@ from ..offload import ActivationOffloader
 from ..patching import find_adapter, jenga_state
 from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, op_profile, read_jsonl, run_header
 from ..scoring import num_blocks
-from . import distributed, unsloth
+from . import distributed, host_memory, unsloth
 from .length_search import Probe, longest_fitting
 from .methods import METHODS, Method, get_method, logged_config
-from .training import SelectionRecorder, build, is_out_of_memory, model_folder, train_steps
+from .training import SelectionRecorder, build, is_out_of_memory, train_steps
 
 
 def log_path(logs: Path, model: str, method: str, seq: int) -> Path:
@@ -211,39 +209,6 @@ def dataset_windows(data: Path, seq: int, eos: int) -> Callable[[int], torch.Ten
     return lambda step: stream[(step % count) * seq : (step % count + 1) * seq][None]
 
 
-# Share of the host's available memory that offloaded checkpoints may take (the process needs the rest).
-HOST_BUDGET = 0.9
-
-
-def available_host_gib() -> float | None:
-    """The host memory the kernel says is available (Linux's MemAvailable), or None where it cannot tell."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    return int(fields["MemAvailable"].split()[0]) / 2**20 if "MemAvailable" in fields else None
-
-
-def host_memory_refusal(method: Method, model_name: str, seq: int) -> str | None:
-    """Why a run whose offloaded checkpoints (every offloaded layer's bf16 input, `seq × hidden`) would outgrow
-    `HOST_BUDGET` of the host's available memory is not started, or None when they fit (or nothing is
-    offloaded). Pinned memory cannot be swapped: the kernel's OOM killer would end the process, or more."""
-    available = available_host_gib()
-    if method.checkpoint_offload == 0.0 or available is None:
-        return None
-    config = AutoConfig.from_pretrained(model_folder(model_name))
-    layers = math.ceil(method.checkpoint_offload * config.num_hidden_layers)
-    need = layers * seq * config.hidden_size * 2 / 2**30
-    if need <= HOST_BUDGET * available:
-        return None
-    return (
-        f"not run: the offloaded checkpoints of {layers} layers need {need:.1f} GiB of pinned host memory, more "
-        f"than {HOST_BUDGET:.0%} of the {available:.1f} GiB available; offload fewer layers (+halfoffckpt) or "
-        f"train shorter sequences"
-    )
-
-
 def run_one(
     model_name: str,
     method_name: str,
@@ -264,7 +229,7 @@ def run_one(
     `kernel_profile`. `data` (a dataset folder built by `jenga.data.corpus`) replaces random tokens by windows of
     its validation documents.
     """
-    method = get_method(method_name)
+    method = host_memory.resolve_offload(get_method(method_name), model_name, seq)
     capped = None
     if memory_gib is not None and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -290,7 +255,7 @@ def run_one(
         "data": "random tokens" if data is None else f"{data} (validation windows)",
     }
     with JsonlWriter(path, header=None) as writer:
-        refusal = host_memory_refusal(method, model_name, seq)
+        refusal = host_memory.refusal(method, model_name, seq)
         if refusal is not None:  # pinned host memory beyond the machine's can take the machine down, not the run
             writer.write(run_header(command, extra={**header, "weights": None}))
             summary = {"record": "summary", "status": "oom", "error": refusal, "stage": "host-budget"}

@@ -11,6 +11,7 @@ from .algorithm import plot_algorithm
 from .breakdown import plot_memory_breakdown, plot_time_breakdown
 from .end2end import plot_end2end
 from .extension import plot_2d, plot_offload
+from .longest import plot_longest
 from .predictor import plot_predictor_ablation
 from .real_model import plot_real_model
 from .results import write_results
@@ -29,6 +30,7 @@ FIGURES = [
     ("extension/2d", plot_2d),
     ("extension/offload", plot_offload),
     ("scalability", plot_scalability),
+    ("longest", plot_longest),
 ]
 
 

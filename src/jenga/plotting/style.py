@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..experiments.methods import METHODS  # noqa: E402
 
-COLORS = {"lora": "#7f7f7f", "longlora": "#1f77b4", "liger": "#9467bd", "jenga": "#d62728"}
+COLORS = {"lora": "#7f7f7f", "longlora": "#1f77b4", "liger": "#9467bd", "jenga": "#d62728", "unsloth": "#2ca02c"}
 PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 

@@ -1,0 +1,157 @@
+"""The longest-context comparison (`scripts/longest/run.sh`): per machine setting and model, the longest length
+each method trained one step at, and its time per token against the length, with a table of the same runs.
+
+Reads `<logs>/<setting>/` (e.g. `h200-uncapped`): the length search's probes (`probes/`) and results
+(`maxlen/`), and single runs at shared lengths (`shared/`). A method's bar is the longest length one of its
+logs trained a step at; its label says how far that is known to be its limit: the shortest failing length
+above it, the search's cap reached, or "not searched" when only shared lengths ran. Failed lengths (OOM, the
+host-memory budget) are crosses, never values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
+
+from .bars import devices, series_colors
+from .logs import Key, Run, cards, load_runs, runner_runs
+from .models import by_size
+from .style import figure, in_method_order, save
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What the logs say about one method's longest length."""
+
+    method: str
+    longest: Run | None  # the longest run that trained a step
+    failing: Run | None  # the shortest failing run above it
+    search: dict | None  # the search's result record, when a search ran
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.longest is None else self.longest.header["seq_len"]
+
+    @property
+    def bound(self) -> str:
+        """How far `tokens` is the limit: bracketed by a failure, capped by the search, or only a lower bound."""
+        if self.failing is not None:
+            stage = self.failing.summary.get("stage")
+            why = "host budget" if stage == "host-budget" else self.failing.summary.get("status", "?")
+            return f"fails at {_k(self.failing.header['seq_len'])} ({why})"
+        if self.search is not None and self.search["max_ok"] == self.search["cap"]:
+            return "the search's cap: at least this"
+        return "not searched: at least this"
+
+
+def _k(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def setting_runs(setting: Path) -> dict[Key, Run]:
+    """The runs of a setting's probes and shared lengths (a folder without them, of an older layout, has none)."""
+    return {**runner_runs(setting / "shared"), **runner_runs(setting / "probes")}
+
+
+def limits(setting: Path, model: str) -> list[Limit]:
+    """One `Limit` per method with logs for `model` under `setting`, in the registry's order."""
+    runs = [r for k, r in setting_runs(setting).items() if k[0] == model]
+    searches = {
+        r.header["method"]: r.first("max_length")
+        for r in load_runs(setting / "maxlen")
+        if r.header.get("model") == model and r.first("max_length")
+    }
+    found = []
+    for method in in_method_order(r.header["method"] for r in runs):
+        mine = sorted((r for r in runs if r.header["method"] == method), key=lambda r: r.header["seq_len"])
+        longest = max((r for r in mine if r.ok), key=lambda r: r.header["seq_len"], default=None)
+        tokens = 0 if longest is None else longest.header["seq_len"]
+        failing = next((r for r in mine if not r.ok and r.header["seq_len"] > tokens), None)
+        found.append(Limit(method, longest, failing, searches.get(method)))
+    return found
+
+
+def seconds_per_k(run: Run) -> float | None:
+    """Median step time per 1024 tokens of a run that trained."""
+    step = run.summary.get("median_step_s")
+    return None if not run.ok or step is None else step / (run.header["seq_len"] / 1024)
+
+
+def table(setting: Path, model: str) -> str:
+    """The Markdown table of `limits`, with each method's peaks and step time at its longest length."""
+    lines = [
+        f"### {model}, {setting.name}",
+        "",
+        "| method | longest trained | how far that is the limit | GPU peak GiB | host peak GiB | step s | s per 1K |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for limit in limits(setting, model):
+        if limit.longest is None:
+            lines.append(f"| {limit.method} | none | {limit.bound} | | | | |")
+            continue
+        summary = limit.longest.summary
+        host = summary.get("host_peak_gib")
+        cells = [
+            limit.method,
+            _k(limit.tokens),
+            limit.bound,
+            f"{summary['peak_gib']:.1f}",
+            "" if host is None else f"{host:.1f}",
+            f"{summary['median_step_s']:.1f}",
+            f"{seconds_per_k(limit.longest):.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_longest(logs: Path, out: Path) -> list[Path]:
+    """Per setting and model: longest trained length per method (left) and seconds per 1K tokens against the
+    length (right); `<setting>.md` beside the figures holds the table."""
+    written = []
+    for setting in cards(logs):
+        runs = setting_runs(setting)
+        if not runs:
+            continue
+        models = by_size({m for m, _, _ in runs})
+        for model in models:
+            found = limits(setting, model)
+            fig, axes = figure(11.0, 0.9 + 0.45 * len(found) + 1.2, ncols=2)
+            bars, curve = axes[0]
+            shades = series_colors([limit.method for limit in found])
+            for y, limit in enumerate(found):
+                shade = shades[limit.method]
+                mine = {s: r for (m, me, s), r in runs.items() if (m, me) == (model, limit.method)}
+                bars.barh(y, limit.tokens / 1024, color=shade, alpha=0.85)
+                failed = [seq / 1024 for seq, r in mine.items() if not r.ok]
+                bars.plot(failed, [y] * len(failed), "x", color="black", ms=6)
+                label = f"  {_k(limit.tokens)}: {limit.bound}" if limit.tokens else f"  {limit.bound}"
+                bars.text(max([limit.tokens / 1024, *failed]), y, label, va="center", fontsize=7)
+                points = sorted((seq, t) for seq, r in mine.items() if (t := seconds_per_k(r)) is not None)
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    curve.plot([x / 1024 for x in xs], ys, "o-", color=shade, label=limit.method)
+            bars.set_yticks(range(len(found)), [limit.method for limit in found])
+            bars.invert_yaxis()
+            longest = max([limit.tokens for limit in found] + [1]) / 1024
+            bars.set(xlabel="longest length that trained one step (K tokens; x: failed)", xlim=(0, longest * 1.9))
+            bars.set_title(f"{model}: longest trained length")
+            curve.set(xscale="log", xlabel="sequence length (K tokens)", ylabel="step seconds per 1K tokens")
+            curve.xaxis.set_major_locator(LogLocator(base=2))
+            curve.xaxis.set_major_formatter(ScalarFormatter())
+            curve.xaxis.set_minor_locator(NullLocator())
+            curve.set_title(f"{model}: time per token")
+            curve.legend(fontsize=7)
+            caption = (
+                f"Longest context on {setting.name} for {model} (bf16 LoRA r=8 q/k/v/o, batch 1, random weights, one "
+                f"step per probe): left, the longest length each method trained one step at and how far that is "
+                f"its limit (crosses: lengths that failed); right, step time per 1K tokens. Logs {setting}; device "
+                f"{devices(runs.values())}."
+            )
+            written.append(save(fig, out / f"{setting.name}_{model}.png", caption))
+        tables = out / f"{setting.name}.md"
+        heading = f"# Longest context, {setting.name} (from {setting})\n\n"
+        tables.write_text(heading + "\n".join(table(setting, m) for m in models))
+        written.append(tables)
+    return written
