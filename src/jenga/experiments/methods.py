@@ -12,6 +12,7 @@ plots pick it up by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from torch import nn
 
@@ -40,7 +41,7 @@ ZERO = replace(HALF, eliminated="zero")
 
 
 # the suffixes of offloaded checkpointing: (share of the layers offloaded, what a description says)
-OFFLOADED_CHECKPOINTS: dict[str, tuple[float | str, str]] = {
+OFFLOADED_CHECKPOINTS: dict[str, tuple[float | Literal["fit"], str]] = {
     "offckpt": (1.0, "the checkpoints"),
     "halfoffckpt": (0.5, "the last half of the checkpoints"),
     "fitoffckpt": ("fit", "the last layers' checkpoints, as many as fit 90% of the host's available memory,"),
@@ -57,7 +58,7 @@ class Method:
     checkpointing: bool = False
     # share of the layers whose checkpoints wait in pinned host memory; "fit": as many as the host holds at the
     # run's length (`jenga.experiments.host_memory`)
-    checkpoint_offload: float | str = 0.0
+    checkpoint_offload: float | Literal["fit"] = 0.0
     s2attn: bool = False
     liger: bool = False
     train_embed_norm: bool = False
