@@ -7,6 +7,9 @@
    tokens (hidden 4096; MLP 11008 and 14336), of the MLP forward's and backward's element-wise parts, of the
    RMSNorm forward and backward, and of the rotary embedding's forward and backward on q and k (32 heads; k
    with 32 and 8), the kernels against the eager passes they replace.
+3. When liger-kernel is installed: each of these ops, forward and backward, beside Liger's kernel for the same op
+   (RMSNorm, the SiLU product, the rotary embedding): whether Liger's would be faster where Jenga's run. Jenga's
+   also write the float8 copies backward reads; Liger's save bf16 tensors.
 
     python benchmarks/bench_elementwise.py --out $OUT/elementwise
 """
@@ -24,7 +27,7 @@ from jenga.fp8 import FP8, FP8_MAX
 from jenga.kernel_checks import eager_silu_mul_backward, norm_inputs, run_all
 from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward, silu_mul_quantize
 from jenga.kernels.rms_norm import rms_norm_backward, rms_norm_forward
-from jenga.norms import reference_backward, reference_forward
+from jenga.norms import LeanRMSNormFunction, reference_backward, reference_forward
 from jenga.profiling import JsonlWriter, run_header
 from jenga.rotary import FusedRotaryFunction
 
@@ -116,12 +119,17 @@ def rotary_step(fn, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     torch.autograd.grad(outs, (q, k), [torch.ones_like(o) for o in outs])
 
 
+def rotary_tables(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 cos and sin of shape (1, tokens, 128) at random angles, halves repeated as Llama's are."""
+    angles = torch.rand(1, tokens, 64, device="cuda") * 1000
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().bfloat16(), angles.sin().bfloat16()
+
+
 def rotary_timings(writer: JsonlWriter, tokens: int = 8192) -> None:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    angles = torch.rand(1, tokens, 64, device="cuda") * 1000
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    cos, sin = rotary_tables(tokens)
     for kv_heads in (32, 8):
         q, k = (
             torch.randn(1, tokens, h, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
@@ -133,6 +141,62 @@ def rotary_timings(writer: JsonlWriter, tokens: int = 8192) -> None:
         record = {"record": "rotary", "op": "rotary_fwd_bwd", "tokens": tokens, "heads": 32, "kv_heads": kv_heads}
         writer.write(record | {"kernel_ms": fused_ms, "eager_ms": eager_ms, "kernel_gb_s": gb_s})
         print(f"rotary fwd+bwd {tokens} tokens, 32/{kv_heads} heads: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms")
+
+
+def fwd_bwd(fn, inputs: tuple[torch.Tensor, ...], *args) -> None:
+    """One forward of `fn(*inputs, *args)` and the gradients of its outputs with respect to `inputs`."""
+    outs = fn(*inputs, *args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+
+
+def silu_mul_fp8_fwd_bwd(g: torch.Tensor, u: torch.Tensor) -> None:
+    """The default's SiLU product: the forward writing both float8 copies, the backward reading them."""
+    g3, u3 = g[None], u[None]
+    q_g, q_u = (torch.empty(g3.shape, device=g.device, dtype=FP8) for _ in range(2))
+    s_g, s_u = (torch.empty(g3.shape[:-1], device=g.device) for _ in range(2))
+    out = silu_mul_quantize(g3, u3, q_g, s_g, q_u, s_u, FP8_MAX)
+    silu_mul_backward(q_g, s_g, q_u, s_u, torch.ones_like(out))
+
+
+def liger_timings(writer: JsonlWriter, rows: int = 8192) -> None:
+    """Jenga's element-wise ops and Liger's for the same op, forward and backward each, at 8K tokens."""
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        print("liger-kernel is not installed: no comparison with its ops")
+        return
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    x = torch.randn(rows, 4096, **bf16, requires_grad=True)
+    weight = torch.randn(4096, **bf16)  # frozen, as in LoRA
+    pairs = {
+        ("rms_norm_fwd_bwd", 4096): (
+            functools.partial(fwd_bwd, LeanRMSNormFunction.apply, (x,), weight, 1e-5, True),
+            functools.partial(fwd_bwd, LigerRMSNormFunction.apply, (x,), weight, 1e-5),
+        )
+    }
+    for cols in (11008, 14336):
+        g, u = (torch.randn(rows, cols, **bf16, requires_grad=True) for _ in range(2))
+        pairs[("silu_mul_fwd_bwd", cols)] = (
+            functools.partial(silu_mul_fp8_fwd_bwd, g.detach(), u.detach()),
+            functools.partial(fwd_bwd, LigerSiLUMulFunction.apply, (g, u)),
+        )
+    cos, sin = rotary_tables(rows)
+    for kv_heads in (32, 8):
+        q, k = (torch.randn(1, rows, h, 128, **bf16).transpose(1, 2).requires_grad_() for h in (32, kv_heads))
+        pairs[("rotary_fwd_bwd", kv_heads)] = (
+            functools.partial(fwd_bwd, FusedRotaryFunction.apply, (q, k), cos, sin),
+            functools.partial(fwd_bwd, LigerRopeFunction.apply, (q, k), cos, sin),
+        )
+    for (op, size), (jenga, liger) in pairs.items():
+        jenga_ms, liger_ms = do_bench(jenga), do_bench(liger)
+        what = "kv_heads" if op.startswith("rotary") else "cols"
+        writer.write(
+            {"record": "liger", "op": op, "rows": rows, what: size, "jenga_ms": jenga_ms, "liger_ms": liger_ms}
+        )
+        print(f"{op} {rows} rows, {what} {size}: Jenga {jenga_ms:.3f} ms, Liger {liger_ms:.3f} ms")
 
 
 def main() -> None:
@@ -149,6 +213,7 @@ def main() -> None:
             raise SystemExit("bf16 check failed: see elementwise.jsonl; no timings taken")
         timings(writer)
         rotary_timings(writer)
+        liger_timings(writer)
 
 
 if __name__ == "__main__":
