@@ -19,6 +19,7 @@ methods="$methods jenga-0.5+offckpt jenga-tiledmlp+halfoffckpt jenga-tiledmlp+fi
 $py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+ckpt liger+offckpt"
 $py -c "import unsloth" 2>/dev/null && methods="$methods unsloth"
 # one folder per setting: the GPU's model and the cap, e.g. logs/longest/h200-uncapped, logs/longest/h200-80gb
+command -v nvidia-smi > /dev/null || { echo "scripts/longest/run.sh needs an NVIDIA GPU (no nvidia-smi here)" >&2; exit 1; }
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')
 cap=${MEMORY_GIB:+${MEMORY_GIB}gb}
 setting="${LOGS:-logs/longest}/${gpu}-${cap:-uncapped}"
