@@ -294,7 +294,7 @@ def test_offloaded_checkpoints_beyond_the_hosts_memory_are_refused_before_the_ru
     assert host_memory.refusal(get_method("lora+ckpt"), str(folder), tokens) is None
     assert host_memory.refusal(get_method("lora+halfoffckpt"), str(folder), tokens) is None  # 0.5 GiB
     message = host_memory.refusal(get_method("lora+offckpt"), str(folder), tokens)
-    assert "2 layers need 1.0 GiB of pinned host memory" in message and "+halfoffckpt" in message
+    assert "2 offloaded checkpoints need 1.0 GiB of pinned host memory" in message and "+halfoffckpt" in message
     log = tmp_path / "arch_lora+offckpt.jsonl"
     summary = run.run_one(str(folder), "lora+offckpt", tokens, 1, 0, log, None)
     assert summary["status"] == "oom" and summary["stage"] == "host-budget"
@@ -340,3 +340,22 @@ def test_a_fit_offloading_run_logs_the_share_it_used(tmp_path, monkeypatch):
     log = tmp_path / "arch.jsonl"
     assert run.run_one(str(folder), "lora+fitoffckpt", 32, 1, 0, log, None)["status"] == "ok"
     assert json.loads(log.read_text().splitlines()[0])["checkpoint_offload"] == 0.4 and len(entered) == 2
+
+
+def test_the_longest_length_method_checkpoints_layer_pairs_and_budgets_them(tmp_path, monkeypatch):
+    """`jenga-long+ckpt` trains with two layers per checkpoint (logged); its host budget counts checkpoints, not
+    layers: 5 layers are 3 checkpoints, and "fit" offloading shares them out."""
+    from jenga.experiments import host_memory, run
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2, layers=5).config.save_pretrained(folder)
+    log = tmp_path / "arch.jsonl"
+    assert run.run_one(str(folder), "jenga-long+ckpt", 64, 1, 0, log, None)["status"] == "ok"
+    header = json.loads(log.read_text().splitlines()[0])
+    assert header["layers_per_checkpoint"] == 2 and header["mlp_recompute"] and header["gradient_checkpointing"]
+    tokens = 2**21  # 0.25 GiB per checkpoint
+    monkeypatch.setattr(host_memory, "available_gib", lambda: 0.6)  # 0.54 of budget: two checkpoints of three
+    fit = host_memory.resolve_offload(get_method("jenga-long+fitoffckpt"), str(folder), tokens)
+    assert fit.checkpoint_offload == 2 / 3 and host_memory.refusal(fit, str(folder), tokens) is None
+    message = host_memory.refusal(get_method("jenga-long+offckpt"), str(folder), tokens)
+    assert message.startswith("not run: 3 offloaded checkpoints need 0.8 GiB")

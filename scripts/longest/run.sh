@@ -2,8 +2,9 @@
 # Longest trainable context on one GPU, per method: LoRA and Jenga (the default and the keep-0.5 schedule
 # jenga-0.5) with checkpointing, with transformers' offloaded checkpoints (+offckpt: the saved layer inputs
 # wait in pinned host memory), with half of them offloaded (+halfoffckpt: where all of them would outgrow the
-# host's memory) and with as many offloaded as the host holds at each length (+fitoffckpt), the last two also
-# with the MLP recomputing its projections (jenga-tiledmlp); Liger with checkpointing, on the GPU and offloaded,
+# host's memory) and with as many offloaded as the host holds at each length (+fitoffckpt), the last ones also
+# with the MLP recomputing its projections (jenga-tiledmlp) and two layers per checkpoint (jenga-long: half the
+# checkpoints, for one more layer's activations during backward); Liger with checkpointing, on the GPU and offloaded,
 # when liger-kernel is installed. One step per probe; bf16 LoRA r=8, batch 1, random weights. Unsloth (its
 # offloaded checkpointing and tiled MLP, in its own interpreter) when it imports. Offloaded checkpoints that
 # would outgrow 90% of the host's available memory are logged as OOM without running (the host budget).
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=${PYTHON:-python}
 methods="lora+ckpt lora+offckpt lora+halfoffckpt jenga+ckpt jenga+offckpt jenga+halfoffckpt jenga-0.5+ckpt"
-methods="$methods jenga-0.5+offckpt jenga-tiledmlp+halfoffckpt jenga-tiledmlp+fitoffckpt"
+methods="$methods jenga-0.5+offckpt jenga-tiledmlp+halfoffckpt jenga-long+ckpt jenga-long+fitoffckpt"
 $py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+ckpt liger+offckpt"
 $py -c "import unsloth" 2>/dev/null && methods="$methods unsloth"
 # one folder per setting: the GPU's model and the cap, e.g. logs/longest/h200-uncapped, logs/longest/h200-80gb

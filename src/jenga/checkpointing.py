@@ -1,11 +1,14 @@
-"""Gradient checkpointing whose saved layer inputs partly wait in pinned host memory.
+"""Gradient checkpointing that holds fewer bytes per token: layers checkpointed in groups, and saved layer inputs
+partly waiting in pinned host memory.
 
-transformers offloads every checkpointed layer's saved inputs or none (`gradient_checkpointing_enable(offload=
-True)`). At the longest lengths neither fits: on the GPU the checkpoints are `layers × tokens × hidden` bytes,
-and on the host the same bytes can outgrow the machine's memory (Llama-3-8B at 512K tokens: 32 × 4 GiB = 128
-GiB, all of an H200 machine's host memory). `offload_checkpoints` moves a chosen fraction of the layers'
-checkpoints to the host, the rest staying on the GPU, with transformers' mechanism (`save_on_cpu` around the
-layer's checkpoint).
+At long lengths the checkpoints are `layers × tokens × hidden` bytes: most of the peak. `group_checkpoints`
+checkpoints `size` layers as one region (their first layer's input saved, all of them recomputed in backward):
+fewer checkpoints for a larger recompute working set, the right trade where a layer's saved activations are a
+few of its inputs (Jenga's float8 saves, the tiled MLP). transformers offloads every checkpointed layer's saved
+inputs or none (`gradient_checkpointing_enable(offload=True)`), and at the longest lengths neither fits: on the
+host the same bytes can outgrow the machine's memory (Llama-3-8B at 512K tokens: 32 × 4 GiB = 128 GiB, all of
+an H200 machine's host memory). `offload_checkpoints` moves a chosen fraction of the checkpoints to the host,
+the rest staying on the GPU, with transformers' mechanism (`save_on_cpu` around the layer's checkpoint).
 """
 
 from __future__ import annotations
@@ -18,16 +21,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
-    """Hold the checkpoint inputs of the last `fraction` of `model`'s checkpointed decoder layers in pinned host
-    memory (call after `gradient_checkpointing_enable()`); returns those layers' indices among the checkpointed
-    ones. `fraction` 1.0 is transformers' `offload=True`."""
+    """Hold the checkpoint inputs of the last `fraction` of `model`'s checkpoints in pinned host memory (call after
+    `gradient_checkpointing_enable()` and `group_checkpoints`); returns those checkpoints' indices (a group is one
+    checkpoint). `fraction` 1.0 is transformers' `offload=True`."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}: the share of layers offloaded")
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    if not layers:
-        raise ValueError(
-            "no checkpointed decoder layer: call model.gradient_checkpointing_enable() before offload_checkpoints"
-        )
+    layers = [layer for layer in checkpointed_layers(model, "offload_checkpoints") if not _in_group(layer)]
     device_type = (torch.accelerator.current_accelerator() or torch.device("cpu")).type
     first = len(layers) - math.ceil(round(fraction * len(layers), 6))  # 7/25 of 25 layers is 7, not 8
     for layer in layers[first:]:
@@ -39,3 +38,70 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
 
         layer._gradient_checkpointing_func = offloaded
     return list(range(first, len(layers)))
+
+
+def checkpointed_layers(model: nn.Module, caller: str) -> list[nn.Module]:
+    """`model`'s decoder layers under gradient checkpointing, in order; an error naming `caller` if none is."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise ValueError(f"no checkpointed decoder layer: call model.gradient_checkpointing_enable() before {caller}")
+    return layers
+
+
+# Set on the layers a group's first layer runs inside its checkpoint: they hold no checkpoint of their own.
+_MEMBER = "_jenga_checkpoint_member"
+
+
+def _in_group(layer: nn.Module) -> bool:
+    return getattr(layer, _MEMBER, False)
+
+
+def _pass_through(function, hidden, *args, **kwargs):
+    """A grouped layer's checkpoint call: the group's first layer already ran it, so its output comes in."""
+    return hidden
+
+
+def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
+    """Checkpoint `model`'s decoder layers `size` at a time (call after `gradient_checkpointing_enable()`): each
+    group saves its first layer's input only and recomputes all its layers in backward, so the checkpoints take
+    1/`size` of their bytes while the backward of a group holds `size` layers' saved activations at once. Returns
+    the groups' layer indices. The layers of a group run with its first layer's call arguments: grouping layers
+    of different attention types (sliding-window and full) is an error. (transformers' `every_n_layers` is
+    another trade: it leaves the other layers unchecked, keeping all their activations.)"""
+    if size < 1:
+        raise ValueError(f"size must be a positive number of layers, got {size!r}")
+    layers = checkpointed_layers(model, "group_checkpoints")
+    if len(layers) < sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules()):
+        raise ValueError(
+            "group_checkpoints needs every decoder layer checkpointed: a group runs its layers in order inside one "
+            "checkpoint; enable checkpointing with every_n_layers=1"
+        )
+    if any(_in_group(layer) for layer in layers):
+        raise ValueError("the model's checkpoints are grouped already: group_checkpoints runs once per model")
+    groups = [list(range(start, min(start + size, len(layers)))) for start in range(0, len(layers), size)]
+    for group in groups:  # all checked before any is wired
+        kinds = {getattr(layers[i], "attention_type", None) for i in group}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"layers {group} mix attention types {sorted(map(str, kinds))}: their call arguments differ; "
+                f"choose a size that keeps each group to one type"
+            )
+    for group in groups:
+        head, rest = layers[group[0]], [layers[i] for i in group[1:]]
+        if not rest:
+            continue
+
+        def grouped(function, *args, _inner=head._gradient_checkpointing_func, _rest=tuple(rest), **kwargs):
+            def run(*inputs):
+                hidden = function(*inputs)
+                for layer in _rest:  # nn.Module's call: the layer's forward without its own checkpoint
+                    hidden = nn.Module.__call__(layer, hidden, *inputs[1:], **function.keywords)
+                return hidden
+
+            return _inner(run, *args, **kwargs)
+
+        head._gradient_checkpointing_func = grouped
+        for layer in rest:
+            layer._gradient_checkpointing_func = _pass_through
+            setattr(layer, _MEMBER, True)
+    return groups

@@ -67,6 +67,7 @@ class Method:
     offload_resident: float = 0.5  # fraction of the layers' saved bytes that stays on the GPU
     lean_lora: bool = True  # `apply_jenga(lean_lora=...)`
     mlp_recompute: bool = False  # `apply_jenga(mlp_recompute=...)`
+    layers_per_checkpoint: int = 1  # `jenga.checkpointing.group_checkpoints`: decoder layers per checkpoint
     unsloth: bool = False  # Unsloth's loader and long-context settings, in its own process (`unsloth.py`)
 
     @property
@@ -144,6 +145,15 @@ _BASE = [
         "chunk by chunk (for the longest lengths, under checkpointing)",
         jenga=DEFAULT,
         mlp_recompute=True,
+    ),
+    Method(
+        "jenga-long",
+        "Jenga's default for the longest lengths: the gated MLP recomputing its projections in backward, and, "
+        "under checkpointing, two layers per checkpoint (half the checkpoints' bytes for one more layer's "
+        "activations during backward)",
+        jenga=DEFAULT,
+        mlp_recompute=True,
+        layers_per_checkpoint=2,
     ),
     Method(
         "jenga-0.5",

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import apply_jenga
-from ..checkpointing import offload_checkpoints
+from ..checkpointing import group_checkpoints, offload_checkpoints
 from ..elimination import oracle_scorer
 from ..predictor import PredictorBundle
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer
@@ -111,6 +111,8 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
     if method.checkpointing:  # every layer offloaded: transformers' own option; a share of them: ours
         everything = method.checkpoint_offload == 1.0
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=everything)
+        if method.layers_per_checkpoint > 1:
+            group_checkpoints(model, method.layers_per_checkpoint)
         if 0.0 < method.checkpoint_offload < 1.0:
             offload_checkpoints(model, method.checkpoint_offload)
     if method.liger:
