@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -76,6 +77,23 @@ def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture(params=sorted(MODEL_BUILDERS))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def save_on_cpu_calls(monkeypatch) -> list[dict]:
+    """Each `save_on_cpu` entered (its keyword arguments: one per offloaded checkpoint and forward), run without
+    pinned memory (none without a GPU)."""
+    entered = []
+    original = torch.autograd.graph.save_on_cpu
+
+    @contextlib.contextmanager
+    def spy(*args, **kwargs):
+        entered.append(kwargs)
+        with original(*args, **{**kwargs, "pin_memory": False}):
+            yield
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", spy)
+    return entered
 
 
 def batch(bsz: int = 2, seq: int = 200, seed: int = 1) -> torch.Tensor:
