@@ -305,7 +305,7 @@ def test_offloaded_checkpoints_beyond_the_hosts_memory_are_refused_before_the_ru
 
 @pytest.mark.parametrize("available,offloaded", [(None, 1.0), (100.0, 1.0), (0.5, 0.2), (0.05, 0.0)])
 def test_fit_offloading_moves_as_many_layers_as_the_host_budget_holds(tmp_path, monkeypatch, available, offloaded):
-    """ "+fitoffckpt" resolves, per run, to the share of layers whose checkpoints fit 90% of the available host
+    """ "+fitoffckpt" resolves, per run, to the share of checkpoints that fit 90% of the available host
     memory (all of them where that memory is unknown); the run's log records the share it used."""
     from jenga.experiments import host_memory
 

@@ -25,7 +25,7 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
     `gradient_checkpointing_enable()` and `group_checkpoints`); returns those checkpoints' indices (a group is one
     checkpoint). `fraction` 1.0 is transformers' `offload=True`."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}: the share of layers offloaded")
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}: the share of checkpoints offloaded")
     layers = [layer for layer in checkpointed_layers(model, "offload_checkpoints") if not _in_group(layer)]
     device_type = (torch.accelerator.current_accelerator() or torch.device("cpu")).type
     first = len(layers) - math.ceil(round(fraction * len(layers), 6))  # 7/25 of 25 layers is 7, not 8

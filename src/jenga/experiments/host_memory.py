@@ -1,4 +1,4 @@
-"""The host memory that offloaded checkpoints take: how much is free, whether a run fits, how many layers do.
+"""The host memory that offloaded checkpoints take: how much is free, whether a run fits, how many checkpoints do.
 
 Offloaded checkpoints (each a bf16 layer input, `seq × hidden`, one per layer or per group) wait in pinned memory,
 which cannot be swapped: past the machine's memory the kernel's OOM killer ends the process, or more. So a run
@@ -63,6 +63,6 @@ def refusal(method: Method, model_name: str, seq: int) -> str | None:
         return None
     return (
         f"not run: {offloaded} offloaded checkpoints need {need:.1f} GiB of pinned host memory, more "
-        f"than {BUDGET:.0%} of the {available:.1f} GiB available; offload fewer layers (+halfoffckpt, "
+        f"than {BUDGET:.0%} of the {available:.1f} GiB available; offload fewer checkpoints (+halfoffckpt, "
         f"+fitoffckpt) or train shorter sequences"
     )

@@ -4,7 +4,7 @@ Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient c
 "+offckpt" suffix (checkpointing whose saved layer inputs wait in pinned host memory: transformers'
 `gradient_checkpointing_enable(offload=True)`), a "+halfoffckpt" suffix (the last half of the layers' inputs
 in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both) and a
-"+fitoffckpt" suffix (as many layers' inputs in host memory as it holds at the run's length: the runner resolves
+"+fitoffckpt" suffix (as many checkpoints in host memory as it holds at the run's length: the runner resolves
 the share, `jenga.experiments.host_memory`). Adding a method means adding one entry here; the runner, sweeps and
 plots pick it up by name.
 """
@@ -40,7 +40,7 @@ QUARTER = replace(HALF, attn_keep=0.25, mlp_keep=0.25)
 ZERO = replace(HALF, eliminated="zero")
 
 
-# the suffixes of offloaded checkpointing: (share of the layers offloaded, what a description says)
+# the suffixes of offloaded checkpointing: (share of the checkpoints offloaded, what a description says)
 OFFLOADED_CHECKPOINTS: dict[str, tuple[float | Literal["fit"], str]] = {
     "offckpt": (1.0, "the checkpoints"),
     "halfoffckpt": (0.5, "the last half of the checkpoints"),
@@ -56,8 +56,8 @@ class Method:
     description: str
     jenga: JengaConfig | None = None
     checkpointing: bool = False
-    # share of the layers whose checkpoints wait in pinned host memory; "fit": as many as the host holds at the
-    # run's length (`jenga.experiments.host_memory`)
+    # share of the checkpoints that wait in pinned host memory; "fit": as many as the host holds at the run's
+    # length (`jenga.experiments.host_memory`)
     checkpoint_offload: float | Literal["fit"] = 0.0
     s2attn: bool = False
     liger: bool = False
