@@ -113,10 +113,11 @@ def timings(writer: JsonlWriter) -> None:
             print(f"{op} {rows}x{cols}: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / fused_ms:.1f}x)")
 
 
-def rotary_step(fn, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Forward and backward of one rotary call on (B, H, S, D) views of (B, S, H, D) projections."""
-    outs = fn(q, k, cos, sin)
-    torch.autograd.grad(outs, (q, k), [torch.ones_like(o) for o in outs])
+def fwd_bwd(fn, inputs: tuple[torch.Tensor, ...], *args) -> None:
+    """One forward of `fn(*inputs, *args)` and the gradients of its outputs with respect to `inputs`."""
+    outs = fn(*inputs, *args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
 
 
 def rotary_tables(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,19 +136,12 @@ def rotary_timings(writer: JsonlWriter, tokens: int = 8192) -> None:
             torch.randn(1, tokens, h, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
             for h in (32, kv_heads)
         )
-        fused_ms = do_bench(functools.partial(rotary_step, FusedRotaryFunction.apply, q, k, cos, sin))
-        eager_ms = do_bench(functools.partial(rotary_step, apply_rotary_pos_emb, q, k, cos, sin))
+        fused_ms = do_bench(functools.partial(fwd_bwd, FusedRotaryFunction.apply, (q, k), cos, sin))
+        eager_ms = do_bench(functools.partial(fwd_bwd, apply_rotary_pos_emb, (q, k), cos, sin))
         gb_s = 4 * (q.numel() + k.numel()) * 2 / fused_ms / 1e6  # read and write q and k, forward and backward
         record = {"record": "rotary", "op": "rotary_fwd_bwd", "tokens": tokens, "heads": 32, "kv_heads": kv_heads}
         writer.write(record | {"kernel_ms": fused_ms, "eager_ms": eager_ms, "kernel_gb_s": gb_s})
         print(f"rotary fwd+bwd {tokens} tokens, 32/{kv_heads} heads: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms")
-
-
-def fwd_bwd(fn, inputs: tuple[torch.Tensor, ...], *args) -> None:
-    """One forward of `fn(*inputs, *args)` and the gradients of its outputs with respect to `inputs`."""
-    outs = fn(*inputs, *args)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
 
 
 def silu_mul_fp8_fwd_bwd(g: torch.Tensor, u: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}: the share of checkpoints offloaded")
     layers = [layer for layer in checkpointed_layers(model, "offload_checkpoints") if not _in_group(layer)]
     device_type = (torch.accelerator.current_accelerator() or torch.device("cpu")).type
-    first = len(layers) - math.ceil(round(fraction * len(layers), 6))  # 7/25 of 25 layers is 7, not 8
+    first = len(layers) - offloaded_count(fraction, len(layers))
     for layer in layers[first:]:
         inner = layer._gradient_checkpointing_func
 
@@ -38,6 +38,12 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
 
         layer._gradient_checkpointing_func = offloaded
     return list(range(first, len(layers)))
+
+
+def offloaded_count(fraction: float, checkpoints: int) -> int:
+    """How many of `checkpoints` the share `fraction` offloads: rounded up, but 7/25 of 25 is 7, not 8 (7 / 25 * 25
+    is 7.000000000000001 in floating point)."""
+    return math.ceil(round(fraction * checkpoints, 6))
 
 
 def checkpointed_layers(model: nn.Module, caller: str) -> list[nn.Module]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from ..checkpointing import offloaded_count
 from .methods import Method
 from .training import model_folder
 
@@ -57,7 +58,7 @@ def refusal(method: Method, model_name: str, seq: int) -> str | None:
     if not method.checkpoint_offload or available is None:
         return None
     count, each = _checkpoint_gib(method, model_name, seq)
-    offloaded = math.ceil(round(method.checkpoint_offload * count, 6))
+    offloaded = offloaded_count(method.checkpoint_offload, count)
     need = offloaded * each
     if need <= BUDGET * available:
         return None

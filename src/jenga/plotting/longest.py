@@ -26,9 +26,18 @@ class Limit:
     """What the logs say about one method's longest length."""
 
     method: str
-    longest: Run | None  # the longest run that trained a step
-    failing: Run | None  # the shortest failing run above it
+    runs: list[Run]  # the method's runs, by length
     search: dict | None  # the search's result record, when a search ran
+
+    @property
+    def longest(self) -> Run | None:
+        """The longest run that trained a step."""
+        return max((r for r in self.runs if r.ok), key=lambda r: r.header["seq_len"], default=None)
+
+    @property
+    def failing(self) -> Run | None:
+        """The shortest failing run above the longest that trained."""
+        return next((r for r in self.runs if not r.ok and r.header["seq_len"] > self.tokens), None)
 
     @property
     def tokens(self) -> int:
@@ -63,14 +72,14 @@ def limits(setting: Path, model: str) -> list[Limit]:
         for r in load_runs(setting / "maxlen")
         if r.header.get("model") == model and r.first("max_length")
     }
-    found = []
-    for method in in_method_order(r.header["method"] for r in runs):
-        mine = sorted((r for r in runs if r.header["method"] == method), key=lambda r: r.header["seq_len"])
-        longest = max((r for r in mine if r.ok), key=lambda r: r.header["seq_len"], default=None)
-        tokens = 0 if longest is None else longest.header["seq_len"]
-        failing = next((r for r in mine if not r.ok and r.header["seq_len"] > tokens), None)
-        found.append(Limit(method, longest, failing, searches.get(method)))
-    return found
+    return [
+        Limit(
+            method,
+            sorted((r for r in runs if r.header["method"] == method), key=lambda r: r.header["seq_len"]),
+            searches.get(method),
+        )
+        for method in in_method_order(r.header["method"] for r in runs)
+    ]
 
 
 def seconds_per_k(run: Run) -> float | None:
@@ -122,13 +131,12 @@ def plot_longest(logs: Path, out: Path) -> list[Path]:
             shades = series_colors([limit.method for limit in found])
             for y, limit in enumerate(found):
                 shade = shades[limit.method]
-                mine = {s: r for (m, me, s), r in runs.items() if (m, me) == (model, limit.method)}
                 bars.barh(y, limit.tokens / 1024, color=shade, alpha=0.85)
-                failed = [seq / 1024 for seq, r in mine.items() if not r.ok]
+                failed = [r.header["seq_len"] / 1024 for r in limit.runs if not r.ok]
                 bars.plot(failed, [y] * len(failed), "x", color="black", ms=6)
                 label = f"  {_k(limit.tokens)}: {limit.bound}" if limit.tokens else f"  {limit.bound}"
                 bars.text(max([limit.tokens / 1024, *failed]), y, label, va="center", fontsize=7)
-                points = sorted((seq, t) for seq, r in mine.items() if (t := seconds_per_k(r)) is not None)
+                points = [(r.header["seq_len"], t) for r in limit.runs if (t := seconds_per_k(r)) is not None]
                 if points:
                     xs, ys = zip(*points, strict=True)
                     curve.plot([x / 1024 for x in xs], ys, "o-", color=shade, label=limit.method)
