@@ -283,3 +283,35 @@ def test_longest_context_figure_says_how_far_each_length_is_the_limit(tmp_path):
     table = (tmp_path / "out" / "gpu-uncapped.md").read_text()
     assert "| lora+offckpt | none | fails at 96K (host budget) |" in table
     assert "| jenga+halfoffckpt | 512K | the search's cap: at least this | 50.0 | 2.0 | 512.0 | 1.000 |" in table
+
+
+def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path):
+    """RESULTS.md's kernel sections: each attention row says which path it timed (two share a keep), and the
+    element-wise section sets Jenga's kernel beside Liger's for the same op, naming Liger's version."""
+    from jenga.plotting.results import elementwise_section, kernel_section
+
+    kernels = [
+        {"record": "header", "experiment": "bench_kernels", "device": "GPU", "torch": "2", "triton": "3"},
+        {"record": "matmul", "tflops": 700.0},
+        {"record": "attention", "seq": 16, "method": "dense_sdpa", "keep": 1.0, "ms": 2.0},
+        {"record": "attention", "seq": 16, "method": "kept_sdpa", "keep": 0.5, "ms": 1.0, "vs_dense": 0.5},
+        {"record": "attention", "seq": 16, "method": "flex_block_mask", "keep": 0.5, "ms": 3.0, "vs_dense": 1.5},
+    ]
+    elementwise = [
+        {"record": "header", "experiment": "bench_elementwise", "device": "GPU", "torch": "2", "triton": "3"},
+        {"record": "check", "what": "rotary_bf16", "ok": True},
+        {"record": "fp8", "op": "quantize", "rows": 8, "cols": 4, "kernel_ms": 0.5, "eager_ms": 2.0, "kernel_gb_s": 9},
+        {"record": "liger", "op": "silu_mul_fwd_bwd", "rows": 8, "cols": 4, "jenga_ms": 0.6, "liger_ms": 0.4},
+    ]
+    for header in (kernels[0], elementwise[0]):
+        header |= {"date": "d", "command": "c", "git_commit": "abc"}
+    elementwise[0]["optional_packages"] = {"liger-kernel": "0.8.5"}
+    for name, records in (("kernels", kernels), ("elementwise", elementwise)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    attention = kernel_section(tmp_path / "kernels")
+    assert "| 16 | kept_sdpa | 0.5 | 1.00 | 0.50 |" in attention
+    assert "| 16 | flex_block_mask | 0.5 | 3.00 | 1.50 |" in attention
+    section = elementwise_section(tmp_path / "elementwise")
+    assert "rotary_bf16: ok" in section and "| quantize | 8x4 | 0.500 | 2.000 | 4.0x | 9 |" in section
+    assert "(liger-kernel 0.8.5)" in section and "| silu_mul_fwd_bwd | 8x4 | 0.600 | 0.400 | 1.50 |" in section

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from jenga import profiling
 from jenga.profiling import (
     JengaProfilerCallback,
     JsonlWriter,
@@ -141,7 +142,7 @@ def test_run_header_keys_and_extra():
     header = run_header(command="train.py --x", extra={"seq_len": 4096, "torch": "overridden"})
     expected = {
         "record", "date", "command", "host", "python", "torch", "transformers", "peft", "triton",
-        "git_commit", "device", "gpu_memory_gib", "cuda", "cuda_alloc_conf", "seq_len",
+        "optional_packages", "git_commit", "device", "gpu_memory_gib", "cuda", "cuda_alloc_conf", "seq_len",
     }  # fmt: skip
     assert set(header) == expected
     assert header["record"] == "header"
@@ -150,6 +151,13 @@ def test_run_header_keys_and_extra():
     assert header["transformers"] is not None
     assert header["date"].endswith("+00:00")
     json.dumps(header)
+
+
+def test_run_header_names_the_optional_stacks_installed(monkeypatch):
+    """A baseline's numbers depend on its version (Liger, Unsloth): the header says which were importable."""
+    versions = {"liger-kernel": "0.8.5", "torch": "2.0"}
+    monkeypatch.setattr(profiling, "_package_version", versions.get)
+    assert run_header()["optional_packages"] == {"liger-kernel": "0.8.5"}
 
 
 def test_run_header_default_command_and_no_git(tmp_path, monkeypatch):

@@ -180,6 +180,16 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+# Stacks a run may load beside the core (baselines, attention backends, multi-GPU): their versions set its numbers.
+OPTIONAL_PACKAGES = ("liger-kernel", "unsloth", "unsloth_zoo", "xformers", "bitsandbytes", "deepspeed", "flash-attn")
+
+
+def optional_packages() -> dict[str, str]:
+    """Versions of the installed packages of `OPTIONAL_PACKAGES` (found on `sys.path`, so wheels unpacked into
+    a folder on PYTHONPATH count)."""
+    return {name: version for name in OPTIONAL_PACKAGES if (version := _package_version(name)) is not None}
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=os.getcwd(), capture_output=True, text=True, timeout=10)
@@ -213,6 +223,7 @@ def run_header(command: str | None = None, extra: dict[str, Any] | None = None) 
         "host": platform.node(),
         "python": platform.python_version(),
         **{pkg: _package_version(pkg) for pkg in ("torch", "transformers", "peft", "triton")},
+        "optional_packages": optional_packages(),
         "git_commit": _git_commit(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "gpu_memory_gib": (

@@ -20,6 +20,8 @@ from .logs import Key, Run, cards, load_runs, runner_runs
 from .models import by_size
 from .style import figure, in_method_order, save
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<")
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -139,7 +141,10 @@ def plot_longest(logs: Path, out: Path) -> list[Path]:
                 points = [(r.header["seq_len"], t) for r in limit.runs if (t := seconds_per_k(r)) is not None]
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    curve.plot([x / 1024 for x in xs], ys, "o-", color=shade, label=limit.method)
+                    marker = MARKERS[y % len(MARKERS)]  # methods often overlap: the shape tells them apart
+                    curve.plot(
+                        [x / 1024 for x in xs], ys, "-", marker=marker, mfc="none", color=shade, label=limit.method
+                    )
             bars.set_yticks(range(len(found)), [limit.method for limit in found])
             bars.invert_yaxis()
             longest = max([limit.tokens for limit in found] + [1]) / 1024

@@ -1,5 +1,6 @@
 """benchmarks/RESULTS.md from the benchmark logs (CPU only): the runner sweeps, the longest trainable lengths and
-the kernel timings, one generator with the figures so that `python -m jenga.plotting` rebuilds every result."""
+the kernel timings (attention, scoring, element-wise), one generator with the figures so that `python -m
+jenga.plotting` rebuilds every result."""
 
 from __future__ import annotations
 
@@ -77,6 +78,16 @@ def max_length_section(probes: Path) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def _bench_heading(title: str, header: dict) -> list[str]:
+    """A benchmark section's title and where and how it ran."""
+    return [
+        f"## {title}",
+        "",
+        f"- device: {header['device']}; torch {header['torch']}, triton {header['triton']}; git {header['git_commit']}",
+        f"- date: {header['date']}; command: `{header['command']}`",
+    ]
+
+
 def kernel_section(folder: Path) -> str | None:
     """The kernel benchmark (`benchmarks/bench_kernels.py`): correctness checks, scoring and attention timings."""
     run = next((r for r in load_runs(folder) if r.header.get("experiment") == "bench_kernels"), None)
@@ -86,10 +97,7 @@ def kernel_section(folder: Path) -> str | None:
     peak = run.of("matmul")[0]["tflops"]
     checks = "; ".join(f"{r['what']} kv_heads={r['kv_heads']} S={r['seq']}: {r['rel_err']}" for r in run.of("check"))
     lines = [
-        "## Kernels (`benchmarks/bench_kernels.py`)",
-        "",
-        f"- device: {header['device']}; torch {header['torch']}, triton {header['triton']}; git {header['git_commit']}",
-        f"- date: {header['date']}; command: `{header['command']}`",
+        *_bench_heading("Kernels (`benchmarks/bench_kernels.py`)", header),
         f"- bf16 checks against the references (relative error, must be < 1e-2 before timing): {checks}",
         f"- measured bf16 matmul (8192³): {peak:.0f} TFLOP/s",
         "",
@@ -105,22 +113,77 @@ def kernel_section(folder: Path) -> str | None:
     ]
     lines += [
         "",
-        "Attention forward+backward over kept blocks (gather q/k/v rows, causal SDPA, scatter) vs dense causal SDPA:",
+        "Attention forward+backward over kept blocks vs dense causal SDPA (`kept_sdpa`: gather q/k/v rows, causal",
+        "SDPA, scatter; `flex_block_mask`: FlexAttention with a block mask of the kept blocks):",
         "",
-        "| length | keep | ms | vs dense SDPA |",
-        "|---|---|---|---|",
+        "| length | method | keep | ms | vs dense SDPA |",
+        "|---|---|---|---|---|",
     ]
     for r in run.of("attention"):
-        dense = r["method"] == "dense_sdpa"
-        keep, ratio = ("dense", "1.00") if dense else (r["keep"], f"{r['vs_dense']:.2f}")
-        lines.append(f"| {r['seq']} | {keep} | {r['ms']:.2f} | {ratio} |")
+        ratio = "1.00" if r["method"] == "dense_sdpa" else f"{r['vs_dense']:.2f}"
+        lines.append(f"| {r['seq']} | {r['method']} | {r['keep']} | {r['ms']:.2f} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def elementwise_section(folder: Path) -> str | None:
+    """The element-wise kernels (`benchmarks/bench_elementwise.py`): their bf16 checks, their time against the
+    eager passes they replace and, where Liger Kernel was installed, against Liger's kernel for the same op."""
+    run = next((r for r in load_runs(folder) if r.header.get("experiment") == "bench_elementwise"), None)
+    if run is None:
+        return None
+    header = run.header
+    checks = ", ".join(f"{r['what']}: {'ok' if r['ok'] else 'FAILED'}" for r in run.of("check"))
+    lines = [
+        *_bench_heading("Element-wise kernels (`benchmarks/bench_elementwise.py`)", header),
+        f"- bf16 checks against the references (before any timing): {checks}",
+        "",
+        "Each kernel against the eager PyTorch passes it replaces (8192 rows; `_fp8` ops also write the float8",
+        "copy backward reads):",
+        "",
+        "| op | shape | kernel ms | eager ms | speed-up | kernel GB/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in run.of("fp8") + run.of("rotary"):
+        shape = (
+            f"{r['rows']}x{r['cols']}" if "cols" in r else f"{r['tokens']} tokens, {r['heads']}/{r['kv_heads']} heads"
+        )
+        speedup = r["eager_ms"] / r["kernel_ms"]
+        cells = [
+            r["op"],
+            shape,
+            f"{r['kernel_ms']:.3f}",
+            f"{r['eager_ms']:.3f}",
+            f"{speedup:.1f}x",
+            f"{r['kernel_gb_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    liger = run.of("liger")
+    if liger:
+        lines += [
+            "",
+            f"Jenga's kernel against Liger Kernel's for the same op, forward + backward ({_liger(header)}):",
+            "",
+            "| op | shape | Jenga ms | Liger ms | Jenga / Liger |",
+            "|---|---|---|---|---|",
+        ]
+        for r in liger:
+            shape = f"{r['rows']}x{r['cols']}" if "cols" in r else f"{r['rows']} tokens, {r['kv_heads']} kv heads"
+            ratio = r["jenga_ms"] / r["liger_ms"]
+            lines.append(f"| {r['op']} | {shape} | {r['jenga_ms']:.3f} | {r['liger_ms']:.3f} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _liger(header: dict) -> str:
+    """Which Liger the header says ran (from its optional packages, or the note added to older logs)."""
+    version = header.get("optional_packages", {}).get("liger-kernel")
+    return f"liger-kernel {version}" if version else header.get("git_commit_note", "Liger's version not logged")
 
 
 def write_results(bench_logs: Path, logs: Path, out: Path) -> list[Path]:
     """`out` (benchmarks/RESULTS.md) from the benchmark logs and the sweeps of `logs`; [] when there are none."""
     found = [*run_sections(bench_logs, logs), max_length_section(bench_logs / "e2e/probes")]
-    sections = [s for s in [*found, kernel_section(bench_logs / "kernels")] if s]
+    kernels = [kernel_section(bench_logs / "kernels"), elementwise_section(bench_logs / "elementwise")]
+    sections = [s for s in [*found, *kernels] if s]
     if not sections:
         return []
     out.parent.mkdir(parents=True, exist_ok=True)
