@@ -1,4 +1,5 @@
-"""Partly offloaded checkpoints (`jenga.checkpointing`): which layers go to the host, and unchanged gradients."""
+"""Checkpointing that holds fewer bytes or recomputes less (`jenga.checkpointing`): which layers go to the host,
+which are grouped, what the recompute reuses, and unchanged gradients."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import tiny_llama
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from jenga import JengaConfig, apply_jenga
-from jenga.checkpointing import group_checkpoints, offload_checkpoints
+from jenga.checkpointing import ATTENTION_OPS, group_checkpoints, offload_checkpoints, save_attention
 from jenga.experiments.training import add_attention_lora
 
 
@@ -23,10 +25,26 @@ class Step:
     regions: list[int]  # the layers whose checkpoint function ran, in order
     groups: list[list[int]] | None  # `group_checkpoints`' answer
     offloaded: list[int] | None  # `offload_checkpoints`' answer
+    attention_calls: int  # SDPA kernel forwards run in the step (the first pass and the recompute)
 
 
-def _step(size: int = 1, config: JengaConfig | None = None, offload: float | None = None, **patch) -> Step:
-    """`size` layers per checkpoint, then `offload` of the checkpoints on the host; `patch`: `apply_jenga`'s."""
+class AttentionCalls(TorchDispatchMode):
+    """Counts the SDPA kernel forwards that run (a selective checkpoint's cached ones never reach it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def _step(
+    size: int = 1, config: JengaConfig | None = None, offload: float | None = None, attention: bool = False, **patch
+) -> Step:
+    """`size` layers per checkpoint, then `offload` of the checkpoints on the host, then `save_attention` if
+    `attention`; `patch`: `apply_jenga`'s."""
     torch.manual_seed(0)
     model = add_attention_lora(tiny_llama(layers=4)).train()
     for p in model.parameters():
@@ -47,11 +65,14 @@ def _step(size: int = 1, config: JengaConfig | None = None, offload: float | Non
         layer.register_forward_pre_hook(lambda module, args, _i=i: forwards.__setitem__(_i, forwards[_i] + 1))
     groups = group_checkpoints(model, size) if size > 1 else None
     offloaded = offload_checkpoints(model, offload) if offload is not None else None
+    if attention:
+        assert save_attention(model) == len(groups or layers)
     ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(1))
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    with AttentionCalls() as calls:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return Step(loss.detach(), grads, forwards, regions, groups, offloaded)
+    return Step(loss.detach(), grads, forwards, regions, groups, offloaded, calls.count)
 
 
 def assert_same_training(step: Step, reference: Step) -> None:
@@ -130,3 +151,32 @@ def test_grouping_rejects_bad_sizes_repeats_and_mixed_attention_types():
     group_checkpoints(model, 2)
     with pytest.raises(ValueError, match="grouped already"):
         group_checkpoints(model, 2)
+
+
+@pytest.mark.parametrize("config", [JengaConfig(), JengaConfig(attn_keep=0.5, mlp_keep=0.5, block_size=16)])
+@pytest.mark.parametrize("size,offload", [(1, None), (2, None), (2, 0.5)])
+def test_saved_attention_runs_attention_once_with_unchanged_gradients(save_on_cpu_calls, config, size, offload):
+    """With `save_attention` the backward's recompute reuses every SDPA kernel output of the forward: half the
+    attention forwards of plain checkpointing (the rest of each layer still runs twice), the same loss and LoRA
+    gradients; grouped and offloaded checkpoints too, and with elimination (its kept and dense passes)."""
+    reference = _step(size, config, offload)
+    step = _step(size, config, offload, attention=True)
+    assert reference.attention_calls >= 8 and step.attention_calls * 2 == reference.attention_calls
+    assert step.forwards == reference.forwards == [2, 2, 2, 2]
+    assert len(save_on_cpu_calls) == (0 if offload is None else 2)  # one offloaded group, in each of the two steps
+    assert_same_training(step, reference)
+
+
+def test_saved_attention_needs_sdpa_and_non_reentrant_checkpointing():
+    model = add_attention_lora(tiny_llama(layers=2))
+    with pytest.raises(ValueError, match="gradient_checkpointing_enable"):
+        save_attention(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="non-reentrant"):
+        save_attention(model)
+    eager = tiny_llama(layers=2)
+    eager.set_attn_implementation("eager")
+    eager = add_attention_lora(eager)
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        save_attention(eager)

@@ -25,6 +25,9 @@ def test_every_method_has_checkpointing_twins():
             assert twin.checkpointing and twin.jenga == method.jenga and twin.baseline == "lora+ckpt"
             assert not twin.checkpoint_offload and offloaded.checkpointing and offloaded.checkpoint_offload
             assert offloaded.jenga == method.jenga and offloaded.baseline == "lora+offckpt"
+            attention = METHODS[f"{name}+attnckpt"]
+            assert attention.saved_attention and attention.checkpointing and not attention.checkpoint_offload
+            assert attention.jenga == method.jenga and attention.baseline == "lora+ckpt" and not twin.saved_attention
     with pytest.raises(KeyError, match="known methods"):
         get_method("lora-typo")
 
@@ -329,6 +332,19 @@ def test_a_fit_offloading_run_logs_the_share_it_used(tmp_path, monkeypatch, save
     log = tmp_path / "arch.jsonl"
     assert run.run_one(str(folder), "lora+fitoffckpt", 32, 1, 0, log, None)["status"] == "ok"
     assert json.loads(log.read_text().splitlines()[0])["checkpoint_offload"] == 0.4 and len(save_on_cpu_calls) == 2
+
+
+def test_a_saved_attention_method_trains_and_says_so(tmp_path):
+    """`+attnckpt` runs `save_attention` under checkpointing (its header says so; `tests/test_checkpointing.py`
+    checks what it changes)."""
+    from jenga.experiments import run
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2).config.save_pretrained(folder)
+    log = tmp_path / "arch.jsonl"
+    assert run.run_one(str(folder), "jenga+attnckpt", 64, 1, 0, log, None)["status"] == "ok"
+    header = json.loads(log.read_text().splitlines()[0])
+    assert header["saved_attention"] and header["gradient_checkpointing"] and header["layers_per_checkpoint"] == 1
 
 
 def test_the_longest_length_method_checkpoints_layer_pairs_and_budgets_them(tmp_path, monkeypatch):

@@ -9,15 +9,33 @@ inputs or none (`gradient_checkpointing_enable(offload=True)`), and at the longe
 host the same bytes can outgrow the machine's memory (Llama-3-8B at 512K tokens: 32 × 4 GiB = 128 GiB, all of
 an H200 machine's host memory). `offload_checkpoints` moves a chosen fraction of the checkpoints to the host,
 the rest staying on the GPU, with transformers' mechanism (`save_on_cpu` around the layer's checkpoint).
+`save_attention` trades the other way, bytes for time: a checkpointed layer's backward recomputes its forward,
+attention included, and at long lengths attention is most of a step; keeping each layer's attention output
+(PyTorch's selective checkpointing) lets the recompute skip it.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+# The fused attention kernels SDPA dispatches to, one per backend (CUDA's flash, memory-efficient and cuDNN ones,
+# the CPU's flash one): their outputs (the attention output and its softmax statistics) are what backward needs.
+ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+)
 
 
 def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
@@ -38,6 +56,38 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
 
         layer._gradient_checkpointing_func = offloaded
     return list(range(first, len(layers)))
+
+
+def save_attention(model: nn.Module) -> int:
+    """Keep each checkpointed layer's attention output and softmax statistics from the forward, so that the
+    backward's recompute runs everything else and reuses them (call after `gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs={"use_reentrant": False})`, and after `group_checkpoints` and
+    `offload_checkpoints` if used). A step does one attention forward per layer instead of two, for about one
+    hidden state's bytes more per token and layer (kept on the GPU, offloaded checkpoints or not). Needs
+    `attn_implementation="sdpa"`: the kept outputs are those of SDPA's fused kernels. Returns the number of
+    checkpoints changed (a group is one)."""
+    layers = [layer for layer in checkpointed_layers(model, "save_attention") if not _in_group(layer)]
+    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        raise ValueError(
+            f"save_attention keeps the outputs of SDPA's kernels, but the model uses "
+            f"attn_implementation={model.config._attn_implementation!r}: load it with attn_implementation='sdpa'"
+        )
+    for layer in layers:
+        inner = layer._gradient_checkpointing_func
+        if getattr(inner, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                "save_attention needs non-reentrant checkpointing: gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+        layer._gradient_checkpointing_func = partial(inner, context_fn=_attention_saved)
+    return len(layers)
+
+
+def _attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_attention_saved = partial(create_selective_checkpoint_contexts, _attention_policy)
 
 
 def offloaded_count(fraction: float, checkpoints: int) -> int:

@@ -5,8 +5,9 @@ Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient c
 `gradient_checkpointing_enable(offload=True)`), a "+halfoffckpt" suffix (the last half of the layers' inputs
 in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both) and a
 "+fitoffckpt" suffix (as many checkpoints in host memory as it holds at the run's length: the runner resolves
-the share, `jenga.experiments.host_memory`). Adding a method means adding one entry here; the runner, sweeps and
-plots pick it up by name.
+the share, `jenga.experiments.host_memory`) and a "+attnckpt" suffix (checkpointing whose recompute reuses each
+layer's attention output: `jenga.checkpointing.save_attention`). Adding a method means adding one entry here;
+the runner, sweeps and plots pick it up by name.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Method:
     lean_lora: bool = True  # `apply_jenga(lean_lora=...)`
     mlp_recompute: bool = False  # `apply_jenga(mlp_recompute=...)`
     layers_per_checkpoint: int = 1  # `jenga.checkpointing.group_checkpoints`: decoder layers per checkpoint
+    saved_attention: bool = False  # `jenga.checkpointing.save_attention`: the recompute skips attention
     unsloth: bool = False  # Unsloth's loader and long-context settings, in its own process (`unsloth.py`)
 
     @property
@@ -241,6 +243,18 @@ METHODS.update(
         )
         for m in _BASE
         for suffix, (fraction, what) in OFFLOADED_CHECKPOINTS.items()
+    }
+)
+METHODS.update(
+    {
+        f"{m.name}+attnckpt": replace(
+            m,
+            name=f"{m.name}+attnckpt",
+            description=m.description + ", gradient checkpointing whose recompute reuses each layer's attention output",
+            checkpointing=True,
+            saved_attention=True,
+        )
+        for m in _BASE
     }
 )
 

@@ -250,6 +250,7 @@ def run_one(
         "checkpoint_offload": method.checkpoint_offload,
         "mlp_recompute": method.mlp_recompute,
         "layers_per_checkpoint": method.layers_per_checkpoint,
+        "saved_attention": method.saved_attention,
         "predictor": method.predictor,
         "offload": None if method.offload is None else {"policy": method.offload, "resident": method.offload_resident},
         "memory_cap_gib": memory_gib if capped is not None else None,

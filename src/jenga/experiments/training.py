@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import apply_jenga
-from ..checkpointing import group_checkpoints, offload_checkpoints
+from ..checkpointing import group_checkpoints, offload_checkpoints, save_attention
 from ..elimination import oracle_scorer
 from ..predictor import PredictorBundle
 from ..profiling import JsonlWriter, PhaseRecorder, TimedScorer
@@ -115,6 +115,8 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
             group_checkpoints(model, method.layers_per_checkpoint)
         if 0.0 < method.checkpoint_offload < 1.0:
             offload_checkpoints(model, method.checkpoint_offload)
+        if method.saved_attention:
+            save_attention(model)
     if method.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

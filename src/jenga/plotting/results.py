@@ -25,6 +25,7 @@ BENCH_SWEEPS = [
     ("shared-selection", "One block selection for all sparse layers (shared_selection) against per-layer selection"),
     ("core-reference-scorer", "Core benchmark, first run (PyTorch reference scorer, no lean norms)"),
     ("eliminated-local", "The schema-1 default (a block-local attention pass for eliminated tokens), 8K"),
+    ("saved-attention", "Checkpointing whose recompute reuses the attention outputs (+attnckpt) against plain +ckpt"),
 ]
 FIGURE_SWEEPS = [
     ("real-model/bench", "The exact-forward default on 7B/8B architectures (random weights)"),
