@@ -5,11 +5,11 @@
    relative error < 1e-2, forward and backward.
 2. bf16 matmul rate (8192³) as the yardstick; the scoring kernel's time and causal TFLOP/s at 8K–32K for MHA
    (32/32 heads) and GQA (32/8).
-3. Attention forward+backward over kept blocks at keep ratios 1.0 / 0.75 / 0.5 / 0.25 against dense causal
-   SDPA, 16K and 32K, two ways: gather q/k/v rows → causal SDPA → scatter (what Jenga runs), and the
-   permutation-free alternative, FlexAttention reading the rows in place through a block mask of the kept
-   blocks (compiled, 128-token mask blocks; outputs and gradients land at original positions, eliminated rows
-   are zero).
+3. Attention over kept blocks at keep ratios 1.0 / 0.75 / 0.5 / 0.25 against dense causal SDPA, 8K-128K, MHA
+   (32/32 heads) and GQA (32/8): forward, backward and their TFLOP/s against the matmul rate. Two ways: gather
+   q/k/v rows → causal SDPA → scatter (what Jenga runs), and, at 16K and 32K, the permutation-free
+   alternative, FlexAttention reading the rows in place through a block mask of the kept blocks (compiled,
+   128-token mask blocks; outputs and gradients land at original positions, eliminated rows are zero).
 
     python benchmarks/bench_kernels.py --out $OUT/kernels
 """
@@ -132,7 +132,7 @@ def checks(writer: JsonlWriter) -> bool:
 def matmul_tflops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = do_bench(lambda: a @ a, warmup=50, rep=300)
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+    return tflops(2 * 8192**3, ms)
 
 
 def scoring(writer: JsonlWriter, peak: float) -> None:
@@ -150,43 +150,83 @@ def scoring(writer: JsonlWriter, peak: float) -> None:
                 except OutOfResources as exc:
                     candidates[str(launch)] = f"out of resources: {exc}"
             ms = do_bench(functools.partial(block_tile_scores_triton, q, k, BLOCK, 0.088), warmup=10, rep=100)
-            tflops = flops / (ms * 1e-3) / 1e12
-            record = {"record": "scoring", "kv_heads": kv_heads, "seq": seq, "ms": ms, "tflops": tflops}
-            record.update(of_matmul=tflops / peak, chosen=chosen_launches(), candidates_ms=candidates)
+            rate = tflops(flops, ms)
+            record = {"record": "scoring", "kv_heads": kv_heads, "seq": seq, "ms": ms, "tflops": rate}
+            record.update(of_matmul=rate / peak, chosen=chosen_launches(), candidates_ms=candidates)
             writer.write(record)
-            print(
-                f"scoring kv={kv_heads} S={seq}: {ms:.2f} ms, {tflops:.0f} TFLOP/s ({tflops / peak:.0%}) {candidates}"
-            )
+            print(f"scoring kv={kv_heads} S={seq}: {ms:.2f} ms, {rate:.0f} TFLOP/s ({rate / peak:.0%}) {candidates}")
+
+
+def attention_out(q, k, v, selection: TokenSelection | BlockMask | None) -> torch.Tensor:
+    """The forward of dense causal SDPA (None), the gathered kept-block path or FlexAttention."""
+    if selection is None:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
+    if isinstance(selection, BlockMask):
+        return flex_kept_attention(q, k, v, selection)
+    return kept_attention(q, k, v, selection)
 
 
 def attention_step(q, k, v, grad, selection: TokenSelection | BlockMask | None) -> None:
-    """Forward and backward of dense causal SDPA (None), the gathered kept-block path or FlexAttention."""
-    if selection is None:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        out = out.transpose(1, 2)
-    elif isinstance(selection, BlockMask):
-        out = flex_kept_attention(q, k, v, selection)
-    else:
-        out = kept_attention(q, k, v, selection)
-    torch.autograd.backward(out, grad)
+    """Forward and backward of one of `attention_out`'s paths."""
+    torch.autograd.backward(attention_out(q, k, v, selection), grad)
 
 
-def attention(writer: JsonlWriter) -> None:
+def attention_flops(kept: int) -> tuple[float, float]:
+    """Causal attention's FLOPs among `kept` tokens (HEADS query heads): forward (q·kᵀ and p·v over the causal
+    half) and backward (five products of that size: FlashAttention's recompute of p, dv, dp, dq, dk)."""
+    forward = 4 * HEADS * HEAD_DIM * kept * (kept + 1) / 2
+    return forward, 2.5 * forward
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+# The flex path is timed up to 32K: it was about 3x slower than the gathered path there (benchmarks/RESULTS.md).
+ATTENTION_LENGTHS, FLEX_LENGTHS = (8192, 16384, 32768, 65536, 131072), (16384, 32768)
+
+
+def attention(writer: JsonlWriter, peak: float) -> None:
+    """Forward and forward+backward of each path per length, kv heads (MHA 32, GQA 8) and keep; the backward's
+    time is their difference. TFLOP/s count the kept tokens' causal attention (the dense path's: all of them)."""
     gen = torch.Generator().manual_seed(1)
-    for seq in (16384, 32768):
-        shape = (1, seq, HEADS, HEAD_DIM)
-        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        grad = torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        bench = functools.partial(do_bench, warmup=5, rep=50, grad_to_none=[q, k, v])
-        dense_ms = bench(functools.partial(attention_step, q, k, v, grad, None))
-        writer.write({"record": "attention", "seq": seq, "method": "dense_sdpa", "keep": 1.0, "ms": dense_ms})
-        for keep in (1.0, 0.75, 0.5, 0.25):
-            selection = random_selection(seq, keep, gen)
-            for method, arg in (("kept_sdpa", selection), ("flex_block_mask", kept_block_mask(selection, seq))):
-                ms = bench(functools.partial(attention_step, q, k, v, grad, arg))
-                record = {"record": "attention", "seq": seq, "method": method, "keep": keep, "ms": ms}
-                writer.write({**record, "vs_dense": ms / dense_ms})
-                print(f"attention {method} S={seq} keep={keep}: {ms:.2f} ms vs dense {dense_ms:.2f} ms")
+    for kv_heads in (32, 8):
+        for seq in ATTENTION_LENGTHS:
+            q = torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = (
+                torch.randn(1, seq, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2)
+            )
+            grad = torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            bench = functools.partial(do_bench, warmup=5, rep=50, grad_to_none=[q, k, v])
+            runs = [("dense_sdpa", 1.0, None, seq)]
+            for keep in (1.0, 0.75, 0.5, 0.25):
+                selection = random_selection(seq, keep, gen)
+                kept = selection.index.shape[1]
+                runs.append(("kept_sdpa", keep, selection, kept))
+                if seq in FLEX_LENGTHS:
+                    runs.append(("flex_block_mask", keep, kept_block_mask(selection, seq), kept))
+            dense_ms = None
+            for method, keep, arg, kept in runs:
+                total = bench(functools.partial(attention_step, q, k, v, grad, arg))
+                forward = bench(functools.partial(attention_out, q, k, v, arg))
+                dense_ms = total if arg is None else dense_ms
+                flops = attention_flops(kept)
+                record = {"record": "attention", "seq": seq, "kv_heads": kv_heads, "method": method, "keep": keep}
+                record.update(ms=total, forward_ms=forward, backward_ms=total - forward, vs_dense=total / dense_ms)
+                record.update(tflops=tflops(sum(flops), total), forward_tflops=tflops(flops[0], forward))
+                record.update(
+                    backward_tflops=tflops(flops[1], total - forward), of_matmul=tflops(sum(flops), total) / peak
+                )
+                writer.write(record)
+                print(
+                    f"attention {method} kv={kv_heads} S={seq} keep={keep}: {total:.2f} ms ({forward:.2f} forward), "
+                    f"{record['tflops']:.0f} TFLOP/s, {record['vs_dense']:.2f}x dense"
+                )
+            del q, k, v, grad
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -202,7 +242,7 @@ def main() -> None:
         writer.write({"record": "matmul", "tflops": peak})
         print(f"bf16 matmul: {peak:.0f} TFLOP/s")
         scoring(writer, peak)
-        attention(writer)
+        attention(writer, peak)
 
 
 if __name__ == "__main__":

@@ -286,8 +286,9 @@ def test_longest_context_figure_says_how_far_each_length_is_the_limit(tmp_path):
 
 
 def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path):
-    """RESULTS.md's kernel sections: each attention row says which path it timed (two share a keep), and the
-    element-wise section sets Jenga's kernel beside Liger's for the same op, naming Liger's version."""
+    """RESULTS.md's kernel sections: each attention row says which path and kv heads it timed (two share a keep;
+    older logs lack the forward's own time, a dash), and the element-wise section sets Jenga's kernel beside
+    Liger's for the same op, naming Liger's version."""
     from jenga.plotting.results import elementwise_section, kernel_section
 
     kernels = [
@@ -296,6 +297,8 @@ def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path
         {"record": "attention", "seq": 16, "method": "dense_sdpa", "keep": 1.0, "ms": 2.0},
         {"record": "attention", "seq": 16, "method": "kept_sdpa", "keep": 0.5, "ms": 1.0, "vs_dense": 0.5},
         {"record": "attention", "seq": 16, "method": "flex_block_mask", "keep": 0.5, "ms": 3.0, "vs_dense": 1.5},
+        {"record": "attention", "seq": 32, "kv_heads": 8, "method": "kept_sdpa", "keep": 0.25, "ms": 4.0}
+        | {"forward_ms": 1.0, "backward_ms": 3.0, "tflops": 350.0, "of_matmul": 0.5, "vs_dense": 0.25},
     ]
     elementwise = [
         {"record": "header", "experiment": "bench_elementwise", "device": "GPU", "torch": "2", "triton": "3"},
@@ -310,8 +313,9 @@ def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path
         (tmp_path / name).mkdir()
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     attention = kernel_section(tmp_path / "kernels")
-    assert "| 16 | kept_sdpa | 0.5 | 1.00 | 0.50 |" in attention
-    assert "| 16 | flex_block_mask | 0.5 | 3.00 | 1.50 |" in attention
+    assert "| 16 | 32 | kept_sdpa | 0.5 | 1.00 | — | — | — | — | 0.50 |" in attention
+    assert "| 16 | 32 | flex_block_mask | 0.5 | 3.00 | — | — | — | — | 1.50 |" in attention
+    assert "| 32 | 8 | kept_sdpa | 0.25 | 4.00 | 1.00 | 3.00 | 350 | 50% | 0.25 |" in attention
     section = elementwise_section(tmp_path / "elementwise")
     assert "rotary_bf16: ok" in section and "| quantize | 8x4 | 0.500 | 2.000 | 4.0x | 9 |" in section
     assert "(liger-kernel 0.8.5)" in section and "| silu_mul_fwd_bwd | 8x4 | 0.600 | 0.400 | 1.50 |" in section

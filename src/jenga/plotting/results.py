@@ -114,16 +114,25 @@ def kernel_section(folder: Path) -> str | None:
     ]
     lines += [
         "",
-        "Attention forward+backward over kept blocks vs dense causal SDPA (`kept_sdpa`: gather q/k/v rows, causal",
-        "SDPA, scatter; `flex_block_mask`: FlexAttention with a block mask of the kept blocks):",
+        "Attention over kept blocks vs dense causal SDPA, forward + backward (`kept_sdpa`: gather q/k/v rows, causal",
+        "SDPA, scatter; `flex_block_mask`: FlexAttention with a block mask of the kept blocks; TFLOP/s of the kept",
+        "tokens' causal attention, the backward counted as 2.5 forwards; logs before the forward was timed apart",
+        "have no forward, backward or TFLOP/s, and timed 32 kv heads):",
         "",
-        "| length | method | keep | ms | vs dense SDPA |",
-        "|---|---|---|---|---|",
+        "| length | kv heads | method | keep | ms | forward ms | backward ms | TFLOP/s | of matmul | vs dense SDPA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in run.of("attention"):
-        ratio = "1.00" if r["method"] == "dense_sdpa" else f"{r['vs_dense']:.2f}"
-        lines.append(f"| {r['seq']} | {r['method']} | {r['keep']} | {r['ms']:.2f} | {ratio} |")
+        ratio = 1.0 if r["method"] == "dense_sdpa" else r["vs_dense"]
+        cells = [r["seq"], r.get("kv_heads", 32), r["method"], r["keep"], f"{r['ms']:.2f}"]
+        cells += [_cell(r, "forward_ms", ".2f"), _cell(r, "backward_ms", ".2f"), _cell(r, "tflops", ".0f")]
+        cells += [_cell(r, "of_matmul", ".0%"), f"{ratio:.2f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(record: dict, key: str, spec: str) -> str:
+    return "—" if record.get(key) is None else format(record[key], spec)
 
 
 def elementwise_section(folder: Path) -> str | None:
