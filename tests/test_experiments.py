@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from jenga.experiments.length_search import Probe, longest_fitting
 from jenga.experiments.methods import METHODS, get_method
 from jenga.experiments.run import main
 from jenga.plotting.tables import runs_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_method_has_checkpointing_twins():
@@ -364,3 +368,25 @@ def test_the_longest_length_method_checkpoints_layer_pairs_and_budgets_them(tmp_
     assert fit.checkpoint_offload == 2 / 3 and host_memory.refusal(fit, str(folder), tokens) is None
     message = host_memory.refusal(get_method("jenga-long+offckpt"), str(folder), tokens)
     assert message.startswith("not run: 3 offloaded checkpoints need 0.8 GiB")
+
+
+@pytest.mark.parametrize("shared", [None, ""])
+def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_path, shared):
+    """`scripts/longest/run.sh` per model: the length search of METHODS (else all), capped by MEMORY_GIB into a
+    folder named after the GPU and the cap, then the shared lengths unless SHARED is empty."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "PYTHON": "echo", "LOGS": str(tmp_path), "MODELS": "llama-3-8b"}
+    env |= {"METHODS": "liger+ckpt jenga-long+ckpt", "MEMORY_GIB": "80"} | ({} if shared is None else {"SHARED": ""})
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/longest/run.sh")], env=env, capture_output=True, text=True, check=True
+    )
+    calls = [c for c in done.stdout.splitlines() if "jenga.experiments.run" in c]
+    assert len(calls) == (2 if shared is None else 1), calls
+    assert "--methods liger+ckpt jenga-long+ckpt --max-length" in calls[0] and "--memory-gib 80" in calls[0]
+    assert calls[0].endswith(f"--logs {tmp_path}/h200-80gb")
+    if shared is None:
+        assert "--seqs 65536 131072 262144 --steps 1 --warmup 1" in calls[1]
+        assert calls[1].endswith(f"--logs {tmp_path}/h200-80gb/shared")

@@ -9,9 +9,9 @@
 # offloaded checkpointing and tiled MLP, in its own interpreter) when it imports. Offloaded checkpoints that
 # would outgrow 90% of the host's available memory are logged as OOM without running (the host budget).
 #   bash scripts/longest/run.sh
-# Env: MODELS ("llama-3-8b llama-2-7b"), MEMORY_GIB (unset: the whole GPU; 80: the 80 GB set), CAP (1048576),
-#      STEP (16384), SHARED (the shared lengths: "65536 131072 262144"), LOGS (logs/longest). Unsloth's wheels:
-#      docs/benchmarks.md. Figure and table: python -m jenga.plotting (output_figures/longest/).
+# Env: MODELS ("llama-3-8b llama-2-7b"), METHODS (those above), MEMORY_GIB (unset: the whole GPU; 80: the 80 GB
+#      set), CAP (1048576), STEP (16384), SHARED (the shared lengths: "65536 131072 262144"; empty: none), LOGS
+#      (logs/longest). Unsloth's wheels: docs/benchmarks.md. Figure and table: python -m jenga.plotting (output_figures/longest/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=${PYTHON:-python}
@@ -19,6 +19,8 @@ methods="lora+ckpt lora+offckpt lora+halfoffckpt jenga+ckpt jenga+offckpt jenga+
 methods="$methods jenga-0.5+offckpt jenga-tiledmlp+halfoffckpt jenga-long+ckpt jenga-long+fitoffckpt"
 $py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+ckpt liger+offckpt"
 $py -c "import unsloth" 2>/dev/null && methods="$methods unsloth"
+methods=${METHODS:-$methods}
+shared=${SHARED-65536 131072 262144}
 # one folder per setting: the GPU's model and the cap, e.g. logs/longest/h200-uncapped, logs/longest/h200-80gb
 command -v nvidia-smi > /dev/null || { echo "scripts/longest/run.sh needs an NVIDIA GPU (no nvidia-smi here)" >&2; exit 1; }
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')
@@ -28,6 +30,6 @@ for model in ${MODELS:-llama-3-8b llama-2-7b}; do
   $py -m jenga.experiments.run --model "$model" --methods $methods --max-length --cap "${CAP:-1048576}" \
     --length-step "${STEP:-16384}" --start 65536 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting"
   # the shared lengths, one measured step after a warm-up each (a length a method cannot train is logged OOM)
-  $py -m jenga.experiments.run --model "$model" --methods $methods --seqs ${SHARED:-65536 131072 262144} \
+  [ -z "$shared" ] || $py -m jenga.experiments.run --model "$model" --methods $methods --seqs $shared \
     --steps 1 --warmup 1 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting/shared"
 done
