@@ -180,3 +180,15 @@ def test_saved_attention_needs_sdpa_and_non_reentrant_checkpointing():
     eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         save_attention(eager)
+
+
+def test_enabling_checkpointing_again_for_part_of_a_group_is_an_error():
+    """Enabling checkpointing anew (as the Trainer does) keeps the groups, but not when it leaves a group's layers
+    differently checkpointed: the group would run an unchecked member twice."""
+    model = add_attention_lora(tiny_llama(layers=4))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    group_checkpoints(model, 2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=2)
+    ids = torch.randint(0, 128, (1, 64))
+    with pytest.raises(ValueError, match="only some layers of a checkpoint group"):
+        model(input_ids=ids, labels=ids)

@@ -8,10 +8,12 @@ import math
 
 import pytest
 import torch
+import transformers.modeling_utils
 from conftest import add_lora, batch, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 from jenga import JengaConfig, apply_jenga, jenga_state
+from jenga.checkpointing import group_checkpoints, offload_checkpoints, save_attention
 
 KEEP_ALL = JengaConfig(fp8_activations=False)  # no elimination, nothing rounded: exactly the unpatched model
 
@@ -92,3 +94,27 @@ def test_trainer_elimination_trains_sparse(tmp_path):
     assert math.isfinite(loss)
     kept = {i: s.num_kept for i, s in jenga_state(model).last_selection.items()}
     assert 0 < kept[2] < 2 * 256
+
+
+def test_trainer_keeps_the_checkpointing_it_enables_again(tmp_path, monkeypatch, save_on_cpu_calls):
+    """`TrainingArguments(gradient_checkpointing=True)` makes the Trainer call `gradient_checkpointing_enable()`
+    as training starts, which sets every layer's checkpoint function anew: grouped, offloaded and
+    attention-saving checkpoints come through it (per step: one checkpoint region per group of two layers, the
+    last group offloaded, each region keeping its attention outputs)."""
+    model = build(JengaConfig(), layers=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    group_checkpoints(model, 2)
+    offload_checkpoints(model, 0.5)
+    save_attention(model)
+    regions = []
+    checkpoint = transformers.modeling_utils.checkpoint
+
+    def counted(*args, **kwargs):
+        regions.append(kwargs.get("context_fn"))
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted)
+    loss, _ = train(model, tmp_path, checkpointing=True)
+    assert math.isfinite(loss)
+    assert len(regions) == 2 * 2 and all(regions), regions
+    assert len(save_on_cpu_calls) == 2

@@ -11,12 +11,14 @@ an H200 machine's host memory). `offload_checkpoints` moves a chosen fraction of
 the rest staying on the GPU, with transformers' mechanism (`save_on_cpu` around the layer's checkpoint).
 `save_attention` trades the other way, bytes for time: a checkpointed layer's backward recomputes its forward,
 attention included, and at long lengths attention is most of a step; keeping each layer's attention output
-(PyTorch's selective checkpointing) lets the recompute skip it.
+(PyTorch's selective checkpointing) lets the recompute skip it. All three stay in place when
+`gradient_checkpointing_enable()` runs again, as the HF Trainer's `gradient_checkpointing=True` makes it do.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -47,14 +49,17 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
     layers = [layer for layer in checkpointed_layers(model, "offload_checkpoints") if not _in_group(layer)]
     device_type = (torch.accelerator.current_accelerator() or torch.device("cpu")).type
     first = len(layers) - offloaded_count(fraction, len(layers))
-    for layer in layers[first:]:
-        inner = layer._gradient_checkpointing_func
 
-        def offloaded(function, *args, _inner=inner, **kwargs):
+    def offload(inner: Callable) -> Callable:
+        def offloaded(function, *args, **kwargs):
             with torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=device_type):
-                return _inner(function, *args, **kwargs)
+                return inner(function, *args, **kwargs)
 
-        layer._gradient_checkpointing_func = offloaded
+        return offloaded
+
+    for layer in layers[first:]:
+        _wrap(layer, offload)
+    _keep_through_reenabling(model, layers)
     return list(range(first, len(layers)))
 
 
@@ -72,14 +77,14 @@ def save_attention(model: nn.Module) -> int:
             f"save_attention keeps the outputs of SDPA's kernels, but the model uses "
             f"attn_implementation={model.config._attn_implementation!r}: load it with attn_implementation='sdpa'"
         )
+    if any(getattr(layer._gradient_checkpointing_func, "keywords", {}).get("use_reentrant") for layer in layers):
+        raise ValueError(
+            "save_attention needs non-reentrant checkpointing: gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})"
+        )
     for layer in layers:
-        inner = layer._gradient_checkpointing_func
-        if getattr(inner, "keywords", {}).get("use_reentrant", False):
-            raise ValueError(
-                "save_attention needs non-reentrant checkpointing: gradient_checkpointing_enable("
-                "gradient_checkpointing_kwargs={'use_reentrant': False})"
-            )
-        layer._gradient_checkpointing_func = partial(inner, context_fn=_attention_saved)
+        _wrap(layer, lambda inner: partial(inner, context_fn=_attention_saved))
+    _keep_through_reenabling(model, layers)
     return len(layers)
 
 
@@ -106,6 +111,10 @@ def checkpointed_layers(model: nn.Module, caller: str) -> list[nn.Module]:
 
 # Set on the layers a group's first layer runs inside its checkpoint: they hold no checkpoint of their own.
 _MEMBER = "_jenga_checkpoint_member"
+# Set on a group's first layer: the group's layers.
+_GROUP = "_jenga_checkpoint_group"
+# What this module did to a layer's checkpoint function, in order, and the function that resulted.
+_WRAPS, _INSTALLED = "_jenga_checkpoint_wraps", "_jenga_checkpoint_installed"
 
 
 def _in_group(layer: nn.Module) -> bool:
@@ -143,21 +152,65 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
                 f"choose a size that keeps each group to one type"
             )
     for group in groups:
-        head, rest = layers[group[0]], [layers[i] for i in group[1:]]
+        head, rest = layers[group[0]], tuple(layers[i] for i in group[1:])
         if not rest:
             continue
-
-        def grouped(function, *args, _inner=head._gradient_checkpointing_func, _rest=tuple(rest), **kwargs):
-            def run(*inputs):
-                hidden = function(*inputs)
-                for layer in _rest:  # nn.Module's call: the layer's forward without its own checkpoint
-                    hidden = nn.Module.__call__(layer, hidden, *inputs[1:], **function.keywords)
-                return hidden
-
-            return _inner(run, *args, **kwargs)
-
-        head._gradient_checkpointing_func = grouped
+        _wrap(head, partial(_grouped, rest=rest))
+        setattr(head, _GROUP, (head, *rest))
         for layer in rest:
-            layer._gradient_checkpointing_func = _pass_through
+            _wrap(layer, lambda inner: _pass_through)
             setattr(layer, _MEMBER, True)
+    _keep_through_reenabling(model, layers)
     return groups
+
+
+def _grouped(inner: Callable, rest: tuple[nn.Module, ...]) -> Callable:
+    """A group's first layer's checkpoint function: `inner` around it and the `rest` of the group."""
+
+    def grouped(function, *args, **kwargs):
+        def run(*inputs):
+            hidden = function(*inputs)
+            for layer in rest:  # nn.Module's call: the layer's forward without its own checkpoint
+                hidden = nn.Module.__call__(layer, hidden, *inputs[1:], **function.keywords)
+            return hidden
+
+        return inner(run, *args, **kwargs)
+
+    return grouped
+
+
+def _wrap(layer: nn.Module, wrap: Callable[[Callable], Callable]) -> None:
+    setattr(layer, _WRAPS, (*getattr(layer, _WRAPS, ()), wrap))
+    layer._gradient_checkpointing_func = wrap(layer._gradient_checkpointing_func)
+    setattr(layer, _INSTALLED, layer._gradient_checkpointing_func)
+
+
+def _keep_through_reenabling(model: nn.Module, layers: list[nn.Module]) -> None:
+    """`gradient_checkpointing_enable()` sets every layer's checkpoint function anew, undoing this module's changes,
+    and the HF Trainer calls it when training starts (`TrainingArguments(gradient_checkpointing=True)`). A
+    forward pre-hook on the decoder that holds the layers (called even where PEFT calls the model's `forward`
+    directly) does them again on whatever function it finds, once per model."""
+    decoder = next(
+        (m for m in model.modules() if any(isinstance(c, nn.ModuleList) and layers[0] in c for c in m.children())),
+        model,
+    )
+    if not hasattr(decoder, "_jenga_checkpoint_hook"):
+        decoder._jenga_checkpoint_hook = decoder.register_forward_pre_hook(lambda module, args: _reapply(module))
+
+
+def _reapply(decoder: nn.Module) -> None:
+    for layer in decoder.modules():
+        wraps = getattr(layer, _WRAPS, ())
+        if not wraps or layer._gradient_checkpointing_func is getattr(layer, _INSTALLED):
+            continue
+        group = getattr(layer, _GROUP, ())
+        if len({member.gradient_checkpointing for member in group}) > 1:
+            raise ValueError(
+                "gradient checkpointing was enabled again for only some layers of a checkpoint group "
+                "(every_n_layers > 1?): a group runs all its layers in one checkpoint; enable it for every layer"
+            )
+        function = layer._gradient_checkpointing_func
+        for wrap in wraps:
+            function = wrap(function)
+        layer._gradient_checkpointing_func = function
+        setattr(layer, _INSTALLED, function)
