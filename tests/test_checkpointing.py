@@ -174,6 +174,11 @@ def test_saved_attention_needs_sdpa_and_non_reentrant_checkpointing():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="non-reentrant"):
         save_attention(model)
+    grouped = add_attention_lora(tiny_llama(layers=2))  # the check looks under the wraps of the other two
+    grouped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    group_checkpoints(grouped, 2)
+    with pytest.raises(ValueError, match="non-reentrant"):
+        save_attention(grouped)
     eager = tiny_llama(layers=2)
     eager.set_attn_implementation("eager")
     eager = add_attention_lora(eager)

@@ -77,7 +77,7 @@ def save_attention(model: nn.Module) -> int:
             f"save_attention keeps the outputs of SDPA's kernels, but the model uses "
             f"attn_implementation={model.config._attn_implementation!r}: load it with attn_implementation='sdpa'"
         )
-    if any(getattr(layer._gradient_checkpointing_func, "keywords", {}).get("use_reentrant") for layer in layers):
+    if any(getattr(_base(layer), "keywords", {}).get("use_reentrant") for layer in layers):
         raise ValueError(
             "save_attention needs non-reentrant checkpointing: gradient_checkpointing_enable("
             "gradient_checkpointing_kwargs={'use_reentrant': False})"
@@ -113,8 +113,9 @@ def checkpointed_layers(model: nn.Module, caller: str) -> list[nn.Module]:
 _MEMBER = "_jenga_checkpoint_member"
 # Set on a group's first layer: the group's layers.
 _GROUP = "_jenga_checkpoint_group"
-# What this module did to a layer's checkpoint function, in order, and the function that resulted.
-_WRAPS, _INSTALLED = "_jenga_checkpoint_wraps", "_jenga_checkpoint_installed"
+# A layer's checkpoint function as `gradient_checkpointing_enable()` set it, what this module did to it, in order,
+# and the function that resulted.
+_BASE, _WRAPS, _INSTALLED = "_jenga_checkpoint_base", "_jenga_checkpoint_wraps", "_jenga_checkpoint_installed"
 
 
 def _in_group(layer: nn.Module) -> bool:
@@ -179,7 +180,13 @@ def _grouped(inner: Callable, rest: tuple[nn.Module, ...]) -> Callable:
     return grouped
 
 
+def _base(layer: nn.Module) -> Callable:
+    """The checkpoint function `gradient_checkpointing_enable()` set on `layer`, under this module's wraps."""
+    return getattr(layer, _BASE, None) or layer._gradient_checkpointing_func
+
+
 def _wrap(layer: nn.Module, wrap: Callable[[Callable], Callable]) -> None:
+    setattr(layer, _BASE, _base(layer))
     setattr(layer, _WRAPS, (*getattr(layer, _WRAPS, ()), wrap))
     layer._gradient_checkpointing_func = wrap(layer._gradient_checkpointing_func)
     setattr(layer, _INSTALLED, layer._gradient_checkpointing_func)
@@ -210,6 +217,7 @@ def _reapply(decoder: nn.Module) -> None:
                 "(every_n_layers > 1?): a group runs all its layers in one checkpoint; enable it for every layer"
             )
         function = layer._gradient_checkpointing_func
+        setattr(layer, _BASE, function)
         for wrap in wraps:
             function = wrap(function)
         layer._gradient_checkpointing_func = function
