@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -80,19 +79,19 @@ def family(request) -> str:
 
 
 @pytest.fixture
-def save_on_cpu_calls(monkeypatch) -> list[dict]:
-    """Each `save_on_cpu` entered (its keyword arguments: one per offloaded checkpoint and forward), run without
-    pinned memory (none without a GPU)."""
+def offload_calls(monkeypatch) -> list[int]:
+    """Each `jenga.pinned.offloaded_saves` that `jenga.checkpointing` entered (one per offloaded checkpoint and
+    forward)."""
+    from jenga import checkpointing
+
     entered = []
-    original = torch.autograd.graph.save_on_cpu
+    original = checkpointing.offloaded_saves
 
-    @contextlib.contextmanager
-    def spy(*args, **kwargs):
-        entered.append(kwargs)
-        with original(*args, **{**kwargs, "pin_memory": False}):
-            yield
+    def spy():
+        entered.append(1)
+        return original()
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", spy)
+    monkeypatch.setattr(checkpointing, "offloaded_saves", spy)
     return entered
 
 

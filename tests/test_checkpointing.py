@@ -83,13 +83,13 @@ def assert_same_training(step: Step, reference: Step) -> None:
 
 
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
-def test_offloaded_layers_and_gradients(save_on_cpu_calls, fraction):
-    """The last `fraction` of the checkpointed layers keep their inputs on the host (one `save_on_cpu` per such
+def test_offloaded_layers_and_gradients(offload_calls, fraction):
+    """The last `fraction` of the checkpointed layers keep their inputs on the host (one `offloaded_saves` per such
     layer and step); loss and LoRA gradients equal checkpointing without offload."""
     reference = _step()
-    assert not save_on_cpu_calls
+    assert not offload_calls
     step = _step(offload=fraction)
-    assert step.offloaded == list(range(4 - round(fraction * 4), 4)) and len(save_on_cpu_calls) == round(fraction * 4)
+    assert step.offloaded == list(range(4 - round(fraction * 4), 4)) and len(offload_calls) == round(fraction * 4)
     assert_same_training(step, reference)
 
 
@@ -126,10 +126,10 @@ def test_grouped_checkpoints_recompute_each_layer_once_with_unchanged_gradients(
     assert_same_training(step, reference)
 
 
-def test_offloading_counts_a_group_as_one_checkpoint(save_on_cpu_calls):
-    """Half of two grouped checkpoints is the last group; its region runs under `save_on_cpu` once per step."""
+def test_offloading_counts_a_group_as_one_checkpoint(offload_calls):
+    """Half of two grouped checkpoints is the last group; its region runs under `offloaded_saves` once per step."""
     step = _step(2, offload=0.5)
-    assert step.groups == [[0, 1], [2, 3]] and step.offloaded == [1] and len(save_on_cpu_calls) == 1
+    assert step.groups == [[0, 1], [2, 3]] and step.offloaded == [1] and len(offload_calls) == 1
     assert_same_training(step, _step())
 
 
@@ -155,7 +155,7 @@ def test_grouping_rejects_bad_sizes_repeats_and_mixed_attention_types():
 
 @pytest.mark.parametrize("config", [JengaConfig(), JengaConfig(attn_keep=0.5, mlp_keep=0.5, block_size=16)])
 @pytest.mark.parametrize("size,offload", [(1, None), (2, None), (2, 0.5)])
-def test_saved_attention_runs_attention_once_with_unchanged_gradients(save_on_cpu_calls, config, size, offload):
+def test_saved_attention_runs_attention_once_with_unchanged_gradients(offload_calls, config, size, offload):
     """With `save_attention` the backward's recompute reuses every SDPA kernel output of the forward: half the
     attention forwards of plain checkpointing (the rest of each layer still runs twice), the same loss and LoRA
     gradients; grouped and offloaded checkpoints too, and with elimination (its kept and dense passes)."""
@@ -163,7 +163,7 @@ def test_saved_attention_runs_attention_once_with_unchanged_gradients(save_on_cp
     step = _step(size, config, offload, attention=True)
     assert reference.attention_calls >= 8 and step.attention_calls * 2 == reference.attention_calls
     assert step.forwards == reference.forwards == [2, 2, 2, 2]
-    assert len(save_on_cpu_calls) == (0 if offload is None else 2)  # one offloaded group, in each of the two steps
+    assert len(offload_calls) == (0 if offload is None else 2)  # one offloaded group, in each of the two steps
     assert_same_training(step, reference)
 
 

@@ -326,7 +326,7 @@ def test_fit_offloading_moves_as_many_layers_as_the_host_budget_holds(tmp_path, 
     assert host_memory.resolve_offload(get_method("jenga+offckpt"), str(folder), tokens) == get_method("jenga+offckpt")
 
 
-def test_a_fit_offloading_run_logs_the_share_it_used(tmp_path, monkeypatch, save_on_cpu_calls):
+def test_a_fit_offloading_run_logs_the_share_it_used(tmp_path, monkeypatch, offload_calls):
     from jenga.experiments import host_memory, run
 
     folder = tmp_path / "arch"
@@ -335,7 +335,58 @@ def test_a_fit_offloading_run_logs_the_share_it_used(tmp_path, monkeypatch, save
     monkeypatch.setattr(host_memory, "available_gib", lambda: 2.5 * layer_bytes / host_memory.BUDGET / 2**30)
     log = tmp_path / "arch.jsonl"
     assert run.run_one(str(folder), "lora+fitoffckpt", 32, 1, 0, log, None)["status"] == "ok"
-    assert json.loads(log.read_text().splitlines()[0])["checkpoint_offload"] == 0.4 and len(save_on_cpu_calls) == 2
+    assert json.loads(log.read_text().splitlines()[0])["checkpoint_offload"] == 0.4 and len(offload_calls) == 2
+
+
+def test_transformers_offload_is_the_baselines_and_its_rounded_blocks_are_budgeted(
+    tmp_path, monkeypatch, offload_calls
+):
+    """A baseline's "+offckpt" is transformers' `offload=True` (whose pinned blocks PyTorch rounds up to powers of
+    two, and the host budget counts them so); Jenga's goes through `offload_checkpoints`, which pins the bytes."""
+    from transformers import modeling_utils
+
+    from jenga.experiments import host_memory, run
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2, layers=2).config.save_pretrained(folder)
+    tokens = 3 * 2**20  # 384 MiB per layer's checkpoint; 512 MiB as one pinned block
+    monkeypatch.setattr(host_memory, "available_gib", lambda: 1.0)  # 0.9 GiB of budget
+    assert "2 offloaded checkpoints need 1.0 GiB" in host_memory.refusal(
+        get_method("lora+offckpt"), str(folder), tokens
+    )
+    assert host_memory.refusal(get_method("jenga+offckpt"), str(folder), tokens) is None  # 0.75 GiB
+    transformers_calls = []
+    unpinned = modeling_utils.save_on_cpu
+
+    def counted(pin_memory, device_type):
+        transformers_calls.append(device_type)
+        return unpinned(pin_memory=False, device_type=device_type)  # no pinned memory without an accelerator
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", counted)
+    for method, ours, theirs in [("lora+offckpt", 0, 2), ("jenga+offckpt", 2, 0)]:
+        offload_calls.clear(), transformers_calls.clear()
+        assert run.run_one(str(folder), method, 32, 1, 0, tmp_path / f"{method}.jsonl", None)["status"] == "ok"
+        assert (len(offload_calls), len(transformers_calls)) == (ours, theirs), method
+
+
+@pytest.mark.parametrize("lowest,status", [(1.0, "oom"), (50.0, "failed")])
+def test_a_run_killed_while_the_host_ran_out_of_memory_is_logged_as_host_oom(tmp_path, monkeypatch, lowest, status):
+    """The kernel's OOM killer leaves no log: a run's process that ends by SIGKILL while the host's available
+    memory was nearly gone is logged as out of host memory (not retried); killed with memory to spare, it failed."""
+    import argparse
+    import signal
+
+    from jenga.experiments import host_memory, run
+
+    monkeypatch.setattr(host_memory, "available_gib", lambda: lowest)
+    monkeypatch.setattr(run, "run_one", lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+    args = argparse.Namespace(model="arch", fork=True, memory_gib=None, data=None)
+    summary = run.spawn(args, "lora", 64, tmp_path / "arch_lora_64.jsonl", 1, 0, extra={})
+    assert summary["status"] == status and summary["exit_code"] == -signal.SIGKILL
+    assert summary["host_lowest_available_gib"] == lowest
+    assert ("out of host memory" in summary.get("error", "")) == (status == "oom")
+    logged = [json.loads(line) for line in (tmp_path / "arch_lora_64.jsonl").read_text().splitlines()]
+    assert logged == [summary]
 
 
 def test_a_saved_attention_method_trains_and_says_so(tmp_path):

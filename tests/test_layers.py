@@ -27,6 +27,7 @@ CORE = (
     "jenga.fp8",
     "jenga.offload",
     "jenga.checkpointing",
+    "jenga.pinned",
     "jenga.profiling",
     "jenga.cli",
     "jenga.kernels",

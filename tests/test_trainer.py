@@ -96,7 +96,7 @@ def test_trainer_elimination_trains_sparse(tmp_path):
     assert 0 < kept[2] < 2 * 256
 
 
-def test_trainer_keeps_the_checkpointing_it_enables_again(tmp_path, monkeypatch, save_on_cpu_calls):
+def test_trainer_keeps_the_checkpointing_it_enables_again(tmp_path, monkeypatch, offload_calls):
     """`TrainingArguments(gradient_checkpointing=True)` makes the Trainer call `gradient_checkpointing_enable()`
     as training starts, which sets every layer's checkpoint function anew: grouped, offloaded and
     attention-saving checkpoints come through it (per step: one checkpoint region per group of two layers, the
@@ -117,4 +117,4 @@ def test_trainer_keeps_the_checkpointing_it_enables_again(tmp_path, monkeypatch,
     loss, _ = train(model, tmp_path, checkpointing=True)
     assert math.isfinite(loss)
     assert len(regions) == 2 * 2 and all(regions), regions
-    assert len(save_on_cpu_calls) == 2
+    assert len(offload_calls) == 2

@@ -8,7 +8,9 @@ few of its inputs (Jenga's float8 saves, the tiled MLP). transformers offloads e
 inputs or none (`gradient_checkpointing_enable(offload=True)`), and at the longest lengths neither fits: on the
 host the same bytes can outgrow the machine's memory (Llama-3-8B at 512K tokens: 32 × 4 GiB = 128 GiB, all of
 an H200 machine's host memory). `offload_checkpoints` moves a chosen fraction of the checkpoints to the host,
-the rest staying on the GPU, with transformers' mechanism (`save_on_cpu` around the layer's checkpoint).
+the rest staying on the GPU, with transformers' mechanism (saved-tensor hooks around the layer's checkpoint) but
+pinning only the checkpoints' own bytes (`jenga.pinned`: PyTorch's pinned allocator would round each up to a
+power of two, up to twice the bytes).
 `save_attention` trades the other way, bytes for time: a checkpointed layer's backward recomputes its forward,
 attention included, and at long lengths attention is most of a step; keeping each layer's attention output
 (PyTorch's selective checkpointing) lets the recompute skip it. All three stay in place when
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .pinned import offloaded_saves
 
 # The fused attention kernels SDPA dispatches to, one per backend (CUDA's flash, memory-efficient and cuDNN ones,
 # the CPU's flash one): their outputs (the attention output and its softmax statistics) are what backward needs.
@@ -43,16 +47,15 @@ ATTENTION_OPS = frozenset(
 def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
     """Hold the checkpoint inputs of the last `fraction` of `model`'s checkpoints in pinned host memory (call after
     `gradient_checkpointing_enable()` and `group_checkpoints`); returns those checkpoints' indices (a group is one
-    checkpoint). `fraction` 1.0 is transformers' `offload=True`."""
+    checkpoint). `fraction` 1.0 is transformers' `offload=True` without its power-of-two rounding of host blocks."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}: the share of checkpoints offloaded")
     layers = [layer for layer in checkpointed_layers(model, "offload_checkpoints") if not _in_group(layer)]
-    device_type = (torch.accelerator.current_accelerator() or torch.device("cpu")).type
     first = len(layers) - offloaded_count(fraction, len(layers))
 
     def offload(inner: Callable) -> Callable:
         def offloaded(function, *args, **kwargs):
-            with torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=device_type):
+            with offloaded_saves():
                 return inner(function, *args, **kwargs)
 
         return offloaded

@@ -8,10 +8,11 @@ forward when it is given a resident fraction instead of budgets; that forward of
 fits wherever the budgeted ones do.
 
 Mechanics: `torch.autograd.graph.saved_tensors_hooks` see every tensor autograd saves; forward hooks on the
-decoder layers say which layer is running. On CUDA a tensor over budget is copied into pinned host memory on
-a side stream (the source is marked used by that stream, so the allocator does not recycle it early) and
-comes back in backward, the previous layer's tensors being prefetched while the current layer runs. On CPU
-the same path runs with plain copies, which is what the unit tests check. Gradient checkpointing installs
+decoder layers say which layer is running. On CUDA a tensor over budget is copied into pinned host memory
+(`jenga.pinned`: its own bytes, not rounded up to a power of two) on a side stream (the source is marked used by
+that stream, so the allocator does not recycle it early) and comes back in backward, the previous layer's
+tensors being prefetched while the current layer runs. On CPU the same path runs with plain copies, which is
+what the unit tests check. Gradient checkpointing installs
 its own hooks, which take precedence: do not combine the two.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .pinned import HostCopy, to_device, to_host
 from .saved import SavedTensorHooks
 
 POLICIES = ("uniform", "sparsity")
@@ -52,7 +54,7 @@ class _Offloaded:
 
     __slots__ = ("__weakref__", "host", "device", "layer", "ready", "back")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, layer: int, ready: Any) -> None:
+    def __init__(self, host: HostCopy, device: torch.device, layer: int, ready: Any) -> None:
         self.host, self.device, self.layer, self.ready = host, device, layer, ready
         self.back: tuple[torch.Tensor, Any] | None = None
 
@@ -128,15 +130,14 @@ class ActivationOffloader(SavedTensorHooks):
             return t
         self.offloaded[layer] += nbytes
         if t.is_cuda:
-            host = torch.empty_like(t, device="cpu", pin_memory=True)
             self._stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(self._stream):
-                host.copy_(t, non_blocking=True)
+                host = to_host(t, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(self._stream)
             t.record_stream(self._stream)
         else:
-            host, ready = t.detach().clone(), None
+            host, ready = to_host(t), None
         handle = _Offloaded(host, t.device, layer, ready)
         self._handles.setdefault(layer, []).append(weakref.ref(handle))
         return handle
@@ -148,7 +149,7 @@ class ActivationOffloader(SavedTensorHooks):
             if handle is None or handle.back is not None or handle.ready is None:
                 continue
             with torch.cuda.stream(self._stream):
-                back = handle.host.to(handle.device, non_blocking=True)
+                back = to_device(handle.host, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self._stream)
             handle.back = (back, done)
@@ -156,14 +157,14 @@ class ActivationOffloader(SavedTensorHooks):
     def _unpack(self, item: Any) -> torch.Tensor:
         if not isinstance(item, _Offloaded):
             return item
-        if item.ready is None:  # CPU: the copy is the tensor
-            return item.host
+        if item.ready is None:  # CPU: plain copies
+            return to_device(item.host)
         self._handles.pop(item.layer, None)
         self._prefetch(item.layer - 1)
         current = torch.cuda.current_stream(item.device)
         if item.back is None:
             current.wait_event(item.ready)
-            return item.host.to(item.device, non_blocking=True)
+            return to_device(item.host, non_blocking=True)
         back, done = item.back
         current.wait_event(done)
         back.record_stream(current)

@@ -10,6 +10,8 @@ keeping the rest on the GPU: at the longest lengths neither side holds them all.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from .training import model_folder
 
 # Share of the host's available memory that offloaded checkpoints may take (the process needs the rest).
 BUDGET = 0.9
+# Available host memory under which a process killed by SIGKILL counts as killed for running the host out of it.
+EXHAUSTED_GIB = 4.0
 
 
 def available_gib() -> float | None:
@@ -33,11 +37,53 @@ def available_gib() -> float | None:
     return int(fields["MemAvailable"].split()[0]) / 2**20 if "MemAvailable" in fields else None
 
 
+class LowestAvailable:
+    """Context manager that samples the host's available memory on a thread while a run's process works: the
+    lowest value (`gib`, None where it cannot tell) says whether a process the kernel killed ran the host out of
+    memory (the OOM killer's SIGKILL leaves no log behind)."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s, self.gib = interval_s, available_gib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            now = available_gib()
+            if now is not None and (self.gib is None or now < self.gib):
+                self.gib = now
+
+    def __enter__(self) -> LowestAvailable:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def killed_for_memory(exit_code: int | None, lowest_gib: float | None) -> str | None:
+    """Why a run's process that ended by SIGKILL while the host's available memory fell below `EXHAUSTED_GIB`
+    counts as out of host memory, or None for any other end."""
+    if exit_code != -signal.SIGKILL or lowest_gib is None or lowest_gib >= EXHAUSTED_GIB:
+        return None
+    return (
+        f"killed (SIGKILL) after the host's available memory fell to {lowest_gib:.1f} GiB: out of host memory "
+        f"(the kernel's OOM killer)"
+    )
+
+
 def _checkpoint_gib(method: Method, model_name: str, seq: int) -> tuple[int, float]:
-    """(checkpoints, GiB of one bf16 checkpoint at `seq` tokens) of the architecture as `method` checkpoints it."""
+    """(checkpoints, GiB of host memory one bf16 checkpoint at `seq` tokens takes) of the architecture as `method`
+    checkpoints and offloads it: transformers' `offload=True` pins each in a block PyTorch rounds up to a power of
+    two; `jenga.pinned` pins the bytes (Unsloth pins rounded blocks while they fit, then pageable ones: at least
+    the bytes)."""
     config = AutoConfig.from_pretrained(model_folder(model_name))
     count = math.ceil(config.num_hidden_layers / method.layers_per_checkpoint)
-    return count, seq * config.hidden_size * 2 / 2**30
+    nbytes = seq * config.hidden_size * 2
+    if method.transformers_offload:
+        nbytes = 1 << (nbytes - 1).bit_length()
+    return count, nbytes / 2**30
 
 
 def resolve_offload(method: Method, model_name: str, seq: int) -> Method:

@@ -2,9 +2,10 @@
 
 Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient checkpointing on), a
 "+offckpt" suffix (checkpointing whose saved layer inputs wait in pinned host memory: transformers'
-`gradient_checkpointing_enable(offload=True)`), a "+halfoffckpt" suffix (the last half of the layers' inputs
-in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both) and a
-"+fitoffckpt" suffix (as many checkpoints in host memory as it holds at the run's length: the runner resolves
+`gradient_checkpointing_enable(offload=True)` for the baselines, `jenga.checkpointing.offload_checkpoints`,
+which pins only the checkpoints' own bytes, for Jenga), a "+halfoffckpt" suffix (the last half of the layers'
+inputs in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both),
+a "+fitoffckpt" suffix (as many checkpoints in host memory as it holds at the run's length: the runner resolves
 the share, `jenga.experiments.host_memory`) and a "+attnckpt" suffix (checkpointing whose recompute reuses each
 layer's attention output: `jenga.checkpointing.save_attention`). Adding a method means adding one entry here;
 the runner, sweeps and plots pick it up by name.
@@ -71,6 +72,13 @@ class Method:
     layers_per_checkpoint: int = 1  # `jenga.checkpointing.group_checkpoints`: decoder layers per checkpoint
     saved_attention: bool = False  # `jenga.checkpointing.save_attention`: the recompute skips attention
     unsloth: bool = False  # Unsloth's loader and long-context settings, in its own process (`unsloth.py`)
+
+    @property
+    def transformers_offload(self) -> bool:
+        """Whether every checkpoint goes to the host through transformers' `offload=True` (a baseline's
+        "+offckpt": what its users get, host blocks rounded up to powers of two) rather than through
+        `jenga.checkpointing.offload_checkpoints` (only the checkpoints' own bytes pinned)."""
+        return self.name.endswith("+offckpt") and self.jenga is None and not self.unsloth
 
     @property
     def baseline(self) -> str:
@@ -237,7 +245,9 @@ METHODS.update(
         f"{m.name}+{suffix}": replace(
             m,
             name=f"{m.name}+{suffix}",
-            description=m.description + f", gradient checkpointing with {what} in pinned host memory",
+            description=m.description
+            + f", gradient checkpointing with {what} in pinned host memory"
+            + (" (transformers' offload=True)" if suffix == "offckpt" and m.jenga is None else ""),
             checkpointing=True,
             checkpoint_offload=fraction,
         )

@@ -345,8 +345,9 @@ def spawn(
         worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
         job = functools.partial(run_one, *worker, **extra)
         process = multiprocessing.get_context("fork").Process(target=run_worker, args=(path, job))
-        process.start()
-        process.join()
+        process.start()  # before the watcher's thread starts: a fork copies no thread
+        with host_memory.LowestAvailable() as lowest:
+            process.join()
         exit_code = process.exitcode
     else:
         worker_args = ["--model", args.model, "--worker", method, str(seq)]
@@ -357,11 +358,15 @@ def spawn(
         if args.memory_gib is not None:
             worker_args += ["--memory-gib", str(args.memory_gib)]
         runner = [sys.executable, "-m", "jenga.experiments.run", *worker_args]
-        exit_code = subprocess.run(unsloth.worker_command(worker_args) if in_unsloth else runner).returncode
+        with host_memory.LowestAvailable() as lowest:
+            exit_code = subprocess.run(unsloth.worker_command(worker_args) if in_unsloth else runner).returncode
     records = read_jsonl(path) if path.exists() else []
     summary = next((r for r in records if r.get("record") == "summary"), None)
-    if summary is None:
+    if summary is None:  # the process died without a word: the kernel's OOM killer, or a crash
         summary = {"record": "summary", "status": "failed", "exit_code": exit_code}
+        summary["host_lowest_available_gib"] = lowest.gib
+        if (killed := host_memory.killed_for_memory(exit_code, lowest.gib)) is not None:
+            summary.update(status="oom", stage="host", error=killed)
         with JsonlWriter(path, append=True) as writer:
             writer.write(summary)
     return summary

@@ -108,12 +108,13 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     attn = longlora.register() if method.s2attn else "sdpa"
     model, weights = load_model(model_name, seq, device=device, attn_implementation=attn)
-    if method.checkpointing:  # every layer offloaded: transformers' own option; a share of them: ours
-        everything = method.checkpoint_offload == 1.0
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=everything)
+    if method.checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}, offload=method.transformers_offload
+        )
         if method.layers_per_checkpoint > 1:
             group_checkpoints(model, method.layers_per_checkpoint)
-        if 0.0 < method.checkpoint_offload < 1.0:
+        if method.checkpoint_offload and not method.transformers_offload:
             offload_checkpoints(model, method.checkpoint_offload)
         if method.saved_attention:
             save_attention(model)

@@ -10,6 +10,7 @@ host-memory budget) are crosses, never values.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .models import by_size
 from .style import figure, in_method_order, save
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<")
+# what a failing run's stage says in a table: refused for the host budget, killed out of host memory
+STAGES = {"host-budget": "host budget", "host": "out of host memory"}
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,10 @@ class Limit:
     def bound(self) -> str:
         """How far `tokens` is the limit: bracketed by a failure, capped by the search, or only a lower bound."""
         if self.failing is not None:
-            stage = self.failing.summary.get("stage")
-            why = "host budget" if stage == "host-budget" else self.failing.summary.get("status", "?")
+            summary = self.failing.summary
+            why = STAGES.get(summary.get("stage"), summary.get("status", "?"))
+            if why == "failed" and summary.get("exit_code") == -signal.SIGKILL:
+                why = "killed by SIGKILL"
             return f"fails at {_k(self.failing.header['seq_len'])} ({why})"
         if self.search is not None and self.search["max_ok"] == self.search["cap"]:
             return "the search's cap: at least this"
