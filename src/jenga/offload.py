@@ -12,8 +12,8 @@ decoder layers say which layer is running. On CUDA a tensor over budget is copie
 (`jenga.pinned`: its own bytes, not rounded up to a power of two) on a side stream (the source is marked used by
 that stream, so the allocator does not recycle it early) and comes back in backward, the previous layer's
 tensors being prefetched while the current layer runs. On CPU the same path runs with plain copies, which is
-what the unit tests check. Gradient checkpointing installs
-its own hooks, which take precedence: do not combine the two.
+what the unit tests check. Gradient checkpointing installs its own hooks, which take precedence: do not combine
+the two.
 """
 
 from __future__ import annotations
