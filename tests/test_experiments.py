@@ -369,6 +369,21 @@ def test_transformers_offload_is_the_baselines_and_its_rounded_blocks_are_budget
         assert (len(offload_calls), len(transformers_calls)) == (ours, theirs), method
 
 
+def test_the_h200_hosts_budget_for_llama_3_8b_at_the_lengths_the_docs_name(monkeypatch):
+    """On the H200 machine (123 GiB available): Liger with transformers' offload fits 256K (32 x 2 GiB) but not
+    272K (32 blocks of 2.125 GiB rounded to 4 GiB), and Jenga's two-layer checkpoints at 656K all fit the host
+    (16 x 5.125 GiB) where PyTorch's rounded blocks would ask for 16 x 8 GiB."""
+    from jenga.experiments import host_memory
+
+    monkeypatch.setattr(host_memory, "available_gib", lambda: 123.0)
+    liger = get_method("liger+offckpt")
+    assert host_memory.refusal(liger, "llama-3-8b", 262144) is None
+    assert "32 offloaded checkpoints need 128.0 GiB" in host_memory.refusal(liger, "llama-3-8b", 278528)
+    fit = host_memory.resolve_offload(get_method("jenga-long+fitoffckpt"), "llama-3-8b", 671744)
+    assert fit.checkpoint_offload == 1.0 and host_memory.refusal(fit, "llama-3-8b", 671744) is None
+    assert host_memory.refusal(get_method("jenga-long+offckpt"), "llama-3-8b", 671744) is None
+
+
 @pytest.mark.parametrize("lowest,status", [(1.0, "oom"), (50.0, "failed")])
 def test_a_run_killed_while_the_host_ran_out_of_memory_is_logged_as_host_oom(tmp_path, monkeypatch, lowest, status):
     """The kernel's OOM killer leaves no log: a run's process that ends by SIGKILL while the host's available
