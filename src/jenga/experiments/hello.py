@@ -121,6 +121,26 @@ def _elementwise_kernels() -> str:
     )
 
 
+def _pinned_copies() -> str:
+    if not _cuda():
+        raise Info("no GPU: offloaded tensors are plain host copies")
+    import torch
+
+    from ..pinned import to_device, to_host
+
+    nbytes = 7 * 2**19  # 3.5 MiB: PyTorch's pinned allocator would hold it in a 4 MiB block
+    x = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+    held = torch.cuda.host_memory_stats
+    before = held()["allocated_bytes.current"]
+    copy = to_host(x)
+    pinned = held()["allocated_bytes.current"] - before
+    if not torch.equal(to_device(copy), x):
+        raise RuntimeError("a tensor copied to pinned host memory in pieces came back different")
+    if pinned != nbytes:
+        raise RuntimeError(f"a host copy of {nbytes} bytes pinned {pinned} bytes")
+    return f"a {nbytes / 2**20} MiB tensor went to pinned host memory and back, pinning exactly its bytes"
+
+
 def _tiny_training_step() -> str:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -173,6 +193,7 @@ CHECKS: list[tuple[str, str, Callable[[], str]]] = [
     ),
     ("PASS", "kernel", _kernel),
     ("PASS", "element-wise kernels", _elementwise_kernels),
+    ("PASS", "pinned host copies", _pinned_copies),
     ("PASS", "jenga step", _tiny_training_step),
 ]
 
