@@ -34,6 +34,15 @@ def build(jenga: JengaConfig | None, order: str = "after_peft", layers: int = 3)
     return model
 
 
+# The Trainer's checkpointing switch: `gradient_checkpointing`, renamed `activation_checkpointing` in newer
+# transformers (the old name deprecated), which the newest-transformers CI job then exercises.
+CHECKPOINTING_ARGUMENT = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
+)
+
+
 def train(model, tmp_path, checkpointing: bool = False) -> tuple[float, Trainer]:
     """Two steps with default `TrainingArguments` (bar output, length, batch, reporting and device)."""
     args = TrainingArguments(
@@ -42,7 +51,7 @@ def train(model, tmp_path, checkpointing: bool = False) -> tuple[float, Trainer]
         per_device_train_batch_size=2,
         report_to=[],
         use_cpu=True,
-        gradient_checkpointing=checkpointing,
+        **{CHECKPOINTING_ARGUMENT: checkpointing},
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset())
     trainer.train()
@@ -97,10 +106,10 @@ def test_trainer_elimination_trains_sparse(tmp_path):
 
 
 def test_trainer_keeps_the_checkpointing_it_enables_again(tmp_path, monkeypatch, offload_calls):
-    """`TrainingArguments(gradient_checkpointing=True)` makes the Trainer call `gradient_checkpointing_enable()`
-    as training starts, which sets every layer's checkpoint function anew: grouped, offloaded and
-    attention-saving checkpoints come through it (per step: one checkpoint region per group of two layers, the
-    last group offloaded, each region keeping its attention outputs)."""
+    """`TrainingArguments(gradient_checkpointing=True)` (`activation_checkpointing` in newer transformers) makes
+    the Trainer enable checkpointing again as training starts, which sets every layer's checkpoint function anew:
+    grouped, offloaded and attention-saving checkpoints come through it (per step: one checkpoint region per group
+    of two layers, the last group offloaded, each region keeping its attention outputs)."""
     model = build(JengaConfig(), layers=4)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     group_checkpoints(model, 2)
