@@ -216,10 +216,9 @@ def attention(writer: JsonlWriter, peak: float) -> None:
                 flops = attention_flops(kept)
                 record = {"record": "attention", "seq": seq, "kv_heads": kv_heads, "method": method, "keep": keep}
                 record.update(ms=total, forward_ms=forward, backward_ms=total - forward, vs_dense=total / dense_ms)
-                record.update(tflops=tflops(sum(flops), total), forward_tflops=tflops(flops[0], forward))
-                record.update(
-                    backward_tflops=tflops(flops[1], total - forward), of_matmul=tflops(sum(flops), total) / peak
-                )
+                rate = tflops(sum(flops), total)
+                record.update(tflops=rate, forward_tflops=tflops(flops[0], forward), of_matmul=rate / peak)
+                record.update(backward_tflops=tflops(flops[1], total - forward))
                 writer.write(record)
                 print(
                     f"attention {method} kv={kv_heads} S={seq} keep={keep}: {total:.2f} ms ({forward:.2f} forward), "

@@ -16,7 +16,7 @@ def test_pieces_are_powers_of_two_down_to_the_smallest_then_the_rest(nbytes):
     head = pieces[:-1]  # distinct powers of two of at least SMALLEST_PIECE; the last piece may be a smaller rest
     assert all(p & (p - 1) == 0 and p >= pinned.SMALLEST_PIECE for p in head) and len(set(head)) == len(head)
     # what PyTorch's pinned allocator takes for the pieces: the bytes, plus under SMALLEST_PIECE of rounding
-    rounded = sum(1 << (p - 1).bit_length() for p in pieces)
+    rounded = sum(map(pinned.torch_block_bytes, pieces))
     assert nbytes <= rounded < nbytes + pinned.SMALLEST_PIECE
 
 

@@ -18,6 +18,11 @@ import torch
 SMALLEST_PIECE = 1 << 20
 
 
+def torch_block_bytes(nbytes: int) -> int:
+    """The bytes PyTorch's pinned allocator holds for one block of `nbytes`: the next power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 def piece_sizes(nbytes: int) -> list[int]:
     """`nbytes` split into descending powers of two while the rest is over `SMALLEST_PIECE`, then the rest."""
     pieces = []

@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from ..checkpointing import offloaded_count
+from ..pinned import torch_block_bytes
 from .methods import Method
 from .training import model_folder
 
@@ -81,9 +82,7 @@ def _checkpoint_gib(method: Method, model_name: str, seq: int) -> tuple[int, flo
     config = AutoConfig.from_pretrained(model_folder(model_name))
     count = math.ceil(config.num_hidden_layers / method.layers_per_checkpoint)
     nbytes = seq * config.hidden_size * 2
-    if method.transformers_offload:
-        nbytes = 1 << (nbytes - 1).bit_length()
-    return count, nbytes / 2**30
+    return count, (torch_block_bytes(nbytes) if method.transformers_offload else nbytes) / 2**30
 
 
 def resolve_offload(method: Method, model_name: str, seq: int) -> Method:

@@ -240,17 +240,20 @@ METHODS.update(
         for m in _BASE
     }
 )
+
+
+def _offloaded(m: Method, suffix: str, fraction: float | Literal["fit"], what: str) -> Method:
+    """`m` with checkpointing whose checkpoints (`what` of them) wait in pinned host memory."""
+    method = replace(m, name=f"{m.name}+{suffix}", checkpointing=True, checkpoint_offload=fraction)
+    how = " (transformers' offload=True)" if method.transformers_offload else ""
+    return replace(
+        method, description=f"{m.description}, gradient checkpointing with {what} in pinned host memory{how}"
+    )
+
+
 METHODS.update(
     {
-        f"{m.name}+{suffix}": replace(
-            m,
-            name=f"{m.name}+{suffix}",
-            description=m.description
-            + f", gradient checkpointing with {what} in pinned host memory"
-            + (" (transformers' offload=True)" if suffix == "offckpt" and m.jenga is None else ""),
-            checkpointing=True,
-            checkpoint_offload=fraction,
-        )
+        f"{m.name}+{suffix}": _offloaded(m, suffix, fraction, what)
         for m in _BASE
         for suffix, (fraction, what) in OFFLOADED_CHECKPOINTS.items()
     }

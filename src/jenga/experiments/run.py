@@ -363,8 +363,12 @@ def spawn(
     records = read_jsonl(path) if path.exists() else []
     summary = next((r for r in records if r.get("record") == "summary"), None)
     if summary is None:  # the process died without a word: the kernel's OOM killer, or a crash
-        summary = {"record": "summary", "status": "failed", "exit_code": exit_code}
-        summary["host_lowest_available_gib"] = lowest.gib
+        summary = {
+            "record": "summary",
+            "status": "failed",
+            "exit_code": exit_code,
+            "host_lowest_available_gib": lowest.gib,
+        }
         if (killed := host_memory.killed_for_memory(exit_code, lowest.gib)) is not None:
             summary.update(status="oom", stage="host", error=killed)
         with JsonlWriter(path, append=True) as writer:
