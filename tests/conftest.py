@@ -28,8 +28,7 @@ def tiny_llama(kv_heads: int = 4, layers: int = 3, seed: int = 0, **overrides) -
         vocab_size=VOCAB,
         max_position_embeddings=1024,
         use_cache=False,
-        attn_implementation="sdpa",
-        **overrides,
+        **{"attn_implementation": "sdpa", **overrides},
     )
     return LlamaForCausalLM(config).train()
 

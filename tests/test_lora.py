@@ -9,6 +9,8 @@ import torch
 from conftest import add_lora, batch, lora_grads, tiny_llama
 
 from jenga import JengaConfig, apply_jenga, remove_jenga
+from jenga.offload import ActivationOffloader
+from jenga.profiling import SavedTensorMeter
 
 HIDDEN = 64
 
@@ -106,10 +108,10 @@ def test_remove_jenga_restores_peft_forward():
     assert "forward" not in q_proj.__dict__
 
 
-def _fp8_run(attn_keep: float, fp8: bool):
+def _fp8_run(attn_keep: float, fp8: bool, attention: str = "sdpa"):
     """Loss, LoRA gradients and the float8 storages of hidden width that a bf16 tiny Llama (fp32 adapters,
     random A and B) saves, with every layer sparse at `attn_keep`."""
-    model = tiny_llama(kv_heads=2).bfloat16()
+    model = tiny_llama(kv_heads=2, attn_implementation=attention).bfloat16()
     config = JengaConfig(block_size=32, attn_keep=attn_keep, fp8_activations=fp8, dense_first_layers=0)
     apply_jenga(model, replace(config, dense_last_layer=False))
     model = add_lora(model)
@@ -134,13 +136,46 @@ def _fp8_run(attn_keep: float, fp8: bool):
 @pytest.mark.parametrize("attn_keep", [1.0, 0.5])
 def test_fp8_activations_keep_the_forward_and_round_the_lora_gradients(attn_keep):
     """The loss is unchanged; every LoRA gradient stays within 1% of the bf16-saved one in cosine without being
-    equal; each layer saves 4 float8 tensors of hidden width (2 norm inputs, one input shared by q/k/v's
-    adapters, o's input), but the first layer's input norm (the frozen embeddings carry no gradient), plus the
-    final norm's."""
+    equal; each layer saves 3 float8 tensors of hidden width (2 norm inputs, one input shared by q/k/v's
+    adapters; o's input is the fused attention kernel's saved output, kept by reference), but the first layer's
+    input norm (the frozen embeddings carry no gradient), plus the final norm's."""
     loss, grads, _ = _fp8_run(attn_keep, fp8=False)
     fp8_loss, fp8_grads, fp8_saved = _fp8_run(attn_keep, fp8=True)
     assert torch.equal(loss, fp8_loss)
     for name, grad in grads.items():
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), fp8_grads[name].flatten(), dim=0)
         assert cosine > 0.99 and not torch.equal(grad, fp8_grads[name]), name
+    assert fp8_saved == 3 * 3 - 1 + 1
+
+
+def test_o_proj_input_gets_a_float8_copy_only_without_a_fused_attention_kernel():
+    """Under eager attention the attention output is a fresh copy that nothing else saves: o's adapter keeps a
+    float8 copy of it (4 float8 tensors per layer), and the loss is the same as without float8."""
+    loss, _, _ = _fp8_run(1.0, fp8=False, attention="eager")
+    fp8_loss, _, fp8_saved = _fp8_run(1.0, fp8=True, attention="eager")
+    assert torch.equal(loss, fp8_loss)
     assert fp8_saved == 4 * 3 - 1 + 1
+
+
+def test_kept_by_attention_follows_views_to_a_fused_kernels_output():
+    """True for views of a fused SDPA kernel's output (what it saves for backward), false past a copy, for a
+    non-output or for attention in separate ops; the gradient of a LoRA-style product over such a view is the
+    plain autograd one."""
+    from jenga.saved import kept_by_attention
+
+    torch.manual_seed(0)
+    b, t, h, d = 2, 16, 4, 8
+    q, k, v = (torch.randn(b, t, h, d, requires_grad=True) for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    rows = out.transpose(1, 2).reshape(b, t, h * d)  # how transformers hands o_proj its input: a view here
+    assert rows.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    assert kept_by_attention(rows) and kept_by_attention(out)
+    assert not kept_by_attention(rows.clone()) and not kept_by_attention(rows * 1.0)
+    assert not kept_by_attention(q) and not kept_by_attention(rows.detach())
+    scores = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)).softmax(-1)
+    assert not kept_by_attention((scores @ v.transpose(1, 2)).transpose(1, 2))
+    with SavedTensorMeter():  # counts each storage once: the reference stays free
+        assert kept_by_attention(rows)
+    with ActivationOffloader([], budgets=[]):  # copies each save to the host: the float8 copy moves fewer bytes
+        assert not kept_by_attention(rows)
+    assert kept_by_attention(rows)

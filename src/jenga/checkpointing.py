@@ -29,19 +29,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .pinned import offloaded_saves
+from .saved import FUSED_ATTENTION
 
-# The fused attention kernels SDPA dispatches to, one per backend (CUDA's flash, memory-efficient and cuDNN ones,
-# the CPU's flash one): their outputs (the attention output and its softmax statistics) are what backward needs.
-ATTENTION_OPS = frozenset(
-    getattr(torch.ops.aten, name).default
-    for name in (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-    )
-    if hasattr(torch.ops.aten, name)
-)
+# The fused attention kernels' ops (`jenga.saved.FUSED_ATTENTION`) that this torch build has.
+ATTENTION_OPS = frozenset(getattr(torch.ops.aten, n).default for n in FUSED_ATTENTION if hasattr(torch.ops.aten, n))
 
 
 def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:

@@ -10,7 +10,8 @@ of the projection's full width too, memory-bound passes that cost as much time a
 projection reads and saves the bf16 input (one tensor shared by q, k and v), and the up-projection, scaling
 and sum are one bf16 `addmm` on the base output. Gradients reach the fp32 weights through the casts. The
 results differ from PEFT's only by bf16 rounding of the adapter's product, the precision of the base layer.
-With `fp8` the down-projection saves a float8 copy of its input instead (`jenga.fp8`, one copy per tensor).
+With `fp8` the down-projection saves a float8 copy of its input instead (`jenga.fp8`, one copy per tensor),
+except where autograd keeps that input anyway (o_proj's, the fused attention kernel's output: `jenga.saved`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8 import from_fp8, shared_fp8
+from .saved import kept_by_attention
 
 
 class _Fp8Down(torch.autograd.Function):
@@ -66,7 +68,7 @@ def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = 
     for name in self.active_adapters:
         if name in self.lora_A:
             weight = self.lora_A[name].weight.to(x.dtype)
-            down = _Fp8Down.apply(x, weight) if fp8 else F.linear(x, weight)
+            down = _Fp8Down.apply(x, weight) if fp8 and not kept_by_attention(x) else F.linear(x, weight)
             down, up = down.to(result.dtype).flatten(0, -2), self.lora_B[name].weight.to(result.dtype).t()
             flat = torch.addmm(result.flatten(0, -2), down, up, alpha=self.scaling[name])
             result = flat.view_as(result)

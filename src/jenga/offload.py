@@ -69,6 +69,8 @@ class ActivationOffloader(SavedTensorHooks):
     offloaded. `saved`, `offloaded` and `resident` count bytes per layer for the last forward.
     """
 
+    copies_each_save = True  # each saved tensor goes to the host on its own, views of one storage too
+
     def __init__(
         self,
         layers: Sequence[nn.Module],

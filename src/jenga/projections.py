@@ -10,7 +10,8 @@ projections' forward matmuls at keep 0.5.
 Only projections whose backward is known in closed form take this path: a frozen `nn.Linear`, or a PEFT LoRA
 linear with vanilla adapters (no dropout, no bias, no variant such as DoRA) on a frozen `nn.Linear`. Anything
 else (a trainable base or bias, dropout, quantized layers) is recomputed on the kept rows, as before. With `fp8`
-the LoRA projections save a float8 copy of their input (`jenga.fp8`); a frozen linear saves no input at all.
+the LoRA projections save a float8 copy of their input (`jenga.fp8`; o_proj's by reference where autograd keeps
+it anyway, `jenga.saved.kept_by_attention`); a frozen linear saves no input at all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .fp8 import from_fp8, shared_fp8
+from .saved import kept_by_attention
 
 
 class _ProjectionGrad(torch.autograd.Function):
@@ -30,7 +32,7 @@ class _ProjectionGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, x, weight, scalings: tuple[float, ...], fp8: bool, *lora):
         # only LoRA's weight gradients read x
-        saved = (None, None) if not lora else shared_fp8(x) if fp8 else (x, None)
+        saved = (None, None) if not lora else shared_fp8(x) if fp8 and not kept_by_attention(x) else (x, None)
         ctx.save_for_backward(*saved, weight, *lora)
         ctx.scalings, ctx.dtype = scalings, x.dtype
         return value.view_as(value)

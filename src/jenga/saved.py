@@ -1,6 +1,8 @@
 """The one saved-tensor hook mechanism: a context manager whose `_pack` / `_unpack` see every tensor autograd
 saves for backward inside it. `jenga.profiling.SavedTensorMeter` counts them; `jenga.offload.ActivationOffloader`
 moves them to the host. Parameters and buffers (saved by reference, not activations) are told apart by storage.
+`kept_by_attention` says when a tensor is already kept for backward by a fused attention kernel, so that a
+layer reading it in backward saves it by reference instead of a copy.
 """
 
 from __future__ import annotations
@@ -23,12 +25,47 @@ def storage_key(t: torch.Tensor) -> tuple[str, int] | None:
         return None
 
 
+# The fused attention kernels SDPA dispatches to, one per backend (CUDA's flash, memory-efficient and cuDNN ones,
+# the CPU's flash one): each saves its outputs (the attention output and its softmax statistics) for backward.
+FUSED_ATTENTION = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+# Their autograd nodes' names, as PyTorch derives them from the op names.
+_ATTENTION_NODES = frozenset("".join(map(str.capitalize, op.split("_"))) + "Backward0" for op in FUSED_ATTENTION)
+# Autograd nodes of pure views: a tensor reached from its grad_fn through these shares its base's memory.
+_VIEW_NODES = frozenset({"ViewBackward0", "TransposeBackward0", "PermuteBackward0", "AliasBackward0"})
+_ACTIVE: list[SavedTensorHooks] = []  # the entered `SavedTensorHooks`, innermost last
+
+
+def kept_by_attention(x: torch.Tensor) -> bool:
+    """Whether autograd already keeps x's memory for backward as a fused attention kernel's saved output.
+
+    PyTorch's fused SDPA kernels (`FUSED_ATTENTION`) save their output for backward, and the
+    attention output projection's input is usually a view of it. A LoRA on that projection can then save x by
+    reference at no cost, where a float8 copy costs a byte per element (4 KiB per token and layer on Llama-3-8B).
+    False when a copy sits in between (eager attention) or the node is not the kernel's output, and while hooks
+    that copy every saved tensor apart are active (`jenga.offload`: there the float8 copy moves fewer bytes).
+    """
+    if _ACTIVE and _ACTIVE[-1].copies_each_save:
+        return False
+    node, index = x.grad_fn, 0
+    while node is not None and node.name() in _VIEW_NODES:
+        node, index = node.next_functions[0]
+    return node is not None and index == 0 and node.name() in _ATTENTION_NODES and hasattr(node, "_raw_saved_output")
+
+
 class SavedTensorHooks:
     """Installs `saved_tensors_hooks(self._pack, self._unpack)` while the context is active.
 
     `exclude`: tensors whose storages `is_excluded` recognizes (a model's weights). PyTorch applies only the
     innermost saved-tensor hooks, so nested contexts (or non-reentrant checkpointing) hide saves from outer ones.
+    `copies_each_save`: the hooks copy every saved tensor on its own, so two saves of one storage cost twice.
     """
+
+    copies_each_save = False
 
     def __init__(self, exclude: Iterable[torch.Tensor] | None = None) -> None:
         self._excluded = {key for t in exclude or () if (key := storage_key(t)) is not None}
@@ -51,9 +88,11 @@ class SavedTensorHooks:
     def __enter__(self):
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._saved_hooks is not None
+        _ACTIVE.remove(self)
         self._saved_hooks.__exit__(*exc)
         self._saved_hooks = None
