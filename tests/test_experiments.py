@@ -181,6 +181,7 @@ def test_hello_world_checks_pass(capsys):
     assert hello.main() == 0
     out = capsys.readouterr().out
     assert "[PASS] jenga step" in out and "[PASS] kernel" in out and "all checks passed" in out
+    assert "[INFO] attention output kept: on cpu, o_proj's LoRA input is the attention kernel's saved output" in out
 
 
 def test_out_of_memory_includes_library_allocation_failures():

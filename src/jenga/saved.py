@@ -51,10 +51,17 @@ def kept_by_attention(x: torch.Tensor) -> bool:
     """
     if _ACTIVE and _ACTIVE[-1].copies_each_save:
         return False
+    node, index = memory_source(x)
+    return node is not None and index == 0 and node.name() in _ATTENTION_NODES and hasattr(node, "_raw_saved_output")
+
+
+def memory_source(x: torch.Tensor) -> tuple[Any, int]:
+    """(the autograd node whose output x's memory is, that output's index): x's grad_fn past pure views; None for
+    a tensor without one."""
     node, index = x.grad_fn, 0
     while node is not None and node.name() in _VIEW_NODES:
         node, index = node.next_functions[0]
-    return node is not None and index == 0 and node.name() in _ATTENTION_NODES and hasattr(node, "_raw_saved_output")
+    return node, index
 
 
 class SavedTensorHooks:

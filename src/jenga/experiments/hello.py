@@ -141,6 +141,38 @@ def _pinned_copies() -> str:
     return f"a {nbytes / 2**20} MiB tensor went to pinned host memory and back, pinning exactly its bytes"
 
 
+def _attention_output_kept() -> str:
+    """Whether o_proj's LoRA input is the fused attention kernel's saved output here (then it saves no float8 copy
+    of it: `jenga.saved.kept_by_attention`), on a small bf16 Llama with head size 128, as the 7-8B models have."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .. import JengaConfig, apply_jenga
+    from ..saved import kept_by_attention, memory_source
+
+    device = "cuda" if _cuda() else "cpu"
+    config = LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, use_cache=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(device, torch.bfloat16).train()
+    model = apply_jenga(get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "o_proj"])), JengaConfig())
+    seen: list[tuple[bool, str]] = []
+
+    def look(_module, args) -> None:
+        node = memory_source(args[0])[0]
+        seen.append((kept_by_attention(args[0]), "no autograd node" if node is None else node.name()))
+
+    model.get_base_model().model.layers[0].self_attn.o_proj.register_forward_pre_hook(look)
+    ids = torch.randint(0, 128, (1, 256), device=device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    kept, source = seen[0]
+    if kept:
+        return f"on {device}, o_proj's LoRA input is the attention kernel's saved output ({source}): no float8 copy"
+    return f"on {device}, o_proj's LoRA input comes from {source}, not a view of a kernel's output: a float8 copy"
+
+
 def _tiny_training_step() -> str:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -194,6 +226,7 @@ CHECKS: list[tuple[str, str, Callable[[], str]]] = [
     ("PASS", "kernel", _kernel),
     ("PASS", "element-wise kernels", _elementwise_kernels),
     ("PASS", "pinned host copies", _pinned_copies),
+    ("INFO", "attention output kept", _attention_output_kept),
     ("PASS", "jenga step", _tiny_training_step),
 ]
 
