@@ -80,9 +80,9 @@ def test_frozen_lm_head_gets_no_grad() -> None:
 @pytest.mark.parametrize("segment_size", [8, 1000])
 def test_frozen_head_takes_the_gradient_in_forward(monkeypatch: pytest.MonkeyPatch, segment_size: int) -> None:
     """With a frozen head (LoRA) the logits are computed once per segment (no recompute in backward), the
-    saved gradient is the hidden states' size, and loss and gradient still match transformers', in fp32, under
-    autocast and with `num_items_in_batch`; all labels ignored gives zero gradients, not nan; an upstream
-    gradient other than 1 scales the gradient."""
+    saved gradient is the hidden states' size and replaces them among the saved tensors, and loss and gradient
+    still match transformers', in fp32, under autocast and with `num_items_in_batch`; all labels ignored gives
+    zero gradients, not nan; an upstream gradient other than 1 scales the gradient."""
     hidden, lm_head, labels = _make()
     lm_head.requires_grad_(False)
     active = len(
@@ -98,7 +98,7 @@ def test_frozen_head_takes_the_gradient_in_forward(monkeypatch: pytest.MonkeyPat
     grad = _grads(loss, hidden, lm_head)[0]
     monkeypatch.undo()
     assert len(calls) == active
-    budget = sum(t.numel() * t.element_size() for t in (hidden, hidden, labels, lm_head.weight, lm_head.bias))
+    budget = sum(t.numel() * t.element_size() for t in (hidden, labels, lm_head.weight, lm_head.bias))
     assert sum(t.numel() * t.element_size() for t in saved) <= budget + 64
     torch.testing.assert_close(loss, _dense(hidden, lm_head, labels), rtol=1e-6, atol=0)
     torch.testing.assert_close(grad, _grads(_dense(hidden, lm_head, labels), hidden, lm_head)[0], rtol=1e-5, atol=1e-7)

@@ -46,7 +46,8 @@ class _SegmentedCrossEntropy(torch.autograd.Function):
 
     When only the hidden states need a gradient (a frozen head: LoRA), forward computes it with the loss, from
     each segment's logits while they exist, scaled as backward would scale it for an upstream gradient of 1, and
-    saves it (the hidden states' size); backward multiplies it by the upstream gradient (exact for 1). Otherwise
+    saves it (the hidden states' size) instead of the hidden states; backward multiplies it by the upstream
+    gradient (exact for 1). Otherwise
     only the inputs (by reference) and the shifted labels are saved, and backward recomputes each segment's
     logits: one more lm_head matmul, peak memory still one segment's logits.
     """
@@ -76,7 +77,9 @@ class _SegmentedCrossEntropy(torch.autograd.Function):
             if grad_flat is not None:  # under the caller's autocast, as the recompute below runs
                 grads = _logit_grads(logits, labels, ignore_index, row_scale[start : start + segment_size])
                 grad_flat[start : start + segment_size] = grads.to(logits.dtype) @ weight
-        ctx.save_for_backward(hidden, weight, bias, shift_labels, normalizer, grad_flat)
+        # With the gradient taken, backward needs only the hidden states' shape: saving them would keep them alive.
+        ctx.save_for_backward(None if grad_now else hidden, weight, bias, shift_labels, normalizer, grad_flat)
+        ctx.hidden_shape = hidden.shape
         ctx.starts = starts
         ctx.segment_size = segment_size
         ctx.ignore_index = ignore_index
@@ -91,7 +94,7 @@ class _SegmentedCrossEntropy(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
         hidden, weight, bias, shift_labels, normalizer, scaled = ctx.saved_tensors
         if scaled is not None:  # computed in forward for an upstream gradient of 1
-            return (scaled * grad_loss).view(hidden.shape), None, None, None, None, None, None
+            return (scaled * grad_loss).view(ctx.hidden_shape), None, None, None, None, None, None
         row_scale = _row_scale(shift_labels, ctx.ignore_index, grad_loss / normalizer)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         flat = hidden.reshape(-1, hidden.shape[-1])
