@@ -47,9 +47,8 @@ class _SegmentedCrossEntropy(torch.autograd.Function):
     When only the hidden states need a gradient (a frozen head: LoRA), forward computes it with the loss, from
     each segment's logits while they exist, scaled as backward would scale it for an upstream gradient of 1, and
     saves it (the hidden states' size) instead of the hidden states; backward multiplies it by the upstream
-    gradient (exact for 1). Otherwise
-    only the inputs (by reference) and the shifted labels are saved, and backward recomputes each segment's
-    logits: one more lm_head matmul, peak memory still one segment's logits.
+    gradient (exact for 1). Otherwise only the inputs (by reference) and the shifted labels are saved, and
+    backward recomputes each segment's logits: one more lm_head matmul, peak memory still one segment's logits.
     """
 
     @staticmethod
