@@ -65,10 +65,11 @@ def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = 
     if not (torch.is_grad_enabled() and _is_plain_lora(self, x, args, kwargs)):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
+    copy = fp8 and not kept_by_attention(x)  # one decision for every adapter: they all read x
     for name in self.active_adapters:
         if name in self.lora_A:
             weight = self.lora_A[name].weight.to(x.dtype)
-            down = _Fp8Down.apply(x, weight) if fp8 and not kept_by_attention(x) else F.linear(x, weight)
+            down = _Fp8Down.apply(x, weight) if copy else F.linear(x, weight)
             down, up = down.to(result.dtype).flatten(0, -2), self.lora_B[name].weight.to(result.dtype).t()
             flat = torch.addmm(result.flatten(0, -2), down, up, alpha=self.scaling[name])
             result = flat.view_as(result)
