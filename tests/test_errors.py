@@ -21,6 +21,14 @@ def test_apply_jenga_rejects_a_dict_config():
         apply_jenga(tiny_llama(), 0.5)
 
 
+def test_apply_jenga_rejects_a_scorer_beside_a_predictor():
+    """The predictor brings its own scorer; taking both would drop one without a word."""
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="a scorer or a predictor, not both"):
+        apply_jenga(model, JengaConfig(), scorer=lambda *args: None, predictor="unused-folder")
+    assert jenga_state(model) is None
+
+
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
 def test_apply_jenga_rejects_attention_it_cannot_serve(impl):
     model = tiny_llama()

@@ -99,6 +99,24 @@ def test_lean_lora_is_as_close_to_fp32_as_peft_in_bf16():
     assert errors[True].max() <= 1.25 * errors[False].max()
 
 
+@pytest.mark.parametrize("option", [{"lora_bias": True}, {"use_dora": True}])
+def test_lean_lora_leaves_adapters_it_does_not_compute_to_peft(option):
+    """A LoRA bias or a variant (DoRA) is not vanilla LoRA: the lean path hands the call to PEFT, whose output it
+    must then equal exactly (the lean path would drop B's bias, or DoRA's magnitude)."""
+    from peft import LoraConfig, get_peft_model
+
+    from jenga.lora import lean_lora_forward
+
+    linear = torch.nn.Sequential(torch.nn.Linear(HIDDEN, HIDDEN)).bfloat16()
+    config = LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, **option)
+    layer = get_peft_model(linear, config).base_model.model[0]
+    for param in layer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float() + 0.5  # fp32 adapters on a bf16 layer, biases far from 0
+    x = torch.randn(2, 8, HIDDEN, dtype=torch.bfloat16)
+    torch.testing.assert_close(lean_lora_forward(layer, x, fp8=True), layer(x), rtol=0, atol=0)
+
+
 def test_remove_jenga_restores_peft_forward():
     model = _bf16_model_with_fp32_lora("peft-first")
     _loss_grads_and_fp32_saves(model, batch(1, 64))

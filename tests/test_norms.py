@@ -148,4 +148,4 @@ def test_fused_forward_names_bad_inputs():
     from jenga.kernels.rms_norm import rms_norm_forward
 
     with pytest.raises(ValueError, match="last dimension"):
-        rms_norm_forward(torch.randn(4, 8), torch.ones(7), 1e-5, fp8=False)
+        rms_norm_forward(torch.randn(4, 8), torch.ones(7), 1e-5, fp8=False, fp8_max=448.0)

@@ -194,7 +194,7 @@ class JengaConfig:
         """Build from a dict, translating older schemas. Schema 1 (no `schema_version`): `eliminated_local=False`
         (or no such field: it predates the field) is `eliminated="zero"`; the removed block-local pass (`True`)
         becomes the default "dense". Schemas 1-2: renamed fields take their new names, removed ones are dropped,
-        and the dense-layer rule is cleared when both schedules are lists (it did nothing there). Schemas 1-4:
+        and the dense-layer rule is cleared when both schedules are lists (it did nothing there). Schemas 1-5:
         a missing keep ratio takes that schema's default. Schema 4's `mlp_fp8` becomes `fp8_activations`, which
         also rounds the RMSNorm and attention LoRA inputs; before schema 6 a missing `fp8_activations` is False."""
         data = dict(data)

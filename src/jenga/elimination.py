@@ -134,8 +134,8 @@ class _RowGradient(torch.autograd.Function):
 class TokenSelection:
     """The kept token positions of a batch, and how to move tensors between full and kept layouts.
 
-    index: (B, L) original positions (clamped into range); valid: (B, L) bool marking positions of a
-    kept partial block that lie past the sequence end, or None when every kept position is real.
+    index: (B, L) original positions (clamped into range); valid: (B, L) bool, True for real positions and False
+    for those of a kept partial block that lie past the sequence end, or None when every kept position is real.
     """
 
     index: torch.Tensor
@@ -285,7 +285,7 @@ class Selector:
     """A patched model's block selection: the config, the scorer, and what selection remembers within a step.
 
     pending: selections of checkpointed layers, made in forward and reused by the backward-time recompute.
-    shared: (layer, (seq_len, batch, kept blocks), selection) of the last scoring layer, for `shared_selection`.
+    shared: (layer, (seq_len, batch, kept blocks), selection) of the first scoring layer, for `shared_selection`.
     """
 
     config: JengaConfig

@@ -46,18 +46,29 @@ class _Fp8Down(torch.autograd.Function):
         return grad_x, grad_weight
 
 
+def vanilla_adapters(layer: nn.Module) -> list[str] | None:
+    """The active adapters of a PEFT LoRA layer when each is vanilla LoRA (`x @ A.T @ B.T * scaling`: no variant
+    such as DoRA, no dropout, no LoRA biases) and the layer is neither disabled nor merged; else None. The paths
+    that compute an adapter themselves (the lean forward here, `jenga.projections`' closed-form backward) take
+    only these."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    names = [name for name in layer.active_adapters if name in layer.lora_A]
+    for name in names:
+        if name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity):
+            return None
+        if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
+            return None  # lora_bias=True
+    return names
+
+
 def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
     """Whether this call is vanilla LoRA with a dtype cast, the only case the lean path replaces."""
-    if args or kwargs or layer.disable_adapters or layer.merged or not getattr(layer, "cast_input_dtype_enabled", True):
+    if args or kwargs or not getattr(layer, "cast_input_dtype_enabled", True):
         return False
-    for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        if name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity):
-            return False
-        if layer.lora_A[name].weight.dtype == x.dtype:  # no cast, nothing to save twice
-            return False
-    return True
+    names = vanilla_adapters(layer)
+    # no cast, nothing to save twice
+    return names is not None and all(layer.lora_A[name].weight.dtype != x.dtype for name in names)
 
 
 def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = False, **kwargs: Any) -> torch.Tensor:
@@ -66,13 +77,12 @@ def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = 
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     copy = fp8 and not kept_by_attention(x)  # one decision for every adapter: they all read x
-    for name in self.active_adapters:
-        if name in self.lora_A:
-            weight = self.lora_A[name].weight.to(x.dtype)
-            down = _Fp8Down.apply(x, weight) if copy else F.linear(x, weight)
-            down, up = down.to(result.dtype).flatten(0, -2), self.lora_B[name].weight.to(result.dtype).t()
-            flat = torch.addmm(result.flatten(0, -2), down, up, alpha=self.scaling[name])
-            result = flat.view_as(result)
+    for name in vanilla_adapters(self):
+        weight = self.lora_A[name].weight.to(x.dtype)
+        down = _Fp8Down.apply(x, weight) if copy else F.linear(x, weight)
+        down, up = down.to(result.dtype).flatten(0, -2), self.lora_B[name].weight.to(result.dtype).t()
+        flat = torch.addmm(result.flatten(0, -2), down, up, alpha=self.scaling[name])
+        result = flat.view_as(result)
     return result
 
 

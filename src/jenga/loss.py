@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .autocast import autocast_state
+from .config import JengaConfig
 
 __all__ = ["segmented_causal_lm_loss"]
 
@@ -130,7 +131,7 @@ def segmented_causal_lm_loss(
     hidden_states: Tensor,
     lm_head: nn.Linear,
     labels: Tensor,
-    segment_size: int = 1024,
+    segment_size: int = JengaConfig.loss_chunk_tokens,
     ignore_index: int = -100,
     num_items_in_batch: int | Tensor | None = None,
 ) -> Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import activations
 
 from .autocast import compute_dtype
+from .config import JengaConfig
 from .fp8 import FP8, FP8_MAX, from_fp8, to_fp8
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -194,7 +195,7 @@ def gated_mlp(
     down: torch.nn.Linear,
     act_fn: Activation,
     keep: float,
-    chunk: int = 4096,
+    chunk: int = JengaConfig.mlp_chunk_tokens,
     fp8: bool = False,
     recompute: bool = False,
 ) -> torch.Tensor:

@@ -128,7 +128,7 @@ class SublayerSavedMeter(SavedTensorMeter):
     def __init__(
         self, model: torch.nn.Module, rules: Iterable[tuple[str, str]] = SUBLAYER_RULES, **kwargs: Any
     ) -> None:
-        super().__init__(exclude=kwargs.pop("exclude", [*model.parameters(), *model.buffers()]), **kwargs)
+        super().__init__(exclude=kwargs.pop("exclude", self.weights(model)), **kwargs)
         compiled = [(re.compile(pattern + "$"), name) for pattern, name in rules]
         self._modules = [
             (module, name)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .fp8 import from_fp8, shared_fp8
+from .lora import vanilla_adapters
 from .saved import kept_by_attention
 
 
@@ -62,22 +63,13 @@ def _closed_form(module: nn.Module) -> tuple[torch.Tensor, tuple[float, ...], li
         return None if any(p.requires_grad for p in module.parameters()) else (module.weight, (), [])
     from peft.tuners.lora import Linear as LoraLinear
 
-    if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
+    names = vanilla_adapters(module) if isinstance(module, LoraLinear) else None
+    base = getattr(module, "base_layer", None)
+    if names is None or type(base) is not nn.Linear or any(p.requires_grad for p in base.parameters()):
         return None
-    base = module.base_layer
-    if type(base) is not nn.Linear or any(p.requires_grad for p in base.parameters()):
-        return None
-    scalings, lora = [], []
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        if name in module.lora_variant or not isinstance(module.lora_dropout[name], nn.Identity):
-            return None
-        if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
-            return None  # LoRA biases (lora_bias=True) have no place in the closed form
-        scalings.append(float(module.scaling[name]))
-        lora += [module.lora_A[name].weight, module.lora_B[name].weight]
-    return base.weight, tuple(scalings), lora
+    scalings = tuple(float(module.scaling[name]) for name in names)
+    lora = [w for name in names for w in (module.lora_A[name].weight, module.lora_B[name].weight)]
+    return base.weight, scalings, lora
 
 
 @contextmanager

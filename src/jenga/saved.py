@@ -78,10 +78,15 @@ class SavedTensorHooks:
         self._excluded = {key for t in exclude or () if (key := storage_key(t)) is not None}
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
+    @staticmethod
+    def weights(model: torch.nn.Module) -> list[torch.Tensor]:
+        """`model`'s parameters and buffers: what the hooks exclude, since weights are not activations."""
+        return [*model.parameters(), *model.buffers()]
+
     @classmethod
     def for_model(cls, model: torch.nn.Module, *args: Any, **kwargs: Any):
-        """The hooks with `model`'s parameters and buffers excluded (weights are not activations)."""
-        return cls(*args, exclude=[*model.parameters(), *model.buffers()], **kwargs)
+        """The hooks with `model`'s weights excluded."""
+        return cls(*args, exclude=cls.weights(model), **kwargs)
 
     def is_excluded(self, t: torch.Tensor) -> bool:
         return storage_key(t) in self._excluded

@@ -131,7 +131,7 @@ def _rms_norm_forward_kernel(
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool, fp8_max: float = 448.0
+    x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool, fp8_max: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(`weight * (x * rstd).to(x.dtype)` in PyTorch's result dtype of weight and x, rstd (rows, 1) in fp32, and
     with `fp8` x's float8 copy and scales as `jenga.fp8.to_fp8` makes them, else None twice), in one pass."""

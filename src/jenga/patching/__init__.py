@@ -88,11 +88,11 @@ def apply_jenga(
     """Patch `model` in place for sparse long-context training and return it.
 
     Works before or after `peft.get_peft_model`. Elimination and sparse saving act only in training mode;
-    `model.eval()` and generation run the dense model. `scorer` replaces the oracle block score (the
-    predictor issue plugs learned predictors in here); `predictor` (a folder written by
-    `python -m jenga.experiments.predictor_train`, or a loaded `PredictorBundle`) selects blocks with learned predictors
-    and, when `config` is None, brings the config it was trained with. `fp8_activations=None` (the default) is
-    resolved for the model's family; `jenga_state(model).config` holds the config that runs.
+    `model.eval()` and generation run the dense model. `scorer` replaces the oracle block score; `predictor` (a
+    folder written by `python -m jenga.experiments.predictor_train`, or a loaded `PredictorBundle`) selects blocks
+    with learned predictors instead and, when `config` is None, brings the config it was trained with.
+    `fp8_activations=None` (the default) is resolved for the model's family; `jenga_state(model).config` holds the
+    config that runs.
 
     `lean_norms`: norms whose autograd keeps fp32 copies are replaced by `jenga.norms` (same outputs, fewer
     saved bytes). `lean_lora`: PEFT LoRA layers on the attention projections compute in the model's dtype with
@@ -113,10 +113,12 @@ def apply_jenga(
     check_attention(base)
     if jenga_state(base) is not None:
         raise RuntimeError("Jenga is already applied to this model; call remove_jenga(model) first")
+    if scorer is not None and predictor is not None:
+        raise TypeError("apply_jenga takes a scorer or a predictor, not both: the predictor's scorer would replace it")
+    layers = adapter.decoder_layers(base)
     if predictor is not None:
         bundle = predictor if isinstance(predictor, PredictorBundle) else PredictorBundle.load(predictor)
         config = config or bundle.config
-        layers = adapter.decoder_layers(base)
         sparse = config.sparse_layers(len(layers))
         bundle.check_fits(base.config.hidden_size, len(layers), sparse)
         scorer = bundle.placed_like(base).scorer()
@@ -135,7 +137,6 @@ def apply_jenga(
         )
     if config.fp8_activations is None:  # the default: on where the family has the path
         config = dataclasses.replace(config, fp8_activations=adapter.gated_mlp)
-    layers = adapter.decoder_layers(base)
     state = JengaState(
         config=config,
         adapter=adapter,
@@ -147,7 +148,7 @@ def apply_jenga(
     )
     for idx, layer in enumerate(layers):
         patch_attention(adapter.attention(layer), idx, state, layer)
-        adapter.patch_mlp(layer, idx, state.mlp_keep[idx], state)
+        adapter.patch_mlp(layer, state.mlp_keep[idx], state)
     if lean_norms:
         adapter.patch_norms(base, state)
     adapter.patch_functions(base, state)

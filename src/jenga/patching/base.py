@@ -85,8 +85,8 @@ class FamilyAdapter:
         the q and k projections' outputs when a pass already computed them."""
         raise NotImplementedError
 
-    def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
-        """Install the sparse-saved MLP on `layer`; return the module whose forward was overridden."""
+    def patch_mlp(self, layer: nn.Module, keep: float, state: JengaState) -> None:
+        """Install the sparse-saved MLP on `layer`, saving `keep` of its channels for backward."""
         raise NotImplementedError
 
     def patch_norms(self, model: nn.Module, state: JengaState) -> None:

@@ -32,7 +32,7 @@ class LlamaFamilyAdapter(FamilyAdapter):
         q, k = rotate(q, k, cos, sin)
         return q, k, attn.scaling
 
-    def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
+    def patch_mlp(self, layer: nn.Module, keep: float, state: JengaState) -> None:
         mlp = layer.mlp
         original = type(mlp).forward
 
@@ -47,7 +47,6 @@ class LlamaFamilyAdapter(FamilyAdapter):
             return gated_mlp(x, *projections, self.act_fn, keep, chunk, fp8, recompute=state.mlp_recompute)
 
         override_forward(mlp, forward, state)
-        return mlp
 
     def patch_norms(self, model: nn.Module, state: JengaState) -> None:
         """Every RMSNorm (two per layer and the final one) keeps its input, not an fp32 copy, for backward."""

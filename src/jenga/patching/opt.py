@@ -30,7 +30,7 @@ class OPTAdapter(FamilyAdapter):
         q, k = (q * attn.scaling).view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
         return q, k, 1.0
 
-    def patch_mlp(self, layer: nn.Module, layer_idx: int, keep: float, state: JengaState) -> nn.Module:
+    def patch_mlp(self, layer: nn.Module, keep: float, state: JengaState) -> None:
         """OPT's MLP is inline in the decoder layer, so the activation module carries the sparse saving.
 
         PEFT never wraps the activation, so this stays correct whether LoRA is added before or after.
@@ -46,4 +46,3 @@ class OPTAdapter(FamilyAdapter):
             return sparse_activation(pre, functools.partial(original, self), keep)
 
         override_forward(act, forward, state)
-        return act

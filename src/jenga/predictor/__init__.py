@@ -1,6 +1,6 @@
 """Pattern prediction: learned per-layer predictors that choose token blocks before attention runs."""
 
 from .bundle import PredictorBundle, PredictorMismatchError
-from .model import BlockPredictor, pool_blocks
+from .model import BlockPredictor
 
-__all__ = ["BlockPredictor", "PredictorBundle", "PredictorMismatchError", "pool_blocks"]
+__all__ = ["BlockPredictor", "PredictorBundle", "PredictorMismatchError"]

@@ -67,17 +67,17 @@ class Tower(nn.Module):
         """Fraction of inputs on which each unit was active since the last reset (zeros if none seen)."""
         return self.active_count / self.seen.clamp_min(1)
 
-    def prune(self, threshold: float, min_units: int = 1) -> int:
-        """Drop units active on less than `threshold` of inputs (keeping at least `min_units`); returns the count.
+    def prune(self, threshold: float) -> int:
+        """Drop units active on less than `threshold` of inputs (keeping at least the most active one); returns the
+        count dropped.
 
         Outputs are unchanged for inputs on which the dropped units were inactive, which is the point: they
         contributed nothing there.
         """
         activity = self.activity()
         keep = activity >= threshold
-        if int(keep.sum()) < min_units:
-            keep = torch.zeros_like(keep)
-            keep[activity.topk(min_units).indices] = True
+        if not keep.any():
+            keep[activity.argmax()] = True
         dropped = self.units - int(keep.sum())
         if dropped:
             index = keep.nonzero().squeeze(1)
