@@ -630,3 +630,88 @@ def test_mlp_recompute_gives_the_same_training_step_and_needs_a_gated_mlp():
     with pytest.raises(JengaConfigError, match="mlp_recompute"):
         apply_jenga(opt, mlp_recompute=True)
     assert jenga_state(opt) is None
+
+
+def test_a_no_grad_pass_between_steps_leaves_the_next_steps_gradients_alone(family):
+    """A train-mode forward without autograd (a reference or logging pass) runs the model's own forward and
+    queues no selection: under checkpointing with elimination, the next step's recompute must not pick up a
+    selection made for another batch."""
+    other, ids = batch(2, 160, seed=7), batch(2, 160)
+    config = JengaConfig(block_size=16, attn_keep=0.4, dense_first_layers=0, fp8_activations=False)
+
+    def scorer(layer_idx, hidden, token_valid, block_size, query_key):  # the blocks' hidden norms: data-driven
+        norms = torch.nn.functional.pad(hidden.float().norm(dim=-1), (0, -hidden.shape[1] % block_size))
+        return norms.view(hidden.shape[0], -1, block_size).sum(-1)
+
+    def step(checkpointing: bool, no_grad_pass: bool):
+        base = MODEL_BUILDERS[family]()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_jenga(add_lora(base), config, scorer=scorer)
+        if no_grad_pass:
+            with torch.no_grad():
+                model(input_ids=other, labels=other)
+            assert not any(jenga_state(model).selector.pending.values())
+        return loss_and_grads(model, ids)
+
+    ref_loss, ref_grads = step(False, False)
+    loss, grads = step(True, True)
+    assert rel_err(loss, ref_loss) < 1e-6
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+def test_generation_in_train_mode_with_elimination_is_the_dense_models():
+    """generate() runs without autograd, so a model left in train mode decodes densely with its KV cache."""
+    model = apply_jenga(tiny_llama(), JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0))
+    prompt = batch(1, 200)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "use_cache": True}
+    trained = model.generate(prompt, **kwargs)
+    model.eval()
+    assert torch.equal(trained, model.generate(prompt, **kwargs))
+
+
+def test_a_patched_model_deep_copies_and_both_remove_cleanly(family):
+    """An EMA or reference model is a deep copy: it trains the same loss, and removing Jenga from the copy and
+    the original both work (the process-wide rotary swap is undone once)."""
+    import copy
+
+    model = apply_jenga(add_lora(MODEL_BUILDERS[family]()), JengaConfig())
+    clone = copy.deepcopy(model)
+    ids = batch(2, 96)
+    assert rel_err(loss_and_grads(clone, ids)[0], loss_and_grads(model, ids)[0]) == 0
+    remove_jenga(clone)
+    remove_jenga(model)
+    assert apply_rotary_pos_emb.__module__ == "transformers.models.llama.modeling_llama"
+
+
+def test_return_dict_false_and_a_wrapped_lm_head_give_the_models_loss(caplog):
+    """`return_dict=False` returns a tuple, loss first; an LM head PEFT wraps (modules_to_save) is not a plain
+    linear layer, so the model computes its own loss, with one warning that names the switch."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = batch(2, 96)
+    model = apply_jenga(tiny_llama(), DENSE)
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and rel_err(as_tuple[0], model(input_ids=ids, labels=ids).loss) == 0
+
+    def wrapped(patched: bool):
+        base = tiny_llama()
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        peft = get_peft_model(base, config)
+        return apply_jenga(peft, DENSE) if patched else peft
+
+    with caplog.at_level("WARNING"):
+        loss = wrapped(True)(input_ids=ids, labels=ids).loss
+    assert "loss_chunk_tokens=0" in caplog.text
+    assert rel_err(loss, wrapped(False)(input_ids=ids, labels=ids).loss) < 1e-6
+
+
+def test_remove_jenga_restores_the_copies_peft_made_of_patched_modules():
+    """Jenga before PEFT with modules_to_save: PEFT copies the patched norms; removing Jenga restores those too."""
+    from peft import LoraConfig, get_peft_model
+
+    base = apply_jenga(tiny_llama(), DENSE)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"]))
+    remove_jenga(model)
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -154,8 +156,13 @@ def apply_jenga(
     adapter.patch_functions(base, state)
     if config.loss_chunk_tokens > 0:
         patch_causal_lm_loss(base, state)
+    state.hooks.append(adapter.backbone(base).register_forward_pre_hook(functools.partial(_note_grad_mode, state)))
     base.__dict__["_jenga"] = state
     return model
+
+
+def _note_grad_mode(state: JengaState, module: nn.Module, args: tuple) -> None:
+    state.grad_at_entry = torch.is_grad_enabled()
 
 
 def remove_jenga(model: nn.Module) -> nn.Module:
@@ -164,10 +171,14 @@ def remove_jenga(model: nn.Module) -> nn.Module:
     state = base.__dict__.pop("_jenga", None)
     if state is None:
         raise RuntimeError("Jenga is not applied to this model")
-    for module in state.patched:
+    # PEFT's modules_to_save copies modules, patched forwards included, when it wraps after apply_jenga
+    copies = [m for m in base.modules() if getattr(m.__dict__.get("forward"), "__qualname__", "").startswith("jenga[")]
+    for module in [*state.patched, *copies]:
         restore_forward(module)
-    for module, name in state.swapped:
-        restore_function(module, name)
+    for module_name, name in state.swapped:
+        restore_function(module_name, name)
+    for hook in state.hooks:
+        hook.remove()
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +54,11 @@ ScaledQK = tuple[torch.Tensor, torch.Tensor, float]
 DENSE_MLP_MESSAGE = (
     "Jenga: MLPs with trainable or non-standard projections (e.g. LoRA on MLP layers, quantized linears) "
     "use the dense MLP path, which saves full activations for backward."
+)
+WRAPPED_HEAD_MESSAGE = (
+    "Jenga: the LM head is a {}, not a plain nn.Linear (PEFT's modules_to_save or LoRA on lm_head): the model "
+    "computes its own loss from full logits instead of the segmented loss. JengaConfig(loss_chunk_tokens=0) says so "
+    "up front and silences this."
 )
 
 
@@ -108,8 +114,12 @@ class JengaState:
     lean_lora: bool = True
     mlp_recompute: bool = False
     patched: list[nn.Module] = field(default_factory=list)
-    swapped: list[tuple[types.ModuleType, str]] = field(default_factory=list)  # see `swap_function`
+    # (module's import name, function name) per `swap_function`: names, not modules, so a patched model deep-copies
+    swapped: list[tuple[str, str]] = field(default_factory=list)
     last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
+    # whether the model's last forward began with autograd on; off (generation, a no-grad pass), no backward follows
+    grad_at_entry: bool = True
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -133,8 +143,8 @@ def restore_forward(module: nn.Module) -> None:
     module.__dict__.pop("forward", None)
 
 
-# Module-level functions swapped while patched models use them: (module, name) -> [original, number of users].
-_SWAPPED: dict[tuple[types.ModuleType, str], list] = {}
+# Module-level functions swapped while patched models use them: (module name, name) -> [original, number of users].
+_SWAPPED: dict[tuple[str, str], list] = {}
 
 
 def swap_function(module: types.ModuleType, name: str, wrap: Callable[[Callable], Callable], state: JengaState) -> None:
@@ -143,19 +153,24 @@ def swap_function(module: types.ModuleType, name: str, wrap: Callable[[Callable]
     For functions a family's modeling code calls by module-level name (the rotary embedding), which no instance
     override reaches. The swap is process-wide, so `wrap` must compute exactly what the original computes.
     """
-    entry = _SWAPPED.setdefault((module, name), [getattr(module, name), 0])
+    key = (module.__name__, name)
+    entry = _SWAPPED.setdefault(key, [getattr(module, name), 0])
     if entry[1] == 0:
         setattr(module, name, wrap(entry[0]))
     entry[1] += 1
-    state.swapped.append((module, name))
+    state.swapped.append(key)
 
 
-def restore_function(module: types.ModuleType, name: str) -> None:
-    entry = _SWAPPED[(module, name)]
+def restore_function(module_name: str, name: str) -> None:
+    """Count one user fewer of a swap; the last one puts the original back. A deep copy of a patched model
+    shares its original's swaps without counting as a user: removing Jenga from both restores once."""
+    entry = _SWAPPED.get((module_name, name))
+    if entry is None:
+        return
     entry[1] -= 1
     if entry[1] == 0:
-        setattr(module, name, entry[0])
-        del _SWAPPED[(module, name)]
+        setattr(sys.modules[module_name], name, entry[0])
+        del _SWAPPED[(module_name, name)]
 
 
 def frozen_linears(*modules: nn.Module) -> bool:
@@ -234,7 +249,10 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     def forward(self, *args, **kwargs):
         if state.lean_lora and self.training:
             _lean_lora(self, state)
-        if not self.training or keep >= 1.0:
+        # A forward that began without autograd has no backward to save for (generation in train mode keeps its
+        # KV cache); a no-grad call inside a grad forward is a reentrant checkpoint's, which selects as usual.
+        inference = not (state.grad_at_entry or torch.is_grad_enabled())
+        if not self.training or keep >= 1.0 or inference:
             return original(self, *args, **kwargs)
         call = _flatten_call(signature, (self, *args), kwargs)
         call.pop("self")
@@ -289,24 +307,26 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
         call = _flatten_call(signature, (self, *args), kwargs)
         if not self.training or call.get("labels") is None:
             return original(self, *args, **kwargs)
+        head = self.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            warn_once("wrapped-lm-head", WRAPPED_HEAD_MESSAGE.format(type(head).__name__))
+            return original(self, *args, **kwargs)
         call.pop("self")
         labels = call.pop("labels")
         num_items = call.pop("num_items_in_batch", None)
+        return_dict = call.pop("return_dict", None)
         call.pop("logits_to_keep", None)
-        outputs = adapter.backbone(self)(**call)
+        outputs = adapter.backbone(self)(**call, return_dict=True)
         loss = segmented_causal_lm_loss(
-            outputs.last_hidden_state,
-            self.get_output_embeddings(),
-            labels,
-            segment_size=chunk,
-            num_items_in_batch=num_items,
+            outputs.last_hidden_state, head, labels, segment_size=chunk, num_items_in_batch=num_items
         )
-        return CausalLMOutputWithPast(
+        result = CausalLMOutputWithPast(
             loss=loss,
             logits=None,
             **{OUTPUT_CACHE: getattr(outputs, OUTPUT_CACHE, None)},
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
+        return result.to_tuple() if return_dict is False else result
 
     override_forward(model, forward, state)
