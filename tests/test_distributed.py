@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -231,7 +232,15 @@ def test_one_sweep_launches_multi_gpu_configurations(monkeypatch, tmp_path):
         return [{"status": "ok"} for _ in job.seqs]
 
     monkeypatch.setattr(distributed, "launch", fake_launch)
-    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: single.append(cmd) or SimpleNamespace(returncode=0))
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kwargs):  # the runner's workers are recorded, not run; git (for headers) runs
+        if "--worker" not in cmd:
+            return real_run(cmd, **kwargs)
+        single.append(cmd)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
     with JsonlWriter(run.log_path(tmp_path, "m", "lora", 1024)) as writer:
         writer.write({"record": "summary", "status": "ok"})
     argv = ["--model", "m", "--methods", "lora", "jenga", "--seqs", "2048", "1024", "--logs", str(tmp_path)]
@@ -247,9 +256,13 @@ def test_one_sweep_launches_multi_gpu_configurations(monkeypatch, tmp_path):
         ["lora", "2048"], ["jenga", "1024"], ["jenga", "2048"]
     ]  # fmt: skip
     assert not launched
-    for bad in (["--num-gpus", "2", "--max-length"], ["--num-gpus", "2", "--breakdown"], ["--num-gpus", "0"]):
+    single_gpu_only = (["--max-length"], ["--breakdown"], ["--data", str(tmp_path)])
+    for bad in (*(["--num-gpus", "2", *flag] for flag in single_gpu_only), ["--num-gpus", "0"]):
         with pytest.raises(SystemExit):
             run.main([*argv, *bad])
+    for start in ("3000", "1048576"):  # off the search's step, past its cap
+        with pytest.raises(SystemExit):
+            run.main([*argv, "--max-length", "--length-step", "1024", "--cap", "8192", "--start", start])
     with pytest.raises(SystemExit):
         run.main([*argv, "--num-gpus", "2", "--backend", "horovod"])
 

@@ -224,12 +224,14 @@ def test_runner_profile_writes_one_more_steps_operators(tmp_path):
 
 def test_longest_length_table_names_the_host_memory_at_the_longest_length(tmp_path):
     """The max-length section brackets each method's limit and shows its process's peak host memory there (where
-    offloaded checkpoints live); a ratio is against LoRA of the same checkpointing."""
+    offloaded checkpoints live); a ratio is against LoRA of the same checkpointing and offload."""
     from jenga.plotting.results import max_length_section
 
     for method, seq, status, host in [
-        ("lora+ckpt", 65536, "ok", 3.0),
-        ("lora+ckpt", 98304, "oom", 3.5),
+        ("lora+ckpt", 131072, "ok", 3.0),
+        ("lora+ckpt", 196608, "oom", 3.5),
+        ("lora+offckpt", 65536, "ok", 40.0),
+        ("lora+offckpt", 98304, "oom", None),
         ("jenga+offckpt", 131072, "ok", 70.25),
         ("jenga+offckpt", 196608, "oom", None),
     ]:
@@ -241,7 +243,7 @@ def test_longest_length_table_names_the_host_memory_at_the_longest_length(tmp_pa
         (tmp_path / f"m_{method}_{seq}.jsonl").write_text("\n".join(lines) + "\n")
     table = max_length_section(tmp_path)
     assert "| m | jenga+offckpt | 131072 | 196608 | 2.00x | 70.2 |" in table
-    assert "| m | lora+ckpt | 65536 | 98304 |  | 3.0 |" in table
+    assert "| m | lora+ckpt | 131072 | 196608 |  | 3.0 |" in table
 
 
 # A stand-in for Unsloth's loader API (the real package needs a GPU to import): transformers and PEFT underneath,
@@ -388,7 +390,8 @@ def test_the_h200_hosts_budget_for_llama_3_8b_at_the_lengths_the_docs_name(monke
 @pytest.mark.parametrize("lowest,status", [(1.0, "oom"), (50.0, "failed")])
 def test_a_run_killed_while_the_host_ran_out_of_memory_is_logged_as_host_oom(tmp_path, monkeypatch, lowest, status):
     """The kernel's OOM killer leaves no log: a run's process that ends by SIGKILL while the host's available
-    memory was nearly gone is logged as out of host memory (not retried); killed with memory to spare, it failed."""
+    memory was nearly gone is logged as out of host memory (not retried); killed with memory to spare, it failed.
+    The sweep writes the header the run never wrote, so tables and figures show the run."""
     import argparse
     import signal
 
@@ -401,8 +404,34 @@ def test_a_run_killed_while_the_host_ran_out_of_memory_is_logged_as_host_oom(tmp
     assert summary["status"] == status and summary["exit_code"] == -signal.SIGKILL
     assert summary["host_lowest_available_gib"] == lowest
     assert ("out of host memory" in summary.get("error", "")) == (status == "oom")
-    logged = [json.loads(line) for line in (tmp_path / "arch_lora_64.jsonl").read_text().splitlines()]
-    assert logged == [summary]
+    header, *rest = [json.loads(line) for line in (tmp_path / "arch_lora_64.jsonl").read_text().splitlines()]
+    assert rest == [summary]
+    assert header["record"] == "header"
+    assert (header["model"], header["method"], header["seq_len"]) == ("arch", "lora", 64)
+    assert "before its own header" in header["header_note"]
+    from jenga.plotting.logs import runner_runs
+
+    assert runner_runs(tmp_path)[("arch", "lora", 64)].summary["status"] == status
+
+
+def test_an_extra_step_out_of_memory_leaves_the_measured_run_ok(tmp_path, monkeypatch):
+    """The breakdown and profile steps run after the measured ones: out of memory there is logged on their
+    record, the run stays ok and complete (not retried as a crash)."""
+    from jenga.experiments import run
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run, "kernel_profile", oom)
+    monkeypatch.setattr(run, "profile_step", oom)
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2).config.save_pretrained(folder)
+    log = tmp_path / "arch.jsonl"
+    summary = run.run_one(str(folder), "lora", 64, 1, 0, log, None, breakdown=True, profile=True)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    extra = {r["record"]: r["status"] for r in records if r["record"] in ("memory_breakdown", "profile")}
+    assert summary["status"] == "ok" and run.is_complete(log)
+    assert extra == {"memory_breakdown": "oom", "profile": "oom"}
 
 
 def test_a_saved_attention_method_trains_and_says_so(tmp_path):

@@ -243,6 +243,35 @@ def test_length_plots_draw_oom_on_the_capacity_line_or_in_an_oom_row(end2end):
     assert [t.get_text() for t in row.get_yticklabels()] == ["lora: OOM", "longlora: OOM", "jenga: OOM"]
 
 
+def test_memory_breakdown_labels_a_breakdown_step_that_ran_out_of_memory(tmp_path):
+    """A run whose measured steps fit but whose extra breakdown step did not gets a label, not an empty bar."""
+    from jenga.plotting.breakdown import plot_memory_breakdown
+
+    card = tmp_path / "80gb"
+    ok = {"status": "ok", "peak_gib": 30.0, "median_step_s": 1.0}
+    parts = {"weights_gib": 10.0, "saved_gib": {"attention": 5.0}}
+    for method, breakdown in (("lora", parts), ("jenga", {"status": "oom", "error": "CUDA out of memory"})):
+        write_run(card, "m", method, 8192, ok, memory_cap_gib=80.0)
+        with (card / f"m_{method}_8192.jsonl").open("a") as log:
+            log.write(json.dumps({"record": "memory_breakdown", **breakdown}) + "\n")
+    with capture_figures() as drawn:
+        plot_memory_breakdown(tmp_path, tmp_path / "figs")
+    ((ax,),) = [fig.axes for fig in drawn.values()]
+    assert [t.get_text().strip() for t in ax.texts if t.get_gid() == "status"] == ["BREAKDOWN OOM"]
+
+
+def test_length_plots_mark_a_failed_run_instead_of_dropping_it(tmp_path):
+    from jenga.plotting.end2end import length_figure
+
+    write_run(tmp_path, "m", "lora", 4096, {"status": "ok", "peak_gib": 20.0, "median_step_s": 1.0})
+    write_run(tmp_path, "m", "lora", 8192, {"status": "failed", "error": "ValueError: bad"})
+    for key in ("peak_gib", "median_step_s"):
+        ax = length_figure(runner_runs(tmp_path), "m", key, "y (unit)", (80.0, "80 GiB") if key == "peak_gib" else None)
+        ax = ax.axes[-1]
+        (mark,) = [c for c in ax.collections if c.get_label() == "lora: failed"]
+        assert [tuple(xy) for xy in mark.get_offsets()] == [(8192, 0.0)]
+
+
 def test_longest_context_figure_says_how_far_each_length_is_the_limit(tmp_path):
     """Per method: the longest length that trained, bracketed by the shortest failure above it (OOM or the host
     budget), or marked as the search's cap or as unsearched; failures are crosses and never a time point."""

@@ -209,6 +209,30 @@ def dataset_windows(data: Path, seq: int, eos: int) -> Callable[[int], torch.Ten
     return lambda step: stream[(step % count) * seq : (step % count + 1) * seq][None]
 
 
+def run_fields(method: Method, model_name: str, seq: int, memory_cap_gib: float | None, data: Path | None) -> dict:
+    """What a run's header says about the configuration (before the model exists)."""
+    return {
+        "experiment": "run",
+        "model": Path(model_name).name,
+        "method": method.name,
+        "method_description": method.description,
+        "seq_len": seq,
+        "batch": 1,
+        "dtype": "bfloat16",
+        "lora": "r=8 q/k/v/o",
+        "jenga_config": logged_config(method),
+        "gradient_checkpointing": method.checkpointing,
+        "checkpoint_offload": method.checkpoint_offload,
+        "mlp_recompute": method.mlp_recompute,
+        "layers_per_checkpoint": method.layers_per_checkpoint,
+        "saved_attention": method.saved_attention,
+        "predictor": method.predictor,
+        "offload": None if method.offload is None else {"policy": method.offload, "resident": method.offload_resident},
+        "memory_cap_gib": memory_cap_gib,
+        "data": "random tokens" if data is None else f"{data} (validation windows)",
+    }
+
+
 def run_one(
     model_name: str,
     method_name: str,
@@ -236,26 +260,7 @@ def run_one(
         capped = min(1.0, memory_gib / total)
         torch.cuda.set_per_process_memory_fraction(capped)
     torch.manual_seed(0)
-    header: dict[str, Any] = {
-        "experiment": "run",
-        "model": Path(model_name).name,
-        "method": method.name,
-        "method_description": method.description,
-        "seq_len": seq,
-        "batch": 1,
-        "dtype": "bfloat16",
-        "lora": "r=8 q/k/v/o",
-        "jenga_config": logged_config(method),
-        "gradient_checkpointing": method.checkpointing,
-        "checkpoint_offload": method.checkpoint_offload,
-        "mlp_recompute": method.mlp_recompute,
-        "layers_per_checkpoint": method.layers_per_checkpoint,
-        "saved_attention": method.saved_attention,
-        "predictor": method.predictor,
-        "offload": None if method.offload is None else {"policy": method.offload, "resident": method.offload_resident},
-        "memory_cap_gib": memory_gib if capped is not None else None,
-        "data": "random tokens" if data is None else f"{data} (validation windows)",
-    }
+    header = run_fields(method, model_name, seq, memory_gib if capped is not None else None, data)
     with JsonlWriter(path, header=None) as writer:
         refusal = host_memory.refusal(method, model_name, seq)
         if refusal is not None:  # pinned host memory beyond the machine's can take the machine down, not the run
@@ -293,16 +298,20 @@ def run_one(
             writer.write(layer_sparsity_record(model, timer.scorer))
         if stats.status == "ok" and offloader is not None:
             writer.write({"record": "offload", **offloader.summary()})
-        if stats.status == "ok" and (breakdown or snapshot):
-            target = path.with_name(path.stem + ".snapshot.pickle.gz") if snapshot else None
-            try:
-                writer.write(profile_step(model, seq, target))
+        snapshot_path = path.with_name(path.stem + ".snapshot.pickle.gz") if snapshot else None
+        extra_steps = {
+            "memory_breakdown": (breakdown or snapshot, lambda: profile_step(model, seq, snapshot_path)),
+            "profile": (profile, lambda: kernel_profile(model, seq, path.with_name(path.stem + ".profile.txt"))),
+        }
+        for kind, (wanted, step) in extra_steps.items():
+            if stats.status != "ok" or not wanted:
+                continue
+            try:  # an extra step out of memory leaves the measured steps' result standing
+                writer.write(step())
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
-                writer.write({"record": "memory_breakdown", "status": "oom", "error": str(exc).splitlines()[0]})
-        if stats.status == "ok" and profile:
-            writer.write(kernel_profile(model, seq, path.with_name(path.stem + ".profile.txt")))
+                writer.write({"record": kind, "status": "oom", "error": str(exc).splitlines()[0]})
         # this process's peak resident host memory (one configuration per process): pinned offload buffers count
         summary = {**stats.as_record(), "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         writer.write(summary)
@@ -340,6 +349,7 @@ def spawn(
         summary = {"record": "summary", "status": "failed", "error": "writing the random-init weights failed"}
         with JsonlWriter(path) as writer:
             writer.write(summary)
+        _ensure_header(path, args, method, seq, command)
         return summary
     if args.fork and not in_unsloth:
         worker = (args.model, method, seq, steps, warmup, path, args.memory_gib, command)
@@ -373,7 +383,23 @@ def spawn(
             summary.update(status="oom", stage="host", error=killed)
         with JsonlWriter(path, append=True) as writer:
             writer.write(summary)
+    _ensure_header(path, args, method, seq, command)
     return summary
+
+
+def _ensure_header(path: Path, args: argparse.Namespace, method: str, seq: int, command: str) -> None:
+    """Give a log that its run left without a header (it ended before building the model: a crash, the OOM
+    killer, Unsloth's weights) one from the sweep's arguments, so tables and figures show the failure."""
+    records = read_jsonl(path) if path.exists() else []
+    if any(r.get("record") == "header" for r in records):
+        return
+    resolved = host_memory.resolve_offload(get_method(method), args.model, seq)
+    cap = args.memory_gib if torch.cuda.is_available() else None
+    fields = run_fields(resolved, args.model, seq, cap, args.data)
+    note = "written by the sweep: the run ended before its own header"
+    with JsonlWriter(path) as writer:
+        for record in [run_header(command, extra={**fields, "weights": None, "header_note": note}), *records]:
+            writer.write(record)
 
 
 def sweep_command() -> str:
@@ -492,9 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(METHODS),
         metavar="METHOD",
         help=f"methods to run: {', '.join(plain)}; <name>+ckpt adds gradient checkpointing, <name>+offckpt "
-        f"checkpointing with the checkpoints in pinned host memory, <name>+halfoffckpt with the last half of them "
-        f"there (all but "
-        f"{', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
+        "checkpointing with the checkpoints in pinned host memory, <name>+halfoffckpt with the last half of them "
+        "there, <name>+fitoffckpt with as many as the host holds, <name>+attnckpt checkpointing that keeps each "
+        f"layer's attention output (all but {', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
     )
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192], help="sequence lengths in tokens")
     parser.add_argument("--steps", type=int, default=5, help="measured steps after warm-up")
@@ -551,8 +577,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num-gpus must be at least 1")
     single_only = {"--max-length": args.max_length, "--breakdown": args.breakdown, "--snapshot": args.snapshot}
     single_only.update({"--profile": args.profile, "--fork": args.fork, "--memory-gib": args.memory_gib is not None})
+    single_only["--data"] = args.data is not None  # the distributed jobs train on random tokens
     if args.num_gpus > 1 and any(single_only.values()):
         parser.error(f"{', '.join(k for k, v in single_only.items() if v)}: single-GPU runs only (--num-gpus 1)")
+    if args.max_length and args.start is not None and (args.start > args.cap or args.start % args.length_step):
+        parser.error(f"--start {args.start}: a multiple of --length-step ({args.length_step}) up to --cap ({args.cap})")
     args.logs.mkdir(parents=True, exist_ok=True)
     return (max_length if args.max_length else sweep)(args)
 

@@ -42,7 +42,8 @@ def bars_figure(runs: Runs, seq: int, key: str, ylabel: str, cap: Capacity | Non
 
 def length_figure(runs: Runs, model: str, key: str, ylabel: str, cap: Capacity | None) -> Figure:
     """One model's `key` against sequence length per method. OOM runs: an x on the capacity line when `key` is
-    memory and the capacity is known, else an x in an "OOM" row above the plot (one line per method)."""
+    memory and the capacity is known, else an x in an "OOM" row above the plot (one line per method). Runs that
+    failed or never finished: a grey + at the foot of the plot."""
     points = {
         method: sorted((s, run.summary) for (m, me, s), run in runs.items() if m == model and me == method)
         for method in METHODS
@@ -67,6 +68,9 @@ def length_figure(runs: Runs, model: str, key: str, ylabel: str, cap: Capacity |
             ax.scatter(nudged, [cap[0]] * len(oom), marker="X", s=50, color=shade, label=f"{method}: OOM", zorder=4)
         elif oom:
             row.scatter(oom, [j] * len(oom), marker="X", s=60, color=shade)
+        failed = [s for s, r in points[method] if r.get("status") not in ("ok", "oom")]
+        if failed:
+            ax.scatter(failed, [0.0] * len(failed), marker="P", s=50, color="0.5", label=f"{method}: failed", zorder=4)
     lengths = sorted({s for line in points.values() for s, _ in line})
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{s // 1024}K" if s % 1024 == 0 else str(s) for s in lengths])

@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..experiments.methods import METHODS
 from ..profiling import read_jsonl
 
 PHASES = ("forward", "backward", "scoring")
@@ -55,6 +56,15 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.summary.get("status") == "ok"
+
+
+def baseline_method(header: dict[str, Any]) -> str:
+    """The method a run is compared against: the registry's `Method.baseline` (LoRA with the same checkpointing
+    and offload), or LoRA with the run's checkpointing for a method no longer registered."""
+    method = METHODS.get(header["method"])
+    if method is not None:
+        return method.baseline
+    return "lora+ckpt" if header.get("gradient_checkpointing") else "lora"
 
 
 def is_runner_log(header: dict[str, Any]) -> bool:

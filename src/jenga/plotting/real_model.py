@@ -23,7 +23,7 @@ from matplotlib import colormaps
 
 from ..config import JengaConfig
 from .accuracy import lm_eval_table
-from .logs import load_runs, read_run
+from .logs import baseline_method, load_runs, read_run
 from .style import color, figure, save
 
 
@@ -266,17 +266,13 @@ def _sweeps(logs: Path) -> dict[str, list]:
 
 def _costs(logs: Path) -> list[dict]:
     """One row per runner log: the run, its sweep, and its peak and step time against LoRA's of the same sweep,
-    model, length and checkpointing (None when that LoRA run is missing or failed)."""
+    model, length, checkpointing and offload (None when that LoRA run is missing or failed)."""
     rows = []
     for sweep, runs in _sweeps(logs).items():
-        base = {
-            (r.header["model"], r.header["seq_len"], bool(r.header.get("gradient_checkpointing"))): r.summary
-            for r in runs
-            if r.header["method"] in ("lora", "lora+ckpt")
-        }
+        base = {(r.header["model"], r.header["seq_len"], r.header["method"]): r.summary for r in runs}
         for run in runs:
             h, s = run.header, run.summary
-            ref = base.get((h["model"], h["seq_len"], bool(h.get("gradient_checkpointing"))))
+            ref = base.get((h["model"], h["seq_len"], baseline_method(h)))
             both_ok = s.get("status") == "ok" and ref is not None and ref.get("status") == "ok"
             rows.append(
                 {
@@ -326,7 +322,11 @@ def _tradeoff(logs: Path) -> list[dict]:
     (mean over seeds, the study's longest window) and its 8K cost rows without checkpointing, joined on the
     logged config (translated to today's schema). Sampled designs (`jenga-random*`) have no library cost and are
     left out."""
-    costs = [r for r in _costs(logs) if r["memory"] is not None and not r["header"].get("gradient_checkpointing")]
+    costs = [
+        r
+        for r in _costs(logs)
+        if r["memory"] is not None and not r["header"].get("gradient_checkpointing") and r["header"]["seq_len"] == 8192
+    ]
     points = []
     for study in sorted(p.parent for p in logs.glob("*/eval")):
         methods = _by_method(_eval_summary(study))

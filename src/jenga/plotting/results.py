@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .logs import load_runs, runner_runs
+from .logs import baseline_method, load_runs, runner_runs
 from .tables import runs_table
 
 PREAMBLE = """# Benchmark results
@@ -66,7 +66,7 @@ def max_length_section(probes: Path) -> str | None:
     for (model, method), found in sorted(runs.items()):
         best = longest[(model, method)]
         failing = min((s for s, r, _ in found if s > best and r["status"] != "ok"), default=None)
-        baseline = (model, "lora+ckpt" if found[0][2]["gradient_checkpointing"] else "lora")
+        baseline = (model, baseline_method(found[0][2]))
         ratio = f"{best / longest[baseline]:.2f}x" if longest.get(baseline) and baseline != (model, method) else ""
         # the process's peak resident host memory at the longest length (pinned offload buffers included)
         host = next((r.get("host_peak_gib") for s, r, _ in found if s == best and r["status"] == "ok"), None)

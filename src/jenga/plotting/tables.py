@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .logs import PHASES, Run, runner_runs
+from .logs import PHASES, Run, baseline_method, runner_runs
 
 
 def _cell(value: float | None, digits: int) -> str:
@@ -32,7 +32,8 @@ def runs_table(folder: Path, model: str, title: str) -> str | None:
         f"{first.get('weights')}",
         "- commands (each run in its own process): " + "; ".join(f"`{c}`" for c in commands),
         "- peak = torch.cuda.max_memory_allocated over all steps (weights included); times are medians of the "
-        "measured steps after warm-up; `base` is `lora`, or `lora+ckpt` for methods with checkpointing",
+        "measured steps after warm-up; `base` is LoRA with the method's checkpointing and offload (`lora`, "
+        "`lora+ckpt`, `lora+offckpt`, ...)",
         "",
         "| length | method | peak GiB | peak / base | step s | step / base | forward s | backward s | scoring s "
         "| first-step loss |",
@@ -46,7 +47,7 @@ def runs_table(folder: Path, model: str, title: str) -> str | None:
             if summary.get("status") != "ok":
                 lines.append(f"| {seq} | {method} | {summary.get('status', 'missing').upper()} |" + " |" * 7)
                 continue
-            base_name = "lora+ckpt" if header.get("gradient_checkpointing") else "lora"
+            base_name = baseline_method(header)
             base = runs[base_name].summary if base_name in runs and runs[base_name].ok else {}
             cells = [str(seq), method]
             for key, digits in (("peak_gib", 1), ("median_step_s", 3)):
