@@ -633,9 +633,12 @@ def test_mlp_recompute_gives_the_same_training_step_and_needs_a_gated_mlp():
 
 
 def test_a_no_grad_pass_between_steps_leaves_the_next_steps_gradients_alone(family):
-    """A train-mode forward without autograd (a reference or logging pass) runs the model's own forward and
-    queues no selection: under checkpointing with elimination, the next step's recompute must not pick up a
-    selection made for another batch."""
+    """A train-mode forward without autograd (a reference or logging pass, also through a deep copy, whose
+    forwards share the original's selector) runs the model's own forward and queues no selection: under
+    checkpointing with elimination, the next step's recompute must not pick up a selection made for another
+    batch."""
+    import copy
+
     other, ids = batch(2, 160, seed=7), batch(2, 160)
     config = JengaConfig(block_size=16, attn_keep=0.4, dense_first_layers=0, fp8_activations=False)
 
@@ -649,8 +652,10 @@ def test_a_no_grad_pass_between_steps_leaves_the_next_steps_gradients_alone(fami
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = apply_jenga(add_lora(base), config, scorer=scorer)
         if no_grad_pass:
+            reference = copy.deepcopy(model)
             with torch.no_grad():
                 model(input_ids=other, labels=other)
+                reference(input_ids=other, labels=other)
             assert not any(jenga_state(model).selector.pending.values())
         return loss_and_grads(model, ids)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -17,6 +15,7 @@ from .base import (
     FamilyAdapter,
     JengaState,
     UnsupportedModelError,
+    note_grad_mode,
     patch_attention,
     patch_causal_lm_loss,
     restore_forward,
@@ -156,13 +155,9 @@ def apply_jenga(
     adapter.patch_functions(base, state)
     if config.loss_chunk_tokens > 0:
         patch_causal_lm_loss(base, state)
-    state.hooks.append(adapter.backbone(base).register_forward_pre_hook(functools.partial(_note_grad_mode, state)))
+    state.hooks.append(adapter.backbone(base).register_forward_pre_hook(note_grad_mode))
     base.__dict__["_jenga"] = state
     return model
-
-
-def _note_grad_mode(state: JengaState, module: nn.Module, args: tuple) -> None:
-    state.grad_at_entry = torch.is_grad_enabled()
 
 
 def remove_jenga(model: nn.Module) -> nn.Module:

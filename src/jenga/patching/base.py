@@ -117,9 +117,18 @@ class JengaState:
     # (module's import name, function name) per `swap_function`: names, not modules, so a patched model deep-copies
     swapped: list[tuple[str, str]] = field(default_factory=list)
     last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
-    # whether the model's last forward began with autograd on; off (generation, a no-grad pass), no backward follows
-    grad_at_entry: bool = True
-    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)  # `note_grad_mode` on the backbone
+
+
+# Whether the last forward of a patched backbone began with autograd on. Off (generation, a no-grad pass), no
+# backward follows it. Process-wide rather than per model: a deep copy's forwards share its original's closures.
+_grad_at_entry = True
+
+
+def note_grad_mode(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a patched backbone: record the grad mode its forward begins in."""
+    global _grad_at_entry
+    _grad_at_entry = torch.is_grad_enabled()
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -251,7 +260,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
             _lean_lora(self, state)
         # A forward that began without autograd has no backward to save for (generation in train mode keeps its
         # KV cache); a no-grad call inside a grad forward is a reentrant checkpoint's, which selects as usual.
-        inference = not (state.grad_at_entry or torch.is_grad_enabled())
+        inference = not (_grad_at_entry or torch.is_grad_enabled())
         if not self.training or keep >= 1.0 or inference:
             return original(self, *args, **kwargs)
         call = _flatten_call(signature, (self, *args), kwargs)
