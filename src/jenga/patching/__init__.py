@@ -89,9 +89,10 @@ def apply_jenga(
     """Patch `model` in place for sparse long-context training and return it.
 
     Works before or after `peft.get_peft_model`. Elimination and sparse saving act only in training mode;
-    `model.eval()` and generation run the dense model. `scorer` replaces the oracle block score; `predictor` (a
-    folder written by `python -m jenga.experiments.predictor_train`, or a loaded `PredictorBundle`) selects blocks
-    with learned predictors instead and, when `config` is None, brings the config it was trained with.
+    `model.eval()`, generation and any forward begun without autograd run the dense model. `scorer` replaces
+    the oracle block score; `predictor` (a folder written by `python -m jenga.experiments.predictor_train`, or a
+    loaded `PredictorBundle`) selects blocks with learned predictors instead and, when `config` is None, brings
+    the config it was trained with.
     `fp8_activations=None` (the default) is resolved for the model's family; `jenga_state(model).config` holds the
     config that runs.
 
