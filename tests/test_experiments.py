@@ -412,6 +412,9 @@ def test_a_run_killed_while_the_host_ran_out_of_memory_is_logged_as_host_oom(tmp
     from jenga.plotting.logs import runner_runs
 
     assert runner_runs(tmp_path)[("arch", "lora", 64)].summary["status"] == status
+    # a "fit" method's header does not resolve the share (that reads the model, here a missing one)
+    run.spawn(args, "jenga-long+fitoffckpt", 64, tmp_path / "fit.jsonl", 1, 0, extra={})
+    assert json.loads((tmp_path / "fit.jsonl").read_text().splitlines()[0])["checkpoint_offload"] == "fit"
 
 
 def test_an_extra_step_out_of_memory_leaves_the_measured_run_ok(tmp_path, monkeypatch):

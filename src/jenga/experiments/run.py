@@ -393,9 +393,9 @@ def _ensure_header(path: Path, args: argparse.Namespace, method: str, seq: int, 
     records = read_jsonl(path) if path.exists() else []
     if any(r.get("record") == "header" for r in records):
         return
-    resolved = host_memory.resolve_offload(get_method(method), args.model, seq)
     cap = args.memory_gib if torch.cuda.is_available() else None
-    fields = run_fields(resolved, args.model, seq, cap, args.data)
+    # the method as registered ("fit" offloading unresolved: resolving reads the model, which may be what failed)
+    fields = run_fields(get_method(method), args.model, seq, cap, args.data)
     note = "written by the sweep: the run ended before its own header"
     with JsonlWriter(path) as writer:
         for record in [run_header(command, extra={**fields, "weights": None, "header_note": note}), *records]:
