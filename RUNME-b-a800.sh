@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU experiment of the 80 GB set (A800 in the paper; any 80 GB card such as the H100 here; the logs name
 # the real device), then redraws all figures. Each script is resumable: logs that are complete are skipped,
-# so an interrupted run continues where it stopped. Extra arguments go to every runner call (e.g. --force to
-# rerun, --fork to fork each configuration from the sweep process instead of starting Python anew).
+# so an interrupted run continues where it stopped. Extra arguments go to every runner call except the predictor
+# ablation's and the real-model study's (e.g. --force to rerun, --fork to fork each configuration from the
+# sweep process instead of starting Python anew; multi-GPU runs take only --force).
 # Needs a CUDA GPU, the packages of requirements.txt, and `python` on PATH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"

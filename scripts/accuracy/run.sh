@@ -8,7 +8,9 @@
 #   bash scripts/accuracy/run.sh eval                # perplexity + retrieval of base and every fine-tune
 #   bash scripts/accuracy/run.sh lm_eval             # CPU: merge seed-0 fine-tunes, lm_eval on them and the base
 # BASE=code-llama-deep runs every stage on the deeper base (12 layers of width 192 instead of 6 of 256, about
-# as many weights) with its own logs under logs/end2end/accuracy/deep; METHODS="lora jenga" picks fine-tunes.
+# as many weights) with its own logs under logs/end2end/accuracy/deep; METHODS="lora jenga" picks fine-tunes
+# (and which seed-0 fine-tunes lm_eval merges; those not trained are skipped). Env also: PYTHON (python), STEPS
+# (fine-tune steps, 200), MINUTES (pretraining budget, 2.5), LIMIT (lm_eval examples per task, 20).
 # Needs the built dataset (python -m jenga.data.corpus --out dataset). --force-style reruns: delete the output.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -24,7 +26,7 @@ runs=$logs/runs
 predictor=logs/ablations/predictor/$name
 seq=4096
 steps="${STEPS:-200}"
-stage="${1:?usage: run.sh pretrain|predictor|finetune SEED...|eval|lm_eval}"
+stage="${1:?usage: run.sh pretrain|predictor|finetune SEED...|ablation SEED...|eval|lm_eval}"
 shift
 case "$stage" in
   pretrain)
@@ -54,8 +56,9 @@ case "$stage" in
   lm_eval)
     mkdir -p $logs/lm_eval
     models=($base)
-    for method in lora longlora jenga jenga-predictor; do
+    for method in ${METHODS:-lora longlora jenga jenga-predictor}; do
       run=$runs/$method-s0
+      [ -f $run/adapter/seq_len ] || continue  # not fine-tuned (e.g. a METHODS subset on the deep base)
       merged=checkpoints/$name-4k-$method-s0
       [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run $run --out $merged
       models+=($merged)

@@ -9,8 +9,11 @@
 # the per-model set: the length plots read those points from the per-model logs of the same card.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-card="${1:-80}"
-shift || true
+case "${1:-}" in
+  80|48) card=$1; shift ;;
+  -*|"") card=80 ;;  # no card given: the 80 GB set, the arguments go to the runner
+  *) echo "unknown card ${1} (80 or 48)" >&2; exit 2 ;;
+esac
 run() { python -m jenga.experiments.run --methods lora longlora jenga --steps 3 --warmup 1 "$@"; }
 if [ "$card" = 48 ]; then
   cap=(--memory-gib 48); seqs=(4096); logs=logs/end2end/48gb

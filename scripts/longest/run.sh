@@ -10,11 +10,15 @@
 # would outgrow 90% of the host's available memory are logged as OOM without running (the host budget).
 #   bash scripts/longest/run.sh
 # Env: MODELS ("llama-3-8b llama-2-7b"), METHODS (those above), MEMORY_GIB (unset: the whole GPU; 80: the 80 GB
-#      set), CAP (1048576), STEP (16384), SHARED (the shared lengths: "65536 131072 262144"; empty: none), LOGS
-#      (logs/longest). Unsloth's wheels: docs/benchmarks.md. Figure and table: python -m jenga.plotting (output_figures/longest/).
+#      set), CAP (1048576), STEP (16384), START (the first length searched: 65536 rounded up to STEP; near the
+#      expected limit it saves long probes), SHARED (the shared lengths: "65536 131072 262144"; empty: none), LOGS
+#      (logs/longest), PYTHON (python). Unsloth's wheels: docs/benchmarks.md. Figure and table:
+#      python -m jenga.plotting (output_figures/longest/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 py=${PYTHON:-python}
+step=${STEP:-16384}
+start=${START:-$(( (65536 + step - 1) / step * step ))}
 methods="lora+ckpt lora+offckpt lora+halfoffckpt jenga+ckpt jenga+offckpt jenga+halfoffckpt jenga-0.5+ckpt"
 methods="$methods jenga-0.5+offckpt jenga-tiledmlp+halfoffckpt jenga-long+ckpt jenga-long+fitoffckpt"
 $py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+ckpt liger+offckpt"
@@ -28,7 +32,7 @@ cap=${MEMORY_GIB:+${MEMORY_GIB}gb}
 setting="${LOGS:-logs/longest}/${gpu}-${cap:-uncapped}"
 for model in ${MODELS:-llama-3-8b llama-2-7b}; do
   $py -m jenga.experiments.run --model "$model" --methods $methods --max-length --cap "${CAP:-1048576}" \
-    --length-step "${STEP:-16384}" --start 65536 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting"
+    --length-step "$step" --start "$start" ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting"
   # the shared lengths, one measured step after a warm-up each (a length a method cannot train is logged OOM)
   [ -z "$shared" ] || $py -m jenga.experiments.run --model "$model" --methods $methods --seqs $shared \
     --steps 1 --warmup 1 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting/shared"

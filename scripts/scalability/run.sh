@@ -2,7 +2,8 @@
 # Figure 20 (output_figures/scalability): peak memory and step time of LoRA / Jenga (default config) on 1, 2 and
 # 4 GPUs under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2; Llama-2-7B and OPT-6.7b; batch 1 per GPU with gradient
 # checkpointing at 1K/2K/4K tokens per GPU (the paper's setting) and at 8K/16K.
-# Resumable: complete logs are skipped unless --force is passed. ZeRO needs DeepSpeed (docs/multi-gpu.md).
+# Resumable: complete logs are skipped unless --force is passed (the one runner argument the multi-GPU runs take
+# besides their own). ZeRO needs DeepSpeed (docs/multi-gpu.md).
 #   bash scripts/scalability/run.sh             # 80 GB cards -> logs/scalability/80gb/
 #   GPUS="1 2" bash scripts/scalability/run.sh   # a 2-GPU machine: leave out 4
 # Env: LOGS (default logs/scalability/<CARD>), CARD (80gb), MODELS ("llama-2-7b opt-6.7b"), GPUS ("1 2 4"),

@@ -5,10 +5,16 @@
 # recall on held-out corpus documents. The predictors of the accuracy study (checkpoints/code-llama at 4K,
 # GPU) come from `bash scripts/accuracy/run.sh predictor`. Resumable: delete an output folder to rerun it.
 #   bash scripts/ablations/predictor/run.sh   -> logs/ablations/predictor/{code-corpus,instructions}
+# Builds the local data sets and pretrains the small base first where they are missing (its weights are not
+# committed; 20 minutes, as its pretrain_log.jsonl records). Env: PYTHON (python).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 py="${PYTHON:-python}"
 logs=logs/ablations/predictor
+[ -f dataset/code-corpus/train.jsonl ] && [ -f dataset/instructions/train.jsonl ] ||
+  $py -m jenga.data.corpus --out dataset
+[ -f checkpoints/tiny-code-llama/model.safetensors ] || $py -m jenga.experiments.pretrain --data dataset \
+  --out checkpoints/tiny-code-llama --hidden 256 --layers 4 --heads 4 --minutes 20
 for source in code-corpus instructions; do
   [ -f $logs/$source/predictor.json ] && grep -qs '"design"' $logs/$source/predictor.json && continue
   $py -m jenga.experiments.predictor_train --model checkpoints/tiny-code-llama --data dataset/$source/train.jsonl \
