@@ -87,12 +87,12 @@ def _panels(folder: Path, out: Path, kind: str) -> list[Path]:
                     oom_bar(ax, i, 0.6, cap, "black", "out of memory" if first_oom else None, rotation=0)
                     first_oom = False
                     continue
-                breakdown_oom = bool(breakdown) and breakdown.get("status") == "oom"
-                if summary.get("status") != "ok" or (kind == "memory" and (not breakdown or breakdown_oom)):
-                    if summary.get("status") != "ok":
-                        status = summary.get("status", "incomplete")
-                    else:
-                        status = "breakdown oom" if breakdown_oom else "no breakdown"
+                status = None if summary.get("status") == "ok" else summary.get("status", "incomplete")
+                if status is None and kind == "memory" and not breakdown:
+                    status = "no breakdown"
+                elif status is None and kind == "memory" and breakdown.get("status") == "oom":
+                    status = "breakdown oom"
+                if status is not None:
                     slot_label(ax, i, status.upper(), rotation=0)
                     continue
                 if kind == "memory":
