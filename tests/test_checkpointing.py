@@ -197,3 +197,57 @@ def test_enabling_checkpointing_again_for_part_of_a_group_is_an_error():
     ids = torch.randint(0, 128, (1, 64))
     with pytest.raises(ValueError, match="only some layers of a checkpoint group"):
         model(input_ids=ids, labels=ids)
+
+
+def test_a_deep_copy_of_a_grouped_model_trains_its_own_layers():
+    """An EMA or reference model is a deep copy: its groups run its own layers (the checkpoint function object is
+    shared with the original's), so changing the original's weights changes nothing of the copy's step, and the
+    copy's gradients land on the copy."""
+    import copy
+
+    from jenga import remove_jenga
+
+    torch.manual_seed(0)
+    model = add_attention_lora(tiny_llama(layers=4)).train()
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_jenga(model, JengaConfig(fp8_activations=False))  # exact against the unpatched model
+    group_checkpoints(model, 2)
+    twin = copy.deepcopy(model)
+    reference = copy.deepcopy(twin)
+    remove_jenga(reference)
+    reference.gradient_checkpointing_disable()
+    with torch.no_grad():
+        for p in model.base_model.model.model.layers[1].parameters():
+            p.add_(0.5)
+    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (twin, reference):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_offloading_runs_once_and_after_grouping():
+    """Offloading acts per checkpoint: a second call, or grouping after it, would change what the first call
+    said it offloaded, so both are errors."""
+    model = add_attention_lora(tiny_llama(layers=4))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offload_checkpoints(model, 1.0)
+    with pytest.raises(ValueError, match="offloaded already"):
+        offload_checkpoints(model, 0.25)
+    with pytest.raises(ValueError, match="group first"):
+        group_checkpoints(model, 2)
+    attention = add_attention_lora(tiny_llama(layers=4))
+    attention.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    save_attention(attention)
+    with pytest.raises(ValueError, match="group first"):
+        group_checkpoints(attention, 2)

@@ -720,3 +720,93 @@ def test_remove_jenga_restores_the_copies_peft_made_of_patched_modules():
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"]))
     remove_jenga(model)
     assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]
+
+
+def test_loss_keywords_and_evaluation_in_train_mode_are_the_models():
+    """The segmented loss reads the keywords transformers' causal-LM loss reads: `shift_labels` (the Trainer's,
+    under context parallelism) and `ignore_index`; a forward without autograd in train mode (evaluation that
+    forgets `model.eval()`) is the model's own, logits included."""
+    import copy
+
+    reference = tiny_llama()
+    model = apply_jenga(copy.deepcopy(reference), DENSE)
+    ids = batch(2, 96)
+    shifted = torch.full_like(ids, -100)
+    shifted[:, :50] = ids[:, 1:51]
+    for kwargs in ({"shift_labels": shifted}, {"ignore_index": 5}, {"num_items_in_batch": 77}):
+        ours, theirs = (m(input_ids=ids, labels=ids, **kwargs).loss for m in (model, reference))
+        assert rel_err(ours, theirs) < 1e-6, kwargs
+    with torch.no_grad():
+        ours, theirs = (m(input_ids=ids, labels=ids) for m in (model, reference))
+    assert ours.logits is not None and rel_err(ours.logits, theirs.logits) < 1e-6
+
+
+def test_grad_mode_at_a_forwards_entry_is_per_thread():
+    """A no-grad forward of a patched model on another thread (a reference model serving) leaves this thread's
+    record of grad mode, which decides whether a checkpointed forward selects tokens, as it was."""
+    import threading
+
+    from jenga.patching.base import _grad_at_entry
+
+    model = apply_jenga(tiny_llama(), DENSE)
+    ids = batch(1, 64)
+    model(input_ids=ids)
+    assert _grad_at_entry.value
+
+    def serve():
+        with torch.no_grad():
+            model(input_ids=ids)
+        seen.append(_grad_at_entry.value)
+
+    seen = []
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join()
+    assert seen == [False] and _grad_at_entry.value
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_selections_follow_their_inputs_not_the_order_of_forwards(reentrant):
+    """Under checkpointing the recompute reuses the selection its forward made. Two micro-batches whose losses are
+    summed recompute in reverse order, and a forward whose loss is never backpropagated leaves its selection
+    behind: each recompute still takes its own forward's selection (a data-driven scorer makes them differ)."""
+    config = JengaConfig(block_size=16, attn_keep=0.4, dense_first_layers=0, fp8_activations=False)
+
+    def scorer(layer_idx, hidden, token_valid, block_size, query_key):
+        norms = torch.nn.functional.pad(hidden.float().norm(dim=-1), (0, -hidden.shape[1] % block_size))
+        return norms.view(hidden.shape[0], -1, block_size).sum(-1)
+
+    def fresh():
+        base = tiny_llama()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        return apply_jenga(add_lora(base), config, scorer=scorer).train()
+
+    a, b, orphan = batch(1, 160, seed=3), batch(1, 160, seed=4), batch(1, 160, seed=5)
+    model = fresh()
+    for ids in (a, b):  # one backward per forward
+        model(input_ids=ids, labels=ids).loss.backward()
+    expected = lora_grads(model)
+    model = fresh()
+    (model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss).backward()
+    for name, grad in lora_grads(model).items():
+        assert rel_err(grad, expected[name]) < 1e-5, name
+    expected = loss_and_grads(fresh(), a)[1]
+    model = fresh()
+    model(input_ids=orphan, labels=orphan)  # its loss is logged, never backpropagated
+    for name, grad in loss_and_grads(model, a)[1].items():
+        assert rel_err(grad, expected[name]) < 1e-5, name
+
+
+def test_a_deep_copy_counts_as_a_user_of_the_swapped_functions():
+    """Removing Jenga from a deep copy (an EMA model retired) leaves the original's swapped rotary in place."""
+    import copy
+
+    import transformers.models.llama.modeling_llama as llama
+
+    model = apply_jenga(tiny_llama(), DENSE)
+    swapped = llama.apply_rotary_pos_emb
+    assert swapped is not apply_rotary_pos_emb
+    remove_jenga(copy.deepcopy(model))
+    assert llama.apply_rotary_pos_emb is swapped
+    remove_jenga(model)
+    assert llama.apply_rotary_pos_emb is apply_rotary_pos_emb

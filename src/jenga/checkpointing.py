@@ -42,6 +42,8 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}: the share of checkpoints offloaded")
     layers = [layer for layer in checkpointed_layers(model, "offload_checkpoints") if not _in_group(layer)]
+    if any(getattr(layer, _OFFLOADED, False) for layer in layers):
+        raise ValueError("the model's checkpoints are offloaded already: offload_checkpoints runs once per model")
     first = len(layers) - offloaded_count(fraction, len(layers))
 
     def offload(inner: Callable) -> Callable:
@@ -53,6 +55,8 @@ def offload_checkpoints(model: nn.Module, fraction: float) -> list[int]:
 
     for layer in layers[first:]:
         _wrap(layer, offload)
+    for layer in layers:
+        setattr(layer, _OFFLOADED, True)
     _keep_through_reenabling(model, layers)
     return list(range(first, len(layers)))
 
@@ -107,6 +111,8 @@ def checkpointed_layers(model: nn.Module, caller: str) -> list[nn.Module]:
 _MEMBER = "_jenga_checkpoint_member"
 # Set on a group's first layer: the group's layers.
 _GROUP = "_jenga_checkpoint_group"
+# Set on every checkpointed layer by `offload_checkpoints`: it runs once per model.
+_OFFLOADED = "_jenga_checkpoint_offloaded"
 # A layer's checkpoint function as `gradient_checkpointing_enable()` set it, what this module did to it, in order,
 # and the function that resulted.
 _BASE, _WRAPS, _INSTALLED = "_jenga_checkpoint_base", "_jenga_checkpoint_wraps", "_jenga_checkpoint_installed"
@@ -138,6 +144,11 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
         )
     if any(_in_group(layer) for layer in layers):
         raise ValueError("the model's checkpoints are grouped already: group_checkpoints runs once per model")
+    if any(getattr(layer, _WRAPS, ()) for layer in layers):
+        raise ValueError(
+            "offload_checkpoints or save_attention ran before group_checkpoints: they act per checkpoint, so "
+            "group first, then offload and save attention"
+        )
     groups = [list(range(start, min(start + size, len(layers)))) for start in range(0, len(layers), size)]
     for group in groups:  # all checked before any is wired
         kinds = {getattr(layers[i], "attention_type", None) for i in group}
@@ -150,8 +161,8 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
         head, rest = layers[group[0]], tuple(layers[i] for i in group[1:])
         if not rest:
             continue
-        _wrap(head, partial(_grouped, rest=rest))
         setattr(head, _GROUP, (head, *rest))
+        _wrap(head, _grouped)
         for layer in rest:
             _wrap(layer, lambda inner: _pass_through)
             setattr(layer, _MEMBER, True)
@@ -159,10 +170,15 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
     return groups
 
 
-def _grouped(inner: Callable, rest: tuple[nn.Module, ...]) -> Callable:
-    """A group's first layer's checkpoint function: `inner` around it and the `rest` of the group."""
+def _grouped(inner: Callable) -> Callable:
+    """A group's first layer's checkpoint function: `inner` around that layer and the rest of its group.
+
+    The group is read from the layer that calls (`function` is its bound call), not captured here: a deep copy of
+    the model shares this function object, and its layers must run the copy's group, not the original's."""
 
     def grouped(function, *args, **kwargs):
+        rest = getattr(function.func.__self__, _GROUP)[1:]
+
         def run(*inputs):
             hidden = function(*inputs)
             for layer in rest:  # nn.Module's call: the layer's forward without its own checkpoint

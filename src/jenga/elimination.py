@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .config import JengaConfig
 from .kernels import block_scores
@@ -284,7 +285,8 @@ def _in_backward() -> bool:
 class Selector:
     """A patched model's block selection: the config, the scorer, and what selection remembers within a step.
 
-    pending: selections of checkpointed layers, made in forward and reused by the backward-time recompute.
+    pending: (fingerprint of the layer's input, selection) of checkpointed layers, made in forward and reused
+        by the backward-time recompute.
     shared: (layer, (seq_len, batch, kept blocks), selection) of the first scoring layer, for `shared_selection`.
     """
 
@@ -306,17 +308,31 @@ class Selector:
         `shared_selection`, the one an earlier sparse layer made in this forward).
 
         Under gradient checkpointing the layer's forward runs again in backward; reusing the first forward's
-        selection (first in, first out) halves the scoring cost and guarantees the recompute sees the same
-        blocks. Reentrant checkpointing runs the first forward under no_grad, so grad mode cannot tell the two
-        passes apart; being inside a backward pass can.
+        selection halves the scoring cost and guarantees the recompute sees the same blocks. The recompute takes
+        the selection whose forward saw the same input (a sum of it): backward need not follow the forwards'
+        order (two micro-batches' losses summed, a forward whose loss was never backpropagated); where no sum
+        matches (a recompute that rounds differently) the oldest selection of the same shape. Reentrant
+        checkpointing runs the first forward under no_grad, so grad mode cannot tell the two passes apart;
+        being inside a backward pass can.
         """
         config = self.config
         seq_len = hidden.shape[1]
         checkpointed = getattr(layer, "gradient_checkpointing", False)
         pending = self.pending.setdefault(layer_idx, deque())
         recompute = checkpointed and _in_backward()
-        if recompute and pending and pending[0].seq_len == seq_len and pending[0].index.shape[0] == hidden.shape[0]:
-            return pending.popleft()
+        fingerprint = hidden.detach().sum(dim=(-2, -1), dtype=torch.float32) if checkpointed else None
+        if recompute:
+            shape_of = (seq_len, hidden.shape[0])
+            fits = [i for i, (_, s) in enumerate(pending) if (s.seq_len, s.index.shape[0]) == shape_of]
+            # outside any dispatch mode: selective checkpointing (`save_attention`) allows in the recompute only
+            # the ops its forward ran, and the forward compared nothing
+            with _disable_current_modes():
+                same = [i for i in fits if torch.equal(pending[i][0], fingerprint)]
+            if same or fits:
+                index = (same or fits)[0]
+                selection = pending[index][1]
+                del pending[index]
+                return selection
         shape = (seq_len, hidden.shape[0], keep_blocks)
         shared = self.shared
         earlier = shared is not None and shared[0] < layer_idx  # stored by an earlier layer of this forward
@@ -337,7 +353,7 @@ class Selector:
             if config.shared_selection and not earlier:  # only the first scoring layer of a forward shares
                 self.shared = (layer_idx, shape, selection)
         if checkpointed and not recompute:
-            pending.append(selection)
+            pending.append((fingerprint, selection))
             if len(pending) > MAX_PENDING:
                 pending.popleft()
                 warn_once("pending", "Jenga: checkpointed forwards without a backward; dropping their selections")

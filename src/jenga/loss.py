@@ -134,6 +134,7 @@ def segmented_causal_lm_loss(
     segment_size: int = JengaConfig.loss_chunk_tokens,
     ignore_index: int = -100,
     num_items_in_batch: int | Tensor | None = None,
+    shift_labels: Tensor | None = None,
 ) -> Tensor:
     """Causal-LM loss of ``lm_head(hidden_states)`` against ``labels`` without materializing all logits.
 
@@ -151,17 +152,23 @@ def segmented_causal_lm_loss(
         segment_size: tokens of the flattened batch x seq axis per logits segment.
         ignore_index: label value that is not supervised.
         num_items_in_batch: normalizer replacing the supervised-token count.
+        shift_labels: (batch, seq) targets already shifted, used instead of ``labels`` (the Trainer passes them
+            under context parallelism, where each rank holds a piece of the sequence).
     """
     if segment_size < 1:
         raise ValueError(f"segment_size must be >= 1, got {segment_size}")
     if not isinstance(lm_head, nn.Linear):
         raise TypeError(f"lm_head must be a torch.nn.Linear, got {type(lm_head).__name__}")
-    if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
+    targets = labels if shift_labels is None else shift_labels
+    name = "labels" if shift_labels is None else "shift_labels"
+    if hidden_states.dim() != 3 or targets.shape != hidden_states.shape[:2]:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal hidden_states.shape[:2]; "
+            f"{name} shape {tuple(targets.shape)} must equal hidden_states.shape[:2]; "
             f"hidden_states shape is {tuple(hidden_states.shape)} (expected (batch, seq, hidden))"
         )
-    shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(hidden_states.device)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+    shift_labels = shift_labels.reshape(-1).to(hidden_states.device)
     if num_items_in_batch is None:
         normalizer = (shift_labels != ignore_index).sum()
     elif torch.is_tensor(num_items_in_batch):

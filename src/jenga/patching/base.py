@@ -8,13 +8,15 @@ model internals; this file knows only the Hugging Face calling conventions share
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -119,16 +121,34 @@ class JengaState:
     last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)  # `note_grad_mode` on the backbone
 
+    def __deepcopy__(self, memo: dict) -> JengaState:
+        """A deep copy of a patched model (an EMA or reference model) is one more user of the swapped functions:
+        `remove_jenga` on the copy leaves them swapped for the original."""
+        copied = copy.copy(self)
+        memo[id(self)] = copied
+        for f in fields(self):
+            setattr(copied, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        for key in copied.swapped:
+            if key in _SWAPPED:
+                _SWAPPED[key][1] += 1
+        return copied
 
-# Whether the last forward of a patched backbone began with autograd on. Off (generation, a no-grad pass), no
-# backward follows it. Process-wide rather than per model: a deep copy's forwards share its original's closures.
-_grad_at_entry = True
+
+class _GradAtEntry(threading.local):
+    """Whether the last forward of a patched backbone in this thread began with autograd on. Off (generation, a
+    no-grad pass), no backward follows it. Per thread, as grad mode is: a reference model serving without
+    autograd on another thread does not change it; autograd's own threads (a reentrant checkpoint's recompute)
+    read the default, on. Not per model: a deep copy's forwards share its original's closures."""
+
+    value = True
+
+
+_grad_at_entry = _GradAtEntry()
 
 
 def note_grad_mode(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a patched backbone: record the grad mode its forward begins in."""
-    global _grad_at_entry
-    _grad_at_entry = torch.is_grad_enabled()
+    _grad_at_entry.value = torch.is_grad_enabled()
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -171,8 +191,8 @@ def swap_function(module: types.ModuleType, name: str, wrap: Callable[[Callable]
 
 
 def restore_function(module_name: str, name: str) -> None:
-    """Count one user fewer of a swap; the last one puts the original back. A deep copy of a patched model
-    shares its original's swaps without counting as a user: removing Jenga from both restores once."""
+    """Count one user fewer of a swap; the last one puts the original back (a deep copy of a patched model
+    counts as a user: `JengaState.__deepcopy__`)."""
     entry = _SWAPPED.get((module_name, name))
     if entry is None:
         return
@@ -260,7 +280,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
             _lean_lora(self, state)
         # A forward that began without autograd has no backward to save for (generation in train mode keeps its
         # KV cache); a no-grad call inside a grad forward is a reentrant checkpoint's, which selects as usual.
-        inference = not (_grad_at_entry or torch.is_grad_enabled())
+        inference = not (_grad_at_entry.value or torch.is_grad_enabled())
         if not self.training or keep >= 1.0 or inference:
             return original(self, *args, **kwargs)
         call = _flatten_call(signature, (self, *args), kwargs)
@@ -314,7 +334,8 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
 
     def forward(self, *args, **kwargs):
         call = _flatten_call(signature, (self, *args), kwargs)
-        if not self.training or call.get("labels") is None:
+        # without autograd (evaluation in train mode) the model's own forward, logits included
+        if not (self.training and torch.is_grad_enabled()) or call.get("labels") is None:
             return original(self, *args, **kwargs)
         head = self.get_output_embeddings()
         if not isinstance(head, nn.Linear):
@@ -322,13 +343,14 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
             return original(self, *args, **kwargs)
         call.pop("self")
         labels = call.pop("labels")
-        num_items = call.pop("num_items_in_batch", None)
+        # the loss keywords transformers' ForCausalLMLoss reads (the rest go to the backbone, as there)
+        loss_kwargs = {k: call.pop(k) for k in ("num_items_in_batch", "shift_labels") if k in call}
+        if call.get("ignore_index") is not None:
+            loss_kwargs["ignore_index"] = call.pop("ignore_index")
         return_dict = call.pop("return_dict", None)
         call.pop("logits_to_keep", None)
         outputs = adapter.backbone(self)(**call, return_dict=True)
-        loss = segmented_causal_lm_loss(
-            outputs.last_hidden_state, head, labels, segment_size=chunk, num_items_in_batch=num_items
-        )
+        loss = segmented_causal_lm_loss(outputs.last_hidden_state, head, labels, segment_size=chunk, **loss_kwargs)
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=None,
