@@ -251,3 +251,10 @@ def test_offloading_runs_once_and_after_grouping():
     save_attention(attention)
     with pytest.raises(ValueError, match="group first"):
         group_checkpoints(attention, 2)
+
+
+def test_a_fractional_group_size_is_an_error():
+    model = add_attention_lora(tiny_llama(layers=4))
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="positive number of layers, got 1.5"):
+        group_checkpoints(model, 1.5)

@@ -803,10 +803,79 @@ def test_a_deep_copy_counts_as_a_user_of_the_swapped_functions():
 
     import transformers.models.llama.modeling_llama as llama
 
+    from jenga.patching.base import _SWAPPED
+
+    key = (llama.__name__, "apply_rotary_pos_emb")
     model = apply_jenga(tiny_llama(), DENSE)
-    swapped = llama.apply_rotary_pos_emb
+    swapped, users = llama.apply_rotary_pos_emb, _SWAPPED[key][1]  # other tests' models may still hold it
     assert swapped is not apply_rotary_pos_emb
-    remove_jenga(copy.deepcopy(model))
-    assert llama.apply_rotary_pos_emb is swapped
+    clone = copy.deepcopy(model)
+    assert _SWAPPED[key][1] == users + 1
+    remove_jenga(clone)
+    assert llama.apply_rotary_pos_emb is swapped and _SWAPPED[key][1] == users
     remove_jenga(model)
-    assert llama.apply_rotary_pos_emb is apply_rotary_pos_emb
+    assert _SWAPPED.get(key, [None, 0])[1] == users - 1
+    assert (llama.apply_rotary_pos_emb is apply_rotary_pos_emb) == (users == 1)
+
+
+def test_eval_mode_forwards_are_the_models_after_training_and_warn_with_autograd(caplog):
+    """The lean LoRA forward, installed by the first training forward, stays out of eval-mode forwards (also with
+    autograd on); a forward with autograd in eval mode, where Jenga does nothing, says so once (the quick start
+    without `model.train()`)."""
+    import copy
+
+    from jenga.messages import _warned
+
+    reference = add_lora(tiny_llama().to(torch.bfloat16))
+    for name, p in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model = apply_jenga(copy.deepcopy(reference), JengaConfig())
+    ids = batch(2, 96)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    reference.eval()
+    _warned.discard("eval-mode-grad")
+    with caplog.at_level("WARNING"):
+        ours = model(input_ids=ids).logits
+    assert torch.equal(ours, reference(input_ids=ids).logits)
+    assert "model.train()" in caplog.text
+
+
+def test_tuple_output_keeps_the_logits_place():
+    """With `return_dict=False` the model's tuple is (loss, logits, hidden states...); a training forward has no
+    logits, so their place holds None and the hidden states stay third."""
+    reference = tiny_llama().train()
+    model = apply_jenga(tiny_llama().train(), DENSE)
+    model.load_state_dict(reference.state_dict())
+    ids = batch(2, 64)
+    kwargs = {"labels": ids, "return_dict": False, "output_hidden_states": True}
+    ours, theirs = model(input_ids=ids, **kwargs), reference(input_ids=ids, **kwargs)
+    assert len(ours) == len(theirs) == 3 and ours[1] is None
+    assert rel_err(ours[0], theirs[0]) < 1e-6
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(ours[2], theirs[2], strict=True))
+
+
+def test_lean_lora_leaves_float16_models_outside_autocast_to_peft():
+    """PEFT computes a float16 model's fp32 adapters in fp32; in float16 their small gradients would flush to zero.
+    Under autocast (fp16 activations by design) the lean path serves as for bf16."""
+    from jenga.lora import _is_plain_lora
+
+    layer = add_lora(tiny_llama()).base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 8, layer.in_features)
+    assert _is_plain_lora(layer, x.bfloat16(), (), {})
+    assert not _is_plain_lora(layer, x.half(), (), {})
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert _is_plain_lora(layer, x.half(), (), {})
+
+
+def test_bad_arguments_name_the_problem():
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="nn.Module"):
+        apply_jenga(None)
+    with pytest.raises(TypeError, match="scorer must be a function"):
+        apply_jenga(model, JengaConfig(attn_keep=0.5), scorer=3)
+    with pytest.raises(TypeError, match="lean_norms must be True or False"):
+        apply_jenga(model, lean_norms="no")
+    assert jenga_state(model) is None

@@ -134,7 +134,7 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
     the groups' layer indices. The layers of a group run with its first layer's call arguments: grouping layers
     of different attention types (sliding-window and full) is an error. (transformers' `every_n_layers` is
     another trade: it leaves the other layers unchecked, keeping all their activations.)"""
-    if size < 1:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive number of layers, got {size!r}")
     layers = checkpointed_layers(model, "group_checkpoints")
     if len(layers) < sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules()):

@@ -63,8 +63,11 @@ def vanilla_adapters(layer: nn.Module) -> list[str] | None:
 
 
 def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether this call is vanilla LoRA with a dtype cast, the only case the lean path replaces."""
+    """Whether this call is vanilla LoRA with a dtype cast, the only case the lean path replaces. Not for a
+    float16 model outside autocast: there PEFT's fp32 adapter keeps gradients that float16 would flush to zero."""
     if args or kwargs or not getattr(layer, "cast_input_dtype_enabled", True):
+        return False
+    if x.dtype == torch.float16 and not torch.is_autocast_enabled(x.device.type):
         return False
     names = vanilla_adapters(layer)
     # no cast, nothing to save twice
@@ -73,7 +76,7 @@ def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict)
 
 def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = False, **kwargs: Any) -> torch.Tensor:
     """PEFT `lora.Linear.forward` for vanilla adapters, computed in the input's dtype (module docstring)."""
-    if not (torch.is_grad_enabled() and _is_plain_lora(self, x, args, kwargs)):
+    if not (self.training and torch.is_grad_enabled() and _is_plain_lora(self, x, args, kwargs)):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     copy = fp8 and not kept_by_attention(x)  # one decision for every adapter: they all read x

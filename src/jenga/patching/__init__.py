@@ -110,6 +110,16 @@ def apply_jenga(
         )
     if config is not None and not isinstance(config, JengaConfig):
         raise TypeError(f"apply_jenga takes a JengaConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_jenga takes a transformers model (an nn.Module), got {type(model).__name__}")
+    if scorer is not None and not callable(scorer):
+        raise TypeError(
+            f"scorer must be a function (layer_idx, hidden, token_valid, block_size, query_key) -> block scores, "
+            f"got {type(scorer).__name__}"
+        )
+    for name, value in (("lean_norms", lean_norms), ("lean_lora", lean_lora), ("mlp_recompute", mlp_recompute)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     base = unwrap(model)
     adapter = find_adapter(base)
     check_attention(base)

@@ -57,6 +57,11 @@ DENSE_MLP_MESSAGE = (
     "Jenga: MLPs with trainable or non-standard projections (e.g. LoRA on MLP layers, quantized linears) "
     "use the dense MLP path, which saves full activations for backward."
 )
+EVAL_MODE_MESSAGE = (
+    "Jenga: a forward with autograd on ran in eval mode, where Jenga leaves the model as it is (no float8 saves, "
+    "no segmented loss, no elimination): call model.train() before training (from_pretrained returns the model "
+    "in eval mode, and get_peft_model keeps it there; the Trainer calls train() itself)."
+)
 WRAPPED_HEAD_MESSAGE = (
     "Jenga: the LM head is a {}, not a plain nn.Linear (PEFT's modules_to_save or LoRA on lm_head): the model "
     "computes its own loss from full logits instead of the segmented loss. JengaConfig(loss_chunk_tokens=0) says so "
@@ -147,8 +152,11 @@ _grad_at_entry = _GradAtEntry()
 
 
 def note_grad_mode(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a patched backbone: record the grad mode its forward begins in."""
+    """Forward pre-hook of a patched backbone: record the grad mode its forward begins in (and say once when
+    autograd runs in eval mode, where nothing of Jenga acts: most often a missing `model.train()`)."""
     _grad_at_entry.value = torch.is_grad_enabled()
+    if _grad_at_entry.value and not module.training:
+        warn_once("eval-mode-grad", EVAL_MODE_MESSAGE)
 
 
 def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
@@ -358,6 +366,9 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
-        return result.to_tuple() if return_dict is False else result
+        if return_dict is False:  # the model's tuple keeps the logits' place; here it holds None
+            loss, *rest = result.to_tuple()
+            return (loss, None, *rest)
+        return result
 
     override_forward(model, forward, state)
