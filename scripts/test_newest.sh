@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# CI's second job: the patching and Trainer tests against the newest transformers that requirements.txt allows
-# (everything else pinned as in .ci/requirements-ci.txt), so a release inside the declared range that breaks the
-# patches shows up. Creates .venv-newest (rebuilt daily, since "newest" moves); extra arguments go to pytest.
+# CI's second job: the patching, checkpointing, Trainer and error tests against the newest transformers that
+# requirements.txt allows (everything else pinned as in .ci/requirements-ci.txt), so a release inside the declared
+# range that breaks the patches shows up. Creates .venv-newest (rebuilt daily, since "newest" moves); extra arguments go to pytest.
 # JENGA_TORCH_INDEX works as in setup_env.sh.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,4 +25,4 @@ if [ ! -f "$stamp" ]; then
 fi
 echo "[newest] transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')"
 cd "$root"
-"$venv/bin/python" -m pytest tests/test_patching.py tests/test_trainer.py tests/test_errors.py "$@"
+"$venv/bin/python" -m pytest tests/test_patching.py tests/test_trainer.py tests/test_errors.py tests/test_checkpointing.py "$@"

@@ -62,7 +62,9 @@ def _step(
             return _inner(function, *args, **kwargs)
 
         layer._gradient_checkpointing_func = counted
-        layer.register_forward_pre_hook(lambda module, args, _i=i: forwards.__setitem__(_i, forwards[_i] + 1))
+        # the layer's first norm: newer transformers recompute a layer's `forward` without the layer's own hooks
+        count = lambda m, args, _i=i: forwards.__setitem__(_i, forwards[_i] + 1)  # noqa: E731
+        layer.input_layernorm.register_forward_pre_hook(count)
     groups = group_checkpoints(model, size) if size > 1 else None
     offloaded = offload_checkpoints(model, offload) if offload is not None else None
     if attention:

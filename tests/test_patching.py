@@ -879,3 +879,24 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(TypeError, match="lean_norms must be True or False"):
         apply_jenga(model, lean_norms="no")
     assert jenga_state(model) is None
+
+
+def test_a_deep_copy_has_its_own_state_and_a_module_copy_shares_its_models():
+    """A deep-copied model's forwards use the copy's state (its selections land there, `remove_jenga` on the
+    original leaves the copy patched); a copy of one patched module (PEFT's modules_to_save) shares its model's
+    state rather than copying the whole model with it."""
+    import copy
+
+    config = JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0, fp8_activations=False)
+    model = apply_jenga(add_lora(tiny_llama()), config).train()
+    clone = copy.deepcopy(model)
+    ids = batch(1, 96)
+    clone(input_ids=ids, labels=ids).loss.backward()
+    assert jenga_state(clone).last_selection and not jenga_state(model).last_selection
+    remove_jenga(model)
+    attention = clone.base_model.model.model.layers[0].self_attn
+    assert "forward" in attention.__dict__ and "forward" in attention.q_proj.__dict__
+    norm = clone.base_model.model.model.norm
+    assert copy.deepcopy(norm).__dict__["_jenga_binding"].state is jenga_state(clone)
+    remove_jenga(clone)
+    assert "forward" not in attention.__dict__ and "forward" not in attention.q_proj.__dict__

@@ -20,6 +20,7 @@ attention included, and at long lengths attention is most of a step; keeping eac
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -122,8 +123,27 @@ def _in_group(layer: nn.Module) -> bool:
     return getattr(layer, _MEMBER, False)
 
 
-def _pass_through(function, hidden, *args, **kwargs):
-    """A grouped layer's checkpoint call: the group's first layer already ran it, so its output comes in."""
+class _Inline(threading.local):
+    """The grouped layers whose group's region runs now in this thread (autograd's recompute may run on another)."""
+
+    layers: frozenset = frozenset()
+
+
+_inline = _Inline()
+
+
+def _caller(function: partial) -> nn.Module:
+    """The layer whose checkpoint call this is: transformers before 5.2x passes its bound `__call__`, later
+    versions `partial(forward, layer)` (they checkpoint `forward`, keeping module hooks outside)."""
+    owner = getattr(function.func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else function.args[0]
+
+
+def _member(function, hidden, *args, **kwargs):
+    """A grouped layer's checkpoint call: called by the decoder's loop, the group's first layer already ran it and
+    its output comes in; called inside its group's region, the layer runs without a checkpoint of its own."""
+    if _caller(function) in _inline.layers:
+        return function(hidden, *args)
     return hidden
 
 
@@ -164,7 +184,7 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
         setattr(head, _GROUP, (head, *rest))
         _wrap(head, _grouped)
         for layer in rest:
-            _wrap(layer, lambda inner: _pass_through)
+            _wrap(layer, lambda inner: _member)
             setattr(layer, _MEMBER, True)
     _keep_through_reenabling(model, layers)
     return groups
@@ -177,12 +197,16 @@ def _grouped(inner: Callable) -> Callable:
     the model shares this function object, and its layers must run the copy's group, not the original's."""
 
     def grouped(function, *args, **kwargs):
-        rest = getattr(function.func.__self__, _GROUP)[1:]
+        rest = getattr(_caller(function), _GROUP)[1:]
 
         def run(*inputs):
             hidden = function(*inputs)
-            for layer in rest:  # nn.Module's call: the layer's forward without its own checkpoint
-                hidden = nn.Module.__call__(layer, hidden, *inputs[1:], **function.keywords)
+            outer, _inline.layers = _inline.layers, _inline.layers | set(rest)
+            try:
+                for layer in rest:  # the layer's call: hooks, then its forward without a checkpoint (`_member`)
+                    hidden = layer(hidden, *inputs[1:], **function.keywords)
+            finally:
+                _inline.layers = outer
             return hidden
 
         return inner(run, *args, **kwargs)

@@ -157,6 +157,7 @@ def apply_jenga(
         selector=Selector(config, scorer or oracle_scorer),
         lean_lora=lean_lora,
         mlp_recompute=mlp_recompute,
+        owner=base,
     )
     for idx, layer in enumerate(layers):
         patch_attention(adapter.attention(layer), idx, state, layer)

@@ -125,10 +125,14 @@ class JengaState:
     swapped: list[tuple[str, str]] = field(default_factory=list)
     last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)  # `note_grad_mode` on the backbone
+    owner: nn.Module | None = field(default=None, repr=False)  # the patched transformers model
 
     def __deepcopy__(self, memo: dict) -> JengaState:
-        """A deep copy of a patched model (an EMA or reference model) is one more user of the swapped functions:
-        `remove_jenga` on the copy leaves them swapped for the original."""
+        """A deep copy of the patched model (an EMA or reference model) gets its own state, and is one more user
+        of the swapped functions (`remove_jenga` on the copy leaves them swapped for the original). A copy of one
+        patched module alone (PEFT's `modules_to_save`) shares its model's."""
+        if self.owner is not None and id(self.owner) not in memo:
+            return self
         copied = copy.copy(self)
         memo[id(self)] = copied
         for f in fields(self):
@@ -143,7 +147,7 @@ class _GradAtEntry(threading.local):
     """Whether the last forward of a patched backbone in this thread began with autograd on. Off (generation, a
     no-grad pass), no backward follows it. Per thread, as grad mode is: a reference model serving without
     autograd on another thread does not change it; autograd's own threads (a reentrant checkpoint's recompute)
-    read the default, on. Not per model: a deep copy's forwards share its original's closures."""
+    read the default, on."""
 
     value = True
 
@@ -159,15 +163,36 @@ def note_grad_mode(module: nn.Module, args: tuple) -> None:
         warn_once("eval-mode-grad", EVAL_MODE_MESSAGE)
 
 
-def override_forward(module: nn.Module, new_forward: Callable, state: JengaState) -> None:
-    """Bind `new_forward(self, *args, **kwargs)` as `module.forward`; the class forward stays reachable.
+@dataclass
+class Binding:
+    """What a patched forward reads at each call, kept in its module's `__dict__`: a deep copy of the model copies
+    it with the modules, so the copy's forwards use the copy's state and layers, where a closure would keep the
+    original's."""
+
+    state: JengaState
+    layer: nn.Module | None = None  # the decoder layer around the module, where its forward needs it
+
+    def __deepcopy__(self, memo: dict) -> Binding:
+        state = copy.deepcopy(self.state, memo)
+        return self if state is self.state else Binding(state, copy.deepcopy(self.layer, memo))
+
+
+_BINDING = "_jenga_binding"
+
+
+def override_forward(
+    module: nn.Module, new_forward: Callable, state: JengaState, layer: nn.Module | None = None
+) -> None:
+    """Bind `new_forward(self, binding, *args, **kwargs)` as `module.forward`, with `Binding(state, layer)`;
+    the class forward stays reachable.
 
     The bound forward presents the class forward's signature: tools read it to route inputs (the `Trainer`
     drops dataset columns the signature does not name, which would drop `input_ids` and `labels`).
     """
+    module.__dict__[_BINDING] = Binding(state, layer)
 
     def forward(self, *args, **kwargs):
-        return new_forward(self, *args, **kwargs)
+        return new_forward(self, self.__dict__[_BINDING], *args, **kwargs)
 
     forward.__signature__ = inspect.signature(type(module).forward)
     forward.__doc__ = new_forward.__doc__ or type(module).forward.__doc__
@@ -178,6 +203,7 @@ def override_forward(module: nn.Module, new_forward: Callable, state: JengaState
 
 def restore_forward(module: nn.Module) -> None:
     module.__dict__.pop("forward", None)
+    module.__dict__.pop(_BINDING, None)
 
 
 # Module-level functions swapped while patched models use them: (module name, name) -> [original, number of users].
@@ -245,9 +271,14 @@ def _lean_lora(attn: nn.Module, state: JengaState) -> None:
     the projections after `apply_jenga`."""
     for linear in lora_linears(attn):
         if "forward" not in linear.__dict__:
-            forward = functools.partial(lean_lora_forward, fp8=state.config.fp8_activations)
-            forward.__doc__ = lean_lora_forward.__doc__
-            override_forward(linear, forward, state)
+            override_forward(linear, _bound_lean_lora, state)
+
+
+def _bound_lean_lora(self: nn.Module, binding: Binding, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return lean_lora_forward(self, x, *args, fp8=binding.state.config.fp8_activations, **kwargs)
+
+
+_bound_lean_lora.__doc__ = lean_lora_forward.__doc__
 
 
 @contextmanager
@@ -280,10 +311,11 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     """
     original = type(attn).forward
     signature = inspect.signature(original)
-    keep = state.attn_keep[layer_idx]
-    config, adapter = state.config, state.adapter
 
-    def forward(self, *args, **kwargs):
+    def forward(self, binding, *args, **kwargs):
+        state = binding.state
+        keep = state.attn_keep[layer_idx]
+        config, adapter = state.config, state.adapter
         if state.lean_lora and self.training:
             _lean_lora(self, state)
         # A forward that began without autograd has no backward to save for (generation in train mode keeps its
@@ -312,7 +344,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 dense = original(self, **call)[0]
         token_valid = key_validity(mask, hidden.shape[1])
         query_key = functools.partial(adapter.query_key, self, hidden, call, _query_key_outputs(projected, modules))
-        selection = state.selector.choose(layer_idx, layer, keep_blocks, hidden, token_valid, query_key)
+        selection = state.selector.choose(layer_idx, binding.layer, keep_blocks, hidden, token_valid, query_key)
         if projected:
             # Only the kept rows are needed past selection; the full-sequence outputs go now.
             reused = {m: selection.gather(projected.pop(m)) for m in modules if m in projected}
@@ -330,17 +362,16 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         # Value: the dense output exactly; gradient: through the kept pass.
         return (selection.with_gradient_from(dense, out), *[None for _ in rest])
 
-    override_forward(attn, forward, state)
+    override_forward(attn, forward, state, layer)
 
 
 def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
     """Compute the training loss in segments from the backbone's hidden states (no full logits)."""
     original = type(model).forward
     signature = inspect.signature(original)
-    chunk = state.config.loss_chunk_tokens
-    adapter = state.adapter
 
-    def forward(self, *args, **kwargs):
+    def forward(self, binding, *args, **kwargs):
+        chunk, adapter = binding.state.config.loss_chunk_tokens, binding.state.adapter
         call = _flatten_call(signature, (self, *args), kwargs)
         # without autograd (evaluation in train mode) the model's own forward, logits included
         if not (self.training and torch.is_grad_enabled()) or call.get("labels") is None:

@@ -36,11 +36,12 @@ class LlamaFamilyAdapter(FamilyAdapter):
         mlp = layer.mlp
         original = type(mlp).forward
 
-        def forward(self, x):
+        def forward(self, binding, x):
             if not (self.training and torch.is_grad_enabled()):
                 return original(self, x)
             if not frozen_linears(self.gate_proj, self.up_proj, self.down_proj):
                 return original(self, x)
+            state = binding.state
             chunk = state.config.mlp_chunk_tokens
             fp8 = state.config.fp8_activations
             projections = (self.gate_proj, self.up_proj, self.down_proj)
@@ -54,10 +55,10 @@ class LlamaFamilyAdapter(FamilyAdapter):
         for norm in [*norms, model.model.norm]:
             original = type(norm).forward
 
-            def forward(self, x, _original=original):
+            def forward(self, binding, x, _original=original):
                 if not (self.training and torch.is_grad_enabled()):
                     return _original(self, x)
-                return rms_norm(x, self.weight, self.variance_epsilon, state.config.fp8_activations)
+                return rms_norm(x, self.weight, self.variance_epsilon, binding.state.config.fp8_activations)
 
             override_forward(norm, forward, state)
 

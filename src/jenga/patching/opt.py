@@ -38,11 +38,12 @@ class OPTAdapter(FamilyAdapter):
         act = layer.activation_fn
         original = type(act).forward
 
-        def forward(self, pre):
+        def forward(self, binding, pre):
+            layer = binding.layer
             if not (layer.training and torch.is_grad_enabled() and pre.requires_grad):
                 return original(self, pre)
             if not frozen_linears(layer.fc1, layer.fc2):
                 return original(self, pre)
             return sparse_activation(pre, functools.partial(original, self), keep)
 
-        override_forward(act, forward, state)
+        override_forward(act, forward, state, layer)
