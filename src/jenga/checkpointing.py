@@ -193,8 +193,8 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
 def _grouped(inner: Callable) -> Callable:
     """A group's first layer's checkpoint function: `inner` around that layer and the rest of its group.
 
-    The group is read from the layer that calls (`function` is its bound call), not captured here: a deep copy of
-    the model shares this function object, and its layers must run the copy's group, not the original's."""
+    The group is read from the layer that calls (`_caller`), not captured here: a deep copy of the model shares
+    this function object, and its layers must run the copy's group, not the original's."""
 
     def grouped(function, *args, **kwargs):
         rest = getattr(_caller(function), _GROUP)[1:]
