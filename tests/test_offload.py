@@ -75,3 +75,10 @@ def test_offloader_rejects_bad_input():
         ActivationOffloader(layers, resident_fraction=0.5, policy="random")
     with pytest.raises(ValueError, match="attn_keep"):
         ActivationOffloader(layers, resident_fraction=0.5, policy="sparsity")
+    checkpointed = tiny_llama(layers=2).train()
+    checkpointed.gradient_checkpointing_enable()
+    with (
+        pytest.raises(ValueError, match="offload_checkpoints"),
+        ActivationOffloader(list(checkpointed.model.layers), budgets=[0, 0]),
+    ):
+        pass

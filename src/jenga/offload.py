@@ -12,8 +12,9 @@ decoder layers say which layer is running. On CUDA a tensor over budget is copie
 (`jenga.pinned`: its own bytes, not rounded up to a power of two) on a side stream (the source is marked used by
 that stream, so the allocator does not recycle it early) and comes back in backward, the previous layer's
 tensors being prefetched while the current layer runs. On CPU the same path runs with plain copies, which is
-what the unit tests check. Gradient checkpointing installs its own hooks, which take precedence: do not combine
-the two.
+what the unit tests check. Gradient checkpointing installs its own hooks, which take precedence: entering the
+offloader around checkpointed layers in training is an error (`jenga.checkpointing.offload_checkpoints` serves
+those).
 """
 
 from __future__ import annotations
@@ -174,6 +175,12 @@ class ActivationOffloader(SavedTensorHooks):
         return back
 
     def __enter__(self) -> ActivationOffloader:
+        if any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in self.layers):
+            raise ValueError(
+                "ActivationOffloader does not combine with gradient checkpointing: checkpointing's own saved-tensor "
+                "hooks take precedence, so only the checkpoints' inputs would be offloaded; use "
+                "jenga.checkpointing.offload_checkpoints for checkpointed layers, or disable checkpointing"
+            )
         n = len(self.layers)
         self.saved, self.offloaded, self.resident = [0] * n, [0] * n, [0] * n
         if self._stream is None and torch.cuda.is_available():
