@@ -11,7 +11,13 @@ from conftest import tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from jenga import JengaConfig, apply_jenga
-from jenga.checkpointing import ATTENTION_OPS, group_checkpoints, offload_checkpoints, save_attention
+from jenga.checkpointing import (
+    ATTENTION_OPS,
+    group_checkpoints,
+    offload_checkpoints,
+    reset_checkpoints,
+    save_attention,
+)
 from jenga.experiments.training import add_attention_lora
 
 
@@ -260,3 +266,24 @@ def test_a_fractional_group_size_is_an_error():
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="positive number of layers, got 1.5"):
         group_checkpoints(model, 1.5)
+
+
+def test_reset_checkpoints_undoes_grouping_offload_and_saved_attention(offload_calls):
+    """After `reset_checkpoints` every layer is its own checkpoint again, nothing is offloaded, attention runs
+    again in the recompute, also once checkpointing is enabled anew (the Trainer); the step is plain
+    checkpointing's."""
+    torch.manual_seed(0)
+    model = add_attention_lora(tiny_llama(layers=4)).train()
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    model.gradient_checkpointing_enable(**kwargs)
+    apply_jenga(model, JengaConfig())
+    group_checkpoints(model, 2)
+    offload_checkpoints(model, 1.0)
+    save_attention(model)
+    reset_checkpoints(model)
+    model.gradient_checkpointing_enable(**kwargs)
+    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(1))
+    with AttentionCalls() as calls:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert calls.count == 8 and not offload_calls  # 4 layers, each attention in the forward and the recompute
+    assert group_checkpoints(model, 2) == [[0, 1], [2, 3]]  # grouping is possible again

@@ -14,7 +14,8 @@ power of two, up to twice the bytes).
 `save_attention` trades the other way, bytes for time: a checkpointed layer's backward recomputes its forward,
 attention included, and at long lengths attention is most of a step; keeping each layer's attention output
 (PyTorch's selective checkpointing) lets the recompute skip it. All three stay in place when
-`gradient_checkpointing_enable()` runs again, as the HF Trainer's `gradient_checkpointing=True` makes it do.
+`gradient_checkpointing_enable()` runs again, as the HF Trainer's `gradient_checkpointing=True` makes it do;
+`reset_checkpoints` undoes them.
 """
 
 from __future__ import annotations
@@ -94,6 +95,20 @@ def _attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 _attention_saved = partial(create_selective_checkpoint_contexts, _attention_policy)
 
 
+def reset_checkpoints(model: nn.Module) -> None:
+    """Undo `group_checkpoints`, `offload_checkpoints` and `save_attention`: every layer gets back the checkpoint
+    function `gradient_checkpointing_enable()` set, and enabling checkpointing again no longer redoes them."""
+    for module in model.modules():
+        base = module.__dict__.get(_BASE)
+        if base is not None:
+            module._gradient_checkpointing_func = base
+        for name in (_BASE, _WRAPS, _INSTALLED, _MEMBER, _GROUP, _OFFLOADED):
+            module.__dict__.pop(name, None)
+        hook = module.__dict__.pop(_HOOK, None)
+        if hook is not None:
+            hook.remove()
+
+
 def offloaded_count(fraction: float, checkpoints: int) -> int:
     """How many of `checkpoints` the share `fraction` offloads: rounded up, but 7/25 of 25 is 7, not 8 (7 / 25 * 25
     is 7.000000000000001 in floating point)."""
@@ -117,6 +132,8 @@ _OFFLOADED = "_jenga_checkpoint_offloaded"
 # A layer's checkpoint function as `gradient_checkpointing_enable()` set it, what this module did to it, in order,
 # and the function that resulted.
 _BASE, _WRAPS, _INSTALLED = "_jenga_checkpoint_base", "_jenga_checkpoint_wraps", "_jenga_checkpoint_installed"
+# Set on the decoder: the forward pre-hook that redoes this module's changes after re-enabling.
+_HOOK = "_jenga_checkpoint_hook"
 
 
 def _in_group(layer: nn.Module) -> bool:
@@ -235,8 +252,8 @@ def _keep_through_reenabling(model: nn.Module, layers: list[nn.Module]) -> None:
         (m for m in model.modules() if any(isinstance(c, nn.ModuleList) and layers[0] in c for c in m.children())),
         model,
     )
-    if not hasattr(decoder, "_jenga_checkpoint_hook"):
-        decoder._jenga_checkpoint_hook = decoder.register_forward_pre_hook(lambda module, args: _reapply(module))
+    if _HOOK not in decoder.__dict__:
+        decoder.__dict__[_HOOK] = decoder.register_forward_pre_hook(lambda module, args: _reapply(module))
 
 
 def _reapply(decoder: nn.Module) -> None:
