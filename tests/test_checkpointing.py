@@ -46,18 +46,23 @@ class AttentionCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(
-    size: int = 1, config: JengaConfig | None = None, offload: float | None = None, attention: bool = False, **patch
-) -> Step:
-    """`size` layers per checkpoint, then `offload` of the checkpoints on the host, then `save_attention` if
-    `attention`; `patch`: `apply_jenga`'s."""
+def _checkpointed_lora_model(config: JengaConfig | None = None, **patch) -> torch.nn.Module:
+    """A 4-layer LoRA Llama in training mode with non-zero adapters, non-reentrant checkpointing and Jenga."""
     torch.manual_seed(0)
     model = add_attention_lora(tiny_llama(layers=4)).train()
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_jenga(model, config or JengaConfig(), **patch)
+    return apply_jenga(model, config or JengaConfig(), **patch)
+
+
+def _step(
+    size: int = 1, config: JengaConfig | None = None, offload: float | None = None, attention: bool = False, **patch
+) -> Step:
+    """`size` layers per checkpoint, then `offload` of the checkpoints on the host, then `save_attention` if
+    `attention`; `patch`: `apply_jenga`'s."""
+    model = _checkpointed_lora_model(config, **patch)
     layers = model.base_model.model.model.layers
     regions, forwards = [], [0] * len(layers)
     for i, layer in enumerate(layers):
@@ -215,13 +220,7 @@ def test_a_deep_copy_of_a_grouped_model_trains_its_own_layers():
 
     from jenga import remove_jenga
 
-    torch.manual_seed(0)
-    model = add_attention_lora(tiny_llama(layers=4)).train()
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_jenga(model, JengaConfig(fp8_activations=False))  # exact against the unpatched model
+    model = _checkpointed_lora_model(JengaConfig(fp8_activations=False))  # exact against the unpatched model
     group_checkpoints(model, 2)
     twin = copy.deepcopy(model)
     reference = copy.deepcopy(twin)
@@ -272,11 +271,8 @@ def test_reset_checkpoints_undoes_grouping_offload_and_saved_attention(offload_c
     """After `reset_checkpoints` every layer is its own checkpoint again, nothing is offloaded, attention runs
     again in the recompute, also once checkpointing is enabled anew (the Trainer); the step is plain
     checkpointing's."""
-    torch.manual_seed(0)
-    model = add_attention_lora(tiny_llama(layers=4)).train()
+    model = _checkpointed_lora_model()
     kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    model.gradient_checkpointing_enable(**kwargs)
-    apply_jenga(model, JengaConfig())
     group_checkpoints(model, 2)
     offload_checkpoints(model, 1.0)
     save_attention(model)

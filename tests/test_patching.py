@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import subprocess
@@ -637,8 +638,6 @@ def test_a_no_grad_pass_between_steps_leaves_the_next_steps_gradients_alone(fami
     forwards share the original's selector) runs the model's own forward and queues no selection: under
     checkpointing with elimination, the next step's recompute must not pick up a selection made for another
     batch."""
-    import copy
-
     other, ids = batch(2, 160, seed=7), batch(2, 160)
     config = JengaConfig(block_size=16, attn_keep=0.4, dense_first_layers=0, fp8_activations=False)
 
@@ -679,8 +678,6 @@ def test_generation_in_train_mode_with_elimination_is_the_dense_models():
 def test_a_patched_model_deep_copies_and_both_remove_cleanly(family):
     """An EMA or reference model is a deep copy: it trains the same loss, and removing Jenga from the copy and
     the original both work (the process-wide rotary swap is undone once)."""
-    import copy
-
     model = apply_jenga(add_lora(MODEL_BUILDERS[family]()), JengaConfig())
     clone = copy.deepcopy(model)
     ids = batch(2, 96)
@@ -726,8 +723,6 @@ def test_loss_keywords_and_evaluation_in_train_mode_are_the_models():
     """The segmented loss reads the keywords transformers' causal-LM loss reads: `shift_labels` (the Trainer's,
     under context parallelism) and `ignore_index`; a forward without autograd in train mode (evaluation that
     forgets `model.eval()`) is the model's own, logits included."""
-    import copy
-
     reference = tiny_llama()
     model = apply_jenga(copy.deepcopy(reference), DENSE)
     ids = batch(2, 96)
@@ -799,8 +794,6 @@ def test_checkpointed_selections_follow_their_inputs_not_the_order_of_forwards(r
 
 def test_a_deep_copy_counts_as_a_user_of_the_swapped_functions():
     """Removing Jenga from a deep copy (an EMA model retired) leaves the original's swapped rotary in place."""
-    import copy
-
     import transformers.models.llama.modeling_llama as llama
 
     from jenga.patching.base import _SWAPPED
@@ -822,8 +815,6 @@ def test_eval_mode_forwards_are_the_models_after_training_and_warn_with_autograd
     """The lean LoRA forward, installed by the first training forward, stays out of eval-mode forwards (also with
     autograd on); a forward with autograd in eval mode, where Jenga does nothing, says so once (the quick start
     without `model.train()`)."""
-    import copy
-
     from jenga.messages import _warned
 
     reference = add_lora(tiny_llama().to(torch.bfloat16))
@@ -860,14 +851,14 @@ def test_tuple_output_keeps_the_logits_place():
 def test_lean_lora_leaves_float16_models_outside_autocast_to_peft():
     """PEFT computes a float16 model's fp32 adapters in fp32; in float16 their small gradients would flush to zero.
     Under autocast (fp16 activations by design) the lean path serves as for bf16."""
-    from jenga.lora import _is_plain_lora
+    from jenga.lora import _lean_adapters
 
     layer = add_lora(tiny_llama()).base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 8, layer.in_features)
-    assert _is_plain_lora(layer, x.bfloat16(), (), {})
-    assert not _is_plain_lora(layer, x.half(), (), {})
+    assert _lean_adapters(layer, x.bfloat16(), (), {})
+    assert not _lean_adapters(layer, x.half(), (), {})
     with torch.autocast("cpu", dtype=torch.float16):
-        assert _is_plain_lora(layer, x.half(), (), {})
+        assert _lean_adapters(layer, x.half(), (), {})
 
 
 def test_bad_arguments_name_the_problem():
@@ -885,8 +876,6 @@ def test_a_deep_copy_has_its_own_state_and_a_module_copy_shares_its_models():
     """A deep-copied model's forwards use the copy's state (its selections land there, `remove_jenga` on the
     original leaves the copy patched); a copy of one patched module (PEFT's modules_to_save) shares its model's
     state rather than copying the whole model with it."""
-    import copy
-
     config = JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0, fp8_activations=False)
     model = apply_jenga(add_lora(tiny_llama()), config).train()
     clone = copy.deepcopy(model)

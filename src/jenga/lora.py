@@ -62,25 +62,27 @@ def vanilla_adapters(layer: nn.Module) -> list[str] | None:
     return names
 
 
-def _is_plain_lora(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether this call is vanilla LoRA with a dtype cast, the only case the lean path replaces. Not for a
+def _lean_adapters(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> list[str] | None:
+    """The adapters the lean path computes for this call, or None: only vanilla LoRA with a dtype cast. Not for a
     float16 model outside autocast: there PEFT's fp32 adapter keeps gradients that float16 would flush to zero."""
     if args or kwargs or not getattr(layer, "cast_input_dtype_enabled", True):
-        return False
+        return None
     if x.dtype == torch.float16 and not torch.is_autocast_enabled(x.device.type):
-        return False
+        return None
     names = vanilla_adapters(layer)
-    # no cast, nothing to save twice
-    return names is not None and all(layer.lora_A[name].weight.dtype != x.dtype for name in names)
+    if names is None or any(layer.lora_A[name].weight.dtype == x.dtype for name in names):
+        return None  # no cast, nothing to save twice
+    return names
 
 
 def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = False, **kwargs: Any) -> torch.Tensor:
     """PEFT `lora.Linear.forward` for vanilla adapters, computed in the input's dtype (module docstring)."""
-    if not (self.training and torch.is_grad_enabled() and _is_plain_lora(self, x, args, kwargs)):
+    names = _lean_adapters(self, x, args, kwargs) if self.training and torch.is_grad_enabled() else None
+    if names is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     copy = fp8 and not kept_by_attention(x)  # one decision for every adapter: they all read x
-    for name in vanilla_adapters(self):
+    for name in names:
         weight = self.lora_A[name].weight.to(x.dtype)
         down = _Fp8Down.apply(x, weight) if copy else F.linear(x, weight)
         down, up = down.to(result.dtype).flatten(0, -2), self.lora_B[name].weight.to(result.dtype).t()
