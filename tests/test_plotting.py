@@ -354,3 +354,19 @@ def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path
     section = elementwise_section(tmp_path / "elementwise")
     assert "rotary_bf16: ok" in section and "| quantize | 8x4 | 0.500 | 2.000 | 4.0x | 9 |" in section
     assert "(liger-kernel 0.8.5)" in section and "| silu_mul_fwd_bwd | 8x4 | 0.600 | 0.400 | 1.50 |" in section
+
+
+def test_longest_context_time_axis_shows_powers_of_two_around_a_span_under_one_doubling(tmp_path):
+    """Lengths from 272K to 448K hold no power of two: the axis widens to 256K-512K so that it still has ticks."""
+    from jenga.plotting.longest import plot_longest
+
+    setting = tmp_path / "longest" / "gpu-uncapped"
+    ok = {"status": "ok", "peak_gib": 130.0, "median_step_s": 200.0}
+    for method, seq in [("liger+ckpt", 278528), ("liger+ckpt", 294912), ("jenga-long+ckpt", 458752)]:
+        write_run(setting / "probes", "m", method, seq, ok, gradient_checkpointing=True)
+    with capture_figures() as drawn:
+        plot_longest(tmp_path / "longest", tmp_path / "out")
+    _, curve = drawn[tmp_path / "out" / "gpu-uncapped_m.png"].axes
+    assert curve.get_xlim() == (256.0, 512.0)
+    low, high = curve.get_xlim()
+    assert [t for t in curve.get_xticks() if low <= t <= high] == [256.0, 512.0]

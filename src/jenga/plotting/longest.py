@@ -10,6 +10,7 @@ host-memory budget) are crosses, never values.
 
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,7 @@ def plot_longest(logs: Path, out: Path) -> list[Path]:
             fig, axes = figure(11.0, 0.9 + 0.45 * len(found) + 1.2, ncols=2)
             bars, curve = axes[0]
             shades = series_colors([limit.method for limit in found])
+            plotted: list[float] = []
             for y, limit in enumerate(found):
                 shade = shades[limit.method]
                 bars.barh(y, limit.tokens / 1024, color=shade, alpha=0.85)
@@ -144,6 +146,7 @@ def plot_longest(logs: Path, out: Path) -> list[Path]:
                 label = f"  {_k(limit.tokens)}: {limit.bound}" if limit.tokens else f"  {limit.bound}"
                 bars.text(max([limit.tokens / 1024, *failed]), y, label, va="center", fontsize=7)
                 points = [(r.header["seq_len"], t) for r in limit.runs if (t := seconds_per_k(r)) is not None]
+                plotted += [x / 1024 for x, _ in points]
                 if points:
                     xs, ys = zip(*points, strict=True)
                     marker = MARKERS[y % len(MARKERS)]  # methods often overlap: the shape tells them apart
@@ -159,6 +162,9 @@ def plot_longest(logs: Path, out: Path) -> list[Path]:
             curve.xaxis.set_major_locator(LogLocator(base=2))
             curve.xaxis.set_major_formatter(ScalarFormatter())
             curve.xaxis.set_minor_locator(NullLocator())
+            low, high = (math.log2(min(plotted)), math.log2(max(plotted))) if plotted else (0.0, 0.0)
+            if math.floor(high) < math.ceil(low):  # no power of two between the points: widen to the two around
+                curve.set_xlim(2 ** math.floor(low), 2 ** math.ceil(high))
             curve.set_title(f"{model}: time per token")
             curve.legend(fontsize=7)
             caption = (
