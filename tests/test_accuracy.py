@@ -322,3 +322,20 @@ def test_finished_run_checks_the_logged_config(tmp_path):
     assert finetune.finished_run(run, "jenga")
     (run / "finetune_log.jsonl").write_text(json.dumps({"record": "header", "jenga_config": None}) + "\n")
     assert finetune.finished_run(run, "lora")
+
+
+def test_finetune_refuses_a_folder_holding_a_finished_run(tmp_path):
+    """A fine-tune never overwrites a finished one (run.sh's check can be bypassed, or the folder reused by hand):
+    another config's run is the config error, the same config's says to move it away; the log stays intact."""
+    run = tmp_path / "jenga-s0"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter/seq_len").write_text("4096")
+    old = {**finetune.accuracy_method("jenga-0.5", None).jenga.to_dict(), "schema_version": 3}
+    log = json.dumps({"record": "header", "jenga_config": old}) + "\n"
+    (run / "finetune_log.jsonl").write_text(log)
+    argv = ["--base", str(tmp_path / "absent"), "--data", str(tmp_path), "--out", str(run)]
+    with pytest.raises(SystemExit, match="another Jenga config"):
+        finetune.main([*argv, "--method", "jenga"])
+    with pytest.raises(SystemExit, match="move it away"):
+        finetune.main([*argv, "--method", "jenga-0.5"])
+    assert (run / "finetune_log.jsonl").read_text() == log

@@ -469,14 +469,14 @@ def test_the_longest_length_method_checkpoints_layer_pairs_and_budgets_them(tmp_
     assert message.startswith("not run: 3 offloaded checkpoints need 0.8 GiB")
 
 
-@pytest.mark.parametrize("shared", [None, ""])
-def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_path, shared):
+@pytest.mark.parametrize(("shared", "gpu"), [(None, "NVIDIA H200"), ("", "NVIDIA H200 NVL")])
+def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_path, shared, gpu):
     """`scripts/longest/run.sh` per model: the length search of METHODS (else all), capped by MEMORY_GIB into a
-    folder named after the GPU and the cap, from START (else 64K rounded up to STEP), then the shared lengths
-    unless SHARED is empty."""
+    folder named after the GPU's model and the cap, from START (else 64K rounded up to STEP), then the shared
+    lengths unless SHARED is empty."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200'\n")
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho '{gpu}'\n")
     (fake / "nvidia-smi").chmod(0o755)
     env = {"PATH": f"{fake}:/usr/bin:/bin", "PYTHON": "echo", "LOGS": str(tmp_path), "MODELS": "llama-3-8b"}
     env |= {"METHODS": "liger+ckpt jenga-long+ckpt", "MEMORY_GIB": "80"}
@@ -493,3 +493,29 @@ def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_pat
     if shared is None:
         assert "--seqs 65536 131072 262144 --steps 1 --warmup 1" in calls[1]
         assert calls[1].endswith(f"--logs {tmp_path}/h200-80gb/shared")
+
+
+def test_a_sweep_reruns_a_complete_log_of_another_jenga_config(tmp_path, monkeypatch, capsys):
+    """A committed `jenga` log of an older default (keep 0.5) is no result of today's `jenga`: the sweep reruns it
+    (saying why) instead of skipping it; a complete log of today's config, and a LoRA log, are skipped."""
+    from jenga.experiments import run
+    from jenga.experiments.methods import get_method
+
+    def complete(method: str, config: dict | None) -> None:
+        header = {"record": "header", "experiment": "run", "method": method, "jenga_config": config}
+        lines = [header, {"record": "summary", "status": "ok"}]
+        run.log_path(tmp_path, "arch", method, 64).write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    complete("lora", None)
+    complete("jenga", get_method("jenga-0.5").jenga.to_dict())
+    complete("jenga-0.5", get_method("jenga-0.5").jenga.to_dict())
+    ran = []
+    monkeypatch.setattr(run, "spawn", lambda args, method, *rest: ran.append(method) or {"status": "ok"})
+    assert (
+        run.main(
+            ["--model", "arch", "--methods", "lora", "jenga", "jenga-0.5", "--seqs", "64"] + ["--logs", str(tmp_path)]
+        )
+        == 0
+    )
+    assert ran == ["jenga"]
+    assert "rerun arch_jenga_64.jsonl: it ran another Jenga config than jenga has today" in capsys.readouterr().out

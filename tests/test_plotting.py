@@ -370,3 +370,32 @@ def test_longest_context_time_axis_shows_powers_of_two_around_a_span_under_one_d
     assert curve.get_xlim() == (256.0, 512.0)
     low, high = curve.get_xlim()
     assert [t for t in curve.get_xticks() if low <= t <= high] == [256.0, 512.0]
+
+
+def test_length_lines_take_per_model_points_only_from_the_device_of_that_models_sweep(tmp_path):
+    """One card's length sweeps ran on two GPUs (a model on each): a per-model 4K run joins a model's line only
+    where it ran on that model's sweep device, so no line mixes GPUs."""
+    card = tmp_path / "logs" / "end2end" / "48gb"
+    ok = {"status": "ok", "peak_gib": 10.0, "median_step_s": 0.5}
+    for model in ("llama-2-7b", "opt-6.7b"):
+        write_run(card, model, "jenga", 4096, ok, device="GPU A")
+    write_run(card / "length", "llama-2-7b", "jenga", 8192, ok, device="GPU B")
+    write_run(card / "length", "opt-6.7b", "jenga", 8192, ok, device="GPU A")
+    with capture_figures() as drawn:
+        plot_end2end(tmp_path / "logs" / "end2end", tmp_path / "figs")
+    lengths = {}
+    for model in ("llama-2-7b", "opt-6.7b"):
+        (memory,) = drawn[tmp_path / "figs" / "memory" / f"48gb_{model}_length.png"].axes
+        lengths[model] = sorted(
+            x for line in memory.get_lines() if line.get_label() == "jenga" for x in line.get_xdata()
+        )
+    assert lengths == {"llama-2-7b": [8192], "opt-6.7b": [4096, 8192]}
+
+
+def test_longest_context_table_says_n_a_for_a_run_without_a_gpu_peak(tmp_path):
+    """A CPU dry run of the length search logs no GPU peak: its row says n/a instead of failing the replot."""
+    from jenga.plotting.longest import table
+
+    setting = tmp_path / "cpu-uncapped"
+    write_run(setting / "probes", "m", "jenga+ckpt", 4096, {"status": "ok", "peak_gib": None, "median_step_s": 2.0})
+    assert "| jenga+ckpt | 4K | not searched: at least this | n/a | n/a | 2.0 | 0.500 |" in table(setting, "m")

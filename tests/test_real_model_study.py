@@ -190,12 +190,14 @@ def test_run_sh_reports_the_fine_tunes_that_failed(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_run_sh_lm_eval_skips_models_with_results(tmp_path):
     """lm_eval is resumable: a model (base or merged fine-tune) whose results are logged is neither merged nor
-    evaluated again; the others are."""
+    evaluated again; the others are. A study's runs sit in its own folder under LOGS (default rerun-32k), where
+    the report finds studies."""
+    study = tmp_path / "rerun-32k"
     for run in ("lora-s0", "jenga-s0"):
-        (tmp_path / "runs" / run / "adapter").mkdir(parents=True)
-        (tmp_path / "runs" / run / "adapter" / "seq_len").write_text("32768")
+        (study / "runs" / run / "adapter").mkdir(parents=True)
+        (study / "runs" / run / "adapter" / "seq_len").write_text("32768")
     for model in ("smollm2-135m", "smollm2-135m-32k-lora-s0"):
-        _write(tmp_path / "lm_eval" / model / ".__checkpoints__x" / "results_1.json", {})
+        _write(study / "lm_eval" / model / ".__checkpoints__x" / "results_1.json", {})
     done = subprocess.run(
         ["bash", str(ROOT / "scripts/real_model/run.sh"), "lm_eval"],
         env={"PATH": "/usr/bin:/bin", "PYTHON": "echo", "LOGS": str(tmp_path), "SEEDS": "0"},
@@ -206,4 +208,5 @@ def test_run_sh_lm_eval_skips_models_with_results(tmp_path):
     calls = done.stdout.splitlines()
     assert [c.split()[1] for c in calls] == ["jenga.experiments.merge", "lm_eval"], calls
     assert "smollm2-135m-32k-jenga-s0" in calls[1] and "lora" not in done.stdout
+    assert f"--run {study}/runs/jenga-s0" in calls[0] and f"--output_path {study}/lm_eval/" in calls[1]
     assert "no finished longlora" in done.stderr

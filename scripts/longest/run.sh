@@ -27,7 +27,9 @@ methods=${METHODS:-$methods}
 shared=${SHARED-65536 131072 262144}
 # one folder per setting: the GPU's model and the cap, e.g. logs/longest/h200-uncapped, logs/longest/h200-80gb
 command -v nvidia-smi > /dev/null || { echo "scripts/longest/run.sh needs an NVIDIA GPU (no nvidia-smi here)" >&2; exit 1; }
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')
+# the GPU's model: the first word of its name with a digit, up to a dash (NVIDIA H100 80GB HBM3: h100; A800-SXM4-80GB: a800)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 \
+  | awk '{for (i = 1; i <= NF; i++) if ($i ~ /[0-9]/) { print tolower($i); exit }}' | cut -d- -f1)
 cap=${MEMORY_GIB:+${MEMORY_GIB}gb}
 setting="${LOGS:-logs/longest}/${gpu}-${cap:-uncapped}"
 for model in ${MODELS:-llama-3-8b llama-2-7b}; do

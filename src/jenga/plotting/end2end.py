@@ -112,10 +112,9 @@ def plot_end2end(logs: Path, out: Path) -> list[Path]:
                 written.append(save(fig, out / folder / f"{card.name}_{seq}.png", caption))
         swept = runner_runs(card / "length")
         # the length sweeps skip the per-model set's lengths: those points come from the same card's runs,
-        # taken only where they ran on the sweep's device, so that no line mixes GPUs
-        swept_on = {run.header.get("device") for run in swept.values()}
-        models = {m for m, _, _ in swept}
-        same = {k: v for k, v in runs.items() if k[0] in models and v.header.get("device") in swept_on}
+        # taken only where they ran on the device of that model's sweep, so that no line mixes GPUs
+        swept_on = {(m, run.header.get("device")) for (m, _, _), run in swept.items()}
+        same = {k: v for k, v in runs.items() if (k[0], v.header.get("device")) in swept_on}
         lengths = {**same, **swept}
         for model in by_size(m for m, _, _ in swept):
             mine = {k: v for k, v in lengths.items() if k[0] == model}

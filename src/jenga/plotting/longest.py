@@ -96,6 +96,11 @@ def seconds_per_k(run: Run) -> float | None:
     return None if not run.ok or step is None else step / (run.header["seq_len"] / 1024)
 
 
+def _number(value: float | None, spec: str) -> str:
+    """A table cell: the value, or n/a where the log has none (a CPU run has no GPU peak)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def table(setting: Path, model: str) -> str:
     """The Markdown table of `limits`, with each method's peaks and step time at its longest length."""
     lines = [
@@ -108,16 +113,13 @@ def table(setting: Path, model: str) -> str:
         if limit.longest is None:
             lines.append(f"| {limit.method} | none | {limit.bound} | | | | |")
             continue
-        summary = limit.longest.summary
-        host = summary.get("host_peak_gib")
+        summary, per_k = limit.longest.summary, seconds_per_k(limit.longest)
         cells = [
             limit.method,
             _k(limit.tokens),
             limit.bound,
-            f"{summary['peak_gib']:.1f}",
-            "" if host is None else f"{host:.1f}",
-            f"{summary['median_step_s']:.1f}",
-            f"{seconds_per_k(limit.longest):.3f}",
+            *(_number(summary.get(key), ".1f") for key in ("peak_gib", "host_peak_gib", "median_step_s")),
+            _number(per_k, ".3f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
