@@ -889,3 +889,45 @@ def test_a_deep_copy_has_its_own_state_and_a_module_copy_shares_its_models():
     assert copy.deepcopy(norm).__dict__["_jenga_binding"].state is jenga_state(clone)
     remove_jenga(clone)
     assert "forward" not in attention.__dict__ and "forward" not in attention.q_proj.__dict__
+
+
+@pytest.mark.parametrize(
+    ("dtype", "config"),
+    [
+        (torch.bfloat16, JengaConfig()),  # the lean LoRA's shared float8 copies (fp32 adapters on a bf16 model)
+        (torch.float32, JengaConfig(block_size=16, attn_keep=0.5, dense_first_layers=0)),
+        (torch.float32, JengaConfig(mlp_keep=[0.5, 1.0], fp8_activations=False)),  # layers differ in keep
+    ],
+    ids=["bf16-default", "attention-elimination", "mlp-elimination"],
+)
+def test_a_compiled_model_trains_as_the_uncompiled_one(dtype, config):
+    """torch.compile of a patched model gives the uncompiled loss and gradients: what does not trace (the float8
+    cache on a tensor, token selection and row moves, the kept-channel count) runs eagerly at a graph break."""
+    torch._dynamo.reset()
+    model = add_lora(tiny_llama(layers=2).to(dtype))
+    apply_jenga(model, config)
+    twin = copy.deepcopy(model)
+    ids = batch(1, 64)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    compiled_loss = torch.compile(twin, backend="eager")(input_ids=ids, labels=ids).loss
+    compiled_loss.backward()
+    eager, compiled = lora_grads(model), lora_grads(twin)
+    torch.testing.assert_close(compiled_loss, loss)
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_maps_in_a_training_forward_with_elimination_raise_and_are_dense_otherwise():
+    """A sparse layer has no map of the whole sequence: asking for attention maps in a training forward with
+    elimination is an error (transformers would drop the sparse layers' entries and shift the rest); without
+    autograd every layer's dense map comes back."""
+    model = tiny_llama(layers=4, attn_implementation="eager")
+    apply_jenga(model, JengaConfig(block_size=16, attn_keep=0.5))
+    ids = batch(1, 128)
+    with pytest.raises(ValueError, match="output_attentions=True in a training forward with token elimination"):
+        model(input_ids=ids, labels=ids, output_attentions=True)
+    model(input_ids=ids, labels=ids).loss.backward()  # not asked: trains
+    with torch.no_grad():
+        maps = model(input_ids=ids, output_attentions=True).attentions
+    assert len(maps) == 4 and all(m.shape == (1, 4, 128, 128) for m in maps)

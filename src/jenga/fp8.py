@@ -36,6 +36,7 @@ def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
     return (x.float() * scale[..., None]).to(dtype)
 
 
+@torch.compiler.disable  # a cache in the tensor's __dict__ does not trace: eager inside a compiled model
 def shared_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`to_fp8(x)`, computed once per tensor (and version): q, k and v read the same normed rows, and one float8
     copy saved for all three keeps the saving."""

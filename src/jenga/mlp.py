@@ -188,6 +188,9 @@ class SparseActivationFunction(torch.autograd.Function):
         return torch.zeros_like(grad_out).scatter_(2, expanded, grad_kept), None, None
 
 
+# Eager inside a compiled model (a graph break): Dynamo makes `keep` a symbol once layers differ in it, and the
+# kept-channel count derived from it cannot be lifted into the Function's backward.
+@torch.compiler.disable
 def gated_mlp(
     x: torch.Tensor,
     gate: torch.nn.Linear,
@@ -208,6 +211,7 @@ def gated_mlp(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+@torch.compiler.disable  # as gated_mlp
 def sparse_activation(pre: torch.Tensor, act_fn: Activation, keep: float) -> torch.Tensor:
     """Sparse-saved activation on (B, T, C) or (T, C) input; channels ranked per sequence (or per batch)."""
     pre3 = pre if pre.dim() == 3 else pre.reshape(1, -1, pre.shape[-1])

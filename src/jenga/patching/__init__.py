@@ -167,7 +167,7 @@ def apply_jenga(
     adapter.patch_functions(base, state)
     if config.loss_chunk_tokens > 0:
         patch_causal_lm_loss(base, state)
-    state.hooks.append(adapter.backbone(base).register_forward_pre_hook(note_grad_mode))
+    state.hooks.append(adapter.backbone(base).register_forward_pre_hook(note_grad_mode, with_kwargs=True))
     base.__dict__["_jenga"] = state
     return model
 

@@ -62,6 +62,12 @@ EVAL_MODE_MESSAGE = (
     "no segmented loss, no elimination): call model.train() before training (from_pretrained returns the model "
     "in eval mode, and get_peft_model keeps it there; the Trainer calls train() itself)."
 )
+ATTENTION_MAPS_MESSAGE = (
+    "Jenga: output_attentions=True in a training forward with token elimination (attn_keep < 1): a sparse layer "
+    "attends over its kept tokens only and has no attention map of the whole sequence. Pass "
+    "output_attentions=False in training, or take the maps from a forward in eval mode or without autograd "
+    "(the dense model)."
+)
 WRAPPED_HEAD_MESSAGE = (
     "Jenga: the LM head is a {}, not a plain nn.Linear (PEFT's modules_to_save or LoRA on lm_head): the model "
     "computes its own loss from full logits instead of the segmented loss. JengaConfig(loss_chunk_tokens=0) says so "
@@ -150,15 +156,22 @@ class _GradAtEntry(threading.local):
     read the default, on."""
 
     value = True
+    attention_maps = False  # whether that forward was asked for attention maps (output_attentions)
 
 
 _grad_at_entry = _GradAtEntry()
 
 
-def note_grad_mode(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a patched backbone: record the grad mode its forward begins in (and say once when
-    autograd runs in eval mode, where nothing of Jenga acts: most often a missing `model.train()`)."""
+def note_grad_mode(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a patched backbone: record the grad mode its forward begins in and whether it returns
+    attention maps (and say once when autograd runs in eval mode, where nothing of Jenga acts: most often a
+    missing `model.train()`)."""
     _grad_at_entry.value = torch.is_grad_enabled()
+    requested = kwargs.get("output_attentions")
+    config = getattr(module, "config", None)
+    _grad_at_entry.attention_maps = bool(
+        getattr(config, "output_attentions", False) if requested is None else requested
+    )
     if _grad_at_entry.value and not module.training:
         warn_once("eval-mode-grad", EVAL_MODE_MESSAGE)
 
@@ -315,7 +328,6 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     def forward(self, binding, *args, **kwargs):
         state = binding.state
         keep = state.attn_keep[layer_idx]
-        config, adapter = state.config, state.adapter
         if state.lean_lora and self.training:
             _lean_lora(self, state)
         # A forward that began without autograd has no backward to save for (generation in train mode keeps its
@@ -323,6 +335,13 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         inference = not (_grad_at_entry.value or torch.is_grad_enabled())
         if not self.training or keep >= 1.0 or inference:
             return original(self, *args, **kwargs)
+        return sparse(self, binding, keep, args, kwargs)
+
+    # Eager inside a compiled model (a graph break): the selection, row moves and float8 saves do not trace.
+    @torch.compiler.disable
+    def sparse(self, binding, keep: float, args: tuple, kwargs: dict):
+        state = binding.state
+        config, adapter = state.config, state.adapter
         call = _flatten_call(signature, (self, *args), kwargs)
         call.pop("self")
         hidden = call["hidden_states"]
@@ -330,6 +349,8 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         keep_blocks = config.kept_blocks(nb, keep)
         if keep_blocks >= nb:
             return original(self, **call)
+        if _grad_at_entry.attention_maps:
+            raise ValueError(ATTENTION_MAPS_MESSAGE)
         mask = call.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise TypeError(
