@@ -15,7 +15,7 @@ from .base import (
     FamilyAdapter,
     JengaState,
     UnsupportedModelError,
-    note_grad_mode,
+    note_forward_entry,
     patch_attention,
     patch_causal_lm_loss,
     restore_forward,
@@ -167,7 +167,7 @@ def apply_jenga(
     adapter.patch_functions(base, state)
     if config.loss_chunk_tokens > 0:
         patch_causal_lm_loss(base, state)
-    state.hooks.append(adapter.backbone(base).register_forward_pre_hook(note_grad_mode, with_kwargs=True))
+    state.hooks.append(adapter.backbone(base).register_forward_pre_hook(note_forward_entry, with_kwargs=True))
     base.__dict__["_jenga"] = state
     return model
 

@@ -130,7 +130,7 @@ class JengaState:
     # (module's import name, function name) per `swap_function`: names, not modules, so a patched model deep-copies
     swapped: list[tuple[str, str]] = field(default_factory=list)
     last_selection: dict[int, TokenSelection] = field(default_factory=dict)  # per sparse layer, last forward
-    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)  # `note_grad_mode` on the backbone
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)  # `note_forward_entry` on the backbone
     owner: nn.Module | None = field(default=None, repr=False)  # the patched transformers model
 
     def __deepcopy__(self, memo: dict) -> JengaState:
@@ -162,7 +162,7 @@ class _GradAtEntry(threading.local):
 _grad_at_entry = _GradAtEntry()
 
 
-def note_grad_mode(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def note_forward_entry(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of a patched backbone: record the grad mode its forward begins in and whether it returns
     attention maps (and say once when autograd runs in eval mode, where nothing of Jenga acts: most often a
     missing `model.train()`)."""
