@@ -165,3 +165,25 @@ def test_every_kernel_parses_for_the_gpu_compiler():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _PARSE_ALL_KERNELS], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+_FAR_ROWS = """
+import torch
+from jenga.kernels.scoring import block_tile_scores_triton
+from jenga.scoring import block_tile_scores
+seq, dim = 129, 16
+storage = torch.empty(2**31 + dim, dtype=torch.float16)  # 4 GiB of address space, about 1 MiB of it touched
+q = storage.as_strided((1, 1, seq, dim), (0, 0, 2**24, 1))  # the last row starts at element 2**31
+q.copy_(torch.randn(1, 1, seq, dim))
+k = torch.randn(1, 1, seq, dim).half()
+assert torch.equal(block_tile_scores_triton(q, k, 16, 0.25), block_tile_scores(q, k, 16, 0.25))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernel on CPU tensors in Triton's interpreter")
+def test_tile_scores_address_rows_past_two_to_the_31_elements():
+    """Element offsets are 64-bit: at 512K tokens of 32 heads of 128 (a 7B model's q) a row starts past 2**31,
+    where 32-bit offsets wrapped and read before the tensor (a crash or wrong scores). In its own process: the
+    wrapped read crashes it."""
+    done = subprocess.run([sys.executable, "-c", _FAR_ROWS], capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -55,7 +55,7 @@ def _rotary_kernel(
     sin1 = tl.load(sin_ptr + trig, mask=d_ok, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + trig + HALF, mask=d_ok, other=0.0).to(tl.float32)
     for h0 in range(0, HEADS, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
+        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # a head's offset in a (B, H, S, D) layout passes 2**31
         mask = (h < HEADS)[:, None] & d_ok[None, :]
         src = x_ptr + b * x_sb + s * x_ss + h[:, None] * x_sh + d[None, :]
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)

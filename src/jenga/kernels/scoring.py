@@ -45,11 +45,12 @@ def _tile_max_kernel(
 ):
     tile_q = tl.program_id(0)
     tile_k = tl.program_id(1)
-    batch = tl.program_id(2)
     if tile_k > tile_q:
         return
-    rows = tile_q * TILE + tl.arange(0, TILE)
-    cols = tile_k * TILE + tl.arange(0, TILE)
+    # element offsets in int64: at 512K tokens of 32 heads of 128 a row offset passes 2**31
+    batch = tl.program_id(2).to(tl.int64)
+    rows = tile_q.to(tl.int64) * TILE + tl.arange(0, TILE)
+    cols = tile_k.to(tl.int64) * TILE + tl.arange(0, TILE)
     dims = tl.arange(0, DIM_PAD)
     row_in = rows < seq_len
     col_in = cols < seq_len
@@ -60,8 +61,9 @@ def _tile_max_kernel(
     k_mask = col_in[:, None] & dim_in[None, :]
     acc = tl.zeros((TILE, TILE), dtype=tl.float32)
     for head in range(NUM_HEADS):
-        q = tl.load(q_base + head * sq_h, mask=q_mask, other=0.0)
-        k = tl.load(k_base + (head // GROUP) * sk_h, mask=k_mask, other=0.0)
+        head64 = tl.full((), head, tl.int64)
+        q = tl.load(q_base + head64 * sq_h, mask=q_mask, other=0.0)
+        k = tl.load(k_base + (head64 // GROUP) * sk_h, mask=k_mask, other=0.0)
         if IEEE:  # noqa: SIM108 (constexpr branch; Triton compiles one side)
             logits = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
