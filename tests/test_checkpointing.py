@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from jenga import JengaConfig, apply_jenga
 from jenga.checkpointing import (
@@ -156,14 +157,26 @@ def test_grouping_rejects_bad_sizes_repeats_and_mixed_attention_types():
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="positive number of layers"):
         group_checkpoints(model, 0)
-    layers = model.base_model.model.model.layers
-    layers[1].attention_type = "sliding_attention"
-    with pytest.raises(ValueError, match=r"layers \[0, 1\] mix attention types"):
-        group_checkpoints(model, 2)
-    del layers[1].attention_type
     group_checkpoints(model, 2)
     with pytest.raises(ValueError, match="grouped already"):
         group_checkpoints(model, 2)
+
+
+def test_grouping_rejects_groups_of_sliding_window_and_full_attention_layers():
+    """Qwen2 with sliding windows past its first layer: the config's `layer_types` say which layers slide (the
+    layers themselves carry no `attention_type`); a group mixing both would run every layer with the first's
+    mask."""
+    config = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, use_sliding_window=True, sliding_window=32, max_window_layers=1, use_cache=False,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    model = add_attention_lora(Qwen2ForCausalLM(config))
+    assert config.layer_types == ["full_attention"] + ["sliding_attention"] * 3
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] mix attention types"):
+        group_checkpoints(model, 2)
+    assert group_checkpoints(model, 1) == [[0], [1], [2], [3]]
 
 
 @pytest.mark.parametrize("config", [JengaConfig(), JengaConfig(attn_keep=0.5, mlp_keep=0.5, block_size=16)])

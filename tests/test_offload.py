@@ -38,6 +38,21 @@ def test_offloading_changes_no_gradient(jenga):
         assert torch.equal(grads[name], grads_off[name]), name
 
 
+def test_the_constructor_offloads_no_weight_of_the_layers():
+    """Built from the layers alone (not `for_model`), the offloader still leaves their frozen weights in place:
+    what a layer saves counts activations only, the same bytes as with the whole model's weights excluded."""
+    model = tiny_llama(layers=2)
+    model.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(True)  # a gradient flows through the layers, whose weights are saved
+    ids = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(2))
+    layers = list(model.model.layers)
+    plain = ActivationOffloader(layers, budgets=[0, 0], min_bytes=0)
+    _grads(model, ids, plain)
+    whole = ActivationOffloader.for_model(model, layers, budgets=[0, 0], min_bytes=0)
+    _grads(model, ids, whole)
+    assert plain.saved == whole.saved and sum(plain.saved) > 0
+
+
 def test_calibration_sets_budgets_that_keep_the_resident_fraction():
     model = tiny_llama(layers=4)
     ids = torch.randint(0, VOCAB, (1, 96), generator=torch.Generator().manual_seed(1))

@@ -187,8 +187,10 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
             "group first, then offload and save attention"
         )
     groups = [list(range(start, min(start + size, len(layers)))) for start in range(0, len(layers), size)]
+    # each layer's attention type: transformers' configs list them (`layer_types`); some layers also say theirs
+    types = getattr(getattr(model, "config", None), "layer_types", None) or [None] * len(layers)
     for group in groups:  # all checked before any is wired
-        kinds = {getattr(layers[i], "attention_type", None) for i in group}
+        kinds = {getattr(layers[i], "attention_type", types[i]) for i in group}
         if len(kinds) > 1:
             raise ValueError(
                 f"layers {group} mix attention types {sorted(map(str, kinds))}: their call arguments differ; "

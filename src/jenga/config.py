@@ -56,7 +56,7 @@ class JengaConfig:
     mlp_keep: fraction of MLP channels whose activations are saved for backward, or one ratio per layer.
         The defaults (1.0 / 1.0, no elimination) with float8 activations fine-tuned a real model exactly as
         LoRA did (SmolLM2-135M, 8K -> 32K context extension: 1.000x LoRA's perplexity, 3 seeds) and took
-        0.49x / 0.43x LoRA's peak memory at 8K on Llama-2-7B / Llama-3-8B. Every elimination measured there
+        0.47x / 0.42x LoRA's peak memory at 8K on Llama-2-7B / Llama-3-8B. Every elimination measured there
         cost accuracy and, at keep 0.9, time as well: 0.9 / 1.0 gave 1.01x, 0.75 / 1.0 1.03x, 1.0 / 0.5 1.07x,
         0.5 / 0.5 (the fastest: 0.86x LoRA's step time) 1.17-1.19x (docs/real-model.md).
     mlp_chunk_tokens: tokens a gated (SwiGLU) MLP processes at once; bounds its channel-wide temporaries,
@@ -77,9 +77,9 @@ class JengaConfig:
         "dense" (default): its dense attention output, computed without autograd, so the training forward is
         the model's own forward; kept tokens get their dense output too, and backward runs through the
         attention of the kept subset only. Eliminated tokens save nothing for backward. On SmolLM2-135M this
-        is the only design whose training forward stays within 1.10x of dense perplexity at keep 0.5
-        (block-local attention: 14x, zero output: 117x; docs/real-model.md). It costs one forward of the
-        attention sublayer without autograd.
+        is the only design whose training forward stays within 1.10x of dense perplexity at keep 0.5 (zero
+        output: 72x at 8K on held-out code; docs/real-model.md). It costs one forward of the attention sublayer
+        without autograd.
         "zero": no attention output at all (the paper's design): faster, far from the model's forward.
     loss_chunk_tokens: tokens per chunk of the LM head and loss (no full logits); 0 keeps the model's loss.
     shared_selection: every sparse layer keeping as many blocks as the first sparse layer reuses that layer's

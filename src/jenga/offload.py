@@ -66,8 +66,9 @@ class ActivationOffloader(SavedTensorHooks):
     layers: the decoder layers, in order. budgets: bytes each layer may keep on its device; or give
     `resident_fraction` and `policy` instead: the first forward then offloads everything, measures the bytes
     each layer saves, and sets budgets that keep that fraction of the total resident, split by `policy` ("uniform",
-    or "sparsity" with `attn_keep` / `mlp_keep`). Tensors under `min_bytes`, parameters and buffers are never
-    offloaded. `saved`, `offloaded` and `resident` count bytes per layer for the last forward.
+    or "sparsity" with `attn_keep` / `mlp_keep`). Tensors under `min_bytes` and the layers' parameters and
+    buffers are never offloaded (`for_model` also excludes the rest of a model's, or give them as `exclude`).
+    `saved`, `offloaded` and `resident` count bytes per layer for the last forward.
     """
 
     copies_each_save = True  # each saved tensor goes to the host on its own, views of one storage too
@@ -94,8 +95,8 @@ class ActivationOffloader(SavedTensorHooks):
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if policy == "sparsity" and resident_fraction is not None and (attn_keep is None or mlp_keep is None):
             raise ValueError("policy 'sparsity' needs the attn_keep and mlp_keep schedules")
-        super().__init__(exclude)
         self.layers = list(layers)
+        super().__init__([*exclude, *(w for layer in self.layers for w in self.weights(layer))])
         self.budgets = None if budgets is None else list(budgets)
         self.resident_fraction, self.policy = resident_fraction, policy
         self.attn_keep, self.mlp_keep = attn_keep, mlp_keep
