@@ -100,6 +100,17 @@ def test_fp8_codec_matches_the_reference_bit_for_bit(dtype):
         assert decoded.dtype == dtype and torch.equal(decoded.cpu(), from_fp8(ref_q, ref_scale, dtype))
 
 
+def test_fp8_codec_keeps_a_nan_row_nan():
+    """A NaN in a row makes its scale NaN and every code NaN, as the reference does (CUDA's max skips NaN: the
+    kernel's scale stayed finite and the NaN decoded as the row's peak)."""
+    x = torch.tensor([[1.0, -2.0, float("nan"), 0.5], [1.0, -2.0, 3.0, 0.5]])
+    ref_q, ref_scale = to_fp8(x)
+    q, scale = quantize_rows(x.to(DEVICE), FP8_MAX)
+    assert torch.equal(scale.cpu().isnan(), torch.tensor([True, False])) and ref_scale[0].isnan()
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
+    assert dequantize_rows(q, scale, torch.float32)[0].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_backward_from_fp8_matches_autograd(dtype):
     """The fused backward against float64 autograd through silu(g) * u on the decoded float8 copies (a zero row,

@@ -33,7 +33,7 @@ def _e4m3_bits(v):
     f = tl.floor(t)
     up = (t - f > 0.5) | ((t - f == 0.5) & ((f.to(tl.int32) & 1) == 1))
     sub = f.to(tl.int32) + up.to(tl.int32)
-    code = tl.minimum(tl.where(a < 0.015625, sub, normal), 0x7E)
+    code = tl.where(a != a, 0x7F, tl.minimum(tl.where(a < 0.015625, sub, normal), 0x7E))  # 0x7F: NaN
     return code | tl.where(v.to(tl.int32, bitcast=True) < 0, 0x80, 0)  # the sign bit: -0.0 keeps it
 
 
@@ -41,8 +41,10 @@ def _e4m3_bits(v):
 def _row_scale(peak, fp8_max):
     """(scale, 1 / scale) of a row whose per-lane largest magnitudes are `peak`, as `jenga.fp8.to_fp8` scales.
     IEEE divisions: Triton's `/` on CUDA is an approximate division, whose scales missed the reference's by an
-    ulp on the H200 (benchmarks/bench_elementwise.py's check)."""
+    ulp on the H200 (benchmarks/bench_elementwise.py's check). A NaN in the row makes the scale NaN, as there:
+    `tl.max` on CUDA skips NaN, so the lanes' NaN is added back."""
     scale = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-30), fp8_max)
+    scale += tl.sum(tl.where(peak != peak, peak, 0.0), axis=0)
     return scale, tl.math.div_rn(1.0, scale)
 
 
@@ -53,7 +55,8 @@ def _quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, BLOCK: tl
     peak = tl.zeros([BLOCK], dtype=tl.float32)
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
-        peak = tl.maximum(peak, tl.abs(tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
+        x = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        peak = tl.maximum(peak, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
     scale, inv = _row_scale(peak, fp8_max)
     tl.store(scale_ptr + row, scale)
     for step in range(STEPS):
@@ -145,8 +148,10 @@ def _silu_mul_quantize_kernel(
     u_peak = tl.zeros([BLOCK], dtype=tl.float32)
     for step in range(STEPS):
         offs = step * BLOCK + tl.arange(0, BLOCK)
-        g_peak = tl.maximum(g_peak, tl.abs(tl.load(g_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
-        u_peak = tl.maximum(u_peak, tl.abs(tl.load(u_row + offs, mask=offs < cols, other=0.0).to(tl.float32)))
+        g = tl.load(g_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        g_peak = tl.maximum(g_peak, tl.abs(g), propagate_nan=tl.PropagateNan.ALL)
+        u = tl.load(u_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        u_peak = tl.maximum(u_peak, tl.abs(u), propagate_nan=tl.PropagateNan.ALL)
     g_scale, g_inv = _row_scale(g_peak, fp8_max)
     u_scale, u_inv = _row_scale(u_peak, fp8_max)
     tl.store(sg_ptr + b * s_sb + t * s_st, g_scale)

@@ -111,7 +111,7 @@ def _rms_norm_forward_kernel(
         offs = step * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
         squares += x * x
-        peak = tl.maximum(peak, tl.abs(x))
+        peak = tl.maximum(peak, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
     # the mean as PyTorch takes it (the sum times 1 / cols), then rsqrt of the variance plus eps
     rstd = tl.math.rsqrt(tl.sum(squares, axis=0) * tl.math.div_rn(1.0, cols.to(tl.float32)) + eps)
     tl.store(rstd_ptr + row, rstd)
