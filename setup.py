@@ -24,6 +24,8 @@ EXTRAS = {
         "tqdm>=4.66",
     ],
     "test": ["pytest>=8", "ruff>=0.5"],
+    # apply_jenga(fused_kernels=True) and the runner's liger baselines
+    "liger": ["liger-kernel>=0.8.5"],
 }
 
 setup(
@@ -36,5 +38,5 @@ setup(
     packages=find_packages("src"),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={**EXTRAS, "dev": EXTRAS["experiments"] + EXTRAS["test"]},
+    extras_require={**EXTRAS, "dev": EXTRAS["experiments"] + EXTRAS["test"] + EXTRAS["liger"]},
 )

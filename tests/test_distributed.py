@@ -33,6 +33,7 @@ SEQ = 128
 CONFIG = JengaConfig(
     block_size=16, attn_keep=0.5, mlp_keep=0.5, dense_first_layers=0, dense_last_layer=False, loss_chunk_tokens=48
 )
+WRAPS = ("ddp", "fsdp", "accelerate-fsdp")
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(["torch", "transformers", "peft", "accelerate", "jenga.experiments.distributed"])
 
@@ -68,8 +69,24 @@ def _init(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def _accelerate_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+    """accelerate's own FSDP2 wrapping (`fsdp2_prepare_model`, as the runner's `--backend fsdp` launches it): decoder
+    layers, the input embedding and the LM head each a unit of their own, then the root."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
+    )
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no",
+        is_main_process=dist.get_rank() == 0, device=torch.device("cpu"),
+    )  # fmt: skip
+    return fsdp2_prepare_model(accelerator, model)
+
+
 def _grad_rank(rank: int, port: int, out: str) -> None:
-    """DDP, then FSDP2 (`fully_shard` per decoder layer, as accelerate's fsdp_version 2 wraps), on row `rank`."""
+    """DDP, FSDP2 (`fully_shard` per decoder layer, then the model) and accelerate's FSDP2, on row `rank`."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
@@ -78,10 +95,12 @@ def _grad_rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     ids = batch(WORLD, SEQ)[rank : rank + 1]
     results = {}
-    for wrap in ("ddp", "fsdp"):
+    for wrap in WRAPS:
         model, recorder = _patched_model()
         if wrap == "ddp":
             wrapped = DistributedDataParallel(model)
+        elif wrap == "accelerate-fsdp":
+            wrapped = _accelerate_fsdp2(model)
         else:
             for layer in model.get_base_model().model.layers:
                 fully_shard(layer)
@@ -108,7 +127,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
     reference = lora_grads(model)
     _in_ranks(_grad_rank, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for wrap in ("ddp", "fsdp"):
+    for wrap in WRAPS:
         got = ranks[0][wrap]["grads"]
         assert got.keys() == reference.keys() and len(got) == 4 * 2 * 3  # q/k/v/o A and B, 3 layers
         for name, grad in reference.items():
@@ -175,6 +194,28 @@ def test_deepspeed_backends_name_the_install_when_it_is_missing(monkeypatch, tmp
     distributed.require_deepspeed("fsdp")  # FSDP needs only torch and accelerate
 
 
+def test_zero3_with_checkpointing_names_the_deepspeed_release_it_needs(monkeypatch, tmp_path):
+    """DeepSpeed before 0.19.3 fails LoRA's backward under ZeRO-3 with non-reentrant checkpointing: refused before
+    the launch; ZeRO-2, or ZeRO-3 without checkpointing, go ahead."""
+    import importlib.metadata
+    import importlib.util
+
+    find_spec, version = importlib.util.find_spec, importlib.metadata.version
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "deepspeed" else find_spec(n, *a))
+    installed = {"deepspeed": "0.18.2"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: installed.get(n) or version(n))
+
+    def job(backend, method):
+        return distributed.Job("m", method, [1024], 2, backend, 1, 0, [tmp_path / "x.jsonl"], "c")
+
+    with pytest.raises(RuntimeError, match=r"needs DeepSpeed >= 0\.19\.3: 0\.18\.2"):
+        distributed.launch_command(job("deepspeed-zero3", "jenga+ckpt"))
+    distributed.launch_command(job("deepspeed-zero3", "jenga"))
+    distributed.launch_command(job("deepspeed-zero2", "lora+ckpt"))
+    installed["deepspeed"] = "0.19.8"
+    distributed.launch_command(job("deepspeed-zero3", "jenga+ckpt"))
+
+
 def test_launch_commands(monkeypatch, tmp_path):
     log = tmp_path / "m_jenga_1024.jsonl"
     logs = [log, log.with_name("m_jenga_2048.jsonl")]
@@ -187,7 +228,7 @@ def test_launch_commands(monkeypatch, tmp_path):
     assert worker[0] == "jenga.experiments.distributed" and worker[-2:] == ["--command", "the sweep"]
     assert worker[worker.index("--seqs") + 1 : worker.index("--logs")] == ["1024", "2048"]
     assert worker[worker.index("--logs") + 1 : worker.index("--backend")] == list(map(str, logs))
-    monkeypatch.setattr(distributed, "require_deepspeed", lambda backend: None)
+    monkeypatch.setattr(distributed, "require_deepspeed", lambda backend, checkpointing: None)
     for stage in (2, 3):
         cmd = distributed.launch_command(
             distributed.Job("m", "lora", [2048], 2, f"deepspeed-zero{stage}", 3, 1, [log], "c")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import batch, tiny_llama
 
+from jenga import apply_jenga
 from jenga.experiments import longlora
 from jenga.experiments.length_search import Probe, longest_fitting
 from jenga.experiments.methods import METHODS, get_method
@@ -519,3 +520,19 @@ def test_a_sweep_reruns_a_complete_log_of_another_jenga_config(tmp_path, monkeyp
     )
     assert ran == ["jenga"]
     assert "rerun arch_jenga_64.jsonl: it ran another Jenga config than jenga has today" in capsys.readouterr().out
+
+
+def test_the_liger_composed_method_applies_fused_kernels_and_says_so(tmp_path, monkeypatch):
+    """`jenga-liger` runs `apply_jenga(fused_kernels=True)` (its header says so; on the CPU Liger's kernels do not
+    run and Jenga's paths compute the step)."""
+    pytest.importorskip("liger_kernel")
+    from jenga.experiments import run, training
+
+    applied = []
+    monkeypatch.setattr(training, "apply_jenga", lambda *a, **kw: applied.append(kw) or apply_jenga(*a, **kw))
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2).config.save_pretrained(folder)
+    log = tmp_path / "arch.jsonl"
+    assert run.run_one(str(folder), "jenga-liger", 64, 1, 0, log, None)["status"] == "ok"
+    assert [kw["fused_kernels"] for kw in applied] == [True]
+    assert json.loads(log.read_text().splitlines()[0])["fused_kernels"]

@@ -197,3 +197,29 @@ def test_kept_by_attention_follows_views_to_a_fused_kernels_output():
     with ActivationOffloader([], budgets=[]):  # copies each save to the host: the float8 copy moves fewer bytes
         assert not kept_by_attention(rows)
     assert kept_by_attention(rows)
+
+
+def test_kept_by_attention_sees_through_deepspeed_zero3_module_hooks():
+    """ZeRO-3 hands every module its inputs through autograd functions returning detached aliases (the names below,
+    as in `deepspeed.runtime.zero.parameter_offload`): o_proj's input is still the attention kernel's output. A
+    function of another name that aliases the same way is not a view PyTorch knows."""
+    from jenga.saved import kept_by_attention
+
+    def alias_function(name: str) -> type:
+        def forward(ctx, x):
+            return x.detach()
+
+        def backward(ctx, grad):
+            return grad
+
+        return type(
+            name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+        )
+
+    q, k, v = (torch.randn(1, 16, 4, 8, requires_grad=True) for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    rows = out.transpose(1, 2).reshape(1, 16, 32)  # a view, as in the test above
+    assert kept_by_attention(rows)
+    for name in ("PreBackwardFunctionForModule", "PostBackwardFunctionModule"):
+        assert kept_by_attention(alias_function(name).apply(rows))
+    assert not kept_by_attention(alias_function("SomeOtherFunction").apply(rows))

@@ -97,3 +97,16 @@ def test_offloader_rejects_bad_input():
         ActivationOffloader(list(checkpointed.model.layers), budgets=[0, 0]),
     ):
         pass
+
+
+def test_a_forward_without_grad_does_not_calibrate():
+    """Calibration needs a forward that saves: a no-grad one first would set every budget to 0 bytes."""
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, VOCAB, (1, 64))
+    offloader = ActivationOffloader.for_model(model, list(model.model.layers), resident_fraction=1.0, min_bytes=0)
+    with torch.no_grad(), offloader:
+        model(input_ids=ids)
+    assert offloader.budgets is None
+    _grads(model, ids, offloader)
+    _grads(model, ids, offloader)
+    assert sum(offloader.offloaded) == 0 and sum(offloader.resident) == sum(offloader.saved) > 0

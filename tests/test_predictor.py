@@ -186,3 +186,34 @@ def test_bad_data_errors(tmp_path):
     tiny_llama().save_pretrained(model_dir)
     with pytest.raises(ValueError, match="input_ids` or `text`"):
         main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--seq-len", "16"])
+
+
+def test_predictors_refuse_a_config_of_another_block_size(tmp_path):
+    """Key pieces and block positions are learned at the training block size; another one is refused at apply."""
+    import dataclasses
+
+    PredictorBundle(64, 3, [1], CONFIG, units=16, out_dim=8).save(tmp_path)
+    with pytest.raises(PredictorMismatchError, match="blocks of 16 tokens.*blocks of 32"):
+        apply_jenga(tiny_llama(), dataclasses.replace(CONFIG, block_size=32), predictor=tmp_path)
+
+
+def test_the_predictor_scorer_follows_the_hidden_states_device():
+    """The bundle is no submodule of the model: a model moved after apply_jenga (a Trainer's model.to(device))
+    must not leave it behind. The meta device stands in for an accelerator."""
+    bundle = PredictorBundle(64, 3, [1], CONFIG, units=16, out_dim=8)
+    scores = bundle.scorer()(1, torch.zeros(2, 64, 64, device="meta"), None, 16, None)
+    assert scores.shape == (2, 4) and scores.device.type == "meta"
+
+
+def test_scores_in_inference_mode_leave_training_possible():
+    """Cached rotation and causal tables made under inference mode must not break a later backward."""
+    from jenga.predictor.model import _causal, _rotation
+
+    _causal.cache_clear()
+    _rotation.cache_clear()
+    predictor = BlockPredictor(64, units=16, out_dim=8, key_pieces=4, rope_pairs=2)
+    hidden = torch.randn(1, 80, 64)
+    with torch.inference_mode():
+        predictor.block_scores(hidden, 16)
+    predictor.block_scores(hidden, 16).sum().backward()
+    assert predictor.query.fc1.weight.grad is not None

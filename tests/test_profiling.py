@@ -322,3 +322,27 @@ def test_op_profile_tables_the_work_it_ran():
     a = torch.randn(64, 64)
     table = op_profile(lambda: (a @ a).relu())
     assert "aten::mm" in table and "aten::relu" in table and "Self CPU time total" in table
+
+
+def test_trainer_callback_recovers_from_a_failed_train(tmp_path):
+    """A train() that raises never calls on_train_end: the next one must not keep its hooks, nor time its open
+    forward phase into its own first step."""
+    import time
+
+    model = nn.Linear(4, 4).train()
+    callback = JengaProfilerCallback(tmp_path / "log.jsonl", header={"record": "header"})
+    state = type("State", (), {"global_step": 1})()
+    callback.on_train_begin(None, state, None, model=model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5))  # the forward raises (an OOM, say): its phase stays open, train() ends
+    time.sleep(0.3)
+    callback.on_train_begin(None, state, None, model=model)  # train() again
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 1
+    model(torch.randn(2, 4)).sum().backward()
+    callback.on_pre_optimizer_step(None, state, None)
+    callback.on_optimizer_step(None, state, None)
+    callback.on_step_end(None, state, None)
+    callback.on_train_end(None, state, None)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][1:]
+    assert [s["step"] for s in steps] == [1] and steps[0]["forward_s"] < 0.2

@@ -156,3 +156,52 @@ def rotary(device: str) -> dict[str, Any]:
 def run_all(device: str = "cuda") -> list[dict[str, Any]]:
     """Every check's record (each has "what" and "ok")."""
     return [check(device) for check in (codec, silu_forward, silu_backward, norm_forward, norm_backward, rotary)]
+
+
+def liger_composition(device: str) -> dict[str, Any]:
+    """`apply_jenga(fused_kernels=True)` against the unfused path on a small bf16 Llama (GQA, head size 128, LoRA
+    on q/k/v/o): the loss within 0.5% and the LoRA gradient within 2% (relative norm of the difference), for the
+    default config, unrounded saves (Liger's RMSNorm and SiLU product) and the long-context set-up (checkpointed,
+    the MLP recomputed). bf16 rounding apart, both compute the same; Liger's kernels round in their own order."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .config import JengaConfig
+    from .patching import apply_jenga
+
+    config = LlamaConfig(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        vocab_size=32000, use_cache=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    ids = torch.randint(0, config.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0)).to(device)
+    cases = {
+        "default": (JengaConfig(), {}),
+        "unrounded_saves": (JengaConfig(fp8_activations=False), {}),
+        "long_context": (JengaConfig(), {"mlp_recompute": True, "checkpointing": True}),
+    }
+    record: dict[str, Any] = {"what": "liger_composition"}
+    for name, (jenga_config, switches) in cases.items():
+        results = []
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).to(device, torch.bfloat16).train()
+            lora = LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+            model = get_peft_model(model, lora)
+            if switches.get("checkpointing"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            mlp_recompute = switches.get("mlp_recompute", False)
+            apply_jenga(model, jenga_config, mlp_recompute=mlp_recompute, fused_kernels=fused)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+            results.append((loss.item(), grad))
+        (loss, grad), (fused_loss, fused_grad) = results
+        loss_diff = abs(fused_loss - loss) / abs(loss)
+        grad_diff = ((fused_grad - grad).norm() / grad.norm()).item()
+        record[name] = {
+            "loss_relative": loss_diff,
+            "grad_relative": grad_diff,
+            "ok": loss_diff < 5e-3 and grad_diff < 2e-2,
+        }
+    record["ok"] = all(record[name]["ok"] for name in cases)
+    return record

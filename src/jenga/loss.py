@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from . import liger
 from .autocast import autocast_state
 from .config import JengaConfig
 
@@ -135,6 +136,7 @@ def segmented_causal_lm_loss(
     ignore_index: int = -100,
     num_items_in_batch: int | Tensor | None = None,
     shift_labels: Tensor | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """Causal-LM loss of ``lm_head(hidden_states)`` against ``labels`` without materializing all logits.
 
@@ -154,6 +156,8 @@ def segmented_causal_lm_loss(
         num_items_in_batch: normalizer replacing the supervised-token count.
         shift_labels: (batch, seq) targets already shifted, used instead of ``labels`` (the Trainer passes them
             under context parallelism, where each rank holds a piece of the sequence).
+        fused: sum the token losses with Liger Kernel's fused linear cross-entropy where its kernels run
+            (`jenga.liger`; its own chunks of logits, not ``segment_size``).
     """
     if segment_size < 1:
         raise ValueError(f"segment_size must be >= 1, got {segment_size}")
@@ -176,6 +180,25 @@ def segmented_causal_lm_loss(
     else:  # a Python number divides the fp32 sum as it would as a scalar
         dtype = torch.float32 if isinstance(num_items_in_batch, float) else torch.int64
         normalizer = torch.tensor(num_items_in_batch, dtype=dtype, device=hidden_states.device)
+    if fused and liger.covers(hidden_states):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        total = liger.linear_cross_entropy(flat, lm_head.weight, lm_head.bias, shift_labels, ignore_index)
+        return _Normalized.apply(total, normalizer)
     return _SegmentedCrossEntropy.apply(
         hidden_states, lm_head.weight, lm_head.bias, shift_labels, normalizer, segment_size, ignore_index
     )
+
+
+class _Normalized(torch.autograd.Function):
+    """total / normalizer, whose gradient is 0 where the normalizer is (a loss over no supervised token: nan, with
+    zero gradients, as the segmented loss's), not an inf that would turn zero gradients into nan."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, total: Tensor, normalizer: Tensor) -> Tensor:
+        ctx.save_for_backward(normalizer)
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (normalizer,) = ctx.saved_tensors
+        return torch.where(normalizer != 0, grad / normalizer, 0.0), None

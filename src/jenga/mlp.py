@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import activations
 
+from . import liger
 from .autocast import compute_dtype
 from .config import JengaConfig
 from .fp8 import FP8, FP8_MAX, from_fp8, to_fp8
@@ -53,6 +54,12 @@ def fused_silu(act_fn: Activation, t: torch.Tensor) -> bool:
     return t.is_cuda and isinstance(act_fn, SILU)
 
 
+def liger_silu(act_fn: Activation, t: torch.Tensor) -> bool:
+    """Whether the SiLU product takes Liger Kernel's kernels (`apply_jenga(fused_kernels=True)`, where no float8
+    copy is written: `jenga.liger`): SiLU where Liger's kernels run."""
+    return isinstance(act_fn, SILU) and liger.covers(t)
+
+
 class GatedMLPFunction(torch.autograd.Function):
     """down(act(gate(x)) * up(x)) for frozen projections; x is (N, T, D), channels ranked per row and chunk.
 
@@ -69,6 +76,9 @@ class GatedMLPFunction(torch.autograd.Function):
     the gate and up projections chunk by chunk (two of the three matmuls once more): a token costs the input's
     bytes (8 KB on Llama-3-8B) instead of two channel-wide rows (29 KB in float8), the working set that decides
     the longest trainable length under checkpointing.
+
+    With `fused` the SiLU product and its backward take Liger Kernel's kernels wherever Jenga's float8 kernels
+    do not (activations saved unrounded, recomputed, or a subset of channels).
     """
 
     @staticmethod
@@ -86,6 +96,7 @@ class GatedMLPFunction(torch.autograd.Function):
         chunk: int,
         fp8: bool,
         recompute: bool = False,
+        fused: bool = False,
     ):
         rows, tokens, _ = x.shape
         width = gate_w.shape[0]
@@ -113,7 +124,7 @@ class GatedMLPFunction(torch.autograd.Function):
                     copies = (saved_gate[:, s:e], scales[0, :, s:e], saved_up[:, s:e], scales[1, :, s:e])
                     out[:, s:e] = F.linear(silu_mul_quantize(gate, up, *copies, FP8_MAX), down_w, down_b)
                     continue
-                hidden = act_fn(gate) * up
+                hidden = liger.silu_mul(gate, up) if fused and liger_silu(act_fn, gate) else act_fn(gate) * up
                 out[:, s:e] = F.linear(hidden, down_w, down_b)
                 if channels is not None:
                     channels[:, i] = _top_channels(hidden, count)
@@ -127,7 +138,7 @@ class GatedMLPFunction(torch.autograd.Function):
                 saved_gate[:, s:e], saved_up[:, s:e] = gate, up
         inputs = (x, gate_b, up_b) if recompute else (None, None, None)
         ctx.save_for_backward(saved_gate, saved_up, *weights, channels, scales, *inputs)
-        ctx.act_fn, ctx.spans, ctx.x_dtype, ctx.dtype = act_fn, spans, x.dtype, dtype
+        ctx.act_fn, ctx.spans, ctx.x_dtype, ctx.dtype, ctx.fused = act_fn, spans, x.dtype, dtype, fused
         return out
 
     @staticmethod
@@ -153,13 +164,16 @@ class GatedMLPFunction(torch.autograd.Function):
                     from .kernels.fp8 import silu_mul_backward  # Triton is needed on the GPU path only
 
                     grad_gate, grad_up = silu_mul_backward(g, scales[0, row, s:e], u, scales[1, row, s:e], grad_hidden)
+                elif ctx.fused and scales is None and liger_silu(ctx.act_fn, grad_hidden):
+                    # recomputed rows are scratch; saved ones must survive a backward that retains the graph
+                    grad_gate, grad_up = liger.silu_mul_backward(g, u, grad_hidden, overwrite=x is not None)
                 else:
                     if scales is not None:
                         g = from_fp8(g, scales[0, row, s:e], ctx.dtype)
                         u = from_fp8(u, scales[1, row, s:e], ctx.dtype)
                     grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, g, u)
                 grad_x[row, s:e] = grad_gate @ g_gate + grad_up @ g_up
-        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None, None, None
 
 
 class SparseActivationFunction(torch.autograd.Function):
@@ -201,13 +215,15 @@ def gated_mlp(
     chunk: int = JengaConfig.mlp_chunk_tokens,
     fp8: bool = False,
     recompute: bool = False,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Sparse-saved SwiGLU-style MLP on (B, T, D) or (T, D) input; channels ranked per sequence and chunk; with
     `fp8` the kept activations are saved in float8 (half the bytes of bf16, 3 mantissa bits); with `recompute`
-    only the input is saved and backward recomputes the activations per chunk (`fp8` then saves nothing)."""
+    only the input is saved and backward recomputes the activations per chunk (`fp8` then saves nothing); with
+    `fused` the SiLU product takes Liger Kernel's kernels where the float8 ones do not run (`jenga.liger`)."""
     x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
     weights = (gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
-    out = GatedMLPFunction.apply(x3, *weights, act_fn, keep, chunk, fp8, recompute)
+    out = GatedMLPFunction.apply(x3, *weights, act_fn, keep, chunk, fp8, recompute, fused)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -196,7 +196,9 @@ class ActivationOffloader(SavedTensorHooks):
         for hook in self._hooks:
             hook.remove()
         self._hooks, self._layer = [], None
-        if self.budgets is None:
+        # Calibrate on a forward that saved for backward and finished: a no-grad or failed one would set budgets
+        # from nothing (or part) of what a training forward saves.
+        if self.budgets is None and exc[0] is None and sum(self.saved) > 0:
             self._set_budgets()
 
     def summary(self) -> dict[str, Any]:

@@ -340,6 +340,10 @@ class PhaseRecorder:
         self._active = None
         return record
 
+    def discard(self) -> None:
+        """Forget the active phase (unrecorded) and the step's records."""
+        self._active, self.records = None, []
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self.start(name)
@@ -423,6 +427,12 @@ class JengaProfilerCallback(TrainerCallback):
             self.recorder.start("backward")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A train() that raised never reached on_train_end: drop its hooks, open phase, records and log file.
+        for handle in self._handles:
+            handle.remove()
+        self.recorder.discard()
+        if self._path is not None and self.recorder.writer is not None:
+            self.recorder.writer.close()
         if self._path is not None:
             header = self._header if self._header is not None else run_header()
             self.recorder.writer = JsonlWriter(self._path, header=header, append=self._started_log)

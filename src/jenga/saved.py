@@ -36,7 +36,18 @@ FUSED_ATTENTION = (
 # Their autograd nodes' names, as PyTorch derives them from the op names.
 _ATTENTION_NODES = frozenset("".join(map(str.capitalize, op.split("_"))) + "Backward0" for op in FUSED_ATTENTION)
 # Autograd nodes of pure views: a tensor reached from its grad_fn through these shares its base's memory.
-_VIEW_NODES = frozenset({"ViewBackward0", "TransposeBackward0", "PermuteBackward0", "AliasBackward0"})
+# DeepSpeed ZeRO-3's hooks pass every module's inputs and outputs through autograd functions that return
+# `detach()`ed aliases (`deepspeed.runtime.zero.parameter_offload`): views too.
+_VIEW_NODES = frozenset(
+    {
+        "ViewBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "AliasBackward0",
+        "PreBackwardFunctionForModuleBackward",
+        "PostBackwardFunctionModuleBackward",
+    }
+)
 _ACTIVE: list[SavedTensorHooks] = []  # the entered `SavedTensorHooks`, innermost last
 
 

@@ -16,6 +16,7 @@ alternative where DeepSpeed is not installed.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import statistics
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import Version
 
 from ..cli import make_parser
 from ..patching import find_adapter
@@ -46,12 +48,27 @@ def ds_config(backend: str) -> Path:
     return CONFIGS / f"ds_{backend.removeprefix('deepspeed-')}.json"
 
 
-def require_deepspeed(backend: str) -> None:
-    """Fail before launching N processes when the backend needs DeepSpeed and it is not installed."""
-    if backend.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+# The first DeepSpeed release whose ZeRO-3 keeps frozen weights gathered through a checkpoint's recompute
+# (deepspeedai/DeepSpeed#8148): before it, LoRA under ZeRO-3 with non-reentrant checkpointing fails in backward.
+ZERO3_CHECKPOINTING = Version("0.19.3")
+
+
+def require_deepspeed(backend: str, checkpointing: bool = False) -> None:
+    """Fail before launching N processes when the backend needs DeepSpeed and it is not installed, or when ZeRO-3
+    with checkpointing needs a newer one."""
+    if not backend.startswith("deepspeed"):
+        return
+    if importlib.util.find_spec("deepspeed") is None:
         raise RuntimeError(
             f"--backend {backend} needs DeepSpeed, which is not installed: `pip install deepspeed` "
             "(or use --backend fsdp, which needs only torch and accelerate)"
+        )
+    version = Version(importlib.metadata.version("deepspeed"))
+    if backend == "deepspeed-zero3" and checkpointing and version < ZERO3_CHECKPOINTING:
+        raise RuntimeError(
+            f"--backend deepspeed-zero3 with gradient checkpointing needs DeepSpeed >= {ZERO3_CHECKPOINTING}: "
+            f"{version} frees frozen weights inside the checkpoints' recompute and the backward fails "
+            f"(transformers#47254, fixed by deepspeedai/DeepSpeed#8148): pip install 'deepspeed>={ZERO3_CHECKPOINTING}'"
         )
 
 
@@ -78,7 +95,7 @@ def launch_command(job: Job) -> list[str]:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if len(job.seqs) != len(job.logs) or not job.seqs:
         raise ValueError(f"one log per length: {len(job.seqs)} lengths, {len(job.logs)} logs")
-    require_deepspeed(backend)
+    require_deepspeed(backend, get_method(job.method).checkpointing)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
     cmd += ["--num_processes", str(job.num_gpus)]
     if backend == "fsdp":

@@ -22,7 +22,11 @@ class Info(Exception):
 REQUIRED = ("torch", "transformers", "peft")
 # Not needed by the library on every machine: Triton only on CUDA (PyTorch's CUDA wheels install it),
 # accelerate only for the experiments (`pip install -e ".[experiments]"`).
-OPTIONAL = {"triton": "the CUDA kernels", "accelerate": "the experiments"}
+OPTIONAL = {
+    "triton": "the CUDA kernels",
+    "accelerate": "the experiments",
+    "liger-kernel": "apply_jenga(fused_kernels=True) and the liger baselines",
+}
 
 
 def _version(name: str) -> str | None:
@@ -119,6 +123,20 @@ def _elementwise_kernels() -> str:
     return "float8 codec, gated MLP, RMSNorm and rotary kernels match their references in bf16: " + ", ".join(
         c["what"] for c in checks
     )
+
+
+def _liger_composition() -> str:
+    if not _cuda():
+        raise Info("no GPU: Liger's kernels run on CUDA only (the CPU tests run its rotary and SiLU kernels)")
+    if _version("liger-kernel") is None:
+        raise Info("liger-kernel not installed: apply_jenga(fused_kernels=True) needs it")
+    from ..kernel_checks import liger_composition
+
+    check = liger_composition("cuda")
+    if not check["ok"]:
+        raise RuntimeError(f"fused_kernels=True differs from Jenga's own path in bf16 beyond rounding: {check}")
+    cases = ", ".join(f"{k} {v['grad_relative']:.1e}" for k, v in check.items() if isinstance(v, dict))
+    return f"fused_kernels=True gives Jenga's loss and LoRA gradients in bf16 (relative gradient difference: {cases})"
 
 
 def _pinned_copies() -> str:
@@ -225,6 +243,7 @@ CHECKS: list[tuple[str, str, Callable[[], str]]] = [
     ),
     ("PASS", "kernel", _kernel),
     ("PASS", "element-wise kernels", _elementwise_kernels),
+    ("PASS", "Liger composition", _liger_composition),
     ("PASS", "pinned host copies", _pinned_copies),
     ("INFO", "attention output kept", _attention_output_kept),
     ("PASS", "jenga step", _tiny_training_step),

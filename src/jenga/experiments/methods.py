@@ -69,6 +69,7 @@ class Method:
     offload_resident: float = 0.5  # fraction of the layers' saved bytes that stays on the GPU
     lean_lora: bool = True  # `apply_jenga(lean_lora=...)`
     mlp_recompute: bool = False  # `apply_jenga(mlp_recompute=...)`
+    fused_kernels: bool = False  # `apply_jenga(fused_kernels=...)`: Liger Kernel's ops where they fit
     layers_per_checkpoint: int = 1  # `jenga.checkpointing.group_checkpoints`: decoder layers per checkpoint
     saved_attention: bool = False  # `jenga.checkpointing.save_attention`: the recompute skips attention
     unsloth: bool = False  # Unsloth's loader and long-context settings, in its own process (`unsloth.py`)
@@ -155,6 +156,14 @@ _BASE = [
         "chunk by chunk (for the longest lengths, under checkpointing)",
         jenga=DEFAULT,
         mlp_recompute=True,
+    ),
+    Method(
+        "jenga-liger",
+        "Jenga's default composed with Liger Kernel's fused ops where they fit (`apply_jenga(fused_kernels=True)`): "
+        "Liger's rotary embedding and fused linear cross-entropy; the norms and the SiLU product keep Jenga's "
+        "kernels, which write their float8 copies",
+        jenga=DEFAULT,
+        fused_kernels=True,
     ),
     Method(
         "jenga-long",

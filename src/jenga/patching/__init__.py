@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from .. import liger
 from ..config import JengaConfig, JengaConfigError
 from ..elimination import BlockScorer, Selector, oracle_scorer
 from ..predictor.bundle import PredictorBundle
@@ -85,6 +86,7 @@ def apply_jenga(
     lean_norms: bool = True,
     lean_lora: bool = True,
     mlp_recompute: bool = False,
+    fused_kernels: bool = False,
 ) -> nn.Module:
     """Patch `model` in place for sparse long-context training and return it.
 
@@ -102,6 +104,8 @@ def apply_jenga(
     PEFT's fp32 cast and skip its full-width fp32 passes; results differ by bf16 rounding. `mlp_recompute`: a
     gated MLP saves its input and recomputes its gate and up projections in backward, chunk by chunk (a third
     of the saved bytes or less, two more matmuls per layer): for the longest lengths, under checkpointing.
+    `fused_kernels`: Liger Kernel's fused RMSNorm, rotary embedding, SiLU product and linear cross-entropy (needs
+    `liger-kernel`) wherever they fit Jenga's paths without losing a float8 save (`jenga.liger`).
     """
     if isinstance(config, dict):
         raise TypeError(
@@ -117,7 +121,8 @@ def apply_jenga(
             f"scorer must be a function (layer_idx, hidden, token_valid, block_size, query_key) -> block scores, "
             f"got {type(scorer).__name__}"
         )
-    for name, value in (("lean_norms", lean_norms), ("lean_lora", lean_lora), ("mlp_recompute", mlp_recompute)):
+    switches = {"lean_norms": lean_norms, "lean_lora": lean_lora, "mlp_recompute": mlp_recompute}
+    for name, value in {**switches, "fused_kernels": fused_kernels}.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
     base = unwrap(model)
@@ -132,7 +137,7 @@ def apply_jenga(
         bundle = predictor if isinstance(predictor, PredictorBundle) else PredictorBundle.load(predictor)
         config = config or bundle.config
         sparse = config.sparse_layers(len(layers))
-        bundle.check_fits(base.config.hidden_size, len(layers), sparse)
+        bundle.check_fits(base.config.hidden_size, len(layers), sparse, config.block_size)
         scorer = bundle.placed_like(base).scorer()
     config = config or JengaConfig()
     config.validate()
@@ -147,6 +152,14 @@ def apply_jenga(
             f"mlp_recompute recomputes a gated (SwiGLU) MLP's projections in backward; {type(base).__name__} has an "
             "fc1 -> activation -> fc2 MLP: leave mlp_recompute False for this model"
         )
+    if fused_kernels and not adapter.gated_mlp:
+        raise JengaConfigError(
+            f"fused_kernels composes Liger Kernel's RMSNorm, rotary embedding and SwiGLU kernels; "
+            f"{type(base).__name__} has LayerNorms, learned positions and an fc1 -> activation -> fc2 MLP: leave "
+            "fused_kernels False for this model"
+        )
+    if fused_kernels:
+        liger.require()
     if config.fp8_activations is None:  # the default: on where the family has the path
         config = dataclasses.replace(config, fp8_activations=adapter.gated_mlp)
     state = JengaState(
@@ -157,6 +170,7 @@ def apply_jenga(
         selector=Selector(config, scorer or oracle_scorer),
         lean_lora=lean_lora,
         mlp_recompute=mlp_recompute,
+        fused_kernels=fused_kernels,
         owner=base,
     )
     for idx, layer in enumerate(layers):

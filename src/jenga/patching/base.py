@@ -28,6 +28,7 @@ from ..lora import lean_lora_forward, lora_linears
 from ..loss import segmented_causal_lm_loss
 from ..messages import warn_once
 from ..projections import reuse_outputs
+from ..rotary import liger_rotary
 from ..scoring import num_blocks
 
 # The attention forwards' KV-cache argument: `past_key_values` up to transformers 5.23, `cache` from 5.24.
@@ -126,6 +127,7 @@ class JengaState:
     selector: Selector
     lean_lora: bool = True
     mlp_recompute: bool = False
+    fused_kernels: bool = False  # Liger Kernel's ops where they fit (`jenga.liger`)
     patched: list[nn.Module] = field(default_factory=list)
     # (module's import name, function name) per `swap_function`: names, not modules, so a patched model deep-copies
     swapped: list[tuple[str, str]] = field(default_factory=list)
@@ -333,9 +335,19 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         # A forward that began without autograd has no backward to save for (generation in train mode keeps its
         # KV cache); a no-grad call inside a grad forward is a reentrant checkpoint's, which selects as usual.
         inference = not (_grad_at_entry.value or torch.is_grad_enabled())
-        if not self.training or keep >= 1.0 or inference:
+        if not self.training or inference:
             return original(self, *args, **kwargs)
+        if keep >= 1.0:
+            return own_attention(self, state, args, kwargs)
         return sparse(self, binding, keep, args, kwargs)
+
+    def own_attention(self, state: JengaState, args: tuple, kwargs: dict):
+        """The model's attention in a training forward: with `fused_kernels`, its rotary embedding takes Liger's
+        in-place kernel (nothing else reads this call's q and k)."""
+        if not state.fused_kernels:
+            return original(self, *args, **kwargs)
+        with liger_rotary():
+            return original(self, *args, **kwargs)
 
     # Eager inside a compiled model (a graph break): the selection, row moves and float8 saves do not trace.
     @torch.compiler.disable
@@ -348,7 +360,7 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         nb = num_blocks(hidden.shape[1], config.block_size)
         keep_blocks = config.kept_blocks(nb, keep)
         if keep_blocks >= nb:
-            return original(self, **call)
+            return own_attention(self, state, (), call)
         if _grad_at_entry.attention_maps:
             raise ValueError(ATTENTION_MAPS_MESSAGE)
         mask = call.get("attention_mask")
@@ -386,6 +398,21 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     override_forward(attn, forward, state, layer)
 
 
+def _in_head_call(head: nn.Module, hidden: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`loss(hidden)` run as the LM head's forward, through the head's call: engines that hold a module's weights
+    only around its call (FSDP2, where accelerate makes the head a unit of its own; DeepSpeed ZeRO-3) gather the
+    head's weight for the loss as they would for its logits, and attach the head's backward hooks to the loss."""
+    previous = head.__dict__.get("forward")
+    head.forward = loss
+    try:
+        return head(hidden)
+    finally:
+        if previous is None:
+            head.__dict__.pop("forward", None)
+        else:
+            head.forward = previous
+
+
 def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
     """Compute the training loss in segments from the backbone's hidden states (no full logits)."""
     original = type(model).forward
@@ -410,7 +437,12 @@ def patch_causal_lm_loss(model: nn.Module, state: JengaState) -> None:
         return_dict = call.pop("return_dict", None)
         call.pop("logits_to_keep", None)
         outputs = adapter.backbone(self)(**call, return_dict=True)
-        loss = segmented_causal_lm_loss(outputs.last_hidden_state, head, labels, segment_size=chunk, **loss_kwargs)
+        fused = binding.state.fused_kernels
+
+        def loss_of(hidden: torch.Tensor) -> torch.Tensor:
+            return segmented_causal_lm_loss(hidden, head, labels, segment_size=chunk, fused=fused, **loss_kwargs)
+
+        loss = _in_head_call(head, outputs.last_hidden_state, loss_of)
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=None,

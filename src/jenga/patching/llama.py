@@ -7,6 +7,7 @@ import sys
 import torch
 from torch import nn
 
+from .. import liger
 from ..mlp import gated_mlp
 from ..norms import rms_norm
 from ..rotary import with_fused_rotary
@@ -45,12 +46,14 @@ class LlamaFamilyAdapter(FamilyAdapter):
             chunk = state.config.mlp_chunk_tokens
             fp8 = state.config.fp8_activations
             projections = (self.gate_proj, self.up_proj, self.down_proj)
-            return gated_mlp(x, *projections, self.act_fn, keep, chunk, fp8, recompute=state.mlp_recompute)
+            recompute, fused = state.mlp_recompute, state.fused_kernels
+            return gated_mlp(x, *projections, self.act_fn, keep, chunk, fp8, recompute=recompute, fused=fused)
 
         override_forward(mlp, forward, state)
 
     def patch_norms(self, model: nn.Module, state: JengaState) -> None:
-        """Every RMSNorm (two per layer and the final one) keeps its input, not an fp32 copy, for backward."""
+        """Every RMSNorm (two per layer and the final one) keeps its input, not an fp32 copy, for backward: Liger's
+        kernel with `fused_kernels` when the input is saved unrounded, else `jenga.norms`."""
         norms = [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         for norm in [*norms, model.model.norm]:
             original = type(norm).forward
@@ -58,7 +61,10 @@ class LlamaFamilyAdapter(FamilyAdapter):
             def forward(self, binding, x, _original=original):
                 if not (self.training and torch.is_grad_enabled()):
                     return _original(self, x)
-                return rms_norm(x, self.weight, self.variance_epsilon, binding.state.config.fp8_activations)
+                fp8 = binding.state.config.fp8_activations
+                if binding.state.fused_kernels and not fp8 and liger.covers(x):
+                    return liger.rms_norm(x, self.weight, self.variance_epsilon)
+                return rms_norm(x, self.weight, self.variance_epsilon, fp8)
 
             override_forward(norm, forward, state)
 

@@ -69,7 +69,12 @@ class PredictorBundle(nn.Module):
                 raise PredictorMismatchError(
                     f"no predictor for sparse layer {layer_idx}; predictors cover {self.layers}"
                 )
-            return self[layer_idx].block_scores(hidden_states, block_size, token_valid)
+            predictor = self[layer_idx]
+            if predictor.query.fc1.weight.device != hidden_states.device:
+                # The model moved after apply_jenga (a Trainer's model.to(device)): the bundle is no submodule of
+                # it, so it follows here.
+                self.to(hidden_states.device)
+            return predictor.block_scores(hidden_states, block_size, token_valid)
 
         return score
 
@@ -110,8 +115,17 @@ class PredictorBundle(nn.Module):
         bundle.load_state_dict(load_file(folder / WEIGHTS))
         return bundle
 
-    def check_fits(self, hidden_size: int, num_layers: int, sparse_layers: list[int]) -> None:
-        """Raise `PredictorMismatchError` naming what differs between these predictors and a model."""
+    def check_fits(
+        self, hidden_size: int, num_layers: int, sparse_layers: list[int], block_size: int | None = None
+    ) -> None:
+        """Raise `PredictorMismatchError` naming what differs between these predictors and a model (and the
+        block size a config selects with, when given)."""
+        if block_size is not None and block_size != self.config.block_size:
+            raise PredictorMismatchError(
+                f"predictors were trained for blocks of {self.config.block_size} tokens, but the config selects "
+                f"blocks of {block_size}: their key pieces and block positions would mean other tokens; use the "
+                "JengaConfig the predictors were trained with (bundle.config) or train predictors for this block size"
+            )
         if (hidden_size, num_layers) != (self.hidden_size, self.num_layers):
             raise PredictorMismatchError(
                 f"predictors were trained for {self.num_layers} layers of hidden size {self.hidden_size}, but the "

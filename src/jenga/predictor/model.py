@@ -205,14 +205,18 @@ def _rotation(
     n: int, per_block: int, pairs: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (n, pairs) of the rotation at input i, position (i + 0.5) / per_block in blocks (computed in
-    fp32, so half-precision predictors see exact positions)."""
-    position = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / per_block
-    freqs = math.pi * ROPE_SPAN ** -(torch.arange(pairs, device=device, dtype=torch.float32) / pairs)
-    angle = position[:, None] * freqs
-    return angle.cos().to(dtype), angle.sin().to(dtype)
+    fp32, so half-precision predictors see exact positions). Made outside inference mode: a cached inference
+    tensor could not be saved for a later training backward."""
+    with torch.inference_mode(False):
+        position = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / per_block
+        freqs = math.pi * ROPE_SPAN ** -(torch.arange(pairs, device=device, dtype=torch.float32) / pairs)
+        angle = position[:, None] * freqs
+        return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _causal(nb: int, device: torch.device) -> torch.Tensor:
-    """(nb, nb) lower-triangular mask: query block i sees key blocks j <= i."""
-    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+    """(nb, nb) lower-triangular mask: query block i sees key blocks j <= i (made outside inference mode, as
+    `_rotation`'s tables)."""
+    with torch.inference_mode(False):
+        return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
