@@ -24,7 +24,7 @@ from transformers import LlamaConfig
 
 from jenga import JengaConfig, apply_jenga
 from jenga.elimination import oracle_scorer
-from jenga.experiments import distributed, run, training
+from jenga.experiments import distributed, run, sequence_parallel, training
 from jenga.plotting.scalability import plot_scalability
 from jenga.profiling import JsonlWriter, read_jsonl
 
@@ -137,6 +137,54 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
             assert result[wrap]["scores"].keys() == recorder.scores.keys() == {0, 1, 2}
             for layer, scores in recorder.scores.items():
                 torch.testing.assert_close(result[wrap]["scores"][layer], scores[rank : rank + 1], rtol=1e-5, atol=0)
+
+
+def _sequence_parallel_model(checkpointing: bool) -> torch.nn.Module:
+    """Tiny fp32 GQA Llama + LoRA + Jenga's default (float8 saves, segmented loss), under Ulysses when a process
+    group is up."""
+    model = tiny_llama(kv_heads=2, layers=2)
+    if dist.is_initialized():
+        sequence_parallel.use_ulysses(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_jenga(add_lora(model), JengaConfig(loss_chunk_tokens=48))
+
+
+def _sequence_parallel_rank(rank: int, port: int, out: str) -> None:
+    """Each rank trains its shard of both sequences; the shards' losses and LoRA gradients summed over ranks."""
+    _init(rank, port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    ids = batch(2, SEQ)
+    results = {}
+    for checkpointing in (False, True):
+        model = _sequence_parallel_model(checkpointing)
+        loss = model(**sequence_parallel.shard_batch(ids, ids)).loss
+        loss.backward()
+        grads = lora_grads(model)
+        for grad in [loss.detach(), *grads.values()]:
+            dist.all_reduce(grad)
+        results[checkpointing] = {"loss": loss.item(), "grads": grads}
+    torch.save(results, Path(out) / f"sp{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_ulysses_sequence_parallel_gives_one_process_loss_and_gradients(tmp_path):
+    """Jenga's default on 2 ranks, each holding half of every sequence (Ulysses all-to-all attention, global
+    positions, labels shifted over the whole sequence): the summed loss and LoRA gradients are one process's."""
+    _in_ranks(_sequence_parallel_rank, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"sp{r}.pt") for r in range(WORLD)]
+    ids = batch(2, SEQ)
+    for checkpointing in (False, True):
+        model = _sequence_parallel_model(checkpointing)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        reference = lora_grads(model)
+        got = ranks[0][checkpointing]
+        assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert got["grads"].keys() == reference.keys() and len(reference) == 4 * 2 * 2
+        for name, grad in reference.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"{checkpointing} {name}")
 
 
 def _worker_rank(rank: int, port: int, model_dir: str, log: str) -> None:

@@ -1,0 +1,102 @@
+"""A prototype of Jenga's default under Ulysses sequence parallelism (DeepSpeed's scheme), on any process group.
+
+Each rank holds one contiguous shard of the sequence. The attention runs as the registered implementation
+"ulysses": the shard's q, k and v go all-to-all so that each rank holds the whole sequence for 1/P of the heads,
+SDPA runs causally there, and the output goes back. Everything else Jenga's default patches acts per token (the
+sparse-saved MLP, the float8 saves of norms and LoRA inputs, the segmented loss), so it runs on the shard as it
+would on the whole sequence; the loss of a shard is its tokens' summed loss over the sequence's supervised-token
+count, and the ranks' LoRA gradients sum to the one-process gradient. `docs/multi-gpu.md` says what elimination
+(keep below 1) would need on top: a selection computed from the whole sequence inside the attention call.
+
+Checked on the CPU with gloo ranks (`tests/test_distributed.py`); no padding (the attention is causal over the
+whole sequence), and the heads and key/value heads must divide by the group's size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+ULYSSES = "ulysses"
+_GROUP: list[dist.ProcessGroup | None] = [None]
+
+
+def _exchange(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """all-to-all of (P, ...) along dim 0, with autograd: part p goes to rank p, rank p's part r comes back."""
+    x = x.contiguous()  # before `empty_like`, which would copy a permuted layout the exchange does not write
+    return dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)
+
+
+def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """(B, H, s, D) of this rank's shard -> (B, H/P, P*s, D): the whole sequence (shards in rank order) for this
+    rank's heads."""
+    size = dist.get_world_size(group)
+    b, h, s, d = x.shape
+    parts = _exchange(x.reshape(b, size, h // size, s, d).transpose(0, 1), group)  # (P shards, B, H/P, s, D)
+    return parts.permute(1, 2, 0, 3, 4).reshape(b, h // size, size * s, d)
+
+
+def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """(B, H/P, P*s, D) of this rank's heads -> (B, H, s, D) of this rank's shard (the inverse exchange)."""
+    size = dist.get_world_size(group)
+    b, h, n, d = x.shape
+    parts = _exchange(x.reshape(b, h, size, n // size, d).permute(2, 0, 1, 3, 4), group)  # (P head groups, ...)
+    return parts.transpose(0, 1).reshape(b, h * size, n // size, d)
+
+
+def ulysses_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: causal SDPA over the whole sequence for this rank's heads."""
+    group = _GROUP[0]
+    q, k, v = (sequence_to_heads(t, group) for t in (query, key, value))
+    out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)
+    out = heads_to_sequence(out.transpose(1, 2), group)  # sdpa returns (B, S, H/P, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_ulysses(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Register the "ulysses" attention (masks built as for SDPA, which Jenga accepts) on `group` and switch
+    `model` to it; call before `apply_jenga`."""
+    config = model.config
+    size = dist.get_world_size(group)
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    if heads % size or kv_heads % size:
+        raise ValueError(f"Ulysses splits heads over the group: {heads} and {kv_heads} kv heads by {size} ranks")
+    _GROUP[0] = group
+    AttentionInterface.register(ULYSSES, ulysses_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ULYSSES, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(ULYSSES)
+
+
+def shard_batch(ids: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> dict:
+    """This rank's model inputs for whole sequences `ids` / `labels` (B, S): its shard of the ids, the global
+    positions, the labels shifted over the whole sequence (the shard's last token predicts the next shard's
+    first), and the supervised-token count of the whole batch, which normalizes each shard's summed loss."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    seq = ids.shape[1]
+    if seq % size:
+        raise ValueError(f"the sequence ({seq} tokens) must split evenly over {size} ranks")
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    shard = slice(rank * seq // size, (rank + 1) * seq // size)
+    positions = torch.arange(seq, device=ids.device)[shard].expand(ids.shape[0], -1)
+    return {
+        "input_ids": ids[:, shard],
+        "labels": labels[:, shard],
+        "shift_labels": shifted[:, shard],
+        "position_ids": positions,
+        "num_items_in_batch": (shifted != -100).sum(),
+    }
