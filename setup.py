@@ -26,6 +26,8 @@ EXTRAS = {
     "test": ["pytest>=8", "ruff>=0.5"],
     # apply_jenga(fused_kernels=True) and the runner's liger baselines
     "liger": ["liger-kernel>=0.8.5"],
+    # the runner's --backend deepspeed-zero2/3 (ZeRO-3 with checkpointing needs 0.19.3: docs/multi-gpu.md)
+    "multi-gpu": ["deepspeed>=0.19.3"],
 }
 
 setup(

@@ -22,7 +22,8 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,25 @@ def trainable_grad_norm(model: torch.nn.Module) -> float:
     return total.sqrt().item()
 
 
+@contextmanager
+def unpartitioned(accelerator: Any) -> Iterator[None]:
+    """Build the model whole under DeepSpeed, as one GPU does. accelerate's DeepSpeed plugin registers its config
+    with transformers whatever `--zero3_init_flag` says, and under ZeRO-3 transformers then creates the model's
+    weights inside `deepspeed.zero.Init`, already partitioned: the reference step (run before the engine) would
+    read empty weights. The engine partitions the whole model itself in `prepare`."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def reference_step(model: torch.nn.Module, seq: int, world: int) -> dict[str, float]:
     """Loss and trainable-gradient norm of one process on the whole first global batch: what the ranks' first
     step must reproduce. Run before the engine shards the model; gradients are cleared afterwards."""
@@ -253,8 +273,9 @@ def run_rank(
     if torch.cuda.is_available():
         torch.cuda.set_device(accelerator.local_process_index)  # `build` loads onto the current device
     torch.manual_seed(0)
-    model, weights, timer = build(method, model_name, max(seqs))
-    reference = reference_step(model, seqs[0], world)
+    with unpartitioned(accelerator):
+        model, weights, timer = build(method, model_name, max(seqs))
+        reference = reference_step(model, seqs[0], world)
     if timer is not None:
         timer.take_seconds()  # the reference step's scoring is not the first logged step's
     if backend == "deepspeed-zero3" and method.jenga is not None:
