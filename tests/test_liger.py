@@ -1,10 +1,9 @@
 """`apply_jenga(fused_kernels=True)`: Liger Kernel's ops inside Jenga's paths (`jenga.liger`).
 
-Liger's rotary and SiLU-product kernels run here in Triton's interpreter against the PyTorch references. Its
-RMSNorm and fused linear cross-entropy kernels do not run in the interpreter (library helpers it lacks), so the
-model-level tests put PyTorch functions of the same contract in their place, recording the calls: they check
-where each op is used and how its result is normalized; the kernels themselves are checked in bf16 on the GPU
-(`jenga.kernel_checks.liger_composition`, run by `hello_world.sh`).
+Liger's rotary, SiLU-product and fused linear cross-entropy kernels run here in Triton's interpreter against the
+PyTorch references. Its RMSNorm kernel does not (a library helper the interpreter lacks), so the model-level tests
+put a PyTorch function of the same contract in its place. Every op is counted where it goes; the kernels are
+checked in bf16 on the GPU (`jenga.kernel_checks.liger_composition`, run by `hello_world.sh`).
 """
 
 from __future__ import annotations
@@ -46,7 +45,22 @@ def interpreted_liger(monkeypatch) -> None:
 
 
 @pytest.fixture
-def as_on_cuda(interpreted_liger, monkeypatch) -> None:
+def interpreted_liger_loss(interpreted_liger, monkeypatch) -> None:
+    """Liger's fused linear cross-entropy in the interpreter too: its kernel indexes with a loaded scalar, which
+    the interpreter holds as a one-element array (NumPy 2 converts only 0-d arrays with `int`)."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
+@pytest.fixture
+def as_on_cuda(interpreted_liger_loss, monkeypatch) -> None:
     """Jenga's own kernels take the calls they take on CUDA (in the interpreter), so each op goes where it would
     on the GPU: Liger's or Jenga's."""
     import jenga.mlp
@@ -61,7 +75,8 @@ def as_on_cuda(interpreted_liger, monkeypatch) -> None:
 
 @pytest.fixture
 def recorded(as_on_cuda, monkeypatch) -> dict[str, int]:
-    """Calls per op; RMSNorm and the linear cross-entropy as PyTorch functions of Liger's contract."""
+    """Calls per op; RMSNorm as a PyTorch function of Liger's contract (its kernel does not run in the
+    interpreter)."""
     calls = dict.fromkeys(("rms_norm", "rope", "silu_mul", "silu_mul_backward", "linear_cross_entropy"), 0)
 
     def counted(name, fn):
@@ -74,11 +89,7 @@ def recorded(as_on_cuda, monkeypatch) -> dict[str, int]:
     def rms_norm(x, weight, eps):
         return reference_forward(x, weight, eps)[0]
 
-    def linear_cross_entropy(hidden, weight, bias, targets, ignore_index):
-        logits = F.linear(hidden, weight, bias).float()
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
-
-    stand_ins = {"rms_norm": rms_norm, "linear_cross_entropy": linear_cross_entropy}
+    stand_ins = {"rms_norm": rms_norm}
     for name in calls:
         monkeypatch.setattr(jenga.liger, name, counted(name, stand_ins.get(name, getattr(jenga.liger, name))))
     return calls
@@ -210,3 +221,41 @@ def test_fused_kernels_errors():
         apply_jenga(tiny_opt(layers=1), fused_kernels=True)
     with pytest.raises(TypeError, match="fused_kernels must be True or False"):
         apply_jenga(tiny_llama(layers=1), fused_kernels="yes")
+
+
+def test_liger_loss_backward_twice_over_a_retained_graph(interpreted_liger_loss):
+    """Liger's own Function scales its saved gradients in place by the upstream gradient (1 / the supervised-token
+    count here): a second backward over the retained graph must not scale them again."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(12, 16, generator=gen), torch.randn(40, 16, generator=gen)
+    targets = torch.randint(0, 40, (12,), generator=gen)
+    targets[:3] = -100
+    leaf = hidden.clone().requires_grad_()
+    F.cross_entropy(F.linear(leaf, weight), targets, ignore_index=-100).backward()
+    fused = hidden.clone().requires_grad_()
+    total = jenga.liger.linear_cross_entropy(fused, weight, None, targets, -100)
+    loss = jenga.loss._Normalized.apply(total, (targets != -100).sum())
+    grads = []
+    for _ in range(2):
+        fused.grad = None
+        loss.backward(retain_graph=True)
+        grads.append(fused.grad)
+    for grad in grads:
+        torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trained_head_over_frozen_hidden_states_gets_its_gradient(interpreted_liger_loss):
+    """Liger takes no gradient when the hidden states need none, a trained head's included: the loss of a model
+    whose only trained weight is its (untied) head keeps the segmented path there."""
+    grads = []
+    for fused in (False, True):
+        model = tiny_llama(layers=1)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        for p in model.parameters():
+            p.requires_grad_(p is model.lm_head.weight)
+        apply_jenga(model, JengaConfig(**SMALL), fused_kernels=fused)
+        ids = batch(1, 32)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.lm_head.weight.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -931,3 +931,16 @@ def test_attention_maps_in_a_training_forward_with_elimination_raise_and_are_den
     with torch.no_grad():
         maps = model(input_ids=ids, output_attentions=True).attentions
     assert len(maps) == 4 and all(m.shape == (1, 4, 128, 128) for m in maps)
+
+
+def test_a_hook_on_the_lm_head_does_not_see_the_segmented_loss():
+    """The segmented loss reads the head's weight without calling the head (unless an engine shards it): a user's
+    forward hook on lm_head (a temperature on logits) neither fires on the training loss nor changes it."""
+    ids = batch(1, 64)
+    losses = []
+    for hooked in (False, True):
+        model = apply_jenga(add_lora(tiny_llama(layers=1)), JengaConfig())
+        if hooked:
+            model.get_base_model().lm_head.register_forward_hook(lambda module, args, out: out / 2)
+        losses.append(model(input_ids=ids, labels=ids).loss.item())
+    assert losses[1] == losses[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from torch.autograd.function import once_differentiable
 
 LIGER_MISSING = (
     "apply_jenga(fused_kernels=True) composes Liger Kernel's fused ops, and liger-kernel is not installed: "
@@ -74,14 +75,40 @@ def silu_mul_backward(
     return swiglu_backward(gate, up, grad.contiguous())
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Liger's fused linear cross-entropy forward (gradients taken with the loss), with a backward that scales the
+    saved gradients out of place. Liger's own Function multiplies them in place by the upstream gradient, which
+    is never 1 here (the normalizer, a loss scale): a second backward over a retained graph scaled them again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int):
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+        loss, _, _, _, grad_hidden, grad_weight, grad_bias = fused_linear_cross_entropy_forward(
+            _input=hidden, weight=weight, target=targets, bias=bias, ignore_index=ignore_index, reduction="sum",
+            accum_dtype=torch.float32,
+        )  # fmt: skip
+        ctx.save_for_backward(grad_hidden if ctx.needs_input_grad[0] else None, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grads = (None if t is None else t * grad.to(t.dtype) for t in ctx.saved_tensors)
+        return (*grads, None, None)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
     """The summed fp32 cross-entropy of `linear(hidden, weight, bias)` (hidden (N, D), targets (N,)), Liger's
-    fused kernel: logits a chunk at a time, the gradients taken in forward (a trained head's accumulated in fp32)."""
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    fused kernel: logits a chunk at a time, the gradients taken in forward (a trained head's accumulated in fp32).
+    Liger takes a head's gradients only with the hidden states' (`covers_loss`)."""
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index)
 
-    loss, *_ = LigerFusedLinearCrossEntropyFunction.apply(
-        hidden, weight, targets, bias, None, ignore_index, 0.0, 0.0, "sum", None, False, torch.float32
-    )
-    return loss
+
+def covers_loss(hidden: torch.Tensor, head: torch.nn.Module) -> bool:
+    """Whether the loss takes Liger's kernel: where its kernels run, and not for a trained head over hidden states
+    that need no gradient (Liger then takes no gradient at all: the head would silently get none)."""
+    trained_head = any(p.requires_grad for p in head.parameters())
+    return covers(hidden) and (hidden.requires_grad or not trained_head)

@@ -180,7 +180,7 @@ def segmented_causal_lm_loss(
     else:  # a Python number divides the fp32 sum as it would as a scalar
         dtype = torch.float32 if isinstance(num_items_in_batch, float) else torch.int64
         normalizer = torch.tensor(num_items_in_batch, dtype=dtype, device=hidden_states.device)
-    if fused and liger.covers(hidden_states):
+    if fused and liger.covers_loss(hidden_states, lm_head):
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         total = liger.linear_cross_entropy(flat, lm_head.weight, lm_head.bias, shift_labels, ignore_index)
         return _Normalized.apply(total, normalizer)

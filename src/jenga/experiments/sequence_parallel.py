@@ -8,8 +8,9 @@ would on the whole sequence; the loss of a shard is its tokens' summed loss over
 count, and the ranks' LoRA gradients sum to the one-process gradient. `docs/multi-gpu.md` says what elimination
 (keep below 1) would need on top: a selection computed from the whole sequence inside the attention call.
 
-Checked on the CPU with gloo ranks (`tests/test_distributed.py`); no padding (the attention is causal over the
-whole sequence), and the heads and key/value heads must divide by the group's size.
+Checked on the CPU with gloo ranks (`tests/test_distributed.py`); no padding and no sliding window (the attention
+is causal over the whole sequence), no elimination (keep 1: selection would need the whole sequence), one process
+group per process, and the heads and key/value heads must divide by the group's size.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def use_ulysses(model: nn.Module, group: dist.ProcessGroup | None = None) -> Non
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     if heads % size or kv_heads % size:
         raise ValueError(f"Ulysses splits heads over the group: {heads} and {kv_heads} kv heads by {size} ranks")
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in layer_types:
+        raise ValueError(
+            "the Ulysses prototype attends causally over the whole sequence: a sliding-window model "
+            f"(sliding_window={getattr(config, 'sliding_window', None)}) is not supported"
+        )
     _GROUP[0] = group
     AttentionInterface.register(ULYSSES, ulysses_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ULYSSES, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

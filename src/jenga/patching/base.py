@@ -398,10 +398,20 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     override_forward(attn, forward, state, layer)
 
 
+def sharded_head(head: nn.Module) -> bool:
+    """Whether an engine holds the LM head's weight only around the head's call: FSDP2 (`fully_shard`, which
+    accelerate applies to the head alone) or DeepSpeed ZeRO-3 (partitioned parameters carry a `ds_id`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(head, FSDPModule) or any(hasattr(p, "ds_id") for p in head.parameters(recurse=False))
+
+
 def _in_head_call(head: nn.Module, hidden: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`loss(hidden)` run as the LM head's forward, through the head's call: engines that hold a module's weights
-    only around its call (FSDP2, where accelerate makes the head a unit of its own; DeepSpeed ZeRO-3) gather the
-    head's weight for the loss as they would for its logits, and attach the head's backward hooks to the loss."""
+    """`loss(hidden)`; for a sharded head (`sharded_head`) run as the head's forward, through its call, so the
+    engine gathers the head's weight for the loss as it would for its logits and attaches the head's backward
+    hooks to it. Elsewhere the head is not called: a user's hook on it sees no loss, as before."""
+    if not sharded_head(head):
+        return loss(hidden)
     previous = head.__dict__.get("forward")
     head.forward = loss
     try:

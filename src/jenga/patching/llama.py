@@ -62,7 +62,8 @@ class LlamaFamilyAdapter(FamilyAdapter):
                 if not (self.training and torch.is_grad_enabled()):
                     return _original(self, x)
                 fp8 = binding.state.config.fp8_activations
-                if binding.state.fused_kernels and not fp8 and liger.covers(x):
+                # Liger writes x's dtype; the family promotes to an fp32 weight's: one dtype only
+                if binding.state.fused_kernels and not fp8 and self.weight.dtype == x.dtype and liger.covers(x):
                     return liger.rms_norm(x, self.weight, self.variance_epsilon)
                 return rms_norm(x, self.weight, self.variance_epsilon, fp8)
 
