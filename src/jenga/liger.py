@@ -4,15 +4,16 @@ Liger Kernel (optional: `pip install liger-kernel`) fuses RMSNorm, the rotary em
 the LM head with cross-entropy into Triton kernels. Jenga's own paths save what backward reads in float8, which
 Liger's ops cannot, so each op takes Liger's kernel only where no float8 copy is lost:
 
-- RMSNorm: Liger's forward and backward when `fp8_activations` is off (both keep the input and one fp32 scale
-  per row);
+- RMSNorm: Liger's forward and backward when `fp8_activations` is off and the weight has the input's dtype
+  (both keep the input and one fp32 scale per row; Liger writes the input's dtype where the family promotes);
 - the rotary embedding: Liger's kernel, which rotates q and k in place, in layers that run the model's own
   attention (a sparse layer's dense pass shares its q and k with scoring and the kept pass, which an in-place
   rotation would rotate twice: those keep `jenga.rotary`);
 - the gated MLP's SiLU product: Liger's forward and backward kernels inside Jenga's sparse-saved MLP, unless the
   activations are saved in float8 (then Jenga's kernels write the float8 copies in the same pass);
 - the loss: Liger's fused linear cross-entropy in place of the segmented loss (both take the hidden states'
-  gradient in forward, a chunk of logits at a time).
+  gradient in forward, a chunk of logits at a time), unless a trained head reads hidden states that need no
+  gradient (`covers_loss`).
 
 Every op runs where Liger's kernels run (CUDA tensors); elsewhere Jenga's own path computes the same thing.
 """
