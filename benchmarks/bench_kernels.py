@@ -1,15 +1,17 @@
 """Kernel-level GPU benchmark: bf16 correctness first, then scoring-kernel throughput and sparse attention.
 
-1. Checks (must pass before any timing): the Triton block-scoring kernel against the PyTorch reference and
-   kept-block attention (SDPA on gathered rows) against dense attention restricted to the kept set, in bf16,
-   relative error < 1e-2, forward and backward.
+1. Checks (must pass before any timing): the Triton block-scoring kernel against the PyTorch reference,
+   kept-block attention (SDPA on gathered rows) against dense attention restricted to the kept set, and
+   `jenga.kernel_checks.one_call_attention`, in bf16, relative error < 1e-2, forward and backward.
 2. bf16 matmul rate (8192³) as the yardstick; the scoring kernel's time and causal TFLOP/s at 8K–32K for MHA
    (32/32 heads) and GQA (32/8).
 3. Attention over kept blocks at keep ratios 1.0 / 0.75 / 0.5 / 0.25 against dense causal SDPA, 8K-128K, MHA
-   (32/32 heads) and GQA (32/8): forward, backward and their TFLOP/s against the matmul rate. Two ways: gather
-   q/k/v rows → causal SDPA → scatter (what Jenga runs), and, at 16K and 32K, the permutation-free
-   alternative, FlexAttention reading the rows in place through a block mask of the kept blocks (compiled,
-   128-token mask blocks; outputs and gradients land at original positions, eliminated rows are zero).
+   (32/32 heads) and GQA (32/8): forward, backward and their TFLOP/s against the matmul rate. `kept_sdpa`:
+   gather q/k/v rows → causal SDPA → scatter; a sparse layer's whole attention (`eliminated="dense"`), before
+   (`two_pass`: a dense forward without autograd, then `kept_sdpa`) and with `jenga.attention` (`one_call`: the
+   dense forward keeps its softmax statistics, the kept rows' backward reads them); and, at 16K and 32K, the
+   permutation-free alternative, FlexAttention reading the rows in place through a block mask of the kept blocks
+   (compiled, 128-token mask blocks; outputs and gradients land at original positions, eliminated rows are zero).
 
     python benchmarks/bench_kernels.py --out $OUT/kernels
 """
@@ -26,7 +28,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
+from jenga.attention import recording, replaying, single
 from jenga.elimination import TokenSelection
+from jenga.kernel_checks import one_call_attention as one_call_attention_check
 from jenga.kernels.scoring import LAUNCH_CANDIDATES, block_tile_scores_triton, chosen_launches, launch_tile_scores
 from jenga.profiling import JsonlWriter, run_header
 from jenga.scoring import block_tile_scores
@@ -86,7 +90,7 @@ def flex_kept_attention(q, k, v, block_mask: BlockMask) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def checks(writer: JsonlWriter) -> bool:
+def checks(writer: JsonlWriter, flex: bool = True) -> bool:
     gen = torch.Generator().manual_seed(0)
     ok = True
     for kv_heads, seq in ((32, 2048), (8, 3000)):
@@ -119,6 +123,8 @@ def checks(writer: JsonlWriter) -> bool:
         ]
         writer.write({"record": "check", "what": "kept_attention", "kv_heads": kv_heads, "seq": seq, "rel_err": errors})
         ok &= max(errors) < 1e-2
+        if not flex:
+            continue
         flex_qkv = [t.detach().clone().requires_grad_(True) for t in qkv]
         flex_kept_attention(*flex_qkv, kept_block_mask(sel, seq)).backward(grad)
         errors = [rel_err(flex_kept_attention(*flex_qkv, kept_block_mask(sel, seq)), ref)] + [
@@ -126,7 +132,9 @@ def checks(writer: JsonlWriter) -> bool:
         ]
         writer.write({"record": "check", "what": "flex_attention", "kv_heads": kv_heads, "seq": seq, "rel_err": errors})
         ok &= max(errors) < 1e-2
-    return ok
+    one_call = one_call_attention_check("cuda")
+    writer.write({"record": "check", **one_call})
+    return ok and one_call["ok"]
 
 
 def matmul_tflops() -> float:
@@ -157,20 +165,49 @@ def scoring(writer: JsonlWriter, peak: float) -> None:
             print(f"scoring kv={kv_heads} S={seq}: {ms:.2f} ms, {rate:.0f} TFLOP/s ({rate / peak:.0%}) {candidates}")
 
 
-def attention_out(q, k, v, selection: TokenSelection | BlockMask | None) -> torch.Tensor:
-    """The forward of dense causal SDPA (None), the gathered kept-block path or FlexAttention."""
+def dense_attention(q, k, v) -> torch.Tensor:
+    """Causal SDPA of (B, S, H, d) inputs, in that layout."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+
+
+def two_pass_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
+    """A sparse layer's attention before `jenga.attention`: a dense forward without autograd (every row's value),
+    then the kept rows attend again over the kept subset with autograd (their gradient)."""
+    with torch.no_grad():
+        dense = dense_attention(q, k, v)
+    kept = kept_attention(q, k, v, selection)
+    return dense + (kept - kept.detach())
+
+
+def one_call_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
+    """A sparse layer's attention with `jenga.attention`: one dense forward that keeps its softmax statistics; the
+    kept rows' backward reads them (no second forward)."""
+    with torch.no_grad(), recording() as recorded:
+        dense = dense_attention(q, k, v)
+    stats = single(recorded)
+    qs, ks, vs = (selection.gather(t, dim=1).transpose(1, 2) for t in (q, k, v))
+    with replaying(stats.gathered(selection)):
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=qs.shape[1] != ks.shape[1])
+    bsz, heads, kept, dim = out.shape
+    rows = out.transpose(1, 2).reshape(bsz, kept, heads * dim)
+    return selection.with_gradient_from(dense.reshape(bsz, -1, heads * dim), rows).view(dense.shape)
+
+
+def attention_out(q, k, v, selection: TokenSelection | BlockMask | None, method: str = "kept_sdpa") -> torch.Tensor:
+    """The forward of dense causal SDPA (None), FlexAttention (a block mask) or one of the gathered paths."""
     if selection is None:
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        return out.transpose(1, 2)
+        return dense_attention(q, k, v)
     if isinstance(selection, BlockMask):
         return flex_kept_attention(q, k, v, selection)
-    return kept_attention(q, k, v, selection)
+    return {"kept_sdpa": kept_attention, "two_pass": two_pass_attention, "one_call": one_call_attention}[method](
+        q, k, v, selection
+    )
 
 
-def attention_step(q, k, v, grad, selection: TokenSelection | BlockMask | None) -> None:
+def attention_step(q, k, v, grad, selection: TokenSelection | BlockMask | None, method: str = "kept_sdpa") -> None:
     """Forward and backward of one of `attention_out`'s paths."""
-    torch.autograd.backward(attention_out(q, k, v, selection), grad)
+    torch.autograd.backward(attention_out(q, k, v, selection, method), grad)
 
 
 def attention_flops(kept: int) -> tuple[float, float]:
@@ -188,12 +225,12 @@ def tflops(flops: float, ms: float) -> float:
 ATTENTION_LENGTHS, FLEX_LENGTHS = (8192, 16384, 32768, 65536, 131072), (16384, 32768)
 
 
-def attention(writer: JsonlWriter, peak: float) -> None:
+def attention(writer: JsonlWriter, peak: float, lengths: tuple[int, ...], flex: bool) -> None:
     """Forward and forward+backward of each path per length, kv heads (MHA 32, GQA 8) and keep; the backward's
     time is their difference. TFLOP/s count the kept tokens' causal attention (the dense path's: all of them)."""
     gen = torch.Generator().manual_seed(1)
     for kv_heads in (32, 8):
-        for seq in ATTENTION_LENGTHS:
+        for seq in lengths:
             q = torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             k, v = (
                 torch.randn(1, seq, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -205,13 +242,13 @@ def attention(writer: JsonlWriter, peak: float) -> None:
             for keep in (1.0, 0.75, 0.5, 0.25):
                 selection = random_selection(seq, keep, gen)
                 kept = selection.index.shape[1]
-                runs.append(("kept_sdpa", keep, selection, kept))
-                if seq in FLEX_LENGTHS:
+                runs += [(method, keep, selection, kept) for method in ("kept_sdpa", "two_pass", "one_call")]
+                if seq in FLEX_LENGTHS and flex:
                     runs.append(("flex_block_mask", keep, kept_block_mask(selection, seq), kept))
             dense_ms = None
             for method, keep, arg, kept in runs:
-                total = bench(functools.partial(attention_step, q, k, v, grad, arg))
-                forward = bench(functools.partial(attention_out, q, k, v, arg))
+                total = bench(functools.partial(attention_step, q, k, v, grad, arg, method))
+                forward = bench(functools.partial(attention_out, q, k, v, arg, method))
                 dense_ms = total if arg is None else dense_ms
                 flops = attention_flops(kept)
                 record = {"record": "attention", "seq": seq, "kv_heads": kv_heads, "method": method, "keep": keep}
@@ -231,17 +268,23 @@ def attention(writer: JsonlWriter, peak: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/logs/kernels")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(ATTENTION_LENGTHS), help="attention lengths")
+    parser.add_argument("--no-scoring", action="store_true", help="skip the scoring kernel's timings")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention's check and timings (compiled)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with JsonlWriter(out / "kernels.jsonl", header=run_header(extra={"experiment": "bench_kernels"})) as writer:
-        if not checks(writer):
+    options = {k: v for k, v in vars(args).items() if k != "out"}
+    header = run_header(extra={"experiment": "bench_kernels", "args": options})
+    with JsonlWriter(out / "kernels.jsonl", header=header) as writer:
+        if not checks(writer, flex=not args.no_flex):
             raise SystemExit("bf16 checks failed: see kernels.jsonl; no timings taken")
         peak = matmul_tflops()
         writer.write({"record": "matmul", "tflops": peak})
         print(f"bf16 matmul: {peak:.0f} TFLOP/s")
-        scoring(writer, peak)
-        attention(writer, peak)
+        if not args.no_scoring:
+            scoring(writer, peak)
+        attention(writer, peak, tuple(args.lengths), flex=not args.no_flex)
 
 
 if __name__ == "__main__":

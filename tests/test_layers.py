@@ -14,6 +14,7 @@ CORE = (
     "jenga",
     "jenga.config",
     "jenga.elimination",
+    "jenga.attention",
     "jenga.messages",
     "jenga.scoring",
     "jenga.mlp",

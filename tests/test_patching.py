@@ -15,7 +15,15 @@ from conftest import MODEL_BUILDERS, add_lora, batch, lora_grads, tiny_llama, ti
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from jenga import JengaConfig, JengaConfigError, UnsupportedModelError, apply_jenga, jenga_state, remove_jenga
+from jenga import (
+    JengaConfig,
+    JengaConfigError,
+    UnsupportedModelError,
+    apply_jenga,
+    attention,
+    jenga_state,
+    remove_jenga,
+)
 from jenga.profiling import SavedTensorMeter
 
 
@@ -81,20 +89,39 @@ def _naive_kept_attention(model, layer_idx, x, kept):
     return outs
 
 
-def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink, recent=0):
-    """Top blocks by the oracle score, computed here from the full S×S matrix (independent of scoring.py)."""
+def _layer_qkv(model, layer_idx, x):
+    """One layer's q (rotated; OPT's scaled), k, v as (B, heads, S, d), the logits' scale and the output projection."""
     family = model.config.model_type
     attn = (model.model.decoder.layers if family == "opt" else model.model.layers)[layer_idx].self_attn
     bsz, seq, _ = x.shape
     hd = model.config.hidden_size // model.config.num_attention_heads
-    q = attn.q_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
+    q, k, v = (proj(x).view(bsz, seq, -1, hd).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     if family == "opt":
-        q, scale = q * attn.scaling, 1.0
-    else:
-        cos, sin = model.model.rotary_emb(x, torch.arange(seq)[None])
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        scale = attn.scaling
+        return q * attn.scaling, k, v, 1.0, attn.out_proj
+    cos, sin = model.model.rotary_emb(x, torch.arange(seq)[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v, attn.scaling, attn.o_proj
+
+
+def _naive_statistics_attention(model, layer_idx, x, kept):
+    """Reference of `eliminated="dense"`: one layer's exact attention over every token, differentiable only
+    through (kept query, kept key) pairs (`jenga.attention.reference`); eliminated rows' outputs of the output
+    projection are detached too."""
+    q, k, v, scale, o_proj = _layer_qkv(model, layer_idx, x)
+    bsz, seq, _ = x.shape
+    is_kept = torch.zeros(bsz, seq, dtype=torch.bool)
+    for b in range(bsz):
+        is_kept[b, kept[b]] = True
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    out = attention.reference(q, k, v, is_kept, causal, scale).transpose(1, 2).reshape(bsz, seq, -1)
+    y = o_proj(out)
+    return torch.where(is_kept[..., None], y, y.detach())
+
+
+def _oracle_kept_blocks(model, layer_idx, x, block_size, keep_blocks, sink, recent=0):
+    """Top blocks by the oracle score, computed here from the full S×S matrix (independent of scoring.py)."""
+    q, k, _, scale, _ = _layer_qkv(model, layer_idx, x)
+    bsz, seq, _ = x.shape
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     full = ((q @ k.transpose(-1, -2)) * scale).relu().sum(1).tril()
     nb = math.ceil(seq / block_size)
@@ -152,7 +179,7 @@ def test_zero_elimination_kept_and_eliminated_match_reference(family, seq, expli
 def test_dense_elimination_forward_is_dense_and_gradient_flows_through_kept_subset(family, seq, explicit_mask):
     """`eliminated="dense"`: every output equals the unpatched attention's; gradients (input and LoRA) equal
     autograd through the naive reference `dense.detach() + kept_rows(sparse - sparse.detach())`, where
-    `sparse` is naive causal attention over the kept subset."""
+    `sparse` is the dense attention differentiable through kept pairs only (`_naive_statistics_attention`)."""
     model = add_lora(MODEL_BUILDERS[family]())
     bs, layer = 32, 1
     config = JengaConfig(
@@ -183,11 +210,8 @@ def test_dense_elimination_forward_is_dense_and_gradient_flows_through_kept_subs
     x_ref = x0.clone().requires_grad_(True)
     with torch.no_grad():
         dense = type(attn).forward(attn, hidden_states=x0, attention_mask=mask, **kwargs)[0]
-    sparse = _naive_kept_attention(base, layer, x_ref, kept)
-    delta = torch.zeros_like(dense)
-    for b in range(2):
-        delta = delta.index_put((torch.tensor([b]), kept[b]), sparse[b][0] - sparse[b][0].detach())
-    reference = grads_of(dense + delta, x_ref)
+    sparse = _naive_statistics_attention(base, layer, x_ref, kept)
+    reference = grads_of(dense + (sparse - sparse.detach()), x_ref)
 
     apply_jenga(model, config)
     x = x0.clone().requires_grad_(True)

@@ -102,12 +102,13 @@ def test_report_ratios_are_against_lora_of_the_same_sweep(tmp_path):
         "| study-x | mlp | 1 / 0.5 | 1 | 1.040x @8192 | 0.50 / 0.90 | bench-schedules/b |",
     ]
     fidelity = {"record": "fidelity", "design": "default", "seq_len": 256, "ppl_ratio": 1.0, "grad_cosine": 0.5}
-    header = {**head, "domain": "code", "windows": 2, "designs": {"default": JengaConfig().to_dict()}}
+    designs = {"default": JengaConfig().to_dict()}
+    header = {**head, "domain": "code", "windows": 2, "designs": designs, "git_commit": "0123456789ab+dirty"}
     _write(tmp_path / "fidelity-x" / "fidelity_code.jsonl", header, fidelity)
     written = plot_real_model(tmp_path, tmp_path / "out")
     assert [p.name for p in written] == ["fidelity.png", "study-x.png", "tradeoff-study-x.png", "real-model.md"]
     report = (tmp_path / "out" / "real-model.md").read_text()
-    assert "| default | 1 / 1 | GPU | code | 256 | 2 | 1.000 | 0.5000 | — |" in report
+    assert "| default | 1 / 1 | 0123456 | GPU | code | 256 | 2 | 1.000 | 0.5000 | — |" in report  # the code that ran
 
 
 def test_study_splits_a_method_logged_with_two_schedules_and_joins_costs_across_schemas(tmp_path):

@@ -6,6 +6,7 @@ approximate `/` once passed them there).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -159,10 +160,15 @@ def run_all(device: str = "cuda") -> list[dict[str, Any]]:
 
 
 def liger_composition(device: str) -> dict[str, Any]:
-    """`apply_jenga(fused_kernels=True)` against the unfused path on a small bf16 Llama (GQA, head size 128, LoRA
-    on q/k/v/o): the loss within 0.5% and the LoRA gradient within 2% (relative norm of the difference), for the
-    default config, unrounded saves (Liger's RMSNorm and SiLU product) and the long-context set-up (checkpointed,
-    the MLP recomputed). bf16 rounding apart, both compute the same; Liger's kernels round in their own order."""
+    """`apply_jenga(fused_kernels=True)` no less accurate than the unfused path on a small bf16 Llama (GQA, head
+    size 128, LoRA on q/k/v/o): each path's loss and LoRA gradient against the same model in fp32 without float8
+    saves (relative norm of the difference); the fused path's gradient error at most 1.25x the unfused one's, its
+    loss error at most the unfused one's plus 1e-3. Cases: the default config, unrounded saves (Liger's RMSNorm and
+    SiLU product) and the long-context set-up (checkpointed, the MLP recomputed).
+
+    The two bf16 paths differ from each other by more than bf16's rounding where float8 saves are on: a value that
+    rounds differently in bf16 can land on another float8 step (3 mantissa bits), so a fixed bound between them
+    measures that amplification, not a fault. Against an fp32 reference both show it equally."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -179,29 +185,94 @@ def liger_composition(device: str) -> dict[str, Any]:
         "unrounded_saves": (JengaConfig(fp8_activations=False), {}),
         "long_context": (JengaConfig(), {"mlp_recompute": True, "checkpointing": True}),
     }
+
+    def step(dtype: torch.dtype, jenga_config: JengaConfig, fused: bool, switches: dict) -> tuple[float, torch.Tensor]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(device, dtype).train()
+        lora = LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        model = get_peft_model(model, lora)
+        if switches.get("checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_jenga(model, jenga_config, mlp_recompute=switches.get("mlp_recompute", False), fused_kernels=fused)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+
     record: dict[str, Any] = {"what": "liger_composition"}
     for name, (jenga_config, switches) in cases.items():
-        results = []
-        for fused in (False, True):
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(config).to(device, torch.bfloat16).train()
-            lora = LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
-            model = get_peft_model(model, lora)
-            if switches.get("checkpointing"):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            mlp_recompute = switches.get("mlp_recompute", False)
-            apply_jenga(model, jenga_config, mlp_recompute=mlp_recompute, fused_kernels=fused)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-            results.append((loss.item(), grad))
-        (loss, grad), (fused_loss, fused_grad) = results
-        loss_diff = abs(fused_loss - loss) / abs(loss)
-        grad_diff = ((fused_grad - grad).norm() / grad.norm()).item()
+        ref_loss, ref_grad = step(torch.float32, replace(jenga_config, fp8_activations=False), False, switches)
+        errors = {}
+        for path, fused in (("unfused", False), ("fused", True)):
+            loss, grad = step(torch.bfloat16, jenga_config, fused, switches)
+            errors[path] = (abs(loss - ref_loss) / abs(ref_loss), ((grad - ref_grad).norm() / ref_grad.norm()).item())
+        (loss_u, grad_u), (loss_f, grad_f) = errors["unfused"], errors["fused"]
         record[name] = {
-            "loss_relative": loss_diff,
-            "grad_relative": grad_diff,
-            "ok": loss_diff < 5e-3 and grad_diff < 2e-2,
+            "loss_relative_to_fp32": {"unfused": loss_u, "fused": loss_f},
+            "grad_relative_to_fp32": {"unfused": grad_u, "fused": grad_f},
+            "ok": loss_f <= loss_u + 1e-3 and grad_f <= 1.25 * grad_u,
         }
+    record["ok"] = all(record[name]["ok"] for name in cases)
+    return record
+
+
+def one_call_attention(device: str) -> dict[str, Any]:
+    """`jenga.attention` on the GPU's kernels against its fp32 reference: the dense pass's output and the kept
+    pass's gradients, relative error below 1e-2 in bf16 and 1e-4 in fp32. Each CUDA kernel is forced once (cuDNN,
+    flash, memory-efficient; multi-head, no mask), then SDPA's own choice runs on grouped-query attention without
+    and with a padding mask and in fp32; head size 128 as on the 7-8B models, a partial last block."""
+    import torch.nn.functional as F
+
+    from .attention import recording, reference, replaying, single
+    from .elimination import TokenSelection
+
+    gen = torch.Generator().manual_seed(0)
+    forced = device == "cuda"
+    cases = {  # name: dtype, kv heads, padded, forced kernel
+        "cudnn_mha": (torch.bfloat16, 8, False, "cudnn" if forced else None),
+        "flash_mha": (torch.bfloat16, 8, False, "flash" if forced else None),
+        "efficient_mha": (torch.bfloat16, 8, False, "efficient" if forced else None),
+        "chosen_gqa": (torch.bfloat16, 2, False, None),
+        "chosen_padding_mask": (torch.bfloat16, 2, True, None),
+        "chosen_fp32": (torch.float32, 2, False, None),
+    }
+    record: dict[str, Any] = {"what": "one_call_attention"}
+    bsz, heads, seq, dim, block = 2, 8, 1000, 128, 64
+    blocks = torch.tensor([[0, 3, 4, 9, 12, 15], [0, 1, 6, 7, 11, 15]], device=device)
+    selection = TokenSelection.from_blocks(blocks, block, seq)
+    kept = torch.zeros(bsz, seq, dtype=torch.bool, device=device).scatter_(1, selection.index, True)
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None].repeat(bsz, 1, 1, 1)
+    mask[1, ..., :40] = False  # left padding; padded queries see themselves
+    mask[1, :, :40, :40] = torch.eye(40, dtype=torch.bool, device=device)
+    for name, (dtype, kv_heads, padded, kernel) in cases.items():
+        q, k, v = (torch.randn(bsz, h, seq, dim, generator=gen).to(device, dtype) for h in (heads, kv_heads, kv_heads))
+        attn_mask = mask if padded else None
+
+        def sdpa(q, k, v, m):
+            return F.scaled_dot_product_attention(q, k, v, m, is_causal=m is None, enable_gqa=q.shape[1] != k.shape[1])
+
+        with recording(kernel) as recorded:
+            dense = sdpa(q, k, v, attn_mask)
+        stats = single(recorded)
+        leaves = [selection.gather(t, dim=2).detach().requires_grad_(True) for t in (q, k, v)]
+        kept_mask = None if attn_mask is None else selection.gather(selection.gather(attn_mask, dim=2), dim=3)
+        with replaying(stats.gathered(selection), kernel):
+            out = sdpa(*leaves, kept_mask)
+        grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+        out.backward(grad)
+        exact = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+        full_mask = mask if padded else mask.new_ones(1, 1, seq, seq).tril()
+        ref = reference(*exact, kept, full_mask, dim**-0.5)
+        full_grad = torch.zeros_like(ref).scatter_(2, selection.index[:, None, :, None].expand_as(grad), grad.float())
+        ref.backward(full_grad)
+
+        def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+            return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+        errors = [rel(dense, ref.detach())] + [
+            rel(t.grad, selection.gather(e.grad, dim=2)) for t, e in zip(leaves, exact, strict=True)
+        ]
+        used = out.grad_fn.kernel.name
+        bound = 1e-2 if dtype == torch.bfloat16 else 1e-4
+        record[name] = {"kernel": used, "relative_errors": errors, "ok": max(errors) < bound}
     record["ok"] = all(record[name]["ok"] for name in cases)
     return record

@@ -63,7 +63,12 @@ def kept_by_attention(x: torch.Tensor) -> bool:
     if _ACTIVE and _ACTIVE[-1].copies_each_save:
         return False
     node, index = memory_source(x)
-    return node is not None and index == 0 and node.name() in _ATTENTION_NODES and hasattr(node, "_raw_saved_output")
+    if node is None or index != 0:
+        return False
+    # PyTorch's kernels, or `jenga.attention`'s kept pass (a custom Function that saves its output too)
+    return (node.name() in _ATTENTION_NODES and hasattr(node, "_raw_saved_output")) or getattr(
+        node, "saves_output", False
+    )
 
 
 def memory_source(x: torch.Tensor) -> tuple[Any, int]:

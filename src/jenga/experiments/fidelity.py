@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS), help="designs")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
     parser.add_argument("--samples", type=int, default=4, help="draws per window for random designs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA's random init (A; B starts at zero)")
     parser.add_argument("--logs", type=Path, required=True, help="folder for fidelity_<domain>.jsonl")
     args = parser.parse_args(argv)
 
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model, dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
     ).to(device)
     model.config.use_cache = False
+    torch.manual_seed(args.seed)  # the cosines move by a few 1e-3 with the LoRA's init: compare designs on one seed
     model = add_attention_lora(model).train()
     n_layers = model.config.num_hidden_layers
     configs = {name: DESIGNS[name](n_layers) for name in args.designs}
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "windows": args.windows,
         "dtype": args.dtype,
         "lora": "r=8 alpha=16 q/k/v/o (PEFT default init)",
+        "seed": args.seed,
         "designs": {name: cfg.to_dict() for name, cfg in configs.items()},
         "keyset_local_blocks": KEYSET_LOCAL_BLOCKS,
     }

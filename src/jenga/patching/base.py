@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .. import attention
 from ..config import JengaConfig
 from ..elimination import Selector, TokenSelection, key_validity
 from ..lora import lean_lora_forward, lora_linears
@@ -321,8 +322,9 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
     With `eliminated="dense"` the layer first runs densely without autograd: every token gets its exact
     output (the forward is the model's own) and nothing is saved. The kept tokens then run again with
     autograd over the kept subset, and that pass contributes only gradients; its projections return the dense
-    pass's rows instead of multiplying again (`jenga.projections`). With `eliminated="zero"` only the kept
-    pass runs and eliminated tokens get no attention output.
+    pass's rows instead of multiplying again (`jenga.projections`), and its attention returns the dense pass's
+    rows with a backward from the dense softmax statistics (`jenga.attention`). With `eliminated="zero"` only
+    the kept pass runs and eliminated tokens get no attention output.
     """
     original = type(attn).forward
     signature = inspect.signature(original)
@@ -370,10 +372,10 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
                 "attn_implementation='sdpa' or 'eager'"
             )
         drop_kv_cache(call)
-        dense, projected, reused = None, {}, {}
+        dense, projected, reused, recorded = None, {}, {}, []
         modules = adapter.projections(self)
         if config.eliminated == "dense":
-            with torch.no_grad(), _captured_outputs(modules) as projected:
+            with torch.no_grad(), _captured_outputs(modules) as projected, attention.recording() as recorded:
                 dense = original(self, **call)[0]
         token_valid = key_validity(mask, hidden.shape[1])
         query_key = functools.partial(adapter.query_key, self, hidden, call, _query_key_outputs(projected, modules))
@@ -386,9 +388,10 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         for name in ("position_ids", "position_embeddings"):
             if name in call:
                 call[name] = _gather_positional(selection, call[name])
-        with reuse_outputs(reused, fp8=config.fp8_activations):
+        stats = attention.kept_rows(recorded, selection) if dense is not None else None
+        with reuse_outputs(reused, fp8=config.fp8_activations), attention.replaying(stats):
             out, *rest = original(self, **call)
-        del reused
+        del reused, stats
         state.last_selection[layer_idx] = selection
         if dense is None:
             return (selection.scatter(out), *[None for _ in rest])

@@ -50,16 +50,17 @@ def fidelity_table(logs: Path) -> list[str]:
     if not rows:
         return []
     lines = [
-        "| design | attention / MLP keep | device | domain | tokens | windows | training-forward ppl / dense | "
+        "| design | attention / MLP keep | code | device | domain | tokens | windows | training-forward ppl / dense | "
         "LoRA-gradient cosine | cosine of the mean of draws |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for header, r in rows:
         draws = r.get("samples", 1)
         of_mean = f"{r['grad_cosine_of_mean']:.3f} ({draws})" if draws > 1 else "—"
         keep = schedule(header.get("designs", {}).get(r["design"]))
         lines.append(
-            f"| {r['design']} | {keep} | {header.get('device', '?')} | {header.get('domain', '?')} | {r['seq_len']} | "
+            f"| {r['design']} | {keep} | {(header.get('git_commit') or '?')[:7]} | {header.get('device', '?')} | "
+            f"{header.get('domain', '?')} | {r['seq_len']} | "
             f"{header.get('windows', '?')} | {r['ppl_ratio']:.3f} | {r['grad_cosine']:.4f} | {of_mean} |"
         )
     return lines
