@@ -176,8 +176,9 @@ def two_pass_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
     then the kept rows attend again over the kept subset with autograd (their gradient)."""
     with torch.no_grad():
         dense = dense_attention(q, k, v)
-    kept = kept_attention(q, k, v, selection)
-    return dense + (kept - kept.detach())
+    qs, ks, vs = (selection.gather(t, dim=1).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=qs.shape[1] != ks.shape[1])
+    return _with_kept_gradient(dense, out, selection)
 
 
 def one_call_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
@@ -189,6 +190,12 @@ def one_call_attention(q, k, v, selection: TokenSelection) -> torch.Tensor:
     qs, ks, vs = (selection.gather(t, dim=1).transpose(1, 2) for t in (q, k, v))
     with replaying(stats.gathered(selection)):
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=qs.shape[1] != ks.shape[1])
+    return _with_kept_gradient(dense, out, selection)
+
+
+def _with_kept_gradient(dense: torch.Tensor, out: torch.Tensor, selection: TokenSelection) -> torch.Tensor:
+    """(B, S, H, d) `dense` with the gradient of its kept rows routed to the kept pass's (B, H, L, d) `out`, as a
+    sparse layer does (`TokenSelection.with_gradient_from`)."""
     bsz, heads, kept, dim = out.shape
     rows = out.transpose(1, 2).reshape(bsz, kept, heads * dim)
     return selection.with_gradient_from(dense.reshape(bsz, -1, heads * dim), rows).view(dense.shape)

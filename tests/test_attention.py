@@ -67,7 +67,7 @@ def test_kept_pass_backward_uses_dense_statistics(dtype, kv_heads, masking):
     qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
     ref = reference(qr, kr, vr, kept, full_mask, scale)
     torch.testing.assert_close(selection.gather(ref, dim=2).detach(), out.detach())
-    ref.backward(torch.zeros_like(ref).scatter_(2, selection.index[:, None, :, None].expand_as(grad), grad))
+    ref.backward(torch.zeros_like(ref).scatter_add_(2, selection.index[:, None, :, None].expand_as(grad), grad))
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
     for got, want in ((qk, qr), (kk, kr), (vk, vr)):
         assert want.grad.abs().sum() > 0
@@ -185,3 +185,45 @@ def test_the_kept_pass_keeps_tensors_only_where_checkpointing_sees_them():
     held = {a: getattr(node, a, None) for a in dir(node) if not a.startswith("_") and a not in properties}
     assert not [a for a, v in held.items() if isinstance(v, torch.Tensor | tuple | list | dict)], held
     assert len(node.saved_tensors) == 6
+
+
+def test_under_autocast_the_dense_pass_is_sdpa_under_autocast(caplog, monkeypatch):
+    """Autocast casts SDPA's inputs after this library sees the call (q and k can be fp32 after the rotary, v bf16):
+    the kernels get what SDPA would, the sparse forward equals the unpatched model's, and nothing falls back."""
+    monkeypatch.setattr(messages, "_warned", set())
+    config = JengaConfig(block_size=32, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False)
+    reference, model = add_lora(tiny_llama()), apply_jenga(add_lora(tiny_llama()), config)
+    ids = batch(2, 192)
+    with torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level(logging.WARNING, logger="jenga"):
+        expected = reference(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)
+    assert lora_grads(model) and not [r for r in caplog.records if "attend again" in r.message]
+
+
+@pytest.mark.parametrize("seq", [192, 194])
+def test_longlora_groups_in_the_kept_pass_only_fall_back(seq, caplog, monkeypatch):
+    """LongLoRA's shifted attention groups a sequence whose length divides by its group count: at 194 tokens the
+    dense pass runs plain attention and the kept pass (128 tokens) groups. The kept pass then attends itself."""
+    from jenga.experiments import longlora
+
+    monkeypatch.setattr(messages, "_warned", set())
+    config = JengaConfig(block_size=32, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, recent_blocks=0)
+    model = apply_jenga(add_lora(tiny_llama(attn_implementation=longlora.register())), config)
+    ids = batch(2, seq)
+    with caplog.at_level(logging.WARNING, logger="jenga"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert lora_grads(model) and any("attend again over kept blocks" in r.message for r in caplog.records)
+
+
+def test_the_memory_efficient_kernel_gets_an_aligned_dense_bias():
+    """A kept pass's gathered float mask is strided (its last dimension is not contiguous); the memory-efficient
+    kernel reads rows aligned to 16 elements: it gets a padded copy with the same values."""
+    from jenga.attention import Kernel, _Call
+
+    mask = torch.randn(1, 1, 40, 40).transpose(-1, -2)  # a strided float mask, 40 keys
+    q = torch.empty(1, 4, 40, 8)
+    bias = Kernel(_Call(q, q, q, mask, False, 0.3, 0.0), "efficient")._bias(_Call(q, q, q, mask, False, 0.3, 0.0))
+    assert bias.shape == (1, 4, 40, 40) and bias.stride(-1) == 1 and bias.stride(-2) % 16 == 0
+    torch.testing.assert_close(bias[0, 0], mask[0, 0], rtol=0, atol=0)

@@ -59,6 +59,12 @@ class _Call:
         if query.shape[-3] != key.shape[-3] and not enable_gqa:
             raise RuntimeError("scaled_dot_product_attention: query and key heads differ without enable_gqa")
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        device = query.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # cast as SDPA would be
+            dtype = torch.get_autocast_dtype(device)
+            query, key, value = (t.to(dtype) for t in (query, key, value))
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(dtype)
         return cls(query, key, value, attn_mask, is_causal, scale, dropout_p)
 
 
@@ -110,8 +116,14 @@ class Kernel:
 
     @classmethod
     def for_kept(cls, call: _Call, dense: str, name: str | None = None) -> Kernel:
-        """The kept pass's kernel: `name` if given, else the dense pass's; the memory-efficient kernel where the kept
-        call has a mask (a partial last block) that flash and cuDNN without a bias cannot take."""
+        """The kept pass's kernel: `name` if given; on CUDA, the one SDPA would pick to train this call with its heads
+        expanded (the backward expands grouped heads, so every kernel takes it); else the dense pass's. A masked
+        call (a partial last block) goes to the memory-efficient kernel where the pick cannot take a mask."""
+        if name is None and call.q.device.type == "cuda":
+            probe = call.q.detach().requires_grad_(True)  # the shape, dtype and strides of the expanded k and v too
+            with torch.enable_grad():
+                choice = torch._fused_sdp_choice(probe, probe, probe, call.mask, 0.0, call.is_causal, scale=call.scale)
+            name = _CHOICES.get(choice)
         name = name or dense
         return cls(call, "efficient" if call.mask is not None and name in ("flash", "cudnn") else name)
 
@@ -120,8 +132,10 @@ class Kernel:
         if bias is None or self.name != "efficient":
             return bias
         keys = bias.shape[-1]
-        if keys % _BIAS_ALIGN:  # the kernel's row alignment; the view keeps the logical width
-            bias = F.pad(bias, (0, _BIAS_ALIGN - keys % _BIAS_ALIGN))[..., :keys]
+        if bias.stride(-1) != 1 or keys % _BIAS_ALIGN or bias.stride(-2) % _BIAS_ALIGN:
+            # the kernel reads rows aligned to 16 elements, densely: a padded copy whose view keeps the width
+            aligned = bias.new_zeros(*bias.shape[:-1], -(-keys // _BIAS_ALIGN) * _BIAS_ALIGN)
+            bias = aligned[..., :keys].copy_(bias)
         return bias.expand(call.q.shape[0], call.q.shape[1], call.q.shape[2], keys)
 
     def forward(self, call: _Call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,16 +170,17 @@ class Kernel:
             return _ops._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad, q, k, v, out, lse, 0.0, call.is_causal, attn_mask=self._bias(call), scale=call.scale
             )
+        heads = k.shape[1]
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])  # grouped heads, summed below
         if self.name == "flash":
             # No sequence offsets (not variable-length); the dropout RNG's seed and offset, unread at p = 0.
             seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
             offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-            return _ops._scaled_dot_product_flash_attention_backward(
+            dq, dk, dv = _ops._scaled_dot_product_flash_attention_backward(
                 grad, q, k, v, out, lse, None, None, seq, k.shape[2], 0.0, call.is_causal, seed, offset,
                 scale=call.scale,
             )  # fmt: skip
-        heads = k.shape[1]
-        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])  # grouped heads, summed below
+            return dq, _sum_heads(dk, heads), _sum_heads(dv, heads)
         if self.name == "cudnn":
             state = torch.zeros((), dtype=torch.int64, device=q.device)  # the dropout RNG's, unread at p = 0
             dq, dk, dv = _ops._scaled_dot_product_cudnn_attention_backward(
@@ -318,10 +333,15 @@ def replaying(stats: Statistics | None, kernel: str | None = None) -> Iterator[N
         return
 
     def handle(call: _Call) -> torch.Tensor:
-        if call.q.shape[:-1] != stats.out.shape[:-1]:
-            raise RuntimeError(
-                f"the kept pass's attention call has queries of shape {tuple(call.q.shape)}, its dense pass's kept "
-                f"rows {tuple(stats.out.shape)}: the two passes must make the same call on the kept rows"
+        if call.q.shape[:-1] != stats.out.shape[:-1]:  # e.g. LongLoRA's groups, formed in one pass only
+            warn_once(
+                "attention-layout",
+                f"Jenga: the kept pass's attention call has queries of shape {tuple(call.q.shape)}, the dense "
+                f"pass's kept rows {tuple(stats.out.shape)}: sparse layers attend again over kept blocks",
+            )
+            gqa = call.q.shape[1] != call.k.shape[1]
+            return F.scaled_dot_product_attention(
+                call.q, call.k, call.v, call.mask, 0.0, call.is_causal, scale=call.scale, enable_gqa=gqa
             )
         return _KeptAttention.apply(call.q, call.k, call.v, stats, call, Kernel.for_kept(call, stats.kernel, kernel))
 

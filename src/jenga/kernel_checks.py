@@ -163,8 +163,9 @@ def liger_composition(device: str) -> dict[str, Any]:
     """`apply_jenga(fused_kernels=True)` no less accurate than the unfused path on a small bf16 Llama (GQA, head
     size 128, LoRA on q/k/v/o): each path's loss and LoRA gradient against the same model in fp32 without float8
     saves (relative norm of the difference); the fused path's gradient error at most 1.25x the unfused one's, its
-    loss error at most the unfused one's plus 1e-3. Cases: the default config, unrounded saves (Liger's RMSNorm and
-    SiLU product) and the long-context set-up (checkpointed, the MLP recomputed).
+    loss error at most the unfused one's plus 1e-3, and the unfused path within 1% (loss) and 20% (gradient) of fp32,
+    so that a broken reference cannot make the comparison pass. Cases: the default config, unrounded saves (Liger's
+    RMSNorm and SiLU product) and the long-context set-up (checkpointed, the MLP recomputed).
 
     The two bf16 paths differ from each other by more than bf16's rounding where float8 saves are on: a value that
     rounds differently in bf16 can land on another float8 step (3 mantissa bits), so a fixed bound between them
@@ -209,7 +210,7 @@ def liger_composition(device: str) -> dict[str, Any]:
         record[name] = {
             "loss_relative_to_fp32": {"unfused": loss_u, "fused": loss_f},
             "grad_relative_to_fp32": {"unfused": grad_u, "fused": grad_f},
-            "ok": loss_f <= loss_u + 1e-3 and grad_f <= 1.25 * grad_u,
+            "ok": loss_f <= loss_u + 1e-3 and grad_f <= 1.25 * grad_u and loss_u < 1e-2 and grad_u < 0.2,
         }
     record["ok"] = all(record[name]["ok"] for name in cases)
     return record
@@ -237,7 +238,8 @@ def one_call_attention(device: str) -> dict[str, Any]:
     }
     record: dict[str, Any] = {"what": "one_call_attention"}
     bsz, heads, seq, dim, block = 2, 8, 1000, 128, 64
-    blocks = torch.tensor([[0, 3, 4, 9, 12, 15], [0, 1, 6, 7, 11, 15]], device=device)
+    # only the second sequence keeps the partial last block: the kept pass gets a mask (`TokenSelection.valid`)
+    blocks = torch.tensor([[0, 3, 4, 9, 12, 14], [0, 1, 6, 7, 11, 15]], device=device)
     selection = TokenSelection.from_blocks(blocks, block, seq)
     kept = torch.zeros(bsz, seq, dtype=torch.bool, device=device).scatter_(1, selection.index, True)
     mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None].repeat(bsz, 1, 1, 1)
@@ -254,22 +256,25 @@ def one_call_attention(device: str) -> dict[str, Any]:
             dense = sdpa(q, k, v, attn_mask)
         stats = single(recorded)
         leaves = [selection.gather(t, dim=2).detach().requires_grad_(True) for t in (q, k, v)]
-        kept_mask = None if attn_mask is None else selection.gather(selection.gather(attn_mask, dim=2), dim=3)
         with replaying(stats.gathered(selection), kernel):
-            out = sdpa(*leaves, kept_mask)
-        grad = torch.randn(out.shape, generator=gen).to(device, dtype)
+            out = sdpa(*leaves, selection.gather_mask(attn_mask))  # as a layer's kept pass: padding rows masked
+        # rows past the sequence end (clamped copies of its last row) carry no gradient, as in a layer
+        real = torch.ones_like(kept[:, :1]) if selection.valid is None else selection.valid
+        real = real[:, None, :, None]
+        grad = torch.randn(out.shape, generator=gen).to(device, dtype) * real
         out.backward(grad)
         exact = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
         full_mask = mask if padded else mask.new_ones(1, 1, seq, seq).tril()
         ref = reference(*exact, kept, full_mask, dim**-0.5)
-        full_grad = torch.zeros_like(ref).scatter_(2, selection.index[:, None, :, None].expand_as(grad), grad.float())
+        rows = selection.index[:, None, :, None].expand_as(grad)  # clamped copies of the last row add zeros
+        full_grad = torch.zeros_like(ref).scatter_add_(2, rows, grad.float())
         ref.backward(full_grad)
 
         def rel(a: torch.Tensor, b: torch.Tensor) -> float:
             return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
         errors = [rel(dense, ref.detach())] + [
-            rel(t.grad, selection.gather(e.grad, dim=2)) for t, e in zip(leaves, exact, strict=True)
+            rel(t.grad * real, selection.gather(e.grad, dim=2) * real) for t, e in zip(leaves, exact, strict=True)
         ]
         used = out.grad_fn.kernel.name
         bound = 1e-2 if dtype == torch.bfloat16 else 1e-4
