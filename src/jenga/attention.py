@@ -5,13 +5,14 @@ With `eliminated="dense"` a sparse layer first runs densely without autograd, so
 output. `recording()` runs that pass's `scaled_dot_product_attention` through the fused kernel PyTorch would
 pick (`Kernel`), which also returns each query's log-sum-exp over every key. `replaying(stats)` then answers
 the kept pass's attention call with no attention forward at all: its output is the dense output's kept rows,
-and its backward is the same kernel's backward over kept queries and kept keys with the dense statistics.
+and its backward is a fused kernel's backward over kept queries and kept keys fed the dense statistics
+(`Kernel.for_kept`).
 So each (kept query, kept key) pair gets the gradient the dense attention gives it; pairs with an eliminated
 token carry none (`reference`: dense attention with those pairs' logits detached). Attention work per sparse
 layer: one dense forward plus a backward over the kept area, where the kept pass used to attend forward again.
 
-Calls that are not one SDPA call per pass (eager attention, attention dropout) keep the kept pass's own
-attention over the kept subset, with a warning.
+Calls this cannot serve (eager attention, attention dropout, a sequence regrouped by the attention as LongLoRA
+does, a device without such a kernel) keep the kept pass's own attention over the kept subset, with a warning.
 """
 
 from __future__ import annotations
