@@ -68,6 +68,13 @@ class _Call:
                 attn_mask = attn_mask.to(dtype)
         return cls(query, key, value, attn_mask, is_causal, scale, dropout_p)
 
+    def plain(self) -> torch.Tensor:
+        """The call as SDPA runs it, for the calls this module does not serve."""
+        gqa = self.q.shape[1] != self.k.shape[1]
+        return F.scaled_dot_product_attention(
+            self.q, self.k, self.v, self.mask, self.dropout, self.is_causal, scale=self.scale, enable_gqa=gqa
+        )
+
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean mask (True: attend) as the additive bias the kernels take; float masks pass unchanged."""
@@ -93,8 +100,8 @@ class Kernel:
     """The fused kernel of one call, forward with statistics and backward from them: for the dense pass on CUDA the
     one SDPA would pick (flash, memory-efficient or cuDNN; a masked call that SDPA would give cuDNN goes to the
     memory-efficient kernel, whose bias handling is PyTorch's own), on the CPU its flash kernel. `name` forces one
-    (the GPU checks). The kept pass's backward takes the dense pass's kernel (`for_kept`): SDPA's own choice for
-    a call that requires gradients can be another, or none."""
+    (the GPU checks). The kept pass's backward picks its own (`for_kept`): its call requires gradients, which can
+    change SDPA's choice."""
 
     def __init__(self, call: _Call, name: str | None = None) -> None:
         q, device = call.q, call.q.device.type
@@ -221,8 +228,7 @@ def reference(
     (B, H, S, d) inputs under the boolean `mask` (True: attend), differentiable only through (kept query, kept
     key) pairs: other pairs' logits, eliminated keys' values and eliminated queries' outputs are detached, so the
     softmax statistics stay the dense ones. `kept`: (B, S) bool."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
     logits = (q @ k.transpose(-1, -2)) * scale
     pairs = (kept[:, :, None] & kept[:, None, :])[:, None]
     logits = torch.where(pairs, logits, logits.detach()).masked_fill(~mask, float("-inf"))
@@ -283,10 +289,7 @@ def recording(kernel: str | None = None) -> Iterator[list[Statistics]]:
                 return out
         recorded.append(None)
         warn_once(why, f"Jenga: {why}: sparse layers attend again over kept blocks")
-        gqa = call.q.shape[1] != call.k.shape[1]
-        return F.scaled_dot_product_attention(
-            call.q, call.k, call.v, call.mask, call.dropout, call.is_causal, scale=call.scale, enable_gqa=gqa
-        )
+        return call.plain()
 
     with _Intercept(handle):
         yield recorded
@@ -340,10 +343,7 @@ def replaying(stats: Statistics | None, kernel: str | None = None) -> Iterator[N
                 f"Jenga: the kept pass's attention call has queries of shape {tuple(call.q.shape)}, the dense "
                 f"pass's kept rows {tuple(stats.out.shape)}: sparse layers attend again over kept blocks",
             )
-            gqa = call.q.shape[1] != call.k.shape[1]
-            return F.scaled_dot_product_attention(
-                call.q, call.k, call.v, call.mask, 0.0, call.is_causal, scale=call.scale, enable_gqa=gqa
-            )
+            return call.plain()
         return _KeptAttention.apply(call.q, call.k, call.v, stats, call, Kernel.for_kept(call, stats.kernel, kernel))
 
     with _Intercept(handle):
