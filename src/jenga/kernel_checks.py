@@ -245,16 +245,19 @@ def one_call_attention(device: str) -> dict[str, Any]:
     mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None].repeat(bsz, 1, 1, 1)
     mask[1, ..., :40] = False  # left padding; padded queries see themselves
     mask[1, :, :40, :40] = torch.eye(40, dtype=torch.bool, device=device)
+
+    def sdpa(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, m, is_causal=m is None, enable_gqa=q.shape[1] != k.shape[1])
+
     for name, (dtype, kv_heads, padded, kernel) in cases.items():
         q, k, v = (torch.randn(bsz, h, seq, dim, generator=gen).to(device, dtype) for h in (heads, kv_heads, kv_heads))
         attn_mask = mask if padded else None
-
-        def sdpa(q, k, v, m):
-            return F.scaled_dot_product_attention(q, k, v, m, is_causal=m is None, enable_gqa=q.shape[1] != k.shape[1])
-
         with recording(kernel) as recorded:
             dense = sdpa(q, k, v, attn_mask)
         stats = single(recorded)
+        if stats is None:  # the call fell back to plain SDPA (the warning says why): nothing of this module ran
+            record[name] = {"kernel": None, "error": "fell back to plain SDPA", "ok": False}
+            continue
         leaves = [selection.gather(t, dim=2).detach().requires_grad_(True) for t in (q, k, v)]
         with replaying(stats.gathered(selection), kernel):
             out = sdpa(*leaves, selection.gather_mask(attn_mask))  # as a layer's kept pass: padding rows masked
