@@ -219,8 +219,9 @@ def liger_composition(device: str) -> dict[str, Any]:
 def one_call_attention(device: str) -> dict[str, Any]:
     """`jenga.attention` on the GPU's kernels against its fp32 reference: the dense pass's output and the kept
     pass's gradients, relative error below 1e-2 in bf16 and 1e-4 in fp32. Each CUDA kernel is forced once (cuDNN,
-    flash, memory-efficient; multi-head, no mask), then SDPA's own choice runs on grouped-query attention without
-    and with a padding mask and in fp32; head size 128 as on the 7-8B models, a partial last block."""
+    flash, memory-efficient; multi-head, no mask, full blocks: the kept pass's backward takes the same kernel), then
+    SDPA's own choice on grouped-query attention, a partial last block, a padding mask and fp32; head size 128 as
+    on the 7-8B models."""
     import torch.nn.functional as F
 
     from .attention import recording, reference, replaying, single
@@ -228,35 +229,37 @@ def one_call_attention(device: str) -> dict[str, Any]:
 
     gen = torch.Generator().manual_seed(0)
     forced = device == "cuda"
-    cases = {  # name: dtype, kv heads, padded, forced kernel
-        "cudnn_mha": (torch.bfloat16, 8, False, "cudnn" if forced else None),
-        "flash_mha": (torch.bfloat16, 8, False, "flash" if forced else None),
-        "efficient_mha": (torch.bfloat16, 8, False, "efficient" if forced else None),
-        "chosen_gqa": (torch.bfloat16, 2, False, None),
-        "chosen_padding_mask": (torch.bfloat16, 2, True, None),
-        "chosen_fp32": (torch.float32, 2, False, None),
+    cases = {  # name: dtype, kv heads, padded, forced kernel, length (1000: a partial last block, kept once)
+        "cudnn_mha": (torch.bfloat16, 8, False, "cudnn" if forced else None, 1024),
+        "flash_mha": (torch.bfloat16, 8, False, "flash" if forced else None, 1024),
+        "efficient_mha": (torch.bfloat16, 8, False, "efficient" if forced else None, 1024),
+        "chosen_gqa": (torch.bfloat16, 2, False, None, 1024),
+        "chosen_partial_block": (torch.bfloat16, 8, False, None, 1000),
+        "chosen_padding_mask": (torch.bfloat16, 2, True, None, 1000),
+        "chosen_fp32": (torch.float32, 2, False, None, 1000),
     }
     record: dict[str, Any] = {"what": "one_call_attention"}
-    bsz, heads, seq, dim, block = 2, 8, 1000, 128, 64
-    # only the second sequence keeps the partial last block: the kept pass gets a mask (`TokenSelection.valid`)
+    bsz, heads, dim, block = 2, 8, 128, 64
+    # at 1000 tokens only the second sequence keeps the partial last block: the kept pass gets a mask
+    # (`TokenSelection.valid`), which sends it to the memory-efficient kernel; at 1024 it takes the dense pass's
     blocks = torch.tensor([[0, 3, 4, 9, 12, 14], [0, 1, 6, 7, 11, 15]], device=device)
-    selection = TokenSelection.from_blocks(blocks, block, seq)
-    kept = torch.zeros(bsz, seq, dtype=torch.bool, device=device).scatter_(1, selection.index, True)
-    mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None].repeat(bsz, 1, 1, 1)
-    mask[1, ..., :40] = False  # left padding; padded queries see themselves
-    mask[1, :, :40, :40] = torch.eye(40, dtype=torch.bool, device=device)
 
     def sdpa(q, k, v, m):
         return F.scaled_dot_product_attention(q, k, v, m, is_causal=m is None, enable_gqa=q.shape[1] != k.shape[1])
 
-    for name, (dtype, kv_heads, padded, kernel) in cases.items():
+    for name, (dtype, kv_heads, padded, kernel, seq) in cases.items():
+        selection = TokenSelection.from_blocks(blocks, block, seq)
+        kept = torch.zeros(bsz, seq, dtype=torch.bool, device=device).scatter_(1, selection.index, True)
+        mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None].repeat(bsz, 1, 1, 1)
+        mask[1, ..., :40] = False  # left padding; padded queries see themselves
+        mask[1, :, :40, :40] = torch.eye(40, dtype=torch.bool, device=device)
         q, k, v = (torch.randn(bsz, h, seq, dim, generator=gen).to(device, dtype) for h in (heads, kv_heads, kv_heads))
         attn_mask = mask if padded else None
         with recording(kernel) as recorded:
             dense = sdpa(q, k, v, attn_mask)
         stats = single(recorded)
         if stats is None:  # the call fell back to plain SDPA (the warning says why): nothing of this module ran
-            record[name] = {"kernel": None, "error": "fell back to plain SDPA", "ok": False}
+            record[name] = {"dense_kernel": None, "error": "fell back to plain SDPA", "ok": False}
             continue
         leaves = [selection.gather(t, dim=2).detach().requires_grad_(True) for t in (q, k, v)]
         with replaying(stats.gathered(selection), kernel):
@@ -279,8 +282,8 @@ def one_call_attention(device: str) -> dict[str, Any]:
         errors = [rel(dense, ref.detach())] + [
             rel(t.grad * real, selection.gather(e.grad, dim=2) * real) for t, e in zip(leaves, exact, strict=True)
         ]
-        used = out.grad_fn.kernel.name
         bound = 1e-2 if dtype == torch.bfloat16 else 1e-4
-        record[name] = {"kernel": used, "relative_errors": errors, "ok": max(errors) < bound}
+        used = {"dense_kernel": stats.kernel, "kept_kernel": out.grad_fn.kernel.name}
+        record[name] = {**used, "relative_errors": errors, "ok": max(errors) < bound}
     record["ok"] = all(record[name]["ok"] for name in cases)
     return record

@@ -13,7 +13,7 @@ PREAMBLE = """# Benchmark results
 
 Generated from the JSON-lines logs in `benchmarks/logs/` by `bash RUNME-a.sh` (no GPU needed); the logs come
 from real runs of the commands named in each section, on the device each section names. Do not edit by hand.
-The last sweep sections read `logs/real-model/bench` (the cost table of the README) and `logs/longest`.
+The last sweep sections read `logs/real-model/bench` (the keep-0.5 schedule's cost) and `logs/longest`.
 
 """
 
@@ -28,7 +28,7 @@ BENCH_SWEEPS = [
     ("saved-attention", "Checkpointing whose recompute reuses the attention outputs (+attnckpt) against plain +ckpt"),
 ]
 FIGURE_SWEEPS = [
-    ("real-model/bench", "The exact-forward default on 7B/8B architectures (random weights)"),
+    ("real-model/bench", "The keep-0.5 schedule of config schemas 2-3 on 7B/8B architectures (random weights)"),
     ("longest/shared-64k-h200", "64K on one H200 (uncapped): checkpoints on the GPU (+ckpt) or offloaded (+offckpt)"),
 ]
 
