@@ -104,7 +104,8 @@ def test_gpu_check_runs_on_the_cpu_kernel():
 
     check = one_call_attention("cpu")
     assert check["ok"], check
-    assert {v["kernel"] for v in check.values() if isinstance(v, dict)} == {"cpu"}
+    cases = [v for v in check.values() if isinstance(v, dict)]
+    assert {v["dense_kernel"] for v in cases} == {v["kept_kernel"] for v in cases} == {"cpu"}
 
 
 @pytest.mark.parametrize(

@@ -328,6 +328,9 @@ def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path
 
     kernels = [
         {"record": "header", "experiment": "bench_kernels", "device": "GPU", "torch": "2", "triton": "3"},
+        {"record": "check", "what": "kept_attention", "kv_heads": 8, "seq": 64, "rel_err": [0.002]},
+        {"record": "check", "what": "one_call_attention", "ok": True}
+        | {"cudnn_mha": {"dense_kernel": "cudnn", "kept_kernel": "cudnn", "relative_errors": [1e-3, 3e-3], "ok": True}},
         {"record": "matmul", "tflops": 700.0},
         {"record": "attention", "seq": 16, "method": "dense_sdpa", "keep": 1.0, "ms": 2.0},
         {"record": "attention", "seq": 16, "method": "kept_sdpa", "keep": 0.5, "ms": 1.0, "vs_dense": 0.5},
@@ -348,6 +351,8 @@ def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path
         (tmp_path / name).mkdir()
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     attention = kernel_section(tmp_path / "kernels")
+    assert "kept_attention kv_heads=8 S=64: [0.002]; one_call_attention: cudnn_mha 3.0e-03" in attention
+    assert "Block-scoring kernel" not in attention  # a run without scoring timings has no scoring table
     assert "| 16 | 32 | kept_sdpa | 0.5 | 1.00 | — | — | — | — | 0.50 |" in attention
     assert "| 16 | 32 | flex_block_mask | 0.5 | 3.00 | — | — | — | — | 1.50 |" in attention
     assert "| 32 | 8 | kept_sdpa | 0.25 | 4.00 | 1.00 | 3.00 | 350 | 50% | 0.25 |" in attention

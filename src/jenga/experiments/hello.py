@@ -156,7 +156,7 @@ def _one_call_attention() -> str:
         for k, v in check.items()
         if isinstance(v, dict)
     )
-    return f"one attention call per sparse layer matches its reference (dense / kept kernel, largest relative error: {cases})"
+    return f"one attention call per sparse layer matches its reference (dense / kept kernel, largest error: {cases})"
 
 
 def _pinned_copies() -> str:

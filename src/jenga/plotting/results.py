@@ -89,29 +89,41 @@ def _bench_heading(title: str, header: dict) -> list[str]:
     ]
 
 
-def kernel_section(folder: Path) -> str | None:
+def _check(record: dict) -> str:
+    """One bf16 check of the kernel benchmark: per shape its errors, or (`jenga.kernel_checks.one_call_attention`)
+    per case the largest error."""
+    if "kv_heads" in record:
+        return f"{record['what']} kv_heads={record['kv_heads']} S={record['seq']}: {record['rel_err']}"
+    cases = {k: v for k, v in record.items() if isinstance(v, dict)}
+    return f"{record['what']}: " + ", ".join(f"{k} {max(v['relative_errors']):.1e}" for k, v in cases.items())
+
+
+def kernel_section(folder: Path, title: str = "Kernels (`benchmarks/bench_kernels.py`)") -> str | None:
     """The kernel benchmark (`benchmarks/bench_kernels.py`): correctness checks, scoring and attention timings."""
     run = next((r for r in load_runs(folder) if r.header.get("experiment") == "bench_kernels"), None)
     if run is None:
         return None
     header = run.header
     peak = run.of("matmul")[0]["tflops"]
-    checks = "; ".join(f"{r['what']} kv_heads={r['kv_heads']} S={r['seq']}: {r['rel_err']}" for r in run.of("check"))
     lines = [
-        *_bench_heading("Kernels (`benchmarks/bench_kernels.py`)", header),
-        f"- bf16 checks against the references (relative error, must be < 1e-2 before timing): {checks}",
+        *_bench_heading(title, header),
+        "- bf16 checks against the references (relative error, must be < 1e-2 before timing): "
+        + "; ".join(_check(r) for r in run.of("check")),
         f"- measured bf16 matmul (8192³): {peak:.0f} TFLOP/s",
-        "",
-        "Block-scoring kernel (32 query heads, head_dim 128, block 64; FLOPs = causal half of q·kᵀ; the launch",
-        "(tile, warps, stages) is chosen per shape by one timing of each candidate):",
-        "",
-        "| kv heads | length | ms | TFLOP/s | of matmul rate |",
-        "|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['kv_heads']} | {r['seq']} | {r['ms']:.2f} | {r['tflops']:.0f} | {r['of_matmul']:.0%} |"
-        for r in run.of("scoring")
-    ]
+    if run.of("scoring"):
+        lines += [
+            "",
+            "Block-scoring kernel (32 query heads, head_dim 128, block 64; FLOPs = causal half of q·kᵀ; the launch",
+            "(tile, warps, stages) is chosen per shape by one timing of each candidate):",
+            "",
+            "| kv heads | length | ms | TFLOP/s | of matmul rate |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['kv_heads']} | {r['seq']} | {r['ms']:.2f} | {r['tflops']:.0f} | {r['of_matmul']:.0%} |"
+            for r in run.of("scoring")
+        ]
     lines += [
         "",
         "Attention over kept blocks vs dense causal SDPA, forward + backward (`kept_sdpa`: gather q/k/v rows, causal",
@@ -194,7 +206,11 @@ def _liger(header: dict) -> str:
 def write_results(bench_logs: Path, logs: Path, out: Path) -> list[Path]:
     """`out` (benchmarks/RESULTS.md) from the benchmark logs and the sweeps of `logs`; [] when there are none."""
     found = [*run_sections(bench_logs, logs), max_length_section(bench_logs / "e2e/probes")]
-    kernels = [kernel_section(bench_logs / "kernels"), elementwise_section(bench_logs / "elementwise")]
+    kernels = [
+        kernel_section(bench_logs / "kernels"),
+        kernel_section(bench_logs / "kernels-one-call", "Kernels: one attention call per sparse layer (`one_call`)"),
+        elementwise_section(bench_logs / "elementwise"),
+    ]
     sections = [s for s in [*found, *kernels] if s]
     if not sections:
         return []
