@@ -143,30 +143,27 @@ def test_cuda_kernels_take_their_arguments(dtype, kv_heads, masked, forced, kern
 
 
 def test_grouped_heads_are_repeated_where_sdpa_would_take_its_math_path():
-    """On CUDA, SDPA gives a grouped-query call with a mask, or in fp32, its math path (its memory-efficient kernel
-    takes no groups; flash takes neither). The dense pass then repeats the key and value heads for the kernel SDPA
-    picks with them repeated; a call that no kernel takes stays unserved."""
-    from jenga.attention import Kernel, _Call, _cuda_choice
+    """On the H200 (torch 2.11) SDPA gave a grouped-query call with a padding mask, or in fp32, its math path: its
+    memory-efficient kernel takes no groups. The dense pass then asks again with the heads repeated (that kernel
+    always gets them repeated); a call that no kernel takes stays unserved."""
+    from jenga.attention import _Call, _cuda_choice
 
-    def pick(q, k, v, mask, dropout, is_causal, scale=None, enable_gqa=False):  # SDPA's rules on an H200
+    def pick(q, k, v, mask, dropout, is_causal, scale=None, enable_gqa=False):  # as observed on the H200
+        grouped = q.shape[1] != k.shape[1]
+        if q.dtype == torch.float64:
+            return 0
         if q.dtype == torch.float32:
-            return 0 if q.shape[1] != k.shape[1] or q.shape[-1] > 256 else 2
-        return 1 if mask is None else (2 if q.shape[1] == k.shape[1] else 0)
+            return 0 if grouped else 2
+        return 0 if grouped and mask is not None else 3  # cuDNN first; it takes groups, or a mask without them
 
     q = torch.empty(1, 4, 64, 16, device="meta", dtype=torch.bfloat16)
     kv = torch.empty(1, 2, 64, 16, device="meta", dtype=torch.bfloat16)
     mask = torch.empty(1, 1, 64, 64, dtype=torch.bool, device="meta")
-    assert _cuda_choice(_Call(q, kv, kv, None, True, 0.25, 0.0), pick) == (1, False)
-    assert _cuda_choice(_Call(q, kv, kv, mask, False, 0.25, 0.0), pick) == (2, True)
-    assert _cuda_choice(_Call(q.float(), kv.float(), kv.float(), None, True, 0.25, 0.0), pick) == (2, True)
-    assert _cuda_choice(_Call(q, q, q, mask, False, 0.25, 0.0), pick) == (2, False)
-    wide = torch.empty(1, 4, 64, 512, device="meta")
-    assert _cuda_choice(_Call(wide, wide[:, :2], wide[:, :2], None, True, 0.25, 0.0), pick) == (0, False)
-    for name in ("flash", "cudnn", "efficient"):  # each kernel's forward takes the repeated heads
-        kernel = Kernel(_Call(q, kv, kv, None, True, 0.25, 0.0), name)
-        kernel.expand_heads = True
-        out, lse = kernel.forward(_Call(q, kv, kv, None, True, 0.25, 0.0))
-        assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert _cuda_choice(_Call(q, kv, kv, None, True, 0.25, 0.0), pick) == 3
+    assert _cuda_choice(_Call(q, kv, kv, mask, False, 0.25, 0.0), pick) == 3  # masked: `Kernel` takes efficient
+    assert _cuda_choice(_Call(q.float(), kv.float(), kv.float(), None, True, 0.25, 0.0), pick) == 2
+    assert _cuda_choice(_Call(q, q, q, mask, False, 0.25, 0.0), pick) == 3
+    assert _cuda_choice(_Call(q.double(), kv.double(), kv.double(), None, True, 0.25, 0.0), pick) == 0
 
 
 def test_a_regrouped_call_is_not_replayed(caplog, monkeypatch):

@@ -351,7 +351,7 @@ def test_kernel_reports_name_each_attention_path_and_compare_with_liger(tmp_path
         (tmp_path / name).mkdir()
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     attention = kernel_section(tmp_path / "kernels")
-    assert "kept_attention kv_heads=8 S=64: [0.002]; one_call_attention: cudnn_mha 3.0e-03" in attention
+    assert "kept_attention kv_heads=8 S=64: [0.002]; one_call_attention: cudnn_mha (cudnn / cudnn) 3.0e-03" in attention
     assert "Block-scoring kernel" not in attention  # a run without scoring timings has no scoring table
     assert "| 16 | 32 | kept_sdpa | 0.5 | 1.00 | — | — | — | — | 0.50 |" in attention
     assert "| 16 | 32 | flex_block_mask | 0.5 | 3.00 | — | — | — | — | 1.50 |" in attention

@@ -96,18 +96,17 @@ def _sum_heads(grad: torch.Tensor, heads: int) -> torch.Tensor:
 _CHOICES = {1: "flash", 2: "efficient", 3: "cudnn"}
 
 
-def _cuda_choice(call: _Call, choose=torch._fused_sdp_choice) -> tuple[int, bool]:
-    """SDPA's pick for a CUDA call, and whether it holds only with grouped heads expanded: with grouped-query
-    heads and a mask or fp32 inputs SDPA picks its math path (its memory-efficient kernel takes no groups), while
-    that kernel serves the call with the key and value heads repeated."""
+def _cuda_choice(call: _Call, choose=torch._fused_sdp_choice) -> int:
+    """SDPA's pick for a CUDA call. A grouped-query call with a mask or fp32 inputs gets SDPA's math path on the
+    H200 (torch 2.11: its memory-efficient kernel takes no groups), while that kernel, which `Kernel` always
+    feeds repeated key and value heads, serves the call: the pick is asked again with the heads repeated."""
     q, k = call.q, call.k
     gqa = q.shape[1] != k.shape[1]
     choice = choose(q, k, call.v, call.mask, 0.0, call.is_causal, scale=call.scale, enable_gqa=gqa)
     if choice in _CHOICES or not gqa:
-        return choice, False
-    expanded = k.new_empty(k.shape[0], q.shape[1], *k.shape[2:])  # the shape and dtype the pick reads
-    choice = choose(q, expanded, expanded, call.mask, 0.0, call.is_causal, scale=call.scale)
-    return choice, choice in _CHOICES
+        return choice
+    repeated = k.new_empty(k.shape[0], q.shape[1], *k.shape[2:])  # the shape and dtype the pick reads
+    return choose(q, repeated, repeated, call.mask, 0.0, call.is_causal, scale=call.scale)
 
 
 class Kernel:
@@ -119,7 +118,6 @@ class Kernel:
 
     def __init__(self, call: _Call, name: str | None = None) -> None:
         q, device = call.q, call.q.device.type
-        self.expand_heads = False  # grouped heads repeated before the forward (a pick SDPA made for them expanded)
         if name is not None:
             self.name = name
         elif device == "cpu":
@@ -127,7 +125,7 @@ class Kernel:
         elif device == "meta":  # a stand-in for CUDA's choice, to check the calls' arguments without a GPU
             self.name = "flash" if call.mask is None and q.dtype in (torch.float16, torch.bfloat16) else "efficient"
         elif device == "cuda":
-            choice, self.expand_heads = _cuda_choice(call)
+            choice = _cuda_choice(call)
             if choice not in _CHOICES:
                 raise NotImplementedError(f"SDPA has no fused kernel for this call (it would pick {choice})")
             self.name = "efficient" if choice == 3 and call.mask is not None else _CHOICES[choice]
@@ -165,8 +163,6 @@ class Kernel:
             return _ops._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, call.is_causal, attn_mask=self._bias(call), scale=call.scale
             )
-        if self.expand_heads:
-            k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
         if self.name == "flash":
             out, lse, *_ = _ops._scaled_dot_product_flash_attention(q, k, v, 0.0, call.is_causal, scale=call.scale)
             return out, lse

@@ -241,7 +241,8 @@ def one_call_attention(device: str) -> dict[str, Any]:
     record: dict[str, Any] = {"what": "one_call_attention"}
     bsz, heads, dim, block = 2, 8, 128, 64
     # at 1000 tokens only the second sequence keeps the partial last block: the kept pass gets a mask
-    # (`TokenSelection.valid`), which sends it to the memory-efficient kernel; at 1024 it takes the dense pass's
+    # (`TokenSelection.valid`), which sends it to the memory-efficient kernel; at 1024 a forced kernel runs both
+    # passes (else the kept pass takes SDPA's pick for training)
     blocks = torch.tensor([[0, 3, 4, 9, 12, 14], [0, 1, 6, 7, 11, 15]], device=device)
 
     def sdpa(q, k, v, m):

@@ -91,11 +91,18 @@ def _bench_heading(title: str, header: dict) -> list[str]:
 
 def _check(record: dict) -> str:
     """One bf16 check of the kernel benchmark: per shape its errors, or (`jenga.kernel_checks.one_call_attention`)
-    per case the largest error."""
+    per case its dense / kept kernels and largest error, or why it fell back."""
     if "kv_heads" in record:
         return f"{record['what']} kv_heads={record['kv_heads']} S={record['seq']}: {record['rel_err']}"
-    cases = {k: v for k, v in record.items() if isinstance(v, dict)}
-    return f"{record['what']}: " + ", ".join(f"{k} {max(v['relative_errors']):.1e}" for k, v in cases.items())
+
+    def case(name: str, v: dict) -> str:
+        if "error" in v:
+            return f"{name} {v['error']}"
+        # logs before commit 660da16 name one kernel, the kept pass's
+        kernels = f"kept {v['kernel']}" if "kernel" in v else f"{v['dense_kernel']} / {v['kept_kernel']}"
+        return f"{name} ({kernels}) {max(v['relative_errors']):.1e}"
+
+    return f"{record['what']}: " + ", ".join(case(k, v) for k, v in record.items() if isinstance(v, dict))
 
 
 def kernel_section(folder: Path, title: str = "Kernels (`benchmarks/bench_kernels.py`)") -> str | None:
