@@ -223,3 +223,23 @@ def test_kept_by_attention_sees_through_deepspeed_zero3_module_hooks():
     for name in ("PreBackwardFunctionForModule", "PostBackwardFunctionModule"):
         assert kept_by_attention(alias_function(name).apply(rows))
     assert not kept_by_attention(alias_function("SomeOtherFunction").apply(rows))
+
+
+def test_a_training_forwards_no_grad_parts_compute_lora_as_the_rest_of_it():
+    """A sparse layer's dense pass runs without autograd and gives every token its value: it computes LoRA as a
+    layer at keep 1.0 does (in the model's dtype), so eliminating with `eliminated="dense"` leaves the loss
+    exactly the default's; so does a reentrant checkpoint's first forward, also without autograd."""
+    loss, _, _ = _fp8_run(1.0, fp8=False)
+    assert torch.equal(_fp8_run(0.5, fp8=False)[0], loss)
+    model = tiny_llama(kv_heads=2).bfloat16()
+    apply_jenga(model, JengaConfig(block_size=32))
+    model = add_lora(model)
+    torch.manual_seed(5)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn_like(param, dtype=torch.float32) * 0.05
+    ids = batch(2, 128)
+    plain = model(input_ids=ids, labels=ids).loss
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, plain)

@@ -75,13 +75,20 @@ def _lean_adapters(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict)
     return names
 
 
-def lean_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = False, **kwargs: Any) -> torch.Tensor:
-    """PEFT `lora.Linear.forward` for vanilla adapters, computed in the input's dtype (module docstring)."""
-    names = _lean_adapters(self, x, args, kwargs) if self.training and torch.is_grad_enabled() else None
+def lean_lora_forward(
+    self: nn.Module, x: torch.Tensor, *args: Any, fp8: bool = False, training_forward: bool | None = None, **kwargs: Any
+) -> torch.Tensor:
+    """PEFT `lora.Linear.forward` for vanilla adapters, computed in the input's dtype (module docstring).
+    `training_forward`: whether the call belongs to a training forward, also where autograd is off within it (a
+    sparse layer's dense pass, a reentrant checkpoint's first forward), so that those parts compute as the rest
+    of that forward; None: whether autograd is on. Other forwards (generation, eval) are PEFT's own."""
+    grad = torch.is_grad_enabled()
+    training = grad if training_forward is None else training_forward
+    names = _lean_adapters(self, x, args, kwargs) if self.training and training else None
     if names is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    copy = fp8 and not kept_by_attention(x)  # one decision for every adapter: they all read x
+    copy = fp8 and grad and not kept_by_attention(x)  # one decision for every adapter: they all read x
     for name in names:
         weight = self.lora_A[name].weight.to(x.dtype)
         down = _Fp8Down.apply(x, weight) if copy else F.linear(x, weight)

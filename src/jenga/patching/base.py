@@ -291,7 +291,9 @@ def _lean_lora(attn: nn.Module, state: JengaState) -> None:
 
 
 def _bound_lean_lora(self: nn.Module, binding: Binding, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return lean_lora_forward(self, x, *args, fp8=binding.state.config.fp8_activations, **kwargs)
+    training = _grad_at_entry.value or torch.is_grad_enabled()  # as `patch_attention` tells a training forward
+    fp8 = binding.state.config.fp8_activations
+    return lean_lora_forward(self, x, *args, fp8=fp8, training_forward=training, **kwargs)
 
 
 _bound_lean_lora.__doc__ = lean_lora_forward.__doc__
