@@ -69,16 +69,22 @@ def test_lean_lora_drops_the_fp32_casts_before_and_after_peft():
         assert all(grad.dtype == torch.float32 for grad in grads.values())
 
 
-def _dense_lora_grads(dtype: torch.dtype, lean: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and LoRA gradients of a tiny Llama in `dtype` with fp32 adapters (random A and B, so the adapter
-    contributes to the forward), Jenga patching attention without elimination."""
-    model = tiny_llama(kv_heads=2).to(dtype)
-    apply_jenga(model, JengaConfig(mlp_keep=1.0, loss_chunk_tokens=0, fp8_activations=False), lean_lora=lean)
+def _random_fp32_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """`add_lora` with fp32 adapters whose A and B are both random (seeded), so the adapter changes the forward."""
     model = add_lora(model)
     torch.manual_seed(5)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = torch.randn_like(param, dtype=torch.float32) * 0.05
+    return model
+
+
+def _dense_lora_grads(dtype: torch.dtype, lean: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of a tiny Llama in `dtype` with fp32 adapters (random A and B, so the adapter
+    contributes to the forward), Jenga patching attention without elimination."""
+    model = tiny_llama(kv_heads=2).to(dtype)
+    apply_jenga(model, JengaConfig(mlp_keep=1.0, loss_chunk_tokens=0, fp8_activations=False), lean_lora=lean)
+    model = _random_fp32_lora(model)
     ids = batch(2, 128)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -132,11 +138,7 @@ def _fp8_run(attn_keep: float, fp8: bool, attention: str = "sdpa"):
     model = tiny_llama(kv_heads=2, attn_implementation=attention).bfloat16()
     config = JengaConfig(block_size=32, attn_keep=attn_keep, fp8_activations=fp8, dense_first_layers=0)
     apply_jenga(model, replace(config, dense_last_layer=False))
-    model = add_lora(model)
-    torch.manual_seed(5)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = torch.randn_like(param, dtype=torch.float32) * 0.05
+    model = _random_fp32_lora(model)
     fp8_rows: set[int] = set()
 
     def pack(t):
@@ -233,11 +235,7 @@ def test_a_training_forwards_no_grad_parts_compute_lora_as_the_rest_of_it():
     assert torch.equal(_fp8_run(0.5, fp8=False)[0], loss)
     model = tiny_llama(kv_heads=2).bfloat16()
     apply_jenga(model, JengaConfig(block_size=32))
-    model = add_lora(model)
-    torch.manual_seed(5)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = torch.randn_like(param, dtype=torch.float32) * 0.05
+    model = _random_fp32_lora(model)
     ids = batch(2, 128)
     plain = model(input_ids=ids, labels=ids).loss
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
