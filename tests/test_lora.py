@@ -156,25 +156,61 @@ def _fp8_run(attn_keep: float, fp8: bool, attention: str = "sdpa"):
 @pytest.mark.parametrize("attn_keep", [1.0, 0.5])
 def test_fp8_activations_keep_the_forward_and_round_the_lora_gradients(attn_keep):
     """The loss is unchanged; every LoRA gradient stays within 1% of the bf16-saved one in cosine without being
-    equal; each layer saves 3 float8 tensors of hidden width (2 norm inputs, one input shared by q/k/v's
-    adapters; o's input is the fused attention kernel's saved output, kept by reference), but the first layer's
-    input norm (the frozen embeddings carry no gradient), plus the final norm's."""
+    equal. Float8 tensors of hidden width saved, plus the final norm's input: at keep 1.0 two per layer (the two
+    norm inputs; q/k/v's adapters read the input norm's copy, o's input is the fused attention kernel's saved
+    output, kept by reference); in a sparse layer a third, the kept rows' copy that q/k/v's adapters share, but the
+    first layer's input norm saves none (the frozen embeddings carry no gradient)."""
     loss, grads, _ = _fp8_run(attn_keep, fp8=False)
     fp8_loss, fp8_grads, fp8_saved = _fp8_run(attn_keep, fp8=True)
     assert torch.equal(loss, fp8_loss)
     for name, grad in grads.items():
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), fp8_grads[name].flatten(), dim=0)
         assert cosine > 0.99 and not torch.equal(grad, fp8_grads[name]), name
-    assert fp8_saved == 3 * 3 - 1 + 1
+    assert fp8_saved == (2 * 3 if attn_keep == 1.0 else 3 * 3 - 1) + 1
 
 
 def test_o_proj_input_gets_a_float8_copy_only_without_a_fused_attention_kernel():
     """Under eager attention the attention output is a fresh copy that nothing else saves: o's adapter keeps a
-    float8 copy of it (4 float8 tensors per layer), and the loss is the same as without float8."""
+    float8 copy of it (3 float8 tensors per layer), and the loss is the same as without float8."""
     loss, _, _ = _fp8_run(1.0, fp8=False, attention="eager")
     fp8_loss, _, fp8_saved = _fp8_run(1.0, fp8=True, attention="eager")
     assert torch.equal(loss, fp8_loss)
-    assert fp8_saved == 4 * 3 - 1 + 1
+    assert fp8_saved == 3 * 3 + 1
+
+
+def test_q_k_v_adapters_read_the_input_norms_float8_copy(monkeypatch):
+    """At keep 1.0 the q, k and v adapters' backward reads the float8 copy of the layer's input that its RMSNorm
+    keeps, scaled by the norm's rstd and weight, instead of a copy of the norm's output: one float8 tensor of
+    hidden width less per layer, the loss unchanged and each LoRA gradient within float8 rounding of the one from
+    a copy of its own (cosine above 0.999, not equal: the two round different values)."""
+    import jenga.norms
+
+    shared_loss, shared_grads, shared_saved = _fp8_run(1.0, fp8=True)
+    monkeypatch.setattr(jenga.norms, "mark_norm_output", lambda *args: None)
+    own_loss, own_grads, own_saved = _fp8_run(1.0, fp8=True)
+    assert torch.equal(shared_loss, own_loss)
+    assert own_saved - shared_saved == 3 - 1  # the first layer's input norm saves nothing of its own
+    changed = 0
+    for name, grad in own_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), shared_grads[name].flatten(), dim=0)
+        assert cosine > 0.999, name
+        changed += not torch.equal(grad, shared_grads[name])
+    assert changed == 3 * 3  # q, k and v's A in every layer: B's gradient and every input gradient read no x
+
+
+def test_a_norm_outputs_copy_is_dropped_once_the_output_changes():
+    """A reader of an RMSNorm's output changed in place after the norm (its version moved) gets a copy of its own,
+    not the norm's copy of an input that no longer gives it."""
+    from jenga.fp8 import input_copy
+    from jenga.norms import rms_norm
+
+    x = torch.randn(4, 16, HIDDEN, dtype=torch.bfloat16)
+    out = rms_norm(x, torch.ones(HIDDEN, dtype=torch.bfloat16), 1e-5, fp8=True)
+    assert input_copy(out)[2] is not None  # the norm's copy, with its rstd per token
+    out.mul_(2)
+    q, scale, row, column = input_copy(out)
+    assert row is None and column is None
+    torch.testing.assert_close((q.float() * scale[..., None]).bfloat16(), out, rtol=0.07, atol=0)
 
 
 def test_kept_by_attention_follows_views_to_a_fused_kernels_output():
@@ -241,3 +277,50 @@ def test_a_training_forwards_no_grad_parts_compute_lora_as_the_rest_of_it():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
     assert torch.equal(model(input_ids=ids, labels=ids).loss, plain)
+
+
+def test_lean_lora_adds_adapters_into_the_base_output_and_its_gradient(monkeypatch):
+    """On a plain frozen base the lean forward adds each adapter's product into the base output, and in backward
+    its input gradient into the base's, by the products themselves: no `addmm` copying the output, no full-width
+    sum (`add`) of input gradients; the values and gradients of the module-call path (which a base with hooks
+    takes) for a batch of several, of one, and 2-D inputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import jenga.lora
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def run(x0, plain):
+        monkeypatch.setattr(jenga.lora, "_plain_base", plain_base if plain else lambda base, x: False)
+        q_proj.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        with Ops() as ops:
+            out = jenga.lora.lean_lora_forward(q_proj, x, training_forward=True)
+            out.float().square().sum().backward()
+        return out.detach(), x.grad, lora_grads(q_proj), ops.names
+
+    plain_base = jenga.lora._plain_base
+    model = _random_fp32_lora(tiny_llama().bfloat16())
+    q_proj = model.get_base_model().model.layers[1].self_attn.q_proj
+    torch.manual_seed(0)
+    for shape in ((2, 16, HIDDEN), (1, 16, HIDDEN), (16, HIDDEN)):
+        x0 = torch.randn(shape, dtype=torch.bfloat16)
+        (out, grad_x, grads, names), (ref, ref_grad_x, ref_grads, ref_names) = run(x0, True), run(x0, False)
+        assert "addmm.default" in ref_names and "add.Tensor" in ref_names
+        assert "addmm.default" not in names and "add.Tensor" not in names
+        torch.testing.assert_close(out, ref)
+        # one bf16 rounding fewer: the adapters' input gradients are not rounded before the sum
+        assert (grad_x.float() - ref_grad_x.float()).norm() <= 2**-7 * ref_grad_x.float().norm()
+        assert grads.keys() == ref_grads.keys() and len(grads) == 2
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name])
+    handle = q_proj.base_layer.register_forward_hook(lambda *args: None)
+    assert "addmm.default" in run(x0, True)[3]
+    handle.remove()

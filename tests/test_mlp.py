@@ -259,3 +259,30 @@ def test_gated_mlp_recompute_saves_the_input_and_gives_the_same_gradient(keep, b
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-6, atol=1e-7)
     assert results[True][2] == x0.numel()  # the input, 32 values per token
     assert results[False][2] == 2 * 2 * 20 * kept_channels(96, keep)  # gate and up, the kept channels per token
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunk_products_are_written_into_the_buffer_without_a_copy_or_a_sum(bias):
+    """A chunk's `bias + a @ b + c @ d` equals the expression; into a contiguous chunk (a batch of one) it is one
+    product written in place and one accumulated by the product (no copy, no separate sum), into a strided chunk
+    (a batch of several) it is computed and copied in."""
+    from jenga.mlp import _products_into
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    b_mat, d_mat, shift = torch.randn(8, 16), torch.randn(8, 16), torch.randn(16) if bias else None
+    for rows, copies in ((1, 0), (3, 1)):
+        buffer = torch.zeros(rows, 12, 16)
+        a, c = torch.randn(rows, 5, 8), torch.randn(rows, 5, 8)
+        ops = Ops()
+        ops.names = []
+        with ops:
+            _products_into(buffer[:, 4:9], [(a, b_mat), (c, d_mat)], shift)
+        expected = a @ b_mat + c @ d_mat + (0 if shift is None else shift)
+        torch.testing.assert_close(buffer[:, 4:9], expected)
+        assert buffer[:, :4].eq(0).all() and buffer[:, 9:].eq(0).all()
+        assert ops.names.count("copy_.default") == copies and "add.Tensor" not in ops.names

@@ -36,6 +36,37 @@ def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
     return (x.float() * scale[..., None]).to(dtype)
 
 
+# A lean RMSNorm's output carries the float8 copy of the norm's input that the norm saves for backward: with the
+# norm's rstd per token and its weight per column the output is that copy, so its readers need no copy of their own.
+_NORM_COPY = "_jenga_norm_copy"
+
+
+@torch.compiler.disable  # a tensor's __dict__ does not trace: eager inside a compiled model
+def mark_norm_output(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rstd: torch.Tensor, weight) -> None:
+    """Record on `out` = `weight * (x * rstd)` (an RMSNorm's output) the float8 copy (`q`, `scale`) of x the norm
+    keeps: `input_copy(out)` hands it to out's readers."""
+    out.__dict__[_NORM_COPY] = (out._version, q, scale, rstd, weight)
+
+
+@torch.compiler.disable
+def input_copy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A float8 copy of x for a backward that reads x only through products with it: (codes, scale per token,
+    factor per token or None, factor per column or None), x = decode(codes, scale * row factor) * column factor up
+    to float8 rounding. An RMSNorm's output (`mark_norm_output`) reuses the norm's copy of its input (the factors:
+    its rstd and weight), which the norm keeps anyway: at the q, k and v adapters that saves a copy of the hidden
+    state per layer. Any other x gets `shared_fp8(x)`."""
+    marked = x.__dict__.get(_NORM_COPY)
+    if marked is not None and marked[0] == x._version:
+        return marked[1], marked[2], marked[3], marked[4]
+    return (*shared_fp8(x), None, None)
+
+
+def decode_copy(q: torch.Tensor, scale: torch.Tensor, row: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`input_copy`'s copy decoded in `dtype`, with its per-token factor and without its per-column one (which the
+    caller applies to a product, where it costs less than on x)."""
+    return from_fp8(q, scale if row is None else scale * row.view_as(scale), dtype)
+
+
 @torch.compiler.disable  # a cache in the tensor's __dict__ does not trace: eager inside a compiled model
 def shared_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`to_fp8(x)`, computed once per tensor (and version): q, k and v read the same normed rows, and one float8

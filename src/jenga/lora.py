@@ -10,7 +10,8 @@ of the projection's full width too, memory-bound passes that cost as much time a
 projection reads and saves the bf16 input (one tensor shared by q, k and v), and the up-projection, scaling
 and sum are one bf16 `addmm` on the base output. Gradients reach the fp32 weights through the casts. The
 results differ from PEFT's only by bf16 rounding of the adapter's product, the precision of the base layer.
-With `fp8` the down-projection saves a float8 copy of its input instead (`jenga.fp8`, one copy per tensor),
+With `fp8` the down-projection saves a float8 copy of its input instead (`jenga.fp8`, one copy per tensor; for
+q, k and v, whose input is the layer's RMSNorm output, the norm's own copy of its input: `jenga.fp8.input_copy`),
 except where autograd keeps that input anyway (o_proj's, the fused attention kernel's output: `jenga.saved`).
 """
 
@@ -22,28 +23,115 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import from_fp8, shared_fp8
+from .fp8 import decode_copy, input_copy
 from .saved import kept_by_attention
 
 
 class _Fp8Down(torch.autograd.Function):
-    """`x @ A.T` whose backward reads a float8 copy of x (shared by the adapters that read the same x)."""
+    """`x @ A.T` whose backward reads a float8 copy of x (`jenga.fp8.input_copy`), for adapters on a base layer that
+    must be called as a module (`_plain_base`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(*shared_fp8(x), weight)
+        ctx.save_for_backward(*input_copy(x), weight)
         ctx.dtype = x.dtype
         return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        xq, scale, weight = ctx.saved_tensors
+        xq, scale, row, column, weight = ctx.saved_tensors
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            x = from_fp8(xq, scale, ctx.dtype)
+            x = decode_copy(xq, scale, row, ctx.dtype)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            if column is not None:  # x's columns scaled by the norm's weight: the product's columns are
+                grad_weight = grad_weight * column.to(grad_weight.dtype)
         return grad_x, grad_weight
+
+
+def saved_input(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, ...]:
+    """What a LoRA projection saves of its input for A's gradient: a float8 copy (`jenga.fp8.input_copy`: codes,
+    scale, row and column factors) or x itself (three Nones)."""
+    return input_copy(x) if fp8 else (x, None, None, None)
+
+
+def lora_linear_backward(
+    grad: torch.Tensor,
+    saved: tuple[torch.Tensor | None, ...],
+    weight: torch.Tensor,
+    scalings: tuple[float, ...],
+    lora: list[torch.Tensor],
+    downs: list[torch.Tensor] | None,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """The backward of `x @ W.T + Σ s · (x @ A.T) @ B.T` for a frozen W: (x's gradient (rows, in), [A's gradient,
+    B's gradient, ...] in the weights' dtypes). `saved` is `saved_input`'s; `downs` each adapter's `x @ A.T` (None:
+    recomputed from x); `needs`: x's, then each A's and B's. The adapters' input gradients are added into the
+    base's by their products (`addmm_`), with no full-width sum per adapter. Products run in grad's dtype."""
+    xq, scale, row, column = saved
+    dtype, grad = grad.dtype, grad.reshape(-1, grad.shape[-1])
+    grad_x = grad @ weight.to(dtype) if needs[0] else None
+    x = None
+    if any(needs[1::2]) or (downs is None and any(needs[2::2])):
+        x = xq if scale is None else decode_copy(xq, scale, row, dtype)
+        x = x.reshape(-1, x.shape[-1]).to(dtype)
+    lora_grads: list[torch.Tensor | None] = []
+    for i, (s, a, b) in enumerate(zip(scalings, lora[0::2], lora[1::2], strict=True)):
+        a_c, b_c = a.to(dtype), b.to(dtype)
+        grad_down = (grad @ b_c).mul_(s)  # the gradient at the adapter's down-projection output (rows, rank)
+        if grad_x is not None:
+            grad_x.addmm_(grad_down, a_c)
+        grad_a = grad_b = None
+        if needs[1 + 2 * i]:
+            grad_a = grad_down.t() @ x
+            if column is not None:  # x lacks the norm's weight per column: the product's columns do too
+                grad_a = grad_a * column.to(dtype)
+            grad_a = grad_a.to(a.dtype)
+        if needs[2 + 2 * i]:
+            down = downs[i] if downs is not None else x @ (a_c if column is None else a_c * column.to(dtype)).t()
+            grad_b = (grad.t() @ down).mul_(s).to(b.dtype)
+        lora_grads += [grad_a, grad_b]
+    return grad_x, lora_grads
+
+
+class _LeanLinear(torch.autograd.Function):
+    """A frozen `nn.Linear` plus vanilla adapters, `x @ W.T + b + Σ s · (x @ A.T) @ B.T`, in x's dtype with the
+    closed-form backward (`lora_linear_backward`). The adapters' products are added into the base output by the
+    products themselves (`addmm_`): through autograd each adapter costs a copy of the output (out-of-place
+    `addmm`) and, in backward, a full-width input gradient and its sum with the base's. Saved: x once for every
+    adapter (`saved_input`) and each adapter's (rows, rank) down-projection, for B's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scalings: tuple[float, ...], fp8: bool, *lora):
+        flat = x.reshape(-1, x.shape[-1])
+        out = F.linear(flat, weight, bias)
+        downs = []
+        for s, a, b in zip(scalings, lora[0::2], lora[1::2], strict=True):
+            downs.append(flat @ a.to(x.dtype).t())
+            out.addmm_(downs[-1], b.to(x.dtype).t(), alpha=s)
+        ctx.save_for_backward(*saved_input(x, fp8), weight, *lora, *downs)
+        ctx.scalings, ctx.shape = scalings, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors = ctx.saved_tensors  # unpacked once (checkpointing allows no second read)
+        saved, weight, rest, count = tensors[:4], tensors[4], tensors[5:], 2 * len(ctx.scalings)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
+        grad_x, lora_grads = lora_linear_backward(
+            grad, tuple(saved), weight, ctx.scalings, rest[:count], rest[count:], needs
+        )
+        return (None if grad_x is None else grad_x.view(ctx.shape)), None, None, None, None, *lora_grads
+
+
+def _plain_base(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `_LeanLinear` may compute the base layer itself rather than call it: a frozen `nn.Linear` in x's dtype
+    with no module hooks (DeepSpeed ZeRO-3 gathers a partitioned weight in hooks, and a user's hook must see the
+    call)."""
+    hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
+    frozen = not any(p.requires_grad for p in base.parameters())
+    return type(base) is nn.Linear and frozen and base.weight.dtype == x.dtype and not any(hooks)
 
 
 def vanilla_adapters(layer: nn.Module) -> list[str] | None:
@@ -87,8 +175,13 @@ def lean_lora_forward(
     names = _lean_adapters(self, x, args, kwargs) if self.training and training else None
     if names is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
     copy = fp8 and grad and not kept_by_attention(x)  # one decision for every adapter: they all read x
+    base = self.base_layer
+    if _plain_base(base, x):
+        scalings = tuple(float(self.scaling[name]) for name in names)
+        lora = [w for name in names for w in (self.lora_A[name].weight, self.lora_B[name].weight)]
+        return _LeanLinear.apply(x, base.weight, base.bias, scalings, copy, *lora)
+    result = base(x)
     for name in names:
         weight = self.lora_A[name].weight.to(x.dtype)
         down = _Fp8Down.apply(x, weight) if copy else F.linear(x, weight)

@@ -60,6 +60,20 @@ def liger_silu(act_fn: Activation, t: torch.Tensor) -> bool:
     return isinstance(act_fn, SILU) and liger.covers(t)
 
 
+def _products_into(out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]], bias=None) -> None:
+    """`out[...] = bias + Σ a @ b` over `terms` ((..., k) @ (k, n) pairs) for `out`, a chunk of a larger buffer:
+    the first product is written into the chunk where it is contiguous (else copied in) and the others added by
+    the matrix unit's epilogue, with no product to copy in and no sum to allocate (two passes over it each)."""
+    target = out.view(-1, out.shape[-1]) if out.is_contiguous() else None
+    (a, b), *rest = terms
+    a = a.reshape(-1, a.shape[-1])
+    flat = torch.mm(a, b, out=target) if bias is None else torch.addmm(bias, a, b, out=target)
+    for a, b in rest:
+        flat.addmm_(a.reshape(-1, a.shape[-1]), b)
+    if target is None:
+        out.copy_(flat.view(out.shape))
+
+
 class GatedMLPFunction(torch.autograd.Function):
     """down(act(gate(x)) * up(x)) for frozen projections; x is (N, T, D), channels ranked per row and chunk.
 
@@ -122,10 +136,11 @@ class GatedMLPFunction(torch.autograd.Function):
                     from .kernels.fp8 import silu_mul_quantize  # Triton is needed on the GPU path only
 
                     copies = (saved_gate[:, s:e], scales[0, :, s:e], saved_up[:, s:e], scales[1, :, s:e])
-                    out[:, s:e] = F.linear(silu_mul_quantize(gate, up, *copies, FP8_MAX), down_w, down_b)
+                    hidden = silu_mul_quantize(gate, up, *copies, FP8_MAX)
+                    _products_into(out[:, s:e], [(hidden, down_w.t())], down_b)
                     continue
                 hidden = liger.silu_mul(gate, up) if fused and liger_silu(act_fn, gate) else act_fn(gate) * up
-                out[:, s:e] = F.linear(hidden, down_w, down_b)
+                _products_into(out[:, s:e], [(hidden, down_w.t())], down_b)
                 if channels is not None:
                     channels[:, i] = _top_channels(hidden, count)
                 del hidden, part
@@ -172,7 +187,7 @@ class GatedMLPFunction(torch.autograd.Function):
                         g = from_fp8(g, scales[0, row, s:e], ctx.dtype)
                         u = from_fp8(u, scales[1, row, s:e], ctx.dtype)
                     grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, g, u)
-                grad_x[row, s:e] = grad_gate @ g_gate + grad_up @ g_up
+                _products_into(grad_x[row, s:e], [(grad_gate, g_gate), (grad_up, g_up)])
         return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None, None, None, None
 
 

@@ -3,15 +3,16 @@
 HF's RMSNorm upcasts the input to fp32 and autograd keeps that copy (4 bytes per element) for backward,
 once per norm per layer. This function keeps the input in its own dtype plus one fp32 scale per token and
 recomputes the normalized values in backward: for bf16 that halves the norm's saved bytes. With `fp8` the input
-is kept in float8 (`jenga.fp8`), a quarter of HF's bytes. On CUDA the forward (with the float8 copy) and a frozen
-norm's backward are one Triton pass each (`jenga.kernels.rms_norm`).
+is kept in float8 (`jenga.fp8`), a quarter of HF's bytes, and the output's readers that save it for a product
+(the q, k and v adapters) read that copy too (`jenga.fp8.mark_norm_output`). On CUDA the forward (with the float8
+copy) and a frozen norm's backward are one Triton pass each (`jenga.kernels.rms_norm`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fp8 import FP8_MAX, from_fp8, to_fp8
+from .fp8 import FP8_MAX, from_fp8, mark_norm_output, to_fp8
 
 
 def fused_backward(grad: torch.Tensor) -> bool:
@@ -37,6 +38,8 @@ class LeanRMSNormFunction(torch.autograd.Function):
             saved = to_fp8(x) if fp8 else (x, None)
         ctx.save_for_backward(*saved, weight, rstd)
         ctx.dtype = x.dtype
+        if fp8:  # the q, k and v adapters read out through this copy (`jenga.fp8.input_copy`)
+            mark_norm_output(out, *saved, rstd, weight)
         return out
 
     @staticmethod

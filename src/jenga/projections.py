@@ -22,39 +22,29 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .fp8 import from_fp8, shared_fp8
-from .lora import vanilla_adapters
+from .lora import lora_linear_backward, saved_input, vanilla_adapters
 from .saved import kept_by_attention
 
 
 class _ProjectionGrad(torch.autograd.Function):
-    """Returns `value` (the projection of `x`, computed elsewhere); backward is that of `x @ W.T + Σ s·x A.T B.T`."""
+    """Returns `value` (the projection of `x`, computed elsewhere); backward is that of `x @ W.T + Σ s·x A.T B.T`
+    (`jenga.lora.lora_linear_backward`)."""
 
     @staticmethod
     def forward(ctx, value, x, weight, scalings: tuple[float, ...], fp8: bool, *lora):
         # only LoRA's weight gradients read x
-        saved = (None, None) if not lora else shared_fp8(x) if fp8 and not kept_by_attention(x) else (x, None)
+        saved = saved_input(x, fp8 and not kept_by_attention(x)) if lora else (None,) * 4
         ctx.save_for_backward(*saved, weight, *lora)
-        ctx.scalings, ctx.dtype = scalings, x.dtype
+        ctx.scalings, ctx.shape = scalings, x.shape
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad):
-        x, x_scale, weight, *lora = ctx.saved_tensors
-        if x_scale is not None:
-            x = from_fp8(x, x_scale, ctx.dtype)
-        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[1] else None
-        lora_grads = []
-        for scale, a, b in zip(ctx.scalings, lora[0::2], lora[1::2], strict=True):
-            a_c, b_c = a.to(grad.dtype), b.to(grad.dtype)
-            grad_down = (grad @ b_c) * scale  # (..., r): the gradient at the adapter's down-projection output
-            if grad_x is not None:
-                grad_x = grad_x + grad_down @ a_c
-            flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-            grad_a = grad_down.reshape(-1, grad_down.shape[-1]).t() @ flat_x.to(grad.dtype)
-            grad_b = (flat_grad.t() @ (flat_x.to(grad.dtype) @ a_c.t())) * scale
-            lora_grads += [grad_a.to(a.dtype), grad_b.to(b.dtype)]
-        return (None, grad_x, None, None, None, *lora_grads)
+        tensors = ctx.saved_tensors  # unpacked once (checkpointing allows no second read)
+        saved, weight, lora = tensors[:4], tensors[4], list(tensors[5:])
+        needs = (ctx.needs_input_grad[1], *ctx.needs_input_grad[5:])
+        grad_x, lora_grads = lora_linear_backward(grad, tuple(saved), weight, ctx.scalings, lora, None, needs)
+        return (None, None if grad_x is None else grad_x.view(ctx.shape), None, None, None, *lora_grads)
 
 
 def _closed_form(module: nn.Module) -> tuple[torch.Tensor, tuple[float, ...], list[torch.Tensor]] | None:
