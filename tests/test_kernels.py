@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from jenga.fp8 import FP8_MAX, from_fp8, to_fp8
-from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward
+from jenga.kernels.fp8 import ROW_SHAPES, dequantize_rows, quantize_rows, silu_mul_backward
 from jenga.kernels.scoring import block_tile_scores_triton
 from jenga.scoring import block_tile_scores
 
@@ -154,6 +155,7 @@ def test_gpu_checks_run_and_fail_on_a_wrong_kernel(monkeypatch):
         "rms_norm_forward_bf16",
         "rms_norm_backward_bf16",
         "rotary_bf16",
+        "cross_entropy_bf16",
     ]
     assert all(isinstance(r["ok"], bool) for r in records)
 
@@ -198,3 +200,95 @@ def test_tile_scores_address_rows_past_two_to_the_31_elements():
     wrapped read crashes it."""
     done = subprocess.run([sys.executable, "-c", _FAR_ROWS], capture_output=True, text=True, env=os.environ)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _row_kernel_outputs() -> list[torch.Tensor]:
+    """Every float8 row kernel's outputs at widths below, at and off a power of two (fp16 inputs)."""
+    from jenga.kernels import fp8 as kernels
+
+    torch.manual_seed(0)
+    outputs = []
+    for cols in (100, 1100, 4096):
+        x = torch.randn(3, cols, dtype=torch.float16) * 3
+        q, scale = kernels.quantize_rows(x, 448.0)
+        outputs += [q.view(torch.uint8), scale, kernels.dequantize_rows(q, scale, torch.float16)]
+        g, u, grad = (torch.randn(1, 3, cols, dtype=torch.float16) for _ in range(3))
+        codes = [torch.empty(1, 3, cols, dtype=torch.float8_e4m3fn) for _ in range(2)]
+        scales = [torch.empty(1, 3) for _ in range(2)]
+        hidden = kernels.silu_mul_quantize(g, u, codes[0], scales[0], codes[1], scales[1], 448.0)
+        outputs += [hidden, *(c.view(torch.uint8) for c in codes), *scales]
+        outputs += kernels.silu_mul_backward(codes[0], scales[0], codes[1], scales[1], grad)
+    return outputs
+
+
+@pytest.mark.parametrize("block", [block for block, _ in ROW_SHAPES[1:]])
+def test_float8_row_kernels_give_the_same_bits_at_every_row_shape(monkeypatch, block):
+    """On the GPU the autotuner picks each float8 row kernel's program shape per row width (`ROW_SHAPES`); every
+    shape must give the bits of the first, which the interpreter runs (element-wise values and exact maxima)."""
+    from jenga.kernels import fp8 as kernels
+
+    reference = _row_kernel_outputs()
+    monkeypatch.setattr(kernels, "BLOCK", block)
+    for expected, got in zip(reference, _row_kernel_outputs(), strict=True):
+        assert torch.equal(expected, got)
+
+
+def test_float8_row_kernels_tune_only_shapes_that_fit_the_row():
+    """The autotuner tries the shapes up to the row's next power of two (at least the first shape's block)."""
+    from jenga.kernels import fp8 as kernels
+
+    tuned = (kernels._quantize_tuned, kernels._dequantize_tuned, kernels._silu_mul_quantize_tuned)
+    for kernel in (*tuned, kernels._silu_mul_backward_tuned):
+        assert [(c.kwargs["BLOCK"], c.num_warps) for c in kernel.configs] == list(ROW_SHAPES)
+        for cols, widest in ((100, 1024), (4096, 4096), (11008, 16384), (14336, 16384)):
+            kept = kernel.early_config_prune(kernel.configs, {"cols": cols})
+            assert [c.kwargs["BLOCK"] for c in kept] == [b for b, _ in ROW_SHAPES if b <= widest]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_rows_match_the_pytorch_loss_and_gradient(dtype):
+    """The one-pass cross-entropy kernel (Triton's interpreter) gives `F.cross_entropy`'s per-row loss on fp32 logits
+    and `jenga.loss`'s gradient (softmax minus the label, times the row's scale), in the logits' dtype: a vocabulary
+    off the block size, an ignored row, a row of -inf but its label's logit, large and small logits."""
+    from jenga.kernels.cross_entropy import cross_entropy_rows
+    from jenga.loss import _logit_grads
+
+    torch.manual_seed(0)
+    rows, vocab = 6, 5000
+    logits = (torch.randn(rows, vocab) * torch.tensor([1, 10, 30, 0.01, 1, 1])[:, None]).to(dtype)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[4] = -100
+    logits[5] = float("-inf")
+    logits[5, labels[5]] = 2.0
+    scale = torch.where(labels != -100, torch.rand(rows), 0.0)  # as `jenga.loss` scales: 0 on ignored rows
+    loss, grad = cross_entropy_rows(logits, labels, -100, scale)
+    ref_loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grad.dtype == dtype and loss[4] == 0 and grad[4].eq(0).all()
+    ref_grad = _logit_grads(logits, labels, -100, scale)
+    torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), rtol=1e-3, atol=1e-6)
+    only_loss, no_grad = cross_entropy_rows(logits, labels, -100)
+    assert no_grad is None and torch.equal(only_loss, loss)
+
+
+def test_segmented_loss_takes_the_kernel_on_the_gpu_path(monkeypatch):
+    """With the kernel forced onto the CPU (the interpreter), the segmented loss of a frozen head and the hidden
+    states' gradient are the PyTorch path's, over segments with ignored positions."""
+    import jenga.kernels.cross_entropy as kernel
+    import jenga.loss as loss_module
+
+    torch.manual_seed(0)
+    hidden0, head = torch.randn(2, 40, 16), torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 300, (2, 40))
+    labels[0, :7] = -100
+    calls, results = [], {}
+    monkeypatch.setattr(kernel, "cross_entropy_rows", lambda *a, f=kernel.cross_entropy_rows: calls.append(1) or f(*a))
+    for fused in (False, True):
+        monkeypatch.setattr(loss_module, "fused_loss", lambda logits, on=fused: on)
+        hidden = hidden0.clone().requires_grad_(True)
+        value = loss_module.segmented_causal_lm_loss(hidden, head, labels, segment_size=16)
+        value.backward()
+        results[fused] = value.detach(), hidden.grad
+    assert len(calls) == 5  # segments of 16 over 80 positions
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-7)

@@ -287,3 +287,16 @@ def test_rejects_non_linear_head() -> None:
     hidden, _, labels = _make()
     with pytest.raises(TypeError, match="lm_head must be a torch.nn.Linear, got Sequential"):
         segmented_causal_lm_loss(hidden, nn.Sequential(nn.Linear(D, V)), labels)
+
+
+def test_labels_outside_the_vocabulary_are_named():
+    """A label that is neither a token id of the head nor ignore_index is an error that says so (the GPU's kernel
+    reads the label's logit without a bounds check); ignore_index itself is fine."""
+    torch.manual_seed(0)
+    hidden, head = torch.randn(1, 12, 16), torch.nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (1, 12))
+    labels[0, 3] = -100
+    segmented_causal_lm_loss(hidden, head, labels)
+    labels[0, 5] = 50
+    with pytest.raises(ValueError, match=r"outside the LM head's vocabulary \[0, 50\) \(e.g. \[50\]\)"):
+        segmented_causal_lm_loss(hidden, head, labels)

@@ -2,9 +2,9 @@
 
 One scale per token (the last dimension's largest magnitude maps to e4m3's largest value, 448) keeps 3 mantissa
 bits over 2^17 of range below each token's peak. Used where the whole LoRA gradient measured within 0.05% cosine
-of the exact one on a real model (`logs/real-model/fidelity-cpu/fp8*`: the gated MLP's channels, RMSNorm inputs,
-attention LoRA inputs; single small tensors deviate more); the attention's q and k stay in bf16, since softmax
-amplifies their rounding.
+of the exact one on a real model (`logs/real-model/fidelity-cpu/fp8*`: the gated MLP's channels and the RMSNorm
+inputs, 0.9996; with the attention LoRA inputs too, in bf16 with A's gradient nonzero, 0.99988; single small
+tensors deviate more); the attention's q and k stay in bf16, since softmax amplifies their rounding.
 """
 
 from __future__ import annotations

@@ -42,6 +42,27 @@ def _logit_grads(logits: Tensor, labels: Tensor, ignore_index: int, row_scale: T
     return grads.mul_(row_scale.unsqueeze(1))
 
 
+def fused_loss(logits: Tensor) -> bool:
+    """Whether a segment's loss and gradient take the one-pass Triton kernel: on CUDA."""
+    return logits.is_cuda
+
+
+def _segment_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int, row_scale: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """(summed fp32 loss of a segment's logits, with `row_scale` their gradient in the logits' dtype): one Triton
+    pass per row on CUDA (`jenga.kernels.cross_entropy`), fp32 PyTorch passes elsewhere."""
+    if fused_loss(logits):
+        from .kernels.cross_entropy import cross_entropy_rows  # Triton is needed on the GPU path only
+
+        loss, grads = cross_entropy_rows(logits, labels, ignore_index, row_scale)
+        return loss.sum(), grads
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    if row_scale is None:
+        return loss, None
+    return loss, _logit_grads(logits, labels, ignore_index, row_scale).to(logits.dtype)
+
+
 class _SegmentedCrossEntropy(torch.autograd.Function):
     """fp32 cross-entropy of ``linear(hidden, weight, bias)`` against labels, summed segment by segment and
     divided by ``normalizer`` (a tensor: the supervised-token count or ``num_items_in_batch``).
@@ -74,10 +95,15 @@ class _SegmentedCrossEntropy(torch.autograd.Function):
         for start in starts:
             labels = shift_labels[start : start + segment_size]
             logits = F.linear(flat[start : start + segment_size], weight, bias)
-            total += F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-            if grad_flat is not None:  # under the caller's autocast, as the recompute below runs
-                grads = _logit_grads(logits, labels, ignore_index, row_scale[start : start + segment_size])
-                grad_flat[start : start + segment_size] = grads.to(logits.dtype) @ weight
+            scale = row_scale[start : start + segment_size] if grad_flat is not None else None
+            loss, grads = _segment_loss(logits, labels, ignore_index, scale)
+            total += loss
+            if grads is not None:  # under the caller's autocast, as the recompute below runs
+                rows = grad_flat[start : start + segment_size]
+                if rows.dtype == grads.dtype:  # written in place, not copied in
+                    torch.mm(grads, weight.to(grads.dtype), out=rows)
+                else:
+                    rows.copy_(grads @ weight.to(grads.dtype))
         # With the gradient taken, backward needs only the hidden states' shape: saving them would keep them alive.
         ctx.save_for_backward(None if grad_now else hidden, weight, bias, shift_labels, normalizer, grad_flat)
         ctx.hidden_shape = hidden.shape
@@ -173,6 +199,14 @@ def segmented_causal_lm_loss(
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
     shift_labels = shift_labels.reshape(-1).to(hidden_states.device)
+    vocab = lm_head.out_features
+    outside = (shift_labels != ignore_index) & ((shift_labels < 0) | (shift_labels >= vocab))
+    if bool(outside.any()):  # the GPU kernel reads the label's logit unchecked
+        bad = shift_labels[outside][:5].tolist()
+        raise ValueError(
+            f"{name} holds token ids outside the LM head's vocabulary [0, {vocab}) (e.g. {bad}); unsupervised "
+            f"positions take ignore_index ({ignore_index}). Check the tokenizer matches the model."
+        )
     if num_items_in_batch is None:
         normalizer = (shift_labels != ignore_index).sum()
     elif torch.is_tensor(num_items_in_batch):

@@ -8,7 +8,7 @@ float8 support from the compiler and its results equal the reference's bit for b
 
 `silu_mul_quantize` is the gated MLP's forward element-wise work (the SiLU product and both float8 copies) and
 `silu_mul_backward` its backward from the copies: it decodes both in registers and writes the two gradients in
-one pass.
+one pass. On CUDA each kernel's row program shape is autotuned per row width (`ROW_SHAPES`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 BLOCK = 1024
+# (BLOCK, num_warps) shapes of a row program the GPU chooses among at each row width's first call (Triton's
+# autotuner, `_row_launch`): every kernel here computes element-wise values and exact row maxima, so each shape
+# gives the same bits. The first, the shape before tuning, is the interpreter's.
+ROW_SHAPES = ((BLOCK, 4), (2048, 8), (4096, 16), (16384, 16))
 
 
 @triton.jit
@@ -46,6 +50,46 @@ def _row_scale(peak, fp8_max):
     scale = tl.math.div_rn(tl.maximum(tl.max(peak, axis=0), 1e-30), fp8_max)
     scale += tl.sum(tl.where(peak != peak, peak, 0.0), axis=0)
     return scale, tl.math.div_rn(1.0, scale)
+
+
+def _time(kernel_call, quantiles) -> list[float]:
+    """The autotuner's timing: (median, second fastest, second slowest) of five launches in ms. Triton's own
+    benchmark first allocates a 256 MB buffer to flush the cache, and a kernel's first call can come at a training
+    step's peak memory (the MLP's backward in the last layer)."""
+    kernel_call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        kernel_call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return [times[2], times[1], times[3]]
+
+
+def _tuned(kernel):
+    """`kernel` autotuned over `ROW_SHAPES` per row width (`cols`), its STEPS derived from the chosen BLOCK; shapes
+    wider than the row's next power of two are left out."""
+
+    def fitting(configs, named_args, **kwargs):
+        widest = max(BLOCK, triton.next_power_of_2(named_args["cols"]))
+        return [config for config in configs if config.kwargs["BLOCK"] <= widest]
+
+    configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ROW_SHAPES]
+    steps = triton.heuristics({"STEPS": lambda args: triton.cdiv(args["cols"], args["BLOCK"])})(kernel)
+    prune = {"early_config_prune": fitting}
+    return triton.autotune(configs, key=["cols"], prune_configs_by=prune, do_bench=_time)(steps)
+
+
+def _row_launch(kernel, tuned, grid, cols: int, cuda: bool, *args, **meta) -> None:
+    """Launch a row kernel: on CUDA its autotuned form (`_tuned`), elsewhere (Triton's interpreter) the first of
+    `ROW_SHAPES`."""
+    if cuda:
+        tuned[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
 
 
 @triton.jit
@@ -174,6 +218,13 @@ def _silu_mul_quantize_kernel(
         tl.store(qu_ptr + q_at, _e4m3_bits(u * u_inv).to(tl.uint8), mask=mask)
 
 
+_quantize_tuned, _dequantize_tuned = _tuned(_quantize_kernel), _tuned(_dequantize_kernel)
+_silu_mul_quantize_tuned, _silu_mul_backward_tuned = (
+    _tuned(_silu_mul_quantize_kernel),
+    _tuned(_silu_mul_backward_kernel),
+)
+
+
 def silu_mul_quantize(
     g: torch.Tensor,
     u: torch.Tensor,
@@ -200,19 +251,9 @@ def silu_mul_quantize(
         batch, tokens, cols = g.shape
         strides = (*g.stride()[:2], *hidden.stride()[:2], *q_g.stride()[:2], *s_g.stride())
         outs = (hidden, q_g.view(torch.uint8), q_u.view(torch.uint8), s_g, s_u)
-        grid = (batch * tokens,)
-        _silu_mul_quantize_kernel[grid](
-            g,
-            u,
-            *outs,
-            tokens,
-            cols,
-            *strides,
-            fp8_max,
-            BLOCK=BLOCK,
-            STEPS=triton.cdiv(cols, BLOCK),
-            LIBDEVICE=g.is_cuda,
-        )
+        args = (g, u, *outs, tokens, cols, *strides, fp8_max)
+        kernels = (_silu_mul_quantize_kernel, _silu_mul_quantize_tuned)
+        _row_launch(*kernels, (batch * tokens,), cols, g.is_cuda, *args, LIBDEVICE=g.is_cuda)
     return hidden
 
 
@@ -224,9 +265,9 @@ def quantize_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if rows.numel():
-        cols = rows.shape[1]
-        steps = triton.cdiv(cols, BLOCK)  # a compile-time loop: one variant per row width (a model has two or three)
-        _quantize_kernel[(rows.shape[0],)](rows, q, scale, cols, rows.stride(0), fp8_max, BLOCK=BLOCK, STEPS=steps)
+        cols = rows.shape[1]  # STEPS, a compile-time loop: one variant per row width (a model has two or three)
+        args = (rows, q, scale, cols, rows.stride(0), fp8_max)
+        _row_launch(_quantize_kernel, _quantize_tuned, (rows.shape[0],), cols, x.is_cuda, *args)
     return q.view(torch.float8_e4m3fn), scale
 
 
@@ -236,8 +277,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     if q.numel():
         rows, cols = q.numel() // q.shape[-1], q.shape[-1]
-        steps = triton.cdiv(cols, BLOCK)
-        _dequantize_kernel[(rows,)](q, scale.contiguous(), out, cols, BLOCK=BLOCK, STEPS=steps)
+        args = (q, scale.contiguous(), out, cols)
+        _row_launch(_dequantize_kernel, _dequantize_tuned, (rows,), cols, q.is_cuda, *args)
     return out
 
 
@@ -255,5 +296,5 @@ def silu_mul_backward(
     if grad.numel():
         rows, cols = grad.numel() // grad.shape[-1], grad.shape[-1]
         args = (g, u, g_scale.contiguous(), u_scale.contiguous(), grad, grad_g, grad_u, cols)
-        _silu_mul_backward_kernel[(rows,)](*args, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
+        _row_launch(_silu_mul_backward_kernel, _silu_mul_backward_tuned, (rows,), cols, grad.is_cuda, *args)
     return grad_g, grad_u
