@@ -5,8 +5,9 @@
    kernels, the rotary kernel bit for bit against the Llama family's function.
 2. Time and effective bandwidth of quantize and dequantize at the activations a 7B/8B step converts at 8K
    tokens (hidden 4096; MLP 11008 and 14336), of the MLP forward's and backward's element-wise parts, of the
-   RMSNorm forward and backward, and of the rotary embedding's forward and backward on q and k (32 heads; k
-   with 32 and 8), the kernels against the eager passes they replace.
+   RMSNorm forward and backward, of one loss segment (1,024 tokens, 32K and 128K vocabularies), and of the rotary
+   embedding's forward and backward on q and k (32 heads; k with 32 and 8), the kernels against the eager passes
+   they replace.
 3. When liger-kernel is installed: each of these ops, forward and backward, beside Liger's kernel for the same op
    (RMSNorm, the SiLU product, the rotary embedding): whether Liger's would be faster where Jenga's run. Jenga's
    also write the float8 copies backward reads; Liger's save bf16 tensors.
@@ -25,8 +26,10 @@ from triton.testing import do_bench
 
 from jenga.fp8 import FP8, FP8_MAX
 from jenga.kernel_checks import eager_silu_mul_backward, norm_inputs, run_all
+from jenga.kernels.cross_entropy import cross_entropy_rows
 from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward, silu_mul_quantize
 from jenga.kernels.rms_norm import rms_norm_backward, rms_norm_forward
+from jenga.loss import _logit_grads
 from jenga.norms import LeanRMSNormFunction, reference_backward, reference_forward
 from jenga.profiling import JsonlWriter, run_header
 from jenga.rotary import FusedRotaryFunction
@@ -111,6 +114,28 @@ def timings(writer: JsonlWriter) -> None:
             record |= {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms}
             writer.write(record)
             print(f"{op} {rows}x{cols}: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / fused_ms:.1f}x)")
+
+
+def eager_segment_loss(logits, labels, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """A segment's loss and gradient as the segmented loss computed them before the kernel (fp32 passes)."""
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return loss, _logit_grads(logits, labels, -100, scale).to(logits.dtype)
+
+
+def loss_timings(writer: JsonlWriter) -> None:
+    """One 1,024-token segment of the segmented loss at Llama-2-7B's and Llama-3-8B's vocabularies: the kernel (the
+    loss per row and the gradient, reading each bf16 logit twice and writing its gradient: 6 bytes) against the
+    fp32 PyTorch passes it replaced."""
+    for vocab in (32000, 128256):
+        logits = torch.randn(1024, vocab, device="cuda", dtype=torch.bfloat16) * 4
+        labels = torch.randint(0, vocab, (1024,), device="cuda")
+        scale = torch.full((1024,), 1 / 1024, device="cuda")
+        fused_ms = do_bench(functools.partial(cross_entropy_rows, logits, labels, -100, scale))
+        eager_ms = do_bench(functools.partial(eager_segment_loss, logits, labels, scale))
+        gb_s = 6 * logits.numel() / fused_ms / 1e6
+        record = {"record": "loss", "op": "cross_entropy", "rows": 1024, "cols": vocab, "kernel_ms": fused_ms}
+        writer.write(record | {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms})
+        print(f"cross_entropy 1024x{vocab}: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms")
 
 
 def fwd_bwd(fn, inputs: tuple[torch.Tensor, ...], *args) -> None:
@@ -206,6 +231,7 @@ def main() -> None:
         if not all(r["ok"] for r in checks):
             raise SystemExit("bf16 check failed: see elementwise.jsonl; no timings taken")
         timings(writer)
+        loss_timings(writer)
         rotary_timings(writer)
         liger_timings(writer)
 

@@ -292,3 +292,30 @@ def test_segmented_loss_takes_the_kernel_on_the_gpu_path(monkeypatch):
     assert len(calls) == 5  # segments of 16 over 80 positions
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-7)
+
+
+def test_tuned_row_kernels_run_the_shape_their_timing_picks(monkeypatch):
+    """The CUDA path's autotuned launch (run here in the interpreter with a stand-in timing that makes the third
+    shape fastest): it runs the picked shape, gives the untuned bits, and tunes again for another power of two of
+    the row count."""
+    from jenga.kernels import fp8 as kernels
+
+    tuned = kernels._quantize_tuned
+    monkeypatch.setattr(tuned, "cache", {})
+    times = []
+
+    def timing(call, quantiles):
+        call()
+        times.append(float([3, 2, 1, 4][len(times) % 3]))
+        return [times[-1]] * 3
+
+    monkeypatch.setitem(tuned.__dict__, "do_bench", timing)
+    torch.manual_seed(0)
+    for rows in (5, 40):
+        x = torch.randn(rows, 4096, dtype=torch.float16) * 3
+        q, scale = torch.empty(rows, 4096, dtype=torch.uint8), torch.empty(rows)
+        kernels._row_launch(kernels._quantize_kernel, tuned, rows, 4096, True, x, q, scale, 4096, 4096, 448.0)
+        expected_q, expected_scale = quantize_rows(x, 448.0)
+        assert torch.equal(q, expected_q.view(torch.uint8)) and torch.equal(scale, expected_scale)
+    assert len(times) == 2 * 3  # shapes up to the row's width (4096), timed once per power of two of the rows
+    assert {config.kwargs["BLOCK"] for config in tuned.cache.values()} == {4096} and len(tuned.cache) == 2

@@ -136,6 +136,11 @@ def _fp8_run(attn_keep: float, fp8: bool, attention: str = "sdpa"):
     """Loss, LoRA gradients and the float8 storages of hidden width that a bf16 tiny Llama (fp32 adapters,
     random A and B) saves, with every layer sparse at `attn_keep`."""
     model = tiny_llama(kv_heads=2, attn_implementation=attention).bfloat16()
+    torch.manual_seed(3)
+    with torch.no_grad():  # norm weights away from 1: the shared float8 copy's factor per column then matters
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 2.0)
     config = JengaConfig(block_size=32, attn_keep=attn_keep, fp8_activations=fp8, dense_first_layers=0)
     apply_jenga(model, replace(config, dense_last_layer=False))
     model = _random_fp32_lora(model)
@@ -180,33 +185,42 @@ def test_o_proj_input_gets_a_float8_copy_only_without_a_fused_attention_kernel()
 
 def test_q_k_v_adapters_read_the_input_norms_float8_copy(monkeypatch):
     """At keep 1.0 the q, k and v adapters' backward reads the float8 copy of the layer's input that its RMSNorm
-    keeps, scaled by the norm's rstd and weight, instead of a copy of the norm's output: one float8 tensor of
-    hidden width less per layer, the loss unchanged and each LoRA gradient within float8 rounding of the one from
-    a copy of its own (cosine above 0.999, not equal: the two round different values)."""
+    keeps, scaled by the norm's rstd and weight (random here), instead of a copy of the norm's output: one float8
+    tensor of hidden width less per layer, the same loss, and their A gradients as close to the unrounded ones as
+    with a copy of their own (2% off in both; 37% with the norm's weight left out). Other gradients read no x."""
     import jenga.norms
 
-    shared_loss, shared_grads, shared_saved = _fp8_run(1.0, fp8=True)
+    _, exact, _ = _fp8_run(1.0, fp8=False)
+    shared_loss, shared, shared_saved = _fp8_run(1.0, fp8=True)
     monkeypatch.setattr(jenga.norms, "mark_norm_output", lambda *args: None)
-    own_loss, own_grads, own_saved = _fp8_run(1.0, fp8=True)
+    own_loss, own, own_saved = _fp8_run(1.0, fp8=True)
     assert torch.equal(shared_loss, own_loss)
     assert own_saved - shared_saved == 3 - 1  # the first layer's input norm saves nothing of its own
-    changed = 0
-    for name, grad in own_grads.items():
-        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), shared_grads[name].flatten(), dim=0)
-        assert cosine > 0.999, name
-        changed += not torch.equal(grad, shared_grads[name])
-    assert changed == 3 * 3  # q, k and v's A in every layer: B's gradient and every input gradient read no x
+    read_x = [k for k in exact if "lora_A" in k and any(p in k for p in ("q_proj", "k_proj", "v_proj"))]
+    assert len(read_x) == 3 * 3
+
+    def error(grads: dict[str, torch.Tensor]) -> float:
+        got, ref = (torch.cat([g[k].flatten() for k in read_x]) for g in (grads, exact))
+        return ((got - ref).norm() / ref.norm()).item()
+
+    assert 0 < error(shared) <= 1.1 * error(own) < 0.05
+    for name in exact.keys() - set(read_x):
+        assert torch.equal(shared[name], own[name]), name
 
 
 def test_a_norm_outputs_copy_is_dropped_once_the_output_changes():
-    """A reader of an RMSNorm's output changed in place after the norm (its version moved) gets a copy of its own,
-    not the norm's copy of an input that no longer gives it."""
-    from jenga.fp8 import input_copy
+    """An RMSNorm's output is its float8 copy of the input times rstd per token and the weight per column (float8
+    rounding apart); a reader of the output changed in place after the norm (its version moved) gets a copy of its
+    own, not the norm's copy of an input that no longer gives it."""
+    from jenga.fp8 import decode_copy, input_copy
     from jenga.norms import rms_norm
 
-    x = torch.randn(4, 16, HIDDEN, dtype=torch.bfloat16)
-    out = rms_norm(x, torch.ones(HIDDEN, dtype=torch.bfloat16), 1e-5, fp8=True)
-    assert input_copy(out)[2] is not None  # the norm's copy, with its rstd per token
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 16, HIDDEN, dtype=torch.bfloat16), torch.rand(HIDDEN, dtype=torch.bfloat16) + 0.5
+    out = rms_norm(x, weight, 1e-5, fp8=True)
+    q, scale, row, column = input_copy(out)
+    assert row is not None and column is weight  # the norm's copy, with its rstd per token
+    torch.testing.assert_close(decode_copy(q, scale, row, torch.float32) * column, out.float(), rtol=0.07, atol=0.01)
     out.mul_(2)
     q, scale, row, column = input_copy(out)
     assert row is None and column is None
@@ -324,3 +338,23 @@ def test_lean_lora_adds_adapters_into_the_base_output_and_its_gradient(monkeypat
     handle = q_proj.base_layer.register_forward_hook(lambda *args: None)
     assert "addmm.default" in run(x0, True)[3]
     handle.remove()
+
+
+def test_lean_lora_under_another_autocast_dtype_and_with_its_output_changed_in_place():
+    """A bf16 model under float16 autocast takes the module-call path (one function would mix the two dtypes in its
+    in-place sums) and trains; the one-function path's output is a tensor of its own, which callers may change in
+    place."""
+    import jenga.lora
+
+    model = _random_fp32_lora(tiny_llama().bfloat16())
+    q_proj = model.get_base_model().model.layers[1].self_attn.q_proj
+    x = torch.randn(1, 16, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not jenga.lora._plain_base(q_proj.base_layer, x)
+        out = jenga.lora.lean_lora_forward(q_proj, x, training_forward=True)
+    out.float().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in q_proj.parameters() if p.requires_grad)
+    assert jenga.lora._plain_base(q_proj.base_layer, x)
+    out = jenga.lora.lean_lora_forward(q_proj, x, training_forward=True)
+    assert type(out.grad_fn).__name__ == "_LeanLinearBackward"
+    out.mul_(2).float().sum().backward()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autocast import compute_dtype
 from .fp8 import decode_copy, input_copy
 from .saved import kept_by_attention
 
@@ -45,7 +46,7 @@ class _Fp8Down(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x = decode_copy(xq, scale, row, ctx.dtype)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-            if column is not None:  # x's columns scaled by the norm's weight: the product's columns are
+            if column is not None:  # x is the decoded copy times the norm's weight per column: so is the product
                 grad_weight = grad_weight * column.to(grad_weight.dtype)
         return grad_x, grad_weight
 
@@ -105,14 +106,15 @@ class _LeanLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scalings: tuple[float, ...], fp8: bool, *lora):
         flat = x.reshape(-1, x.shape[-1])
-        out = F.linear(flat, weight, bias)
+        out = F.linear(x, weight, bias)  # returned itself, not a view: callers may change it in place
+        rows = out.view(-1, out.shape[-1])
         downs = []
         for s, a, b in zip(scalings, lora[0::2], lora[1::2], strict=True):
             downs.append(flat @ a.to(x.dtype).t())
-            out.addmm_(downs[-1], b.to(x.dtype).t(), alpha=s)
+            rows.addmm_(downs[-1], b.to(x.dtype).t(), alpha=s)
         ctx.save_for_backward(*saved_input(x, fp8), weight, *lora, *downs)
         ctx.scalings, ctx.shape = scalings, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -128,10 +130,11 @@ class _LeanLinear(torch.autograd.Function):
 def _plain_base(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether `_LeanLinear` may compute the base layer itself rather than call it: a frozen `nn.Linear` in x's dtype
     with no module hooks (DeepSpeed ZeRO-3 gathers a partitioned weight in hooks, and a user's hook must see the
-    call)."""
+    call), where any autocast computes in x's dtype too (another would mix dtypes in the in-place sums)."""
     hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
     frozen = not any(p.requires_grad for p in base.parameters())
-    return type(base) is nn.Linear and frozen and base.weight.dtype == x.dtype and not any(hooks)
+    dtype = base.weight.dtype == x.dtype == compute_dtype(x)
+    return type(base) is nn.Linear and frozen and dtype and not any(hooks)
 
 
 def vanilla_adapters(layer: nn.Module) -> list[str] | None:

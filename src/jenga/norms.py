@@ -38,7 +38,9 @@ class LeanRMSNormFunction(torch.autograd.Function):
             saved = to_fp8(x) if fp8 else (x, None)
         ctx.save_for_backward(*saved, weight, rstd)
         ctx.dtype = x.dtype
-        if fp8:  # the q, k and v adapters read out through this copy (`jenga.fp8.input_copy`)
+        # the q, k and v adapters read out through this copy (`jenga.fp8.input_copy`). Under torch.compile the note
+        # is a graph break, as the adapters' own float8 cache is: without it they would round differently there.
+        if fp8:
             mark_norm_output(out, *saved, rstd, weight)
         return out
 

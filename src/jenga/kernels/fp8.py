@@ -70,8 +70,8 @@ def _time(kernel_call, quantiles) -> list[float]:
 
 
 def _tuned(kernel):
-    """`kernel` autotuned over `ROW_SHAPES` per row width (`cols`), its STEPS derived from the chosen BLOCK; shapes
-    wider than the row's next power of two are left out."""
+    """`kernel` autotuned over `ROW_SHAPES` per row width (`cols`) and row count's power of two (`rows_bucket`), its
+    STEPS derived from the chosen BLOCK; shapes wider than the row's next power of two are left out."""
 
     def fitting(configs, named_args, **kwargs):
         widest = max(BLOCK, triton.next_power_of_2(named_args["cols"]))
@@ -80,20 +80,24 @@ def _tuned(kernel):
     configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ROW_SHAPES]
     steps = triton.heuristics({"STEPS": lambda args: triton.cdiv(args["cols"], args["BLOCK"])})(kernel)
     prune = {"early_config_prune": fitting}
-    return triton.autotune(configs, key=["cols"], prune_configs_by=prune, do_bench=_time)(steps)
+    return triton.autotune(configs, key=["cols", "rows_bucket"], prune_configs_by=prune, do_bench=_time)(steps)
 
 
-def _row_launch(kernel, tuned, grid, cols: int, cuda: bool, *args, **meta) -> None:
-    """Launch a row kernel: on CUDA its autotuned form (`_tuned`), elsewhere (Triton's interpreter) the first of
-    `ROW_SHAPES`."""
+def _row_launch(kernel, tuned, rows: int, cols: int, cuda: bool, *args, **meta) -> None:
+    """Launch a row kernel over `rows` programs: on CUDA its autotuned form (`_tuned`; tuned per row width and per
+    power of two of the row count, so that a small first call does not choose for a step's large ones), elsewhere
+    (Triton's interpreter) the first of `ROW_SHAPES`."""
+    meta["rows_bucket"] = triton.next_power_of_2(rows)  # read by the autotuner's key only
     if cuda:
-        tuned[grid](*args, **meta)
+        tuned[(rows,)](*args, **meta)
     else:
-        kernel[grid](*args, **meta, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
+        kernel[(rows,)](*args, **meta, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
 
 
-@triton.jit
-def _quantize_kernel(x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+@triton.jit(do_not_specialize=["rows_bucket"])  # a key for the autotuner, not a compile variant
+def _quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, cols, stride_x, fp8_max, rows_bucket, BLOCK: tl.constexpr, STEPS: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     peak = tl.zeros([BLOCK], dtype=tl.float32)
@@ -118,8 +122,8 @@ def _e4m3_value(code):
     return tl.where(code >= 0x80, -magnitude, magnitude)
 
 
-@triton.jit
-def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, cols, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+@triton.jit(do_not_specialize=["rows_bucket"])  # a key for the autotuner, not a compile variant
+def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, cols, rows_bucket, BLOCK: tl.constexpr, STEPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row)
     for step in range(STEPS):
@@ -129,7 +133,7 @@ def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, cols, BLOCK: tl.constexpr, STE
         tl.store(out_ptr + row * cols + offs, value.to(out_ptr.dtype.element_ty), mask=offs < cols)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket"])  # a key for the autotuner, not a compile variant
 def _silu_mul_backward_kernel(
     g_ptr,
     u_ptr,
@@ -139,6 +143,7 @@ def _silu_mul_backward_kernel(
     grad_g_ptr,
     grad_u_ptr,
     cols,
+    rows_bucket,
     BLOCK: tl.constexpr,
     STEPS: tl.constexpr,
 ):
@@ -160,7 +165,7 @@ def _silu_mul_backward_kernel(
         tl.store(grad_u_ptr + row * cols + offs, (grad * g * sig).to(grad_u_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_bucket"])  # a key for the autotuner, not a compile variant
 def _silu_mul_quantize_kernel(
     g_ptr,
     u_ptr,
@@ -180,6 +185,7 @@ def _silu_mul_quantize_kernel(
     s_sb,
     s_st,
     fp8_max,
+    rows_bucket,
     BLOCK: tl.constexpr,
     STEPS: tl.constexpr,
     LIBDEVICE: tl.constexpr,
@@ -253,7 +259,7 @@ def silu_mul_quantize(
         outs = (hidden, q_g.view(torch.uint8), q_u.view(torch.uint8), s_g, s_u)
         args = (g, u, *outs, tokens, cols, *strides, fp8_max)
         kernels = (_silu_mul_quantize_kernel, _silu_mul_quantize_tuned)
-        _row_launch(*kernels, (batch * tokens,), cols, g.is_cuda, *args, LIBDEVICE=g.is_cuda)
+        _row_launch(*kernels, batch * tokens, cols, g.is_cuda, *args, LIBDEVICE=g.is_cuda)
     return hidden
 
 
@@ -267,7 +273,7 @@ def quantize_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.
     if rows.numel():
         cols = rows.shape[1]  # STEPS, a compile-time loop: one variant per row width (a model has two or three)
         args = (rows, q, scale, cols, rows.stride(0), fp8_max)
-        _row_launch(_quantize_kernel, _quantize_tuned, (rows.shape[0],), cols, x.is_cuda, *args)
+        _row_launch(_quantize_kernel, _quantize_tuned, rows.shape[0], cols, x.is_cuda, *args)
     return q.view(torch.float8_e4m3fn), scale
 
 
@@ -278,7 +284,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     if q.numel():
         rows, cols = q.numel() // q.shape[-1], q.shape[-1]
         args = (q, scale.contiguous(), out, cols)
-        _row_launch(_dequantize_kernel, _dequantize_tuned, (rows,), cols, q.is_cuda, *args)
+        _row_launch(_dequantize_kernel, _dequantize_tuned, rows, cols, q.is_cuda, *args)
     return out
 
 
@@ -296,5 +302,5 @@ def silu_mul_backward(
     if grad.numel():
         rows, cols = grad.numel() // grad.shape[-1], grad.shape[-1]
         args = (g, u, g_scale.contiguous(), u_scale.contiguous(), grad, grad_g, grad_u, cols)
-        _row_launch(_silu_mul_backward_kernel, _silu_mul_backward_tuned, (rows,), cols, grad.is_cuda, *args)
+        _row_launch(_silu_mul_backward_kernel, _silu_mul_backward_tuned, rows, cols, grad.is_cuda, *args)
     return grad_g, grad_u

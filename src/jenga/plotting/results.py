@@ -168,13 +168,14 @@ def elementwise_section(folder: Path) -> str | None:
         *_bench_heading("Element-wise kernels (`benchmarks/bench_elementwise.py`)", header),
         f"- bf16 checks against the references (before any timing): {checks}",
         "",
-        "Each kernel against the eager PyTorch passes it replaces (8192 rows; `_fp8` ops also write the float8",
-        "copy backward reads):",
+        "Each kernel against the eager PyTorch passes it replaces (8192 rows"
+        + (", a loss segment 1024" if run.of("loss") else "")
+        + "; `_fp8` ops also write the float8 copy backward reads):",
         "",
         "| op | shape | kernel ms | eager ms | speed-up | kernel GB/s |",
         "|---|---|---|---|---|---|",
     ]
-    for r in run.of("fp8") + run.of("rotary"):
+    for r in run.of("fp8") + run.of("loss") + run.of("rotary"):
         shape = (
             f"{r['rows']}x{r['cols']}" if "cols" in r else f"{r['tokens']} tokens, {r['heads']}/{r['kv_heads']} heads"
         )
