@@ -26,10 +26,9 @@ from triton.testing import do_bench
 
 from jenga.fp8 import FP8, FP8_MAX
 from jenga.kernel_checks import eager_silu_mul_backward, norm_inputs, run_all
-from jenga.kernels.cross_entropy import cross_entropy_rows
 from jenga.kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward, silu_mul_quantize
 from jenga.kernels.rms_norm import rms_norm_backward, rms_norm_forward
-from jenga.loss import _logit_grads
+from jenga.loss import _segment_loss, reference_segment_loss
 from jenga.norms import LeanRMSNormFunction, reference_backward, reference_forward
 from jenga.profiling import JsonlWriter, run_header
 from jenga.rotary import FusedRotaryFunction
@@ -116,12 +115,6 @@ def timings(writer: JsonlWriter) -> None:
             print(f"{op} {rows}x{cols}: kernel {fused_ms:.3f} ms, eager {eager_ms:.3f} ms ({eager_ms / fused_ms:.1f}x)")
 
 
-def eager_segment_loss(logits, labels, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """A segment's loss and gradient as the segmented loss computed them before the kernel (fp32 passes)."""
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-    return loss, _logit_grads(logits, labels, -100, scale).to(logits.dtype)
-
-
 def loss_timings(writer: JsonlWriter) -> None:
     """One 1,024-token segment of the segmented loss at Llama-2-7B's and Llama-3-8B's vocabularies: the kernel (the
     loss per row and the gradient, reading each bf16 logit twice and writing its gradient: 6 bytes) against the
@@ -130,8 +123,8 @@ def loss_timings(writer: JsonlWriter) -> None:
         logits = torch.randn(1024, vocab, device="cuda", dtype=torch.bfloat16) * 4
         labels = torch.randint(0, vocab, (1024,), device="cuda")
         scale = torch.full((1024,), 1 / 1024, device="cuda")
-        fused_ms = do_bench(functools.partial(cross_entropy_rows, logits, labels, -100, scale))
-        eager_ms = do_bench(functools.partial(eager_segment_loss, logits, labels, scale))
+        fused_ms = do_bench(functools.partial(_segment_loss, logits, labels, -100, scale))
+        eager_ms = do_bench(functools.partial(reference_segment_loss, logits, labels, -100, scale))
         gb_s = 6 * logits.numel() / fused_ms / 1e6
         record = {"record": "loss", "op": "cross_entropy", "rows": 1024, "cols": vocab, "kernel_ms": fused_ms}
         writer.write(record | {"eager_ms": eager_ms, "kernel_gb_s": gb_s, "speedup": eager_ms / fused_ms})

@@ -342,18 +342,21 @@ def test_lean_lora_adds_adapters_into_the_base_output_and_its_gradient(monkeypat
 
 def test_lean_lora_under_another_autocast_dtype_and_with_its_output_changed_in_place():
     """A bf16 model under float16 autocast takes the module-call path (one function would mix the two dtypes in its
-    in-place sums) and trains; the one-function path's output is a tensor of its own, which callers may change in
-    place."""
+    in-place sums) and trains, with float8 saves too; the one-function path's output is a tensor of its own, which
+    callers may change in place."""
     import jenga.lora
 
     model = _random_fp32_lora(tiny_llama().bfloat16())
     q_proj = model.get_base_model().model.layers[1].self_attn.q_proj
     x = torch.randn(1, 16, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        assert not jenga.lora._plain_base(q_proj.base_layer, x)
-        out = jenga.lora.lean_lora_forward(q_proj, x, training_forward=True)
-    out.float().sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in q_proj.parameters() if p.requires_grad)
+    for fp8 in (False, True):
+        q_proj.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not jenga.lora._plain_base(q_proj.base_layer, x)
+            out = jenga.lora.lean_lora_forward(q_proj, x, fp8=fp8, training_forward=True)
+        out.float().sum().backward()
+        assert x.grad.dtype == torch.bfloat16
+        assert all(p.grad is not None for p in q_proj.parameters() if p.requires_grad)
     assert jenga.lora._plain_base(q_proj.base_layer, x)
     out = jenga.lora.lean_lora_forward(q_proj, x, training_forward=True)
     assert type(out.grad_fn).__name__ == "_LeanLinearBackward"

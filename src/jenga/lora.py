@@ -35,19 +35,20 @@ class _Fp8Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*input_copy(x), weight)
-        ctx.dtype = x.dtype
         return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # in grad's dtype, which an autocast to another dtype than x's gives the product (autograd casts the results)
         xq, scale, row, column, weight = ctx.saved_tensors
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        dtype = grad.dtype
+        grad_x = grad @ weight.to(dtype) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            x = decode_copy(xq, scale, row, ctx.dtype)
+            x = decode_copy(xq, scale, row, dtype)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
             if column is not None:  # x is the decoded copy times the norm's weight per column: so is the product
-                grad_weight = grad_weight * column.to(grad_weight.dtype)
+                grad_weight = grad_weight * column.to(dtype)
         return grad_x, grad_weight
 
 

@@ -57,6 +57,13 @@ def _segment_loss(
 
         loss, grads = cross_entropy_rows(logits, labels, ignore_index, row_scale)
         return loss.sum(), grads
+    return reference_segment_loss(logits, labels, ignore_index, row_scale)
+
+
+def reference_segment_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int, row_scale: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """`_segment_loss` in fp32 PyTorch passes: the CPU path, and what the kernel replaced on the GPU."""
     loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     if row_scale is None:
         return loss, None

@@ -8,7 +8,8 @@ float8 support from the compiler and its results equal the reference's bit for b
 
 `silu_mul_quantize` is the gated MLP's forward element-wise work (the SiLU product and both float8 copies) and
 `silu_mul_backward` its backward from the copies: it decodes both in registers and writes the two gradients in
-one pass. On CUDA each kernel's row program shape is autotuned per row width (`ROW_SHAPES`).
+one pass. On CUDA each kernel's row program shape is autotuned per row width and power of two of the row count
+(`ROW_SHAPES`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 BLOCK = 1024
-# (BLOCK, num_warps) shapes of a row program the GPU chooses among at each row width's first call (Triton's
-# autotuner, `_row_launch`): every kernel here computes element-wise values and exact row maxima, so each shape
-# gives the same bits. The first, the shape before tuning, is the interpreter's.
+# (BLOCK, num_warps) shapes of a row program the GPU chooses among at the first call of each row width and power of
+# two of the row count (Triton's autotuner, `_row_launch`): every kernel here computes element-wise values and exact
+# row maxima, so each shape gives the same bits. The first, the shape before tuning, is the interpreter's.
 ROW_SHAPES = ((BLOCK, 4), (2048, 8), (4096, 16), (16384, 16))
 
 

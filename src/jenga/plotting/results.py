@@ -169,7 +169,7 @@ def elementwise_section(folder: Path) -> str | None:
         f"- bf16 checks against the references (before any timing): {checks}",
         "",
         "Each kernel against the eager PyTorch passes it replaces (8192 rows"
-        + (", a loss segment 1024" if run.of("loss") else "")
+        + (", 1024 for a loss segment" if run.of("loss") else "")
         + "; `_fp8` ops also write the float8 copy backward reads):",
         "",
         "| op | shape | kernel ms | eager ms | speed-up | kernel GB/s |",
