@@ -314,7 +314,7 @@ def test_tuned_row_kernels_run_the_shape_their_timing_picks(monkeypatch):
     for rows in (5, 40):
         x = torch.randn(rows, 4096, dtype=torch.float16) * 3
         q, scale = torch.empty(rows, 4096, dtype=torch.uint8), torch.empty(rows)
-        kernels._row_launch(kernels._quantize_kernel, tuned, rows, 4096, True, x, q, scale, 4096, 4096, 448.0)
+        kernels._row_launch(tuned, rows, 4096, True, x, q, scale, 4096, 4096, 448.0)
         expected_q, expected_scale = quantize_rows(x, 448.0)
         assert torch.equal(q, expected_q.view(torch.uint8)) and torch.equal(scale, expected_scale)
     assert len(times) == 2 * 3  # shapes up to the row's width (4096), timed once per power of two of the rows

@@ -81,10 +81,12 @@ def _tuned(kernel):
     configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ROW_SHAPES]
     steps = triton.heuristics({"STEPS": lambda args: triton.cdiv(args["cols"], args["BLOCK"])})(kernel)
     prune = {"early_config_prune": fitting}
-    return triton.autotune(configs, key=["cols", "rows_bucket"], prune_configs_by=prune, do_bench=_time)(steps)
+    tuned = triton.autotune(configs, key=["cols", "rows_bucket"], prune_configs_by=prune, do_bench=_time)(steps)
+    tuned.untuned = kernel  # what the interpreter runs
+    return tuned
 
 
-def _row_launch(kernel, tuned, rows: int, cols: int, cuda: bool, *args, **meta) -> None:
+def _row_launch(tuned, rows: int, cols: int, cuda: bool, *args, **meta) -> None:
     """Launch a row kernel over `rows` programs: on CUDA its autotuned form (`_tuned`; tuned per row width and per
     power of two of the row count, so that a small first call does not choose for a step's large ones), elsewhere
     (Triton's interpreter) the first of `ROW_SHAPES`."""
@@ -92,7 +94,7 @@ def _row_launch(kernel, tuned, rows: int, cols: int, cuda: bool, *args, **meta) 
     if cuda:
         tuned[(rows,)](*args, **meta)
     else:
-        kernel[(rows,)](*args, **meta, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
+        tuned.untuned[(rows,)](*args, **meta, BLOCK=BLOCK, STEPS=triton.cdiv(cols, BLOCK))
 
 
 @triton.jit(do_not_specialize=["rows_bucket"])  # a key for the autotuner, not a compile variant
@@ -259,8 +261,7 @@ def silu_mul_quantize(
         strides = (*g.stride()[:2], *hidden.stride()[:2], *q_g.stride()[:2], *s_g.stride())
         outs = (hidden, q_g.view(torch.uint8), q_u.view(torch.uint8), s_g, s_u)
         args = (g, u, *outs, tokens, cols, *strides, fp8_max)
-        kernels = (_silu_mul_quantize_kernel, _silu_mul_quantize_tuned)
-        _row_launch(*kernels, batch * tokens, cols, g.is_cuda, *args, LIBDEVICE=g.is_cuda)
+        _row_launch(_silu_mul_quantize_tuned, batch * tokens, cols, g.is_cuda, *args, LIBDEVICE=g.is_cuda)
     return hidden
 
 
@@ -274,7 +275,7 @@ def quantize_rows(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.
     if rows.numel():
         cols = rows.shape[1]  # STEPS, a compile-time loop: one variant per row width (a model has two or three)
         args = (rows, q, scale, cols, rows.stride(0), fp8_max)
-        _row_launch(_quantize_kernel, _quantize_tuned, rows.shape[0], cols, x.is_cuda, *args)
+        _row_launch(_quantize_tuned, rows.shape[0], cols, x.is_cuda, *args)
     return q.view(torch.float8_e4m3fn), scale
 
 
@@ -285,7 +286,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     if q.numel():
         rows, cols = q.numel() // q.shape[-1], q.shape[-1]
         args = (q, scale.contiguous(), out, cols)
-        _row_launch(_dequantize_kernel, _dequantize_tuned, rows, cols, q.is_cuda, *args)
+        _row_launch(_dequantize_tuned, rows, cols, q.is_cuda, *args)
     return out
 
 
@@ -303,5 +304,5 @@ def silu_mul_backward(
     if grad.numel():
         rows, cols = grad.numel() // grad.shape[-1], grad.shape[-1]
         args = (g, u, g_scale.contiguous(), u_scale.contiguous(), grad, grad_g, grad_u, cols)
-        _row_launch(_silu_mul_backward_kernel, _silu_mul_backward_tuned, rows, cols, grad.is_cuda, *args)
+        _row_launch(_silu_mul_backward_tuned, rows, cols, grad.is_cuda, *args)
     return grad_g, grad_u
