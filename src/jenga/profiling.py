@@ -500,7 +500,7 @@ class TimedScorer:
         return total
 
 
-def op_profile(work: Callable[[], object], rows: int = 40) -> str:
+def op_profile(work: Callable[[], object], rows: int = 80) -> str:
     """Run `work` under torch.profiler; the table of its operators by self device time (CPU time without a GPU),
     synchronized at the end so that every kernel is counted."""
     cuda = torch.cuda.is_available()
