@@ -21,14 +21,13 @@ def tiny_llama(kv_heads: int = 4, layers: int = 3, seed: int = 0, **overrides) -
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64,
-        intermediate_size=160,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
         vocab_size=VOCAB,
         max_position_embeddings=1024,
         use_cache=False,
-        **{"attn_implementation": "sdpa", **overrides},
+        **{"attn_implementation": "sdpa", "intermediate_size": 160, **overrides},
     )
     return LlamaForCausalLM(config).train()
 

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,8 +23,8 @@ from accelerate.commands.launch import launch_command_parser
 from conftest import add_lora, batch, lora_grads, tiny_llama
 from transformers import LlamaConfig
 
-from jenga import JengaConfig, apply_jenga
-from jenga.elimination import oracle_scorer
+from jenga import JengaConfig, apply_jenga, jenga_state
+from jenga.elimination import Selector, TokenSelection, oracle_scorer
 from jenga.experiments import distributed, run, sequence_parallel, training
 from jenga.plotting.scalability import plot_scalability
 from jenga.profiling import JsonlWriter, read_jsonl
@@ -139,52 +140,93 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
                 torch.testing.assert_close(result[wrap]["scores"][layer], scores[rank : rank + 1], rtol=1e-5, atol=0)
 
 
-def _sequence_parallel_model(checkpointing: bool) -> torch.nn.Module:
-    """Tiny fp32 GQA Llama + LoRA + Jenga's default (float8 saves, segmented loss), under Ulysses when a process
-    group is up."""
+# Unrounded saves: under Ulysses o_proj's input comes from the exchange, not from the attention kernel that keeps
+# it in one process, so with float8 saves one side would copy it in float8 where the other keeps it by reference.
+SP_ELIMINATION = JengaConfig(
+    block_size=16, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, fp8_activations=False
+)
+
+
+class _PerShardReference(Selector):
+    """One process selecting as `sequence_parallel.ShardSelector` does on WORLD ranks: each shard keeps half of its
+    blocks, ranked by the whole sequence's oracle scores."""
+
+    def select(self, scores, keep_blocks, seq_len, token_valid):
+        config, shard = self.config, seq_len // WORLD
+        kept = config.kept_blocks(shard // config.block_size, 0.5)
+        blocks = [
+            sequence_parallel.shard_blocks(scores, r, WORLD, kept, config.sink_blocks, config.recent_blocks)
+            + r * shard // config.block_size
+            for r in range(WORLD)
+        ]
+        return TokenSelection.from_blocks(torch.cat(blocks, dim=1), config.block_size, seq_len)
+
+
+def _sequence_parallel_model(checkpointing: bool, eliminate: bool) -> torch.nn.Module:
+    """Tiny fp32 GQA Llama + LoRA + Jenga's default (float8 saves, segmented loss) or keep 0.5 in every layer,
+    under Ulysses when a process group is up (selecting per shard), else selecting per shard in one process."""
     model = tiny_llama(kv_heads=2, layers=2)
     if dist.is_initialized():
         sequence_parallel.use_ulysses(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_jenga(add_lora(model), JengaConfig(loss_chunk_tokens=48))
+    config = replace(SP_ELIMINATION if eliminate else JengaConfig(), loss_chunk_tokens=48)
+    model = apply_jenga(add_lora(model), config)
+    if eliminate and dist.is_initialized():
+        sequence_parallel.select_per_shard(model)
+    elif eliminate:
+        state = jenga_state(model)
+        state.selector = _PerShardReference(state.config, oracle_scorer)
+    return model
+
+
+SP_CASES = [(checkpointing, eliminate) for checkpointing in (False, True) for eliminate in (False, True)]
 
 
 def _sequence_parallel_rank(rank: int, port: int, out: str) -> None:
-    """Each rank trains its shard of both sequences; the shards' losses and LoRA gradients summed over ranks."""
+    """Each rank trains its shard of both sequences; the shards' losses and LoRA gradients summed over ranks, and
+    each sparse layer's kept positions in the whole sequence."""
     _init(rank, port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     ids = batch(2, SEQ)
     results = {}
-    for checkpointing in (False, True):
-        model = _sequence_parallel_model(checkpointing)
+    for case in SP_CASES:
+        model = _sequence_parallel_model(*case)
         loss = model(**sequence_parallel.shard_batch(ids, ids)).loss
         loss.backward()
         grads = lora_grads(model)
         for grad in [loss.detach(), *grads.values()]:
             dist.all_reduce(grad)
-        results[checkpointing] = {"loss": loss.item(), "grads": grads}
+        kept = {i: s.index + rank * SEQ // WORLD for i, s in jenga_state(model).last_selection.items()}
+        results[case] = {"loss": loss.item(), "grads": grads, "kept": kept}
     torch.save(results, Path(out) / f"sp{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.integration
 def test_ulysses_sequence_parallel_gives_one_process_loss_and_gradients(tmp_path):
-    """Jenga's default on 2 ranks, each holding half of every sequence (Ulysses all-to-all attention, global
-    positions, labels shifted over the whole sequence): the summed loss and LoRA gradients are one process's."""
+    """Jenga on 2 ranks, each holding half of every sequence (Ulysses all-to-all attention, global positions,
+    labels shifted over the whole sequence): the summed loss and LoRA gradients are one process's, for the default
+    and for keep 0.5, where the ranks' kept blocks are the ones one process keeps per half from the whole
+    sequence's scores (which needs the scores exact) and the kept pass replays the whole sequence's statistics."""
     _in_ranks(_sequence_parallel_rank, str(tmp_path))
     ranks = [torch.load(tmp_path / f"sp{r}.pt") for r in range(WORLD)]
     ids = batch(2, SEQ)
-    for checkpointing in (False, True):
-        model = _sequence_parallel_model(checkpointing)
+    for case in SP_CASES:
+        model = _sequence_parallel_model(*case)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         reference = lora_grads(model)
-        got = ranks[0][checkpointing]
+        got = ranks[0][case]
         assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
         assert got["grads"].keys() == reference.keys() and len(reference) == 4 * 2 * 2
         for name, grad in reference.items():
-            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"{checkpointing} {name}")
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"{case} {name}")
+        selections = jenga_state(model).last_selection
+        assert sorted(selections) == ([0, 1] if case[1] else [])
+        for layer, selection in selections.items():
+            kept = torch.cat([ranks[r][case]["kept"][layer] for r in range(WORLD)], dim=1)
+            assert kept.shape == (2, SEQ // 2) and torch.equal(kept, selection.index), (case, layer)
 
 
 def _worker_rank(rank: int, port: int, model_dir: str, log: str) -> None:

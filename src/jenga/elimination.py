@@ -341,15 +341,7 @@ class Selector:
         else:
             with torch.no_grad():
                 scores = self.scorer(layer_idx, hidden, token_valid, config.block_size, query_key)
-                selection = select_tokens(
-                    scores,
-                    keep_blocks,
-                    config.block_size,
-                    seq_len,
-                    config.sink_blocks,
-                    token_valid,
-                    config.recent_blocks,
-                )
+                selection = self.select(scores, keep_blocks, seq_len, token_valid)
             if config.shared_selection and not earlier:  # only the first scoring layer of a forward shares
                 self.shared = (layer_idx, shape, selection)
         if checkpointed and not recompute:
@@ -357,4 +349,21 @@ class Selector:
             if len(pending) > MAX_PENDING:
                 pending.popleft()
                 warn_once("pending", "Jenga: checkpointed forwards without a backward; dropping their selections")
+        return selection
+
+    def select(
+        self, scores: torch.Tensor, keep_blocks: int, seq_len: int, token_valid: torch.Tensor | None
+    ) -> TokenSelection:
+        """The kept tokens of a layer whose key blocks scored `scores`: each sequence's `keep_blocks` best blocks,
+        the config's sink and recent blocks forced. A sequence split over ranks selects per shard instead
+        (`jenga.experiments.sequence_parallel`)."""
+        config = self.config
+        return select_tokens(
+            scores, keep_blocks, config.block_size, seq_len, config.sink_blocks, token_valid, config.recent_blocks
+        )
+
+    def attention_selection(self, selection: TokenSelection) -> TokenSelection:
+        """`selection` in the rows of the layer's attention call, whose softmax statistics the kept pass replays
+        (`jenga.attention`): the layer's own rows, except where the attention sees more of the sequence than the
+        layer holds (a sequence-parallel attention: `jenga.experiments.sequence_parallel`)."""
         return selection

@@ -9,6 +9,8 @@ tensors deviate more); the attention's q and k stay in bf16, since softmax ampli
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -34,6 +36,34 @@ def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
 
         return dequantize_rows(x, scale, dtype)
     return (x.float() * scale[..., None]).to(dtype)
+
+
+def fp8_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float8 copy of a frozen weight `w` (K, N) that `fp8_matmul` multiplies by: its codes (K, N) in the
+    column-major layout Hopper's float8 product reads (a transposed copy) and one fp32 scale per column (N,)."""
+    codes, scale = to_fp8(w.t().contiguous())
+    return codes.t(), scale
+
+
+@functools.cache
+def _float8_units(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul(a: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`a @ w` in `dtype` from float8: `a` (..., K) quantized per row here, `w` from `fp8_columns`; the products
+    accumulate in fp32 (`torch._scaled_mm` with row-wise scales, at twice the bf16 matrix rate on Hopper). On CUDA
+    the result passes through bf16, the one output row-wise float8 products have on every GPU and build."""
+    if a.is_cuda and not _float8_units(a.device):
+        major, minor = torch.cuda.get_device_capability(a.device)
+        raise RuntimeError(
+            f"fp8_mlp_grads needs float8 matrix units (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
+            f"this GPU is {major}.{minor}: apply_jenga without fp8_mlp_grads"
+        )
+    codes, scale = to_fp8(a.reshape(-1, a.shape[-1]))
+    out_dtype = torch.bfloat16 if a.is_cuda else dtype
+    out = torch._scaled_mm(codes, w_codes, scale_a=scale[:, None], scale_b=w_scale[None, :], out_dtype=out_dtype)
+    return out.view(*a.shape[:-1], out.shape[-1]).to(dtype)
 
 
 # A lean RMSNorm's output carries the float8 copy of the norm's input that the norm saves for backward: with the

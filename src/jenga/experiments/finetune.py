@@ -64,7 +64,16 @@ JENGA_ABLATIONS = {
 SAMPLED = {"jenga-random": {}, "jenga-random-mlp1": {"mlp_keep": 1.0}}
 # The benchmark's Jenga schedules (`jenga.experiments.methods`), so a fine-tune measures the accuracy of the very
 # configuration whose cost the runner measures.
-SCHEDULES = ("jenga-0.5", "jenga-attn", "jenga-a0.75", "jenga-a0.9", "jenga-mlp", "jenga-a0.9-fp8", "jenga-dense")
+SCHEDULES = (
+    "jenga-0.5",
+    "jenga-attn",
+    "jenga-a0.75",
+    "jenga-a0.9",
+    "jenga-mlp",
+    "jenga-a0.9-fp8",
+    "jenga-dense",
+    "jenga-fp8grad",
+)
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
 EXTRAS = "extra_trainables.safetensors"
@@ -131,7 +140,7 @@ def load_finetune_model(base: Path, seq_len: int, method: Method, device: str, t
     if method.name in SAMPLED:
         apply_sampled(model, method.jenga)
     elif method.jenga is not None:
-        apply_jenga(model, method.jenga, predictor=method.predictor)
+        apply_jenga(model, method.jenga, predictor=method.predictor, fp8_mlp_grads=method.fp8_mlp_grads)
     return model
 
 
@@ -248,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             "method": method.name,
             "method_description": method.description,
             "jenga_config": logged_config(method, model),
+            "fp8_mlp_grads": method.fp8_mlp_grads,
             "trainable_params": sum(p.numel() for p in params),
             "rope_parameters": model.config.rope_parameters,
             "dtype": PRECISIONS[args.precision],

@@ -121,8 +121,8 @@ def _elementwise_kernels() -> str:
     if failed:
         raise RuntimeError(f"element-wise kernels differ from their references in bf16: {failed}")
     return (
-        "float8 codec, gated MLP, RMSNorm, rotary and cross-entropy kernels match their references in bf16: "
-        + ", ".join(c["what"] for c in checks)
+        "float8 codec, gated MLP, RMSNorm, rotary, cross-entropy and float8 product kernels match their references "
+        "in bf16: " + ", ".join(c["what"] for c in checks)
     )
 
 

@@ -1,16 +1,23 @@
-"""A prototype of Jenga's default under Ulysses sequence parallelism (DeepSpeed's scheme), on any process group.
+"""A prototype of Jenga under Ulysses sequence parallelism (DeepSpeed's scheme), on any process group.
 
 Each rank holds one contiguous shard of the sequence. The attention runs as the registered implementation
 "ulysses": the shard's q, k and v go all-to-all so that each rank holds the whole sequence for 1/P of the heads,
 SDPA runs causally there, and the output goes back. Everything else Jenga's default patches acts per token (the
 sparse-saved MLP, the float8 saves of norms and LoRA inputs, the segmented loss), so it runs on the shard as it
 would on the whole sequence; the loss of a shard is its tokens' summed loss over the sequence's supervised-token
-count, and the ranks' LoRA gradients sum to the one-process gradient. `docs/multi-gpu.md` says what elimination
-(keep below 1) would need on top: a selection computed from the whole sequence inside the attention call.
+count, and the ranks' LoRA gradients sum to the one-process gradient.
+
+Elimination (keep below 1, `select_per_shard`): the oracle scores every key block from the whole sequence (each
+rank scores its own query blocks against the keys before its shard's end, then one all-reduce sums the maps);
+each rank keeps the same number of its own blocks (Ulysses exchanges equal lengths), the sequence's sink and
+recent blocks forced on the ranks that hold them; the kept pass replays the dense pass's softmax statistics,
+which the attention holds for the whole sequence, at every rank's kept positions (an all-gather of indices).
+`docs/multi-gpu.md` says what crosses ranks.
 
 Checked on the CPU with gloo ranks (`tests/test_distributed.py`); no padding and no sliding window (the attention
-is causal over the whole sequence), no elimination (keep 1: selection would need the whole sequence), one process
-group per process, and the heads and key/value heads must divide by the group's size.
+is causal over the whole sequence), oracle scoring only (learned predictors would need their pooled block
+embeddings gathered), one process group per process, and the heads and key/value heads must divide by the
+group's size.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from ..elimination import Selector, TokenSelection, oracle_scorer, select_blocks
+from ..kernels import block_scores
+from ..patching import jenga_state
 
 ULYSSES = "ulysses"
 _GROUP: list[dist.ProcessGroup | None] = [None]
@@ -107,3 +118,83 @@ def shard_batch(ids: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGrou
         "position_ids": positions,
         "num_items_in_batch": (shifted != -100).sum(),
     }
+
+
+def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The ranks' `x` concatenated along `dim` in rank order (no autograd: selection runs without it)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def shard_scorer(group: dist.ProcessGroup | None = None):
+    """The oracle block score of the whole sequence from each rank's shard: this rank's query blocks against the
+    keys up to its shard's end, tile maxima summed into a (B, blocks of the whole sequence) map, summed over ranks.
+    Exact: a tile's queries lie on one rank when the shard length is a multiple of the block size, and the sum
+    over heads inside a tile's maximum needs every head of those queries, which the shard holds."""
+
+    def score(layer_idx, hidden, token_valid, block_size, query_key) -> torch.Tensor:
+        if token_valid is not None:
+            raise ValueError("the sequence-parallel prototype takes no padding: pack or trim the sequences")
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        q, k, scale = query_key()
+        shard = q.shape[2]
+        if shard % block_size:
+            raise ValueError(f"a shard of {shard} tokens is not a whole number of {block_size}-token blocks")
+        keys = _all_gather(k, 2, group)[:, :, : (rank + 1) * shard]
+        # zero queries before this shard: their tiles are all 0 (ReLU), so the sum over query blocks is this rank's
+        queries = F.pad(q, (0, 0, rank * shard, 0))
+        scores = F.pad(block_scores(queries, keys, block_size, scale), (0, (size - rank - 1) * shard // block_size))
+        dist.all_reduce(scores, group=group)
+        return scores
+
+    return score
+
+
+def shard_blocks(
+    scores: torch.Tensor, rank: int, size: int, keep_blocks: int, sink_blocks: int, recent_blocks: int
+) -> torch.Tensor:
+    """This shard's `keep_blocks` kept blocks (B, keep_blocks), as indices within the shard: ranked by the whole
+    sequence's `scores` (B, blocks), with its first `sink_blocks` and last `recent_blocks` forced on the ranks
+    that hold them."""
+    per_shard = scores.shape[1] // size
+    ranked = scores.float().clone()
+    ranked[:, :sink_blocks] = float("inf")
+    if recent_blocks:
+        ranked[:, -recent_blocks:] = float("inf")
+    return select_blocks(ranked[:, rank * per_shard : (rank + 1) * per_shard], keep_blocks)
+
+
+class ShardSelector(Selector):
+    """Per-shard selection from whole-sequence scores (`shard_blocks`), and the kept rows of every rank for the
+    attention's statistics, which Ulysses holds in the order of the whole sequence."""
+
+    def __init__(self, config, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(config, shard_scorer(group))
+        self.group = group
+
+    def select(self, scores, keep_blocks, seq_len, token_valid) -> TokenSelection:
+        rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        config = self.config
+        blocks = shard_blocks(scores, rank, size, keep_blocks, config.sink_blocks, config.recent_blocks)
+        return TokenSelection.from_blocks(blocks, config.block_size, seq_len)
+
+    def attention_selection(self, selection: TokenSelection) -> TokenSelection:
+        rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        index = _all_gather(selection.index + rank * selection.seq_len, 1, self.group)
+        return TokenSelection(index, None, selection.seq_len * size)
+
+
+def select_per_shard(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Make a Jenga-patched model under `use_ulysses` select per shard from whole-sequence oracle scores
+    (`ShardSelector`); call after `apply_jenga`."""
+    state = jenga_state(model)
+    if state is None:
+        raise ValueError("select_per_shard needs a model patched by apply_jenga")
+    if state.selector.scorer is not oracle_scorer:
+        raise ValueError(
+            "the sequence-parallel prototype scores with the oracle only: apply_jenga without scorer= or predictor="
+        )
+    if state.config.shared_selection:
+        raise ValueError("the sequence-parallel prototype does not share one selection across layers")
+    state.selector = ShardSelector(state.config, group)

@@ -129,6 +129,7 @@ class JengaState:
     lean_lora: bool = True
     mlp_recompute: bool = False
     fused_kernels: bool = False  # Liger Kernel's ops where they fit (`jenga.liger`)
+    fp8_mlp_grads: bool = False  # the gated MLP's backward products in float8 (`jenga.mlp`)
     patched: list[nn.Module] = field(default_factory=list)
     # (module's import name, function name) per `swap_function`: names, not modules, so a patched model deep-copies
     swapped: list[tuple[str, str]] = field(default_factory=list)
@@ -390,7 +391,9 @@ def patch_attention(attn: nn.Module, layer_idx: int, state: JengaState, layer: n
         for name in ("position_ids", "position_embeddings"):
             if name in call:
                 call[name] = _gather_positional(selection, call[name])
-        stats = attention.kept_rows(recorded, selection) if dense is not None else None
+        stats = (
+            attention.kept_rows(recorded, state.selector.attention_selection(selection)) if dense is not None else None
+        )
         with reuse_outputs(reused, fp8=config.fp8_activations), attention.replaying(stats):
             out, *rest = original(self, **call)
         del reused, stats

@@ -59,7 +59,8 @@ class Fp8GradLinear(torch.autograd.Function):
         return out.view(*grad.shape[:-1], weight.shape[1]), None
 
 
-def lora_grads(windows: torch.Tensor, dtype: torch.dtype, names: tuple[str, ...] | None, fp8: bool):
+def lora_model(dtype: torch.dtype) -> torch.nn.Module:
+    """SmolLM2 in `dtype` with PEFT LoRA, A random and B random times 0.1 (seeded), so A's gradient is not zero."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
@@ -67,6 +68,11 @@ def lora_grads(windows: torch.Tensor, dtype: torch.dtype, names: tuple[str, ...]
     for name, param in model.named_parameters():
         if "lora_B" in name:
             param.data.mul_(0.1)
+    return model
+
+
+def lora_grads(windows: torch.Tensor, dtype: torch.dtype, names: tuple[str, ...] | None, fp8: bool):
+    model = lora_model(dtype)
     for name, module in model.named_modules():
         chosen = names is None or any(n in name for n in names)
         if fp8 and chosen and type(module) is torch.nn.Linear and not module.weight.requires_grad:
