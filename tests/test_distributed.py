@@ -145,26 +145,29 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
 SP_ELIMINATION = JengaConfig(
     block_size=16, attn_keep=0.5, dense_first_layers=0, dense_last_layer=False, fp8_activations=False
 )
+SP_SEQ = 256  # 8 blocks per shard, 4 kept, 3 of them chosen by score (one forced: the sink or the recent block)
 
 
-class _PerShardReference(Selector):
-    """One process selecting as `sequence_parallel.ShardSelector` does on WORLD ranks: each shard keeps half of its
-    blocks, ranked by the whole sequence's oracle scores."""
+class _PerHalfReference(Selector):
+    """One process keeping what 2 ranks keep: half of each half's blocks, ranked by the whole sequence's oracle
+    scores, the first block forced in the first half and the last in the second; each layer's scores recorded."""
+
+    def __init__(self, config, scorer) -> None:
+        super().__init__(config, scorer)
+        self.scores: list[torch.Tensor] = []
 
     def select(self, scores, keep_blocks, seq_len, token_valid):
-        config, shard = self.config, seq_len // WORLD
-        kept = config.kept_blocks(shard // config.block_size, 0.5)
-        blocks = [
-            sequence_parallel.shard_blocks(scores, r, WORLD, kept, config.sink_blocks, config.recent_blocks)
-            + r * shard // config.block_size
-            for r in range(WORLD)
-        ]
-        return TokenSelection.from_blocks(torch.cat(blocks, dim=1), config.block_size, seq_len)
+        self.scores.append(scores.clone())
+        half = scores.shape[1] // 2
+        first, second = scores[:, :half].clone(), scores[:, half:].clone()
+        first[:, 0] = second[:, -1] = float("inf")
+        blocks = [s.topk(half // 2, dim=1).indices.sort(dim=1).values for s in (first, second)]
+        return TokenSelection.from_blocks(torch.cat([blocks[0], blocks[1] + half], dim=1), 16, seq_len)
 
 
 def _sequence_parallel_model(checkpointing: bool, eliminate: bool) -> torch.nn.Module:
     """Tiny fp32 GQA Llama + LoRA + Jenga's default (float8 saves, segmented loss) or keep 0.5 in every layer,
-    under Ulysses when a process group is up (selecting per shard), else selecting per shard in one process."""
+    under Ulysses when a process group is up (selecting per shard), else selecting per half in one process."""
     model = tiny_llama(kv_heads=2, layers=2)
     if dist.is_initialized():
         sequence_parallel.use_ulysses(model)
@@ -176,7 +179,7 @@ def _sequence_parallel_model(checkpointing: bool, eliminate: bool) -> torch.nn.M
         sequence_parallel.select_per_shard(model)
     elif eliminate:
         state = jenga_state(model)
-        state.selector = _PerShardReference(state.config, oracle_scorer)
+        state.selector = _PerHalfReference(state.config, oracle_scorer)
     return model
 
 
@@ -184,21 +187,26 @@ SP_CASES = [(checkpointing, eliminate) for checkpointing in (False, True) for el
 
 
 def _sequence_parallel_rank(rank: int, port: int, out: str) -> None:
-    """Each rank trains its shard of both sequences; the shards' losses and LoRA gradients summed over ranks, and
-    each sparse layer's kept positions in the whole sequence."""
+    """Each rank trains its shard of both sequences; the shards' losses and LoRA gradients summed over ranks, each
+    sparse layer's kept positions in the whole sequence and the block scores it selected from."""
     _init(rank, port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    ids = batch(2, SEQ)
+    ids = batch(2, SP_SEQ)
     results = {}
     for case in SP_CASES:
         model = _sequence_parallel_model(*case)
+        selector = jenga_state(model).selector
+        scores = []
+        if case[1]:
+            scorer = selector.scorer
+            selector.scorer = lambda *args, f=scorer, out=scores: out.append(f(*args)) or out[-1]
         loss = model(**sequence_parallel.shard_batch(ids, ids)).loss
         loss.backward()
         grads = lora_grads(model)
         for grad in [loss.detach(), *grads.values()]:
             dist.all_reduce(grad)
-        kept = {i: s.index + rank * SEQ // WORLD for i, s in jenga_state(model).last_selection.items()}
-        results[case] = {"loss": loss.item(), "grads": grads, "kept": kept}
+        kept = {i: s.index + rank * SP_SEQ // WORLD for i, s in jenga_state(model).last_selection.items()}
+        results[case] = {"loss": loss.item(), "grads": grads, "kept": kept, "scores": scores}
     torch.save(results, Path(out) / f"sp{rank}.pt")
     dist.destroy_process_group()
 
@@ -207,11 +215,12 @@ def _sequence_parallel_rank(rank: int, port: int, out: str) -> None:
 def test_ulysses_sequence_parallel_gives_one_process_loss_and_gradients(tmp_path):
     """Jenga on 2 ranks, each holding half of every sequence (Ulysses all-to-all attention, global positions,
     labels shifted over the whole sequence): the summed loss and LoRA gradients are one process's, for the default
-    and for keep 0.5, where the ranks' kept blocks are the ones one process keeps per half from the whole
-    sequence's scores (which needs the scores exact) and the kept pass replays the whole sequence's statistics."""
+    and for keep 0.5. There every rank's block scores are the one-process oracle's over the whole sequence, the
+    ranks keep the blocks one process keeps per half from those scores, and the kept pass replays the whole
+    sequence's softmax statistics."""
     _in_ranks(_sequence_parallel_rank, str(tmp_path))
     ranks = [torch.load(tmp_path / f"sp{r}.pt") for r in range(WORLD)]
-    ids = batch(2, SEQ)
+    ids = batch(2, SP_SEQ)
     for case in SP_CASES:
         model = _sequence_parallel_model(*case)
         loss = model(input_ids=ids, labels=ids).loss
@@ -226,7 +235,19 @@ def test_ulysses_sequence_parallel_gives_one_process_loss_and_gradients(tmp_path
         assert sorted(selections) == ([0, 1] if case[1] else [])
         for layer, selection in selections.items():
             kept = torch.cat([ranks[r][case]["kept"][layer] for r in range(WORLD)], dim=1)
-            assert kept.shape == (2, SEQ // 2) and torch.equal(kept, selection.index), (case, layer)
+            assert kept.shape == (2, SP_SEQ // 2) and torch.equal(kept, selection.index), (case, layer)
+        if case[1]:
+            expected = jenga_state(model).selector.scores
+            for r in range(WORLD):
+                assert len(ranks[r][case]["scores"]) == len(expected) == 2
+                for mine, theirs in zip(ranks[r][case]["scores"], expected, strict=True):
+                    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_select_per_shard_needs_the_ulysses_attention():
+    model = apply_jenga(add_lora(tiny_llama(layers=2)), SP_ELIMINATION)
+    with pytest.raises(ValueError, match="use_ulysses"):
+        sequence_parallel.select_per_shard(model)
 
 
 def _worker_rank(rank: int, port: int, model_dir: str, log: str) -> None:

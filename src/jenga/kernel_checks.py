@@ -181,15 +181,16 @@ def cross_entropy(device: str) -> dict[str, Any]:
 
 
 def fp8_products(device: str) -> dict[str, Any]:
-    """`fp8_mlp_grads`' product (`jenga.fp8.fp8_matmul`) of a bf16 gradient and a frozen weight as wide as a 7B
-    model's hidden state: within bf16's rounding of its output (2^-8 relative) of the float64 product of the same
-    float8 operands, so the codes, scales, layout and fp32 accumulation are right; its distance from the bf16
-    product, float8's rounding, is logged beside it. Skipped (ok) on a GPU without float8 matrix units."""
-    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+    """`fp8_mlp_grads`' product (`jenga.fp8.fp8_matmul`) of a bf16 gradient as wide as a 7B model's hidden state
+    and a wider frozen weight (not square, so that swapped row and column scales fail): within bf16's rounding of
+    its output (2^-8 relative) of the float64 product of the same float8 operands, so the codes, scales, layout and
+    fp32 accumulation are right; its distance from the bf16 product, float8's rounding, is logged beside it.
+    Skipped (ok) on a GPU without float8 matrix units."""
+    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         return {"what": "fp8_matmul_bf16", "skipped": "no float8 matrix units (compute capability < 8.9)", "ok": True}
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(256, 4096, generator=gen).bfloat16()
-    weight = (torch.randn(4096, 4096, generator=gen) * 0.02).bfloat16()
+    weight = (torch.randn(4096, 6144, generator=gen) * torch.logspace(-3, -1, 6144)).bfloat16()
     (a, a_scale), (w, w_scale) = to_fp8(grad), to_fp8(weight.t().contiguous())
     exact = (a.double() * a_scale[:, None].double()) @ (w.double() * w_scale[:, None].double()).t()
     out = fp8_matmul(grad.to(device), *fp8_columns(weight.to(device)), torch.bfloat16).cpu().double()

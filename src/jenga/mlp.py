@@ -94,10 +94,11 @@ class GatedMLPFunction(torch.autograd.Function):
     With `fused` the SiLU product and its backward take Liger Kernel's kernels wherever Jenga's float8 kernels
     do not (activations saved unrounded, recomputed, or a subset of channels).
 
-    With `fp8_grads` (every channel kept) backward's three products, the input gradients of the frozen down,
-    gate and up projections, run from float8 copies of their operands (`jenga.fp8.fp8_matmul`: one scale per row
-    of the gradient and per column of the weight, fp32 accumulation): three quarters of a frozen MLP's backward
-    work at the float8 matrix rate. The weights' copies are made once per backward and freed with it.
+    With `fp8_grads` (every channel kept) backward's three matrix products, the input gradients of the frozen
+    down, gate and up projections (all of a frozen MLP's backward products), run from float8 copies of their
+    operands (`jenga.fp8.fp8_matmul`: one scale per row of the gradient and per column of the weight, each product
+    accumulated in fp32; the gate and up products are summed in the compute dtype). The weights' copies are
+    quantized from the saved weights once per backward and freed with it.
     """
 
     @staticmethod
@@ -166,11 +167,13 @@ class GatedMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, *weights, channels, scales, x, gate_b, up_b = ctx.saved_tensors
-        gate_w, up_w, down_w = (w.to(ctx.dtype) for w in weights)
+        if ctx.fp8_grads:  # the products' float8 weights: (K, N) column-major codes, a scale per column
+            down_q, gate_q, up_q = (fp8_columns(weights[i]) for i in (2, 0, 1))
+        # in the compute dtype where this backward multiplies by them (the float8 path only to recompute)
+        cast = not ctx.fp8_grads or x is not None
+        gate_w, up_w, down_w = (w.to(ctx.dtype) for w in weights) if cast else weights
         grad_out = grad_out.to(ctx.dtype)
         grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
-        if ctx.fp8_grads:  # the products' float8 weights: (K, N) column-major codes, a scale per column
-            down_q, gate_q, up_q = fp8_columns(down_w), fp8_columns(gate_w), fp8_columns(up_w)
         for i, (s, e) in enumerate(ctx.spans):
             for row in range(grad_out.shape[0]) if channels is not None else [slice(None)]:
                 idx = slice(None) if channels is None else channels[row, i]

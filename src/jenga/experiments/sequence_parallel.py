@@ -31,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from ..autocast import compute_dtype
 from ..elimination import Selector, TokenSelection, oracle_scorer, select_blocks
 from ..kernels import block_scores
 from ..patching import jenga_state
@@ -138,11 +139,14 @@ def shard_scorer(group: dist.ProcessGroup | None = None):
             raise ValueError("the sequence-parallel prototype takes no padding: pack or trim the sequences")
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         q, k, scale = query_key()
+        q, k = q.to(compute_dtype(q)), k.to(compute_dtype(k))  # as the score runs (fp32 from the rotary under autocast)
         shard = q.shape[2]
         if shard % block_size:
             raise ValueError(f"a shard of {shard} tokens is not a whole number of {block_size}-token blocks")
         keys = _all_gather(k, 2, group)[:, :, : (rank + 1) * shard]
         # zero queries before this shard: their tiles are all 0 (ReLU), so the sum over query blocks is this rank's
+        # (and rank r computes (r + 1)^2 / 2 shards^2 of tiles, the last rank the whole sequence's: the oracle has no
+        # query offset)
         queries = F.pad(q, (0, 0, rank * shard, 0))
         scores = F.pad(block_scores(queries, keys, block_size, scale), (0, (size - rank - 1) * shard // block_size))
         dist.all_reduce(scores, group=group)
@@ -156,7 +160,8 @@ def shard_blocks(
 ) -> torch.Tensor:
     """This shard's `keep_blocks` kept blocks (B, keep_blocks), as indices within the shard: ranked by the whole
     sequence's `scores` (B, blocks), with its first `sink_blocks` and last `recent_blocks` forced on the ranks
-    that hold them."""
+    that hold them. Every shard keeps `keep_blocks` (`JengaConfig.kept_blocks` of its own blocks, at least
+    sink + recent), so with more than two ranks the middle ones may keep more than the ratio where it is small."""
     per_shard = scores.shape[1] // size
     ranked = scores.float().clone()
     ranked[:, :sink_blocks] = float("inf")
@@ -185,16 +190,18 @@ class ShardSelector(Selector):
         return TokenSelection(index, None, selection.seq_len * size)
 
 
-def select_per_shard(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Make a Jenga-patched model under `use_ulysses` select per shard from whole-sequence oracle scores
-    (`ShardSelector`); call after `apply_jenga`."""
+def select_per_shard(model: nn.Module) -> None:
+    """Make a Jenga-patched model under `use_ulysses` select per shard from whole-sequence oracle scores on the
+    group `use_ulysses` registered (`ShardSelector`); call after `apply_jenga`."""
     state = jenga_state(model)
     if state is None:
         raise ValueError("select_per_shard needs a model patched by apply_jenga")
+    if getattr(state.owner.config, "_attn_implementation", None) != ULYSSES:
+        raise ValueError("select_per_shard needs the Ulysses attention: call use_ulysses(model) before apply_jenga")
     if state.selector.scorer is not oracle_scorer:
         raise ValueError(
             "the sequence-parallel prototype scores with the oracle only: apply_jenga without scorer= or predictor="
         )
     if state.config.shared_selection:
         raise ValueError("the sequence-parallel prototype does not share one selection across layers")
-    state.selector = ShardSelector(state.config, group)
+    state.selector = ShardSelector(state.config, _GROUP[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -89,6 +90,13 @@ def check_fp8_mlp_grads(model: nn.Module, adapter: FamilyAdapter, mlp_keep: list
             f"fp8_mlp_grads needs every MLP channel kept, but mlp_keep goes down to {min(mlp_keep)}: set "
             "mlp_keep=1.0 or leave fp8_mlp_grads False"
         )
+    device = next(model.parameters()).device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise JengaConfigError(
+            f"fp8_mlp_grads needs float8 matrix units (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
+            f"this GPU is {major}.{minor}: leave fp8_mlp_grads False"
+        )
     config = model.config
     widths = {"hidden_size": config.hidden_size, "intermediate_size": getattr(config, "intermediate_size", None)}
     odd = {name: width for name, width in widths.items() if width is not None and width % FP8_WIDTH_MULTIPLE}
@@ -135,9 +143,9 @@ def apply_jenga(
     `fused_kernels`: Liger Kernel's fused RMSNorm, rotary embedding, SiLU product and linear cross-entropy (needs
     `liger-kernel`) wherever they fit Jenga's paths without losing a float8 save (`jenga.liger`).
     `fp8_mlp_grads`: the frozen gated MLP's backward products (its input gradients) run from float8 copies with
-    one scale per row and column and fp32 accumulation (`jenga.mlp`), at Hopper's float8 matrix rate; needs every
-    MLP channel kept (`mlp_keep` 1.0) and a GPU of compute capability 8.9 or newer. It moves the LoRA gradient
-    about as far from the bf16 step's as bf16 is from fp32 (docs/real-model.md).
+    one scale per row and column and fp32 accumulation (`jenga.mlp`); needs every MLP channel kept (`mlp_keep`
+    1.0) and a GPU of compute capability 8.9 or newer. It moves the LoRA gradient about as far from the bf16
+    step's as bf16 is from fp32, and it was no faster at 8K on the H100 (docs/real-model.md).
     """
     if isinstance(config, dict):
         raise TypeError(

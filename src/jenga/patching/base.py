@@ -57,7 +57,7 @@ ScaledQK = tuple[torch.Tensor, torch.Tensor, float]
 
 DENSE_MLP_MESSAGE = (
     "Jenga: MLPs with trainable or non-standard projections (e.g. LoRA on MLP layers, quantized linears) "
-    "use the dense MLP path, which saves full activations for backward."
+    "use the dense MLP path, which saves full activations for backward (no float8 saves, no fp8_mlp_grads)."
 )
 EVAL_MODE_MESSAGE = (
     "Jenga: a forward with autograd on ran in eval mode, where Jenga leaves the model as it is (no float8 saves, "
