@@ -244,6 +244,15 @@ def test_ulysses_sequence_parallel_gives_one_process_loss_and_gradients(tmp_path
                     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_shard_blocks_force_the_sequences_sink_and_recent_blocks_on_the_ranks_that_hold_them():
+    """A shard keeps its best blocks by the whole sequence's scores; the sequence's first block (the sink) is kept on
+    the first rank and its last (the recent block) on the last even when they score lowest; middle ranks force
+    nothing."""
+    scores = torch.tensor([[0.0, 5.0, 4.0, 3.0, 9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 7.0, -1.0]])
+    kept = [sequence_parallel.shard_blocks(scores, r, 4, 2, 1, 1).tolist() for r in range(4)]
+    assert kept == [[[0, 1]], [[0, 1]], [[2, 3]], [[0, 3]]]
+
+
 def test_select_per_shard_needs_the_ulysses_attention():
     model = apply_jenga(add_lora(tiny_llama(layers=2)), SP_ELIMINATION)
     with pytest.raises(ValueError, match="use_ulysses"):

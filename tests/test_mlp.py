@@ -354,3 +354,19 @@ def test_gated_mlp_fp8_grads_with_the_fused_silu_backward(monkeypatch):
         gated_mlp(x, gate, up, down, torch.nn.SiLU(), 1.0, chunk=8, fp8=True, fp8_grads=True).backward(grad)
         grads[fused] = x.grad
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-5)
+
+
+def test_gated_mlp_fp8_grads_quantizes_the_saved_weights_under_autocast(monkeypatch):
+    """Under bf16 autocast with fp32 master weights, the float8 copies come from the fp32 weights themselves (no bf16
+    cast copy first, which would round twice and hold a copy per weight), and the input gradient is fp32 as x."""
+    import jenga.mlp as mlp
+
+    torch.manual_seed(0)
+    gate, up, down = frozen_linear(32, 96, False), frozen_linear(32, 96, False), frozen_linear(96, 32, False)
+    seen = []
+    monkeypatch.setattr(mlp, "fp8_columns", lambda w, f=mlp.fp8_columns: seen.append(w.dtype) or f(w))
+    x = torch.randn(2, 20, 32, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = gated_mlp(x, gate, up, down, F.silu, 1.0, chunk=8, fp8=True, fp8_grads=True)
+    out.float().sum().backward()
+    assert seen == [torch.float32] * 3 and x.grad.dtype == torch.float32

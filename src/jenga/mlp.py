@@ -95,7 +95,7 @@ class GatedMLPFunction(torch.autograd.Function):
     do not (activations saved unrounded, recomputed, or a subset of channels).
 
     With `fp8_grads` (every channel kept) backward's three matrix products, the input gradients of the frozen
-    down, gate and up projections (all of a frozen MLP's backward products), run from float8 copies of their
+    down, gate and up projections (all of its products but `recompute`'s), run from float8 copies of their
     operands (`jenga.fp8.fp8_matmul`: one scale per row of the gradient and per column of the weight, each product
     accumulated in fp32; the gate and up products are summed in the compute dtype). The weights' copies are
     quantized from the saved weights once per backward and freed with it.
@@ -169,9 +169,10 @@ class GatedMLPFunction(torch.autograd.Function):
         gate, up, *weights, channels, scales, x, gate_b, up_b = ctx.saved_tensors
         if ctx.fp8_grads:  # the products' float8 weights: (K, N) column-major codes, a scale per column
             down_q, gate_q, up_q = (fp8_columns(weights[i]) for i in (2, 0, 1))
-        # in the compute dtype where this backward multiplies by them (the float8 path only to recompute)
+        # in the compute dtype where this backward multiplies by them (the float8 path: gate and up to recompute)
         cast = not ctx.fp8_grads or x is not None
-        gate_w, up_w, down_w = (w.to(ctx.dtype) for w in weights) if cast else weights
+        gate_w, up_w = (w.to(ctx.dtype) for w in weights[:2]) if cast else weights[:2]
+        down_w = weights[2] if ctx.fp8_grads else weights[2].to(ctx.dtype)
         grad_out = grad_out.to(ctx.dtype)
         grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
         for i, (s, e) in enumerate(ctx.spans):
