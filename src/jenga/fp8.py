@@ -52,7 +52,7 @@ def _float8_units(device: torch.device) -> bool:
 
 def fp8_matmul(a: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`a @ w` in `dtype` from float8: `a` (..., K) quantized per row here, `w` from `fp8_columns`; the products
-    accumulate in fp32 (`torch._scaled_mm` with row-wise scales, at twice the bf16 matrix rate on Hopper). On CUDA
+    accumulate in fp32 (`torch._scaled_mm` with row-wise scales, up to twice the bf16 matrix rate on Hopper). On CUDA
     the result passes through bf16, the one output row-wise float8 products have on every GPU and build."""
     if a.is_cuda and not _float8_units(a.device):
         major, minor = torch.cuda.get_device_capability(a.device)
