@@ -46,20 +46,28 @@ def fp8_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _float8_units(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+def float8_units(device: torch.device | str) -> bool:
+    """Whether `device` runs `fp8_matmul`: a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell), or the
+    CPU (PyTorch's reference product, for tests)."""
+    device = torch.device(device)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def require_float8_units(device: torch.device | str) -> None:
+    """Raise, naming the fix, where `fp8_mlp_grads` cannot run (`float8_units`)."""
+    if not float8_units(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(
+            f"fp8_mlp_grads needs float8 matrix units (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
+            f"this GPU is {major}.{minor}: leave fp8_mlp_grads False"
+        )
 
 
 def fp8_matmul(a: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`a @ w` in `dtype` from float8: `a` (..., K) quantized per row here, `w` from `fp8_columns`; the products
     accumulate in fp32 (`torch._scaled_mm` with row-wise scales, up to twice the bf16 matrix rate on Hopper). On CUDA
     the result passes through bf16, the one output row-wise float8 products have on every GPU and build."""
-    if a.is_cuda and not _float8_units(a.device):
-        major, minor = torch.cuda.get_device_capability(a.device)
-        raise RuntimeError(
-            f"fp8_mlp_grads needs float8 matrix units (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
-            f"this GPU is {major}.{minor}: apply_jenga without fp8_mlp_grads"
-        )
+    require_float8_units(a.device)
     codes, scale = to_fp8(a.reshape(-1, a.shape[-1]))
     out_dtype = torch.bfloat16 if a.is_cuda else dtype
     out = torch._scaled_mm(codes, w_codes, scale_a=scale[:, None], scale_b=w_scale[None, :], out_dtype=out_dtype)

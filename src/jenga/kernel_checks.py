@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .fp8 import FP8, FP8_MAX, fp8_columns, fp8_matmul, from_fp8, to_fp8
+from .fp8 import FP8, FP8_MAX, float8_units, fp8_columns, fp8_matmul, from_fp8, to_fp8
 from .kernels.fp8 import dequantize_rows, quantize_rows, silu_mul_backward, silu_mul_quantize
 from .kernels.rms_norm import rms_norm_backward, rms_norm_forward
 from .mlp import _activation_grads
@@ -186,7 +186,7 @@ def fp8_products(device: str) -> dict[str, Any]:
     its output (2^-8 relative) of the float64 product of the same float8 operands, so the codes, scales, layout and
     fp32 accumulation are right; its distance from the bf16 product, float8's rounding, is logged beside it.
     Skipped (ok) on a GPU without float8 matrix units."""
-    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if not float8_units(device):
         return {"what": "fp8_matmul_bf16", "skipped": "no float8 matrix units (compute capability < 8.9)", "ok": True}
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(256, 4096, generator=gen).bfloat16()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .. import liger
 from ..config import JengaConfig, JengaConfigError
 from ..elimination import BlockScorer, Selector, oracle_scorer
+from ..fp8 import require_float8_units
 from ..predictor.bundle import PredictorBundle
 from .base import (
     FamilyAdapter,
@@ -79,7 +79,7 @@ FP8_WIDTH_MULTIPLE = 16
 
 def check_fp8_mlp_grads(model: nn.Module, adapter: FamilyAdapter, mlp_keep: list[float]) -> None:
     """Raise at apply time, naming the fix, where `fp8_mlp_grads` cannot act: no gated MLP, an MLP saving a subset
-    of its channels, or widths the float8 product does not take."""
+    of its channels, widths the float8 product does not take, or a GPU without float8 units (`jenga.fp8`)."""
     if not adapter.gated_mlp:
         raise JengaConfigError(
             f"fp8_mlp_grads runs a gated (SwiGLU) MLP's backward products in float8; {type(model).__name__} has an "
@@ -90,13 +90,7 @@ def check_fp8_mlp_grads(model: nn.Module, adapter: FamilyAdapter, mlp_keep: list
             f"fp8_mlp_grads needs every MLP channel kept, but mlp_keep goes down to {min(mlp_keep)}: set "
             "mlp_keep=1.0 or leave fp8_mlp_grads False"
         )
-    device = next(model.parameters()).device
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise JengaConfigError(
-            f"fp8_mlp_grads needs float8 matrix units (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
-            f"this GPU is {major}.{minor}: leave fp8_mlp_grads False"
-        )
+    require_float8_units(next(model.parameters()).device)
     config = model.config
     widths = {"hidden_size": config.hidden_size, "intermediate_size": getattr(config, "intermediate_size", None)}
     odd = {name: width for name, width in widths.items() if width is not None and width % FP8_WIDTH_MULTIPLE}
