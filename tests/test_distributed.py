@@ -162,7 +162,8 @@ class _PerHalfReference(Selector):
         first, second = scores[:, :half].clone(), scores[:, half:].clone()
         first[:, 0] = second[:, -1] = float("inf")
         blocks = [s.topk(half // 2, dim=1).indices.sort(dim=1).values for s in (first, second)]
-        return TokenSelection.from_blocks(torch.cat([blocks[0], blocks[1] + half], dim=1), self.config.block_size, seq_len)
+        kept = torch.cat([blocks[0], blocks[1] + half], dim=1)
+        return TokenSelection.from_blocks(kept, self.config.block_size, seq_len)
 
 
 def _sequence_parallel_model(checkpointing: bool, eliminate: bool) -> torch.nn.Module:
