@@ -11,9 +11,11 @@ from conftest import tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from jenga import JengaConfig, apply_jenga
+from jenga import JengaConfig, apply_jenga, checkpointing
 from jenga.checkpointing import (
     ATTENTION_OPS,
+    checkpoint_first,
+    fit_checkpoints,
     group_checkpoints,
     offload_checkpoints,
     reset_checkpoints,
@@ -59,11 +61,18 @@ def _checkpointed_lora_model(config: JengaConfig | None = None, **patch) -> torc
 
 
 def _step(
-    size: int = 1, config: JengaConfig | None = None, offload: float | None = None, attention: bool = False, **patch
+    size: int = 1,
+    config: JengaConfig | None = None,
+    offload: float | None = None,
+    attention: bool = False,
+    first: int | None = None,
+    **patch,
 ) -> Step:
-    """`size` layers per checkpoint, then `offload` of the checkpoints on the host, then `save_attention` if
-    `attention`; `patch`: `apply_jenga`'s."""
+    """`first` layers checkpointed (`checkpoint_first`; all when None), then `size` layers per checkpoint, then
+    `offload` of the checkpoints on the host, then `save_attention` if `attention`; `patch`: `apply_jenga`'s."""
     model = _checkpointed_lora_model(config, **patch)
+    if first is not None:
+        assert checkpoint_first(model, first) == list(range(min(first, 4), 4))
     layers = model.base_model.model.model.layers
     regions, forwards = [], [0] * len(layers)
     for i, layer in enumerate(layers):
@@ -80,7 +89,7 @@ def _step(
     groups = group_checkpoints(model, size) if size > 1 else None
     offloaded = offload_checkpoints(model, offload) if offload is not None else None
     if attention:
-        assert save_attention(model) == len(groups or layers)
+        assert save_attention(model) == len(groups or [layer for layer in layers if layer.gradient_checkpointing])
     ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(1))
     with AttentionCalls() as calls:
         loss = model(input_ids=ids, labels=ids).loss
@@ -296,3 +305,132 @@ def test_reset_checkpoints_undoes_grouping_offload_and_saved_attention(offload_c
         model(input_ids=ids, labels=ids).loss.backward()
     assert calls.count == 8 and not offload_calls  # 4 layers, each attention in the forward and the recompute
     assert group_checkpoints(model, 2) == [[0, 1], [2, 3]]  # grouping is possible again
+
+
+def _forward_counts(model: torch.nn.Module) -> list[int]:
+    """Forward calls per decoder layer in one training step (the first pass and any recompute)."""
+    layers = model.base_model.model.model.layers
+    counts = [0] * len(layers)
+    hooks = [
+        layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return counts
+
+
+@pytest.mark.parametrize("config", [JengaConfig(), JengaConfig(attn_keep=0.5, mlp_keep=0.5, block_size=16)])
+@pytest.mark.parametrize("first,forwards", [(0, [1, 1, 1, 1]), (2, [2, 2, 1, 1]), (4, [2, 2, 2, 2])])
+def test_checkpointing_the_first_layers_recomputes_only_them_with_unchanged_gradients(config, first, forwards):
+    """`checkpoint_first(model, n)`: the first n layers are checkpoints (run again in backward), the others keep
+    their activations (run once); loss and LoRA gradients are those of checkpointing every layer, with
+    elimination too. It combines with offloading and saved attention, which act on the checkpoints it leaves."""
+    reference = _step(config=config)
+    step = _step(config=config, first=first)
+    assert step.forwards == forwards and step.regions == list(range(first))
+    assert_same_training(step, reference)
+    if first == 2:
+        assert_same_training(_step(config=config, first=first, offload=1.0, attention=True), reference)
+
+
+def test_checkpointing_the_first_layers_survives_reenabling_and_reset():
+    """The Trainer enables checkpointing again (every layer's flag set): the unchecked layers stay unchecked;
+    `reset_checkpoints` checks them again, also across a further enabling."""
+    model = _checkpointed_lora_model()
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    assert checkpoint_first(model, 1) == [1, 2, 3]
+    model.gradient_checkpointing_enable(**kwargs)
+    assert _forward_counts(model) == [2, 1, 1, 1]
+    reset_checkpoints(model)
+    assert _forward_counts(model) == [2, 2, 2, 2]
+    model.gradient_checkpointing_enable(**kwargs)
+    assert _forward_counts(model) == [2, 2, 2, 2]
+
+
+def test_checkpointing_the_first_layers_rejects_bad_counts_and_orders():
+    model = add_attention_lora(tiny_llama(layers=4))
+    with pytest.raises(ValueError, match="gradient_checkpointing_enable"):
+        checkpoint_first(model, 2)
+    model.gradient_checkpointing_enable(every_n_layers=2)
+    with pytest.raises(ValueError, match="every_n_layers=1"):
+        checkpoint_first(model, 2)
+    model.gradient_checkpointing_enable()
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="number of layers"):
+            checkpoint_first(model, bad)
+    group_checkpoints(model, 2)
+    with pytest.raises(ValueError, match="call checkpoint_first first"):
+        checkpoint_first(model, 2)
+
+
+class FakeMemory:
+    """Allocator counters for `fit_checkpoints` on the CPU, answering in call order: `allocated` from a list (the
+    two measured layers' forwards, before and after each), `peaks` from a list of (allocated, reserved) GiB (to the
+    last layer's backward, then after it)."""
+
+    def __init__(self, allocated_gib: list[float], peaks_gib: list[tuple[float, float]]) -> None:
+        self.values = [v * 2**30 for v in allocated_gib]
+        self.peak_values = [(a * 2**30, r * 2**30) for a, r in peaks_gib]
+        self.resets = 0
+
+    def allocated(self) -> int:
+        return self.values.pop(0)
+
+    def peaks(self) -> tuple[float, float]:
+        return self.peak_values.pop(0)
+
+    def reset_peak(self) -> None:
+        self.resets += 1
+
+
+@pytest.mark.parametrize(
+    "recompute,budget,unchecked",
+    [
+        (8, 14.5, [1, 2, 3]),
+        (8, 10.4, []),
+        (8, 100.0, [0, 1, 2, 3]),
+        (8, 11.0, [3]),
+        (13, 13.1, []),
+        (13, 15, [1, 2, 3]),
+    ],
+)
+def test_fitting_checkpoints_leaves_as_many_last_layers_as_the_budget_holds(monkeypatch, recompute, budget, unchecked):
+    """The measured step runs once with the last layer unchecked; the third layer's forward grew the allocated
+    bytes by 1 GiB (a checkpoint), the last one's by 3 (its activations): 2 GiB per unchecked layer. Up to the last
+    layer's backward the allocated peak was 10 GiB (reserved 10.5), after it `recompute` (reserved 0.2 more):
+    each further unchecked layer adds 2 GiB to the first peak only; the reserved slack (0.5, or 0.2 where the
+    recompute's peak is the higher) counts against the budget. Below either peak every layer stays checkpointed."""
+    memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [(10.0, 10.5), (recompute, recompute + 0.2)])
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+    model = _checkpointed_lora_model()
+    flags = []
+
+    def step():
+        flags.append([layer.gradient_checkpointing for layer in model.base_model.model.model.layers])
+        ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    fit = fit_checkpoints(model, step, budget)
+    assert flags == [[True, True, True, False]] and memory.resets == 2 and not memory.values and not memory.peak_values
+    assert fit.unchecked == unchecked and fit.layer_gib == 2.0 and fit.unchecked_peak_gib == 10.0
+    assert fit.recompute_peak_gib == recompute and fit.slack_gib == pytest.approx(0.5 if recompute < 10 else 0.2)
+    assert _forward_counts(model) == [1 if i in unchecked else 2 for i in range(4)]
+
+
+def test_fitting_checkpoints_needs_a_gpu_and_more_saved_bytes_unchecked(monkeypatch):
+    model = _checkpointed_lora_model()
+    with pytest.raises(ValueError, match="CUDA device.*checkpoint_first"):
+        fit_checkpoints(model, lambda: None, 10.0)
+    reset_checkpoints(model)
+    memory = FakeMemory([5.0, 6.0, 6.0, 6.5], [(10.0, 10.5), (8.0, 9.0)])
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="expected more"):
+        fit_checkpoints(model, lambda: model(input_ids=ids, labels=ids).loss.backward(), 20.0)
+    reset_checkpoints(model)
+    memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [])
+    with pytest.raises(RuntimeError, match="forward and backward"):  # a step without backward
+        fit_checkpoints(model, lambda: model(input_ids=ids, labels=ids), 20.0)

@@ -33,6 +33,9 @@ def test_every_method_has_checkpointing_twins():
             attention = METHODS[f"{name}+attnckpt"]
             assert attention.saved_attention and attention.checkpointing and not attention.checkpoint_offload
             assert attention.jenga == method.jenga and attention.baseline == "lora+ckpt" and not twin.saved_attention
+            fit = METHODS[f"{name}+fitckpt"]
+            assert fit.checkpoint_fit and fit.checkpointing and not fit.checkpoint_offload and not twin.checkpoint_fit
+            assert fit.jenga == method.jenga and fit.baseline == "lora+ckpt"
     with pytest.raises(KeyError, match="known methods"):
         get_method("lora-typo")
 
@@ -449,6 +452,43 @@ def test_a_saved_attention_method_trains_and_says_so(tmp_path):
     assert run.run_one(str(folder), "jenga+attnckpt", 64, 1, 0, log, None)["status"] == "ok"
     header = json.loads(log.read_text().splitlines()[0])
     assert header["saved_attention"] and header["gradient_checkpointing"] and header["layers_per_checkpoint"] == 1
+
+
+def test_a_fitted_checkpointing_method_logs_what_it_measured_and_chose(tmp_path, monkeypatch):
+    """`+fitckpt` measures one step (`fit_checkpoints`, here with allocator counters of a fake GPU of 40 GiB: 2 GiB
+    per unchecked layer, a 10 GiB peak) and trains with the last layers unchecked; the log says so. A measuring
+    step out of memory leaves every layer checkpointed and the run goes on."""
+    from types import SimpleNamespace
+
+    from test_checkpointing import FakeMemory
+
+    from jenga import checkpointing
+    from jenga.experiments import run
+
+    folder = tmp_path / "arch"
+    tiny_llama(kv_heads=2, layers=6).config.save_pretrained(folder)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=40 * 2**30))
+    memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [(10.0, 10.5), (8.0, 9.0)])
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+    log = tmp_path / "arch.jsonl"
+    assert run.run_one(str(folder), "jenga+fitckpt", 64, 1, 0, log, None)["status"] == "ok"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    fit = next(r for r in records if r["record"] == "checkpoint_fit")
+    assert records[0]["checkpoint_fit"] and records[0]["gradient_checkpointing"]
+    # budget 40 - 2 (margin) = 38 GiB, less 0.5 of slack: (37.5 - 10) // 2 = 13 more layers than the measured one
+    assert fit["status"] == "ok" and fit["unchecked_layers"] == list(range(6)) and fit["budget_gib"] == 38.0
+    assert fit["unchecked_peak_gib"] == 10.0 and fit["unchecked_layer_gib"] == 2.0 and fit["decoder_layers"] == 6
+    assert fit["recompute_peak_gib"] == 8.0 and fit["slack_gib"] == 0.5
+
+    def out_of_memory(model, step, budget):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(checkpointing, "fit_checkpoints", out_of_memory)
+    log = tmp_path / "oom.jsonl"
+    assert run.run_one(str(folder), "lora+fitckpt", 64, 1, 0, log, None)["status"] == "ok"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    fit = next(r for r in records if r["record"] == "checkpoint_fit")
+    assert fit["status"] == "oom" and fit["unchecked_layers"] == []
 
 
 def test_the_longest_length_method_checkpoints_layer_pairs_and_budgets_them(tmp_path, monkeypatch):

@@ -13,9 +13,12 @@ pinning only the checkpoints' own bytes (`jenga.pinned`: PyTorch's pinned alloca
 power of two, up to twice the bytes).
 `save_attention` trades the other way, bytes for time: a checkpointed layer's backward recomputes its forward,
 attention included, and at long lengths attention is most of a step; keeping each layer's attention output
-(PyTorch's selective checkpointing) lets the recompute skip it. All three stay in place when
-`gradient_checkpointing_enable()` runs again, as the HF Trainer's `gradient_checkpointing=True` makes it do;
-`reset_checkpoints` undoes them.
+(PyTorch's selective checkpointing) lets the recompute skip it. `checkpoint_first` and `fit_checkpoints` spend
+memory the same way, whole layers at a time: a model whose layers save little (Jenga's) keeps the last layers'
+activations and recomputes only the first ones, as many as the GPU's memory needs (transformers' `every_n_layers`
+spreads the kept layers over the model, which makes the backward recompute while they still hold their
+activations). All of these stay in place when `gradient_checkpointing_enable()` runs again, as the HF Trainer's
+`gradient_checkpointing=True` makes it do; `reset_checkpoints` undoes them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -95,9 +99,146 @@ def _attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 _attention_saved = partial(create_selective_checkpoint_contexts, _attention_policy)
 
 
+def checkpoint_first(model: nn.Module, count: int) -> list[int]:
+    """Checkpoint only the first `count` decoder layers (call after `gradient_checkpointing_enable()`, before the
+    other functions here); the others keep every activation their backward reads, so the backward recomputes
+    `count` layers instead of all. The layers left are the last ones: the backward reaches them first and frees
+    their activations before it recomputes any checkpointed layer, so the peak is the forward's end, not that plus
+    a recompute. Returns the indices of the layers left without a checkpoint."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be a number of layers (0 or more), got {count!r}")
+    layers = _every_layer_checkpointed(model, "checkpoint_first", "to choose from")
+    if any(getattr(layer, _WRAPS, ()) or getattr(layer, _MEMBER, False) for layer in layers):
+        raise ValueError(
+            "group_checkpoints, offload_checkpoints or save_attention ran before checkpoint_first: they act on the "
+            "checkpoints it leaves, so call checkpoint_first first"
+        )
+    left = list(range(min(count, len(layers)), len(layers)))
+    for i in left:
+        layers[i].gradient_checkpointing = False
+        setattr(layers[i], _UNCHECKED, True)
+    _keep_through_reenabling(model, layers)
+    return left
+
+
+@dataclass(frozen=True)
+class CheckpointFit:
+    """What `fit_checkpoints` measured (GiB) and chose."""
+
+    unchecked: list[int]  # the layers left without a checkpoint
+    layer_gib: float  # how much more an unchecked layer kept than a checkpointed one
+    unchecked_peak_gib: float  # allocated, up to the end of the unchecked layer's backward
+    recompute_peak_gib: float  # allocated, from there on (the checkpointed layers' recomputes and backwards)
+    slack_gib: float  # the allocator's reserved bytes above the allocated peak
+
+
+def fit_checkpoints(model: nn.Module, step: Callable[[], object], budget_gib: float) -> CheckpointFit:
+    """`checkpoint_first` with as many layers left unchecked as `budget_gib` of GPU memory (reserved bytes, what a
+    cap limits) holds, measured: `step` (one forward and backward of the batch shape to train; clearing the
+    gradients is the caller's) runs once with the last layer unchecked. It gives how many bytes more an unchecked
+    layer keeps than a checkpointed one (the last two layers' forwards) and two peaks: up to the end of the last
+    layer's backward, which each further unchecked layer raises by that much (their activations all live at the
+    forward's end), and after it, in the checkpointed layers' recomputes, which come once the unchecked layers'
+    activations are freed. Where the measured step exceeds the budget every layer stays checkpointed. Needs the
+    model on a CUDA device."""
+    device = next(model.parameters()).device
+    memory = _memory(device)
+    layers = checkpointed_layers(model, "fit_checkpoints")
+    if len(layers) < 2:
+        raise ValueError("fit_checkpoints compares two decoder layers' saved bytes: the model needs at least two")
+    checkpoint_first(model, len(layers) - 1)
+    last, before_last = len(layers) - 1, len(layers) - 2
+    grown: dict[int, list[int]] = {}  # layer index: allocated bytes before and after its forward's call
+    peaks: list[tuple[int, int]] = []  # (allocated, reserved) peaks: to the split, then after it
+
+    def measure(index: int) -> list:
+        def before(module, args):
+            if index not in grown:  # the forward's call; a checkpoint's recompute runs the hooks again
+                grown[index] = [memory.allocated()]
+
+        def after(module, args, output):
+            if len(grown[index]) == 1:
+                grown[index].append(memory.allocated())
+
+        return [layers[index].register_forward_pre_hook(before), layers[index].register_forward_hook(after)]
+
+    def split(grad: torch.Tensor) -> None:  # the last layer's input gradient: its backward is done
+        peaks.append(memory.peaks())
+        memory.reset_peak()
+
+    def mark(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not peaks and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(split)
+
+    hooks = measure(before_last) + measure(last)
+    hooks.append(layers[last].register_forward_pre_hook(mark, with_kwargs=True))
+    memory.reset_peak()
+    try:
+        step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(peaks) != 1:
+        raise RuntimeError(
+            "the measured step did not backpropagate through the last decoder layer's input once: fit_checkpoints "
+            "needs `step` to run one forward and backward of the model in training mode"
+        )
+    peaks.append(memory.peaks())
+    (unchecked, unchecked_reserved), (recompute, recompute_reserved) = peaks
+    gib = 2**30
+    slack = max(0, max(unchecked_reserved, recompute_reserved) - max(unchecked, recompute)) / gib
+    unchecked, recompute = unchecked / gib, recompute / gib
+    layer = ((grown[last][1] - grown[last][0]) - (grown[before_last][1] - grown[before_last][0])) / gib
+    if layer <= 0:
+        raise RuntimeError(
+            f"an unchecked layer kept {layer:.3f} GiB more than a checkpointed one in the measured step: expected "
+            f"more; choose the number of checkpointed layers with checkpoint_first(model, count)"
+        )
+    room = budget_gib - slack
+    count = 0 if max(unchecked, recompute) > room else min(len(layers), 1 + int((room - unchecked) // layer))
+    _restore_flags(model)
+    return CheckpointFit(checkpoint_first(model, len(layers) - count), layer, unchecked, recompute, slack)
+
+
+class CudaMemory:
+    """The CUDA allocator's counters for one device, as `fit_checkpoints` reads them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peaks(self) -> tuple[int, int]:
+        """The allocated and the reserved bytes' peaks since the last reset."""
+        return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def _memory(device: torch.device) -> CudaMemory:
+    if device.type != "cuda":
+        raise ValueError(
+            f"fit_checkpoints measures GPU memory, but the model is on {device}: move it to a CUDA device, or choose "
+            f"the number of checkpointed layers yourself with checkpoint_first(model, count)"
+        )
+    return CudaMemory(device)
+
+
+def _restore_flags(model: nn.Module) -> None:
+    """Check the layers `checkpoint_first` left unchecked again (checkpointing is on, or it could not have run)."""
+    for module in model.modules():
+        if module.__dict__.pop(_UNCHECKED, False):
+            module.gradient_checkpointing = True
+
+
 def reset_checkpoints(model: nn.Module) -> None:
-    """Undo `group_checkpoints`, `offload_checkpoints` and `save_attention`: every layer gets back the checkpoint
-    function `gradient_checkpointing_enable()` set, and enabling checkpointing again no longer redoes them."""
+    """Undo `checkpoint_first`, `group_checkpoints`, `offload_checkpoints` and `save_attention`: every layer gets
+    back the checkpoint function `gradient_checkpointing_enable()` set, and enabling checkpointing again no longer
+    redoes them."""
+    _restore_flags(model)
     for module in model.modules():
         base = module.__dict__.get(_BASE)
         if base is not None:
@@ -123,10 +264,22 @@ def checkpointed_layers(model: nn.Module, caller: str) -> list[nn.Module]:
     return layers
 
 
+def _every_layer_checkpointed(model: nn.Module, caller: str, why: str) -> list[nn.Module]:
+    """`checkpointed_layers`, and an error naming `caller` unless that is every decoder layer."""
+    layers = checkpointed_layers(model, caller)
+    if len(layers) < sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules()):
+        raise ValueError(
+            f"{caller} needs every decoder layer checkpointed {why}; enable checkpointing with every_n_layers=1"
+        )
+    return layers
+
+
 # Set on the layers a group's first layer runs inside its checkpoint: they hold no checkpoint of their own.
 _MEMBER = "_jenga_checkpoint_member"
 # Set on a group's first layer: the group's layers.
 _GROUP = "_jenga_checkpoint_group"
+# Set on the layers `checkpoint_first` leaves without a checkpoint.
+_UNCHECKED = "_jenga_checkpoint_unchecked"
 # Set on every checkpointed layer by `offload_checkpoints`: it runs once per model.
 _OFFLOADED = "_jenga_checkpoint_offloaded"
 # A layer's checkpoint function as `gradient_checkpointing_enable()` set it, what this module did to it, in order,
@@ -173,12 +326,7 @@ def group_checkpoints(model: nn.Module, size: int) -> list[list[int]]:
     another trade: it leaves the other layers unchecked, keeping all their activations.)"""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive number of layers, got {size!r}")
-    layers = checkpointed_layers(model, "group_checkpoints")
-    if len(layers) < sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules()):
-        raise ValueError(
-            "group_checkpoints needs every decoder layer checkpointed: a group runs its layers in order inside one "
-            "checkpoint; enable checkpointing with every_n_layers=1"
-        )
+    layers = _every_layer_checkpointed(model, "group_checkpoints", "(a group runs its layers in one checkpoint)")
     if any(_in_group(layer) for layer in layers):
         raise ValueError("the model's checkpoints are grouped already: group_checkpoints runs once per model")
     if any(getattr(layer, _WRAPS, ()) for layer in layers):
@@ -260,6 +408,8 @@ def _keep_through_reenabling(model: nn.Module, layers: list[nn.Module]) -> None:
 
 def _reapply(decoder: nn.Module) -> None:
     for layer in decoder.modules():
+        if getattr(layer, _UNCHECKED, False):
+            layer.gradient_checkpointing = False
         wraps = getattr(layer, _WRAPS, ())
         if not wraps or layer._gradient_checkpointing_func is getattr(layer, _INSTALLED):
             continue

@@ -6,9 +6,10 @@ Every name (offloading ones aside) also exists with a "+ckpt" suffix (gradient c
 which pins only the checkpoints' own bytes, for Jenga), a "+halfoffckpt" suffix (the last half of the layers'
 inputs in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both),
 a "+fitoffckpt" suffix (as many checkpoints in host memory as it holds at the run's length: the runner resolves
-the share, `jenga.experiments.host_memory`) and a "+attnckpt" suffix (checkpointing whose recompute reuses each
-layer's attention output: `jenga.checkpointing.save_attention`). Adding a method means adding one entry here;
-the runner, sweeps and plots pick it up by name.
+the share, `jenga.experiments.host_memory`), a "+attnckpt" suffix (checkpointing whose recompute reuses each
+layer's attention output: `jenga.checkpointing.save_attention`) and a "+fitckpt" suffix (checkpoints on as few of
+the first layers as the GPU's memory needs at the run's length and cap: `jenga.checkpointing.fit_checkpoints`).
+Adding a method means adding one entry here; the runner, sweeps and plots pick it up by name.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Method:
     fp8_mlp_grads: bool = False  # `apply_jenga(fp8_mlp_grads=...)`: the MLP's backward products in float8
     layers_per_checkpoint: int = 1  # `jenga.checkpointing.group_checkpoints`: decoder layers per checkpoint
     saved_attention: bool = False  # `jenga.checkpointing.save_attention`: the recompute skips attention
+    checkpoint_fit: bool = False  # `jenga.checkpointing.fit_checkpoints`: only the first layers checkpointed
     unsloth: bool = False  # Unsloth's loader and long-context settings, in its own process (`unsloth.py`)
 
     @property
@@ -283,6 +285,19 @@ METHODS.update(
             description=m.description + ", gradient checkpointing whose recompute reuses each layer's attention output",
             checkpointing=True,
             saved_attention=True,
+        )
+        for m in _BASE
+    }
+)
+METHODS.update(
+    {
+        f"{m.name}+fitckpt": replace(
+            m,
+            name=f"{m.name}+fitckpt",
+            description=m.description + ", gradient checkpointing of the first layers only, as many as the GPU's "
+            "memory needs (the others keep their activations)",
+            checkpointing=True,
+            checkpoint_fit=True,
         )
         for m in _BASE
     }

@@ -234,6 +234,7 @@ def run_fields(method: Method, model_name: str, seq: int, memory_cap_gib: float 
         "fp8_mlp_grads": method.fp8_mlp_grads,
         "layers_per_checkpoint": method.layers_per_checkpoint,
         "saved_attention": method.saved_attention,
+        "checkpoint_fit": method.checkpoint_fit,
         "predictor": method.predictor,
         "offload": None if method.offload is None else {"policy": method.offload, "resident": method.offload_resident},
         "memory_cap_gib": memory_cap_gib,
@@ -290,6 +291,8 @@ def run_one(
             return summary
         header["jenga_config"] = logged_config(method, model)
         writer.write(run_header(command, extra={**header, "weights": weights}))
+        if method.checkpoint_fit:
+            writer.write(fit_record(model, seq, memory_gib if capped is not None else None))
         offloader = None if method.offload is None else make_offloader(method, model)
         stats = train_steps(
             model,
@@ -324,6 +327,51 @@ def run_one(
         summary = {**stats.as_record(), "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         writer.write(summary)
     return summary
+
+
+# GPU memory the "+fitckpt" methods leave free of the cap (or of the whole GPU): the allocator's slack grows with
+# the number of layers whose activations stay, and the fit is measured on one step.
+FIT_MARGIN_GIB = 2.0
+
+
+def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -> dict:
+    """Checkpoint only the first layers of `model`, as many as a step at `seq` tokens needs within the cap (or the
+    whole GPU) less `FIT_MARGIN_GIB` (`jenga.checkpointing.fit_checkpoints`, one forward and backward of random
+    tokens, gradients cleared); the log record of what it chose. A measuring step out of memory leaves every layer
+    checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from ..checkpointing import fit_checkpoints, reset_checkpoints
+
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    budget = (total if memory_cap_gib is None else min(memory_cap_gib, total)) - FIT_MARGIN_GIB
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(next(model.parameters()).device)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+    record = {"record": "checkpoint_fit", "budget_gib": budget, "margin_gib": FIT_MARGIN_GIB}
+    try:
+        fit = fit_checkpoints(model, step, budget)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        model.zero_grad(set_to_none=True)
+        reset_checkpoints(model)
+        return {**record, "status": "oom", "error": str(exc).splitlines()[0], "unchecked_layers": []}
+    return {
+        **record,
+        "status": "ok",
+        "unchecked_layers": fit.unchecked,
+        "decoder_layers": layers,
+        "unchecked_layer_gib": fit.layer_gib,
+        "unchecked_peak_gib": fit.unchecked_peak_gib,
+        "recompute_peak_gib": fit.recompute_peak_gib,
+        "slack_gib": fit.slack_gib,
+    }
 
 
 def run_worker(path: Path, run: Callable[[], dict]) -> dict:

@@ -57,4 +57,23 @@ def runs_table(folder: Path, model: str, title: str) -> str | None:
             cells.append(_cell(summary["first_loss"], 4))
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Methods:"] + [f"- `{name}`: {text}" for name, text in described.items()]
+    fits = [(seq, method, fit) for seq, runs in sorted(by_seq.items()) for method, run in sorted(runs.items())
+            if (fit := run.first("checkpoint_fit")) is not None]  # fmt: skip
+    if fits:
+        lines += ["", "What `fit_checkpoints` chose (one measured step before the warm-up; GiB):"]
+        lines += [f"- {seq} `{method}`: {_fit_text(fit)}" for seq, method, fit in fits]
     return "\n".join(lines) + "\n"
+
+
+def _fit_text(fit: dict) -> str:
+    """A `checkpoint_fit` record in words."""
+    if fit["status"] != "ok":
+        return f"the measuring step ran out of memory ({fit.get('error')}): every layer checkpointed"
+    left = len(fit["unchecked_layers"])
+    layers = fit["decoder_layers"]
+    return (
+        f"{layers - left} of {layers} layers checkpointed, {left} unchecked, for a budget of {fit['budget_gib']:.1f} "
+        f"(the cap or the GPU, less {fit['margin_gib']:.0f}); an unchecked layer {fit['unchecked_layer_gib']:.2f} "
+        f"more; peaks measured with one unchecked: {fit['unchecked_peak_gib']:.1f} to its backward, "
+        f"{fit['recompute_peak_gib']:.1f} after, {fit['slack_gib']:.1f} reserved above"
+    )
