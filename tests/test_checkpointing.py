@@ -414,6 +414,7 @@ def test_fitting_checkpoints_leaves_as_many_last_layers_as_the_budget_holds(monk
         model(input_ids=ids, labels=ids).loss.backward()
 
     fit = fit_checkpoints(model, step, budget)
+    assert all(p.grad is None for p in model.parameters())  # as before the measured step
     assert flags == [[True, True, True, False]] and memory.resets == 2 and not memory.values and not memory.peak_values
     assert fit.unchecked == unchecked and fit.layer_gib == 2.0 and fit.unchecked_peak_gib == 10.0
     assert fit.recompute_peak_gib == recompute and fit.slack_gib == pytest.approx(0.5 if recompute < 10 else 0.2)

@@ -134,13 +134,13 @@ class CheckpointFit:
 
 def fit_checkpoints(model: nn.Module, step: Callable[[], object], budget_gib: float) -> CheckpointFit:
     """`checkpoint_first` with as many layers left unchecked as `budget_gib` of GPU memory (reserved bytes, what a
-    cap limits) holds, measured: `step` (one forward and backward of the batch shape to train; clearing the
-    gradients is the caller's) runs once with the last layer unchecked. It gives how many bytes more an unchecked
-    layer keeps than a checkpointed one (the last two layers' forwards) and two peaks: up to the end of the last
-    layer's backward, which each further unchecked layer raises by that much (their activations all live at the
-    forward's end), and after it, in the checkpointed layers' recomputes, which come once the unchecked layers'
-    activations are freed. Where the measured step exceeds the budget every layer stays checkpointed. Needs the
-    model on a CUDA device."""
+    cap limits) holds, measured: `step` (one forward and backward of the batch shape to train) runs once with the
+    last layer unchecked (the parameters' gradients are then put back as they were). It gives how many bytes more
+    an unchecked layer keeps than a checkpointed one (the last two layers' forwards) and two peaks: up to the end
+    of the last layer's backward, which each further unchecked layer raises by that much (their activations all
+    live at the forward's end), and after it, in the checkpointed layers' recomputes, which come once the
+    unchecked layers' activations are freed. Where the measured step exceeds the budget every layer stays
+    checkpointed. Needs the model on a CUDA device."""
     device = next(model.parameters()).device
     memory = _memory(device)
     layers = checkpointed_layers(model, "fit_checkpoints")
@@ -173,12 +173,16 @@ def fit_checkpoints(model: nn.Module, step: Callable[[], object], budget_gib: fl
 
     hooks = measure(before_last) + measure(last)
     hooks.append(layers[last].register_forward_pre_hook(mark, with_kwargs=True))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = [None if p.grad is None else p.grad.clone() for p in trained]
     memory.reset_peak()
     try:
         step()
     finally:
         for hook in hooks:
             hook.remove()
+        for p, grad in zip(trained, grads, strict=True):
+            p.grad = grad
     if len(peaks) != 1:
         raise RuntimeError(
             "the measured step did not backpropagate through the last decoder layer's input once: fit_checkpoints "

@@ -200,7 +200,6 @@ def kernel_profile(model: torch.nn.Module, seq: int, out: Path) -> dict[str, Any
 
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
 
     out.write_text(op_profile(step))
     return {"record": "profile", "file": out.name, "what": "one forward and backward, operators by self device time"}
@@ -337,7 +336,7 @@ FIT_MARGIN_GIB = 2.0
 def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -> dict:
     """Checkpoint only the first layers of `model`, as many as a step at `seq` tokens needs within the cap (or the
     whole GPU) less `FIT_MARGIN_GIB` (`jenga.checkpointing.fit_checkpoints`, one forward and backward of random
-    tokens, gradients cleared); the log record of what it chose. A measuring step out of memory leaves every layer
+    tokens); the log record of what it chose. A measuring step out of memory leaves every layer
     checkpointed."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -350,7 +349,6 @@ def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -
 
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
 
     layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
     record = {"record": "checkpoint_fit", "budget_gib": budget, "margin_gib": FIT_MARGIN_GIB}
@@ -359,7 +357,6 @@ def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
-        model.zero_grad(set_to_none=True)
         reset_checkpoints(model)
         return {**record, "status": "oom", "error": str(exc).splitlines()[0], "unchecked_layers": []}
     return {
