@@ -489,6 +489,9 @@ def test_a_fitted_checkpointing_method_logs_what_it_measured_and_chose(tmp_path,
     records = [json.loads(line) for line in log.read_text().splitlines()]
     fit = next(r for r in records if r["record"] == "checkpoint_fit")
     assert fit["status"] == "oom" and fit["unchecked_layers"] == []
+    table = runs_table(tmp_path, "arch", "fit")  # both runs' fits, in words
+    assert "`jenga+fitckpt`: 0 of 6 layers checkpointed, 6 unchecked, for a budget of 38.0" in table
+    assert "`lora+fitckpt`: the measuring step ran out of memory (CUDA out of memory." in table
 
 
 def test_the_longest_length_method_checkpoints_layer_pairs_and_budgets_them(tmp_path, monkeypatch):

@@ -66,14 +66,20 @@ def runs_table(folder: Path, model: str, title: str) -> str | None:
 
 
 def _fit_text(fit: dict) -> str:
-    """A `checkpoint_fit` record in words."""
+    """A `checkpoint_fit` record in words (the first fit's logs name one measured peak)."""
     if fit["status"] != "ok":
         return f"the measuring step ran out of memory ({fit.get('error')}): every layer checkpointed"
     left = len(fit["unchecked_layers"])
     layers = fit["decoder_layers"]
+    if "measured_peak_gib" in fit:
+        peaks = f"the step's peak with one unchecked {fit['measured_peak_gib']:.1f} (reserved; the first fit)"
+    else:
+        peaks = (
+            f"peaks measured with one unchecked: {fit['unchecked_peak_gib']:.1f} to its backward, "
+            f"{fit['recompute_peak_gib']:.1f} after, {fit['slack_gib']:.1f} reserved above"
+        )
     return (
         f"{layers - left} of {layers} layers checkpointed, {left} unchecked, for a budget of {fit['budget_gib']:.1f} "
         f"(the cap or the GPU, less {fit['margin_gib']:.0f}); an unchecked layer {fit['unchecked_layer_gib']:.2f} "
-        f"more; peaks measured with one unchecked: {fit['unchecked_peak_gib']:.1f} to its backward, "
-        f"{fit['recompute_peak_gib']:.1f} after, {fit['slack_gib']:.1f} reserved above"
+        f"more; {peaks}"
     )
