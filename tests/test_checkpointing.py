@@ -435,3 +435,12 @@ def test_fitting_checkpoints_needs_a_gpu_and_more_saved_bytes_unchecked(monkeypa
     memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [])
     with pytest.raises(RuntimeError, match="forward and backward"):  # a step without backward
         fit_checkpoints(model, lambda: model(input_ids=ids, labels=ids), 20.0)
+    layers = model.base_model.model.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)  # as before the call, also after a failed step
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit_checkpoints(model, out_of_memory, 20.0)
+    assert all(layer.gradient_checkpointing for layer in layers) and _forward_counts(model) == [2, 2, 2, 2]

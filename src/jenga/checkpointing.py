@@ -125,7 +125,7 @@ def checkpoint_first(model: nn.Module, count: int) -> list[int]:
 class CheckpointFit:
     """What `fit_checkpoints` measured (GiB) and chose."""
 
-    unchecked: list[int]  # the layers left without a checkpoint
+    unchecked: list[int]  # the layers left without a checkpoint (the last ones)
     layer_gib: float  # how much more an unchecked layer kept than a checkpointed one
     unchecked_peak_gib: float  # allocated, up to the end of the unchecked layer's backward
     recompute_peak_gib: float  # allocated, from there on (the checkpointed layers' recomputes and backwards)
@@ -147,6 +147,18 @@ def fit_checkpoints(model: nn.Module, step: Callable[[], object], budget_gib: fl
     if len(layers) < 2:
         raise ValueError("fit_checkpoints compares two decoder layers' saved bytes: the model needs at least two")
     checkpoint_first(model, len(layers) - 1)
+    try:
+        count, *measured = _measure_fit(model, layers, memory, step, budget_gib)
+    finally:
+        _restore_flags(model)  # every layer checkpointed again, also where the step failed
+    return CheckpointFit(checkpoint_first(model, len(layers) - count), *measured)
+
+
+def _measure_fit(
+    model: nn.Module, layers: list[nn.Module], memory: CudaMemory, step: Callable[[], object], budget_gib: float
+) -> tuple[int, float, float, float, float]:
+    """`fit_checkpoints`' measured step (the last layer unchecked): how many layers to leave unchecked, then
+    `CheckpointFit`'s measured fields."""
     last, before_last = len(layers) - 1, len(layers) - 2
     grown: dict[int, list[int]] = {}  # layer index: allocated bytes before and after its forward's call
     peaks: list[tuple[int, int]] = []  # (allocated, reserved) peaks: to the split, then after it
@@ -201,8 +213,7 @@ def fit_checkpoints(model: nn.Module, step: Callable[[], object], budget_gib: fl
         )
     room = budget_gib - slack
     count = 0 if max(unchecked, recompute) > room else min(len(layers), 1 + int((room - unchecked) // layer))
-    _restore_flags(model)
-    return CheckpointFit(checkpoint_first(model, len(layers) - count), layer, unchecked, recompute, slack)
+    return count, layer, unchecked, recompute, slack
 
 
 class CudaMemory:

@@ -340,7 +340,7 @@ def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -
     checkpointed."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from ..checkpointing import fit_checkpoints, reset_checkpoints
+    from ..checkpointing import fit_checkpoints
 
     total = torch.cuda.get_device_properties(0).total_memory / GIB
     budget = (total if memory_cap_gib is None else min(memory_cap_gib, total)) - FIT_MARGIN_GIB
@@ -357,7 +357,6 @@ def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
-        reset_checkpoints(model)
         return {**record, "status": "oom", "error": str(exc).splitlines()[0], "unchecked_layers": []}
     return {
         **record,
