@@ -574,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         help=f"methods to run: {', '.join(plain)}; <name>+ckpt adds gradient checkpointing, <name>+offckpt "
         "checkpointing with the checkpoints in pinned host memory, <name>+halfoffckpt with the last half of them "
         "there, <name>+fitoffckpt with as many as the host holds, <name>+attnckpt checkpointing that keeps each "
-        f"layer's attention output (all but {', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
+        "layer's attention output, <name>+fitckpt checkpoints on the first layers only, as many as the GPU's memory "
+        f"needs (all but {', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
     )
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192], help="sequence lengths in tokens")
     parser.add_argument("--steps", type=int, default=5, help="measured steps after warm-up")
