@@ -200,6 +200,7 @@ def kernel_profile(model: torch.nn.Module, seq: int, out: Path) -> dict[str, Any
 
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
 
     out.write_text(op_profile(step))
     return {"record": "profile", "file": out.name, "what": "one forward and backward, operators by self device time"}
