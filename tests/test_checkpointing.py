@@ -336,6 +336,29 @@ def test_checkpointing_the_first_layers_recomputes_only_them_with_unchanged_grad
         assert_same_training(_step(config=config, first=first, offload=1.0, attention=True), reference)
 
 
+def test_checkpointing_the_first_layers_after_saving_attention():
+    """`save_attention`, then `checkpoint_first` (the runner's `+fitattnckpt` order): the checkpointed layers'
+    recompute reuses their attention outputs, so attention runs once per layer; loss and gradients unchanged.
+    Offloading before it is an error."""
+    reference = _step()
+    model = _checkpointed_lora_model()
+    save_attention(model)
+    assert checkpoint_first(model, 2) == [2, 3]
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(1))
+    with AttentionCalls() as calls:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls.count == 4 and reference.attention_calls == 8
+    assert_same_training(Step(loss.detach(), grads, [], [], None, None, calls.count), reference)
+    model.zero_grad()
+    assert _forward_counts(model) == [2, 2, 1, 1]
+    reset_checkpoints(model)
+    offload_checkpoints(model, 0.5)
+    with pytest.raises(ValueError, match="offload_checkpoints ran before checkpoint_first"):
+        checkpoint_first(model, 2)
+
+
 def test_checkpointing_the_first_layers_survives_reenabling_and_reset():
     """The Trainer enables checkpointing again (every layer's flag set): the unchecked layers stay unchecked;
     `reset_checkpoints` checks them again, also across a further enabling."""

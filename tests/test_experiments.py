@@ -36,6 +36,9 @@ def test_every_method_has_checkpointing_twins():
             fit = METHODS[f"{name}+fitckpt"]
             assert fit.checkpoint_fit and fit.checkpointing and not fit.checkpoint_offload and not twin.checkpoint_fit
             assert fit.jenga == method.jenga and fit.baseline == "lora+ckpt"
+            both = METHODS[f"{name}+fitattnckpt"]
+            assert both.checkpoint_fit and both.saved_attention and both.checkpointing and not fit.saved_attention
+            assert both.jenga == method.jenga and both.baseline == "lora+ckpt"
     with pytest.raises(KeyError, match="known methods"):
         get_method("lora-typo")
 
@@ -479,6 +482,15 @@ def test_a_fitted_checkpointing_method_logs_what_it_measured_and_chose(tmp_path,
     assert fit["status"] == "ok" and fit["unchecked_layers"] == list(range(6)) and fit["budget_gib"] == 38.0
     assert fit["unchecked_peak_gib"] == 10.0 and fit["unchecked_layer_gib"] == 2.0 and fit["decoder_layers"] == 6
     assert fit["recompute_peak_gib"] == 8.0 and fit["slack_gib"] == 0.5
+    # the fit of checkpoints that keep their attention outputs (save_attention before the fit's checkpoint_first)
+    memory = FakeMemory([5.0, 6.5, 6.5, 9.0], [(34.0, 34.5), (8.0, 9.0)])
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+    log = tmp_path / "attention.jsonl"
+    assert run.run_one(str(folder), "jenga+fitattnckpt", 64, 1, 0, log, None)["status"] == "ok"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    fit = next(r for r in records if r["record"] == "checkpoint_fit")
+    assert records[0]["checkpoint_fit"] and records[0]["saved_attention"]
+    assert fit["unchecked_layers"] == [2, 3, 4, 5] and fit["unchecked_layer_gib"] == 1.0  # 1 + (37.5 - 34) // 1.0
 
     def out_of_memory(model, step, budget):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")

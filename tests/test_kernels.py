@@ -237,6 +237,27 @@ def test_float8_row_kernels_give_the_same_bits_at_every_row_shape(monkeypatch, b
         assert torch.equal(expected, got)
 
 
+def test_float8_silu_kernels_write_over_their_inputs_with_the_same_bits():
+    """`overwrite` (the gated MLP's path: one chunk buffer less at its peak): the forward's product goes into g's
+    buffer, the backward's g gradient into grad's, with the bits of fresh outputs, in rows of one and of several
+    blocks (each element is read before it is written)."""
+    from jenga.kernels import fp8 as kernels
+
+    torch.manual_seed(0)
+    for cols in (100, 1100, 4096):
+        g, u, grad = (torch.randn(2, 3, cols, dtype=torch.float16) * 3 for _ in range(3))
+        outputs = []
+        for overwrite in (False, True):
+            codes = [torch.empty(2, 3, cols, dtype=torch.float8_e4m3fn) for _ in range(2)]
+            scales = [torch.empty(2, 3) for _ in range(2)]
+            g_in, grad_in = g.clone(), grad.clone()
+            hidden = kernels.silu_mul_quantize(g_in, u, codes[0], scales[0], codes[1], scales[1], 448.0, overwrite)
+            grads = silu_mul_backward(codes[0], scales[0], codes[1], scales[1], grad_in, overwrite)
+            assert (hidden is g_in and grads[0] is grad_in) == overwrite
+            outputs.append([hidden, *grads, *(c.view(torch.uint8) for c in codes), *scales])
+        assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+
+
 def test_float8_row_kernels_tune_only_shapes_that_fit_the_row():
     """The autotuner tries the shapes up to the row's next power of two (at least the first shape's block)."""
     from jenga.kernels import fp8 as kernels

@@ -176,6 +176,16 @@ def test_gated_mlp_fp8_saves_float8_and_backpropagates_through_the_rounded_activ
     assert 0 < (x.grad - exact).norm() < 0.1 * exact.norm()  # rounded, not exact, and close
 
 
+def _counted(function, calls: list):
+    """`function`, appending to `calls` at each call."""
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return counted
+
+
 @pytest.mark.parametrize("keep", [1.0, 0.5])
 def test_gated_mlp_fp8_fused_silu_backward_matches_the_pytorch_path(monkeypatch, keep):
     """The fused float8 backward (a CUDA path, forced here onto the Triton interpreter) gives the input gradient
@@ -187,7 +197,7 @@ def test_gated_mlp_fp8_fused_silu_backward_matches_the_pytorch_path(monkeypatch,
     gate, up, down = frozen_linear(32, 96, False), frozen_linear(32, 96, False), frozen_linear(96, 32, False)
     x0, grad = torch.randn(2, 20, 32), torch.randn(2, 20, 32)
     calls = []
-    monkeypatch.setattr(kernels, "silu_mul_backward", lambda *a, f=kernels.silu_mul_backward: calls.append(1) or f(*a))
+    monkeypatch.setattr(kernels, "silu_mul_backward", _counted(kernels.silu_mul_backward, calls))
     grads = {}
     for fused in (False, True):
         monkeypatch.setattr(mlp, "fused_silu", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))
@@ -212,7 +222,7 @@ def test_gated_mlp_fp8_fused_silu_forward_matches_the_pytorch_path(monkeypatch, 
     gate, up, down = (frozen_linear(*shape, False).to(dtype) for shape in ((32, 1100), (32, 1100), (1100, 32)))
     x0, grad = torch.randn(batch, 20, 32).to(dtype), torch.randn(batch, 20, 32).to(dtype)
     calls = []
-    monkeypatch.setattr(kernels, "silu_mul_quantize", lambda *a, f=kernels.silu_mul_quantize: calls.append(1) or f(*a))
+    monkeypatch.setattr(kernels, "silu_mul_quantize", _counted(kernels.silu_mul_quantize, calls))
     results = {}
     for fused in (False, True):
         monkeypatch.setattr(mlp, "fused_silu", lambda act_fn, g, on=fused: on and isinstance(act_fn, mlp.SILU))

@@ -87,9 +87,13 @@ def save_attention(model: nn.Module) -> int:
             "gradient_checkpointing_kwargs={'use_reentrant': False})"
         )
     for layer in layers:
-        _wrap(layer, lambda inner: partial(inner, context_fn=_attention_saved))
+        _wrap(layer, _with_attention_saved)
     _keep_through_reenabling(model, layers)
     return len(layers)
+
+
+def _with_attention_saved(inner: Callable) -> Callable:
+    return partial(inner, context_fn=_attention_saved)
 
 
 def _attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -100,18 +104,19 @@ _attention_saved = partial(create_selective_checkpoint_contexts, _attention_poli
 
 
 def checkpoint_first(model: nn.Module, count: int) -> list[int]:
-    """Checkpoint only the first `count` decoder layers (call after `gradient_checkpointing_enable()`, before the
-    other functions here); the others keep every activation their backward reads, so the backward recomputes
-    `count` layers instead of all. The layers left are the last ones: the backward reaches them first and frees
-    their activations before it recomputes any checkpointed layer, so the peak is the forward's end, not that plus
-    a recompute. Returns the indices of the layers left without a checkpoint."""
+    """Checkpoint only the first `count` decoder layers (call after `gradient_checkpointing_enable()`, before
+    `group_checkpoints` and `offload_checkpoints`; `save_attention` may come before or after); the others keep every
+    activation their backward reads, so the backward recomputes `count` layers instead of all. The layers left are
+    the last ones: the backward reaches them first and frees their activations before it recomputes any
+    checkpointed layer, so the peak is the forward's end, not that plus a recompute. Returns the indices of the
+    layers left without a checkpoint."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be a number of layers (0 or more), got {count!r}")
     layers = _every_layer_checkpointed(model, "checkpoint_first", "to choose from")
-    if any(getattr(layer, _WRAPS, ()) or getattr(layer, _MEMBER, False) for layer in layers):
+    if any(set(getattr(layer, _WRAPS, ())) - {_with_attention_saved} for layer in layers):
         raise ValueError(
-            "group_checkpoints, offload_checkpoints or save_attention ran before checkpoint_first: they act on the "
-            "checkpoints it leaves, so call checkpoint_first first"
+            "group_checkpoints or offload_checkpoints ran before checkpoint_first: they act on the checkpoints it "
+            "leaves, so call checkpoint_first first"
         )
     left = list(range(min(count, len(layers)), len(layers)))
     for i in left:
@@ -140,7 +145,8 @@ def fit_checkpoints(model: nn.Module, step: Callable[[], object], budget_gib: fl
     of the last layer's backward, which each further unchecked layer raises by that much (their activations all
     live at the forward's end), and after it, in the checkpointed layers' recomputes, which come once the
     unchecked layers' activations are freed. Where the measured step exceeds the budget every layer stays
-    checkpointed. Needs the model on a CUDA device."""
+    checkpointed. Layers under `save_attention` are measured with their kept attention outputs. Needs the model on
+    a CUDA device."""
     device = next(model.parameters()).device
     memory = _memory(device)
     layers = checkpointed_layers(model, "fit_checkpoints")

@@ -143,21 +143,23 @@ class GatedMLPFunction(torch.autograd.Function):
                     from .kernels.fp8 import silu_mul_quantize  # Triton is needed on the GPU path only
 
                     copies = (saved_gate[:, s:e], scales[0, :, s:e], saved_up[:, s:e], scales[1, :, s:e])
-                    hidden = silu_mul_quantize(gate, up, *copies, FP8_MAX)
+                    hidden = silu_mul_quantize(gate, up, *copies, FP8_MAX, overwrite=True)  # over gate's bytes
+                    del gate, up  # a chunk's buffers die with it: the next chunk's must not come on top
                     _products_into(out[:, s:e], [(hidden, down_w.t())], down_b)
+                    del hidden
                     continue
                 hidden = liger.silu_mul(gate, up) if fused and liger_silu(act_fn, gate) else act_fn(gate) * up
                 _products_into(out[:, s:e], [(hidden, down_w.t())], down_b)
                 if channels is not None:
                     channels[:, i] = _top_channels(hidden, count)
                 del hidden, part
-                if recompute:
-                    continue
-                if channels is not None:
-                    gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
-                if fp8:
-                    (gate, scales[0, :, s:e]), (up, scales[1, :, s:e]) = to_fp8(gate), to_fp8(up)
-                saved_gate[:, s:e], saved_up[:, s:e] = gate, up
+                if not recompute:
+                    if channels is not None:
+                        gate, up = _take(gate, channels[:, i]), _take(up, channels[:, i])
+                    if fp8:
+                        (gate, scales[0, :, s:e]), (up, scales[1, :, s:e]) = to_fp8(gate), to_fp8(up)
+                    saved_gate[:, s:e], saved_up[:, s:e] = gate, up
+                del gate, up
         inputs = (x, gate_b, up_b) if recompute else (None, None, None)
         ctx.save_for_backward(saved_gate, saved_up, *weights, channels, scales, *inputs)
         ctx.act_fn, ctx.spans, ctx.x_dtype, ctx.dtype, ctx.fused = act_fn, spans, x.dtype, dtype, fused
@@ -194,7 +196,9 @@ class GatedMLPFunction(torch.autograd.Function):
                 if scales is not None and fused_silu(ctx.act_fn, grad_hidden):
                     from .kernels.fp8 import silu_mul_backward  # Triton is needed on the GPU path only
 
-                    grad_gate, grad_up = silu_mul_backward(g, scales[0, row, s:e], u, scales[1, row, s:e], grad_hidden)
+                    grad_gate, grad_up = silu_mul_backward(
+                        g, scales[0, row, s:e], u, scales[1, row, s:e], grad_hidden, overwrite=True
+                    )
                 elif ctx.fused and scales is None and liger_silu(ctx.act_fn, grad_hidden):
                     # recomputed rows are scratch; saved ones must survive a backward that retains the graph
                     grad_gate, grad_up = liger.silu_mul_backward(g, u, grad_hidden, overwrite=x is not None)
@@ -208,6 +212,7 @@ class GatedMLPFunction(torch.autograd.Function):
                     grad_x[row, s:e] += fp8_matmul(grad_up, *up_q, ctx.dtype)
                 else:
                     _products_into(grad_x[row, s:e], [(grad_gate, g_gate), (grad_up, g_up)])
+                del grad_hidden, grad_gate, grad_up, g, u  # before the next chunk's come
         return grad_x.to(ctx.x_dtype), *[None] * 13
 
 

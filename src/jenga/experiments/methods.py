@@ -7,8 +7,9 @@ which pins only the checkpoints' own bytes, for Jenga), a "+halfoffckpt" suffix 
 inputs in host memory, the rest on the GPU: `jenga.checkpointing`, for lengths whose checkpoints outgrow both),
 a "+fitoffckpt" suffix (as many checkpoints in host memory as it holds at the run's length: the runner resolves
 the share, `jenga.experiments.host_memory`), a "+attnckpt" suffix (checkpointing whose recompute reuses each
-layer's attention output: `jenga.checkpointing.save_attention`) and a "+fitckpt" suffix (checkpoints on as few of
-the first layers as the GPU's memory needs at the run's length and cap: `jenga.checkpointing.fit_checkpoints`).
+layer's attention output: `jenga.checkpointing.save_attention`), a "+fitckpt" suffix (checkpoints on as few of
+the first layers as the GPU's memory needs at the run's length and cap: `jenga.checkpointing.fit_checkpoints`) and
+a "+fitattnckpt" suffix (both: as few checkpoints, each keeping its attention output, fitted with those bytes).
 Adding a method means adding one entry here; the runner, sweeps and plots pick it up by name.
 """
 
@@ -298,6 +299,18 @@ METHODS.update(
             "memory needs (the others keep their activations)",
             checkpointing=True,
             checkpoint_fit=True,
+        )
+        for m in _BASE
+    }
+)
+METHODS.update(
+    {
+        f"{m.name}+fitattnckpt": replace(
+            METHODS[f"{m.name}+fitckpt"],
+            name=f"{m.name}+fitattnckpt",
+            description=METHODS[f"{m.name}+fitckpt"].description
+            + "; their recompute reuses each layer's attention output",
+            saved_attention=True,
         )
         for m in _BASE
     }

@@ -576,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpointing with the checkpoints in pinned host memory, <name>+halfoffckpt with the last half of them "
         "there, <name>+fitoffckpt with as many as the host holds, <name>+attnckpt checkpointing that keeps each "
         "layer's attention output, <name>+fitckpt checkpoints on the first layers only, as many as the GPU's memory "
-        f"needs (all but {', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
+        "needs, <name>+fitattnckpt those keeping their attention outputs "
+        f"(all but {', '.join(m for m in plain if f'{m}+ckpt' not in METHODS)})",
     )
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192], help="sequence lengths in tokens")
     parser.add_argument("--steps", type=int, default=5, help="measured steps after warm-up")

@@ -242,10 +242,13 @@ def silu_mul_quantize(
     q_u: torch.Tensor,
     s_u: torch.Tensor,
     fp8_max: float,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """`silu(g) * u` for (B, T, C) g and u, writing their float8 copies into q_g, q_u (float8, (B, T, C), rows
     contiguous) and scales into s_g, s_u ((B, T) fp32), as `jenga.fp8.to_fp8` makes them: the gated MLP's
-    forward element-wise work in one pass (before: SiLU, the product, two codec passes and two copies)."""
+    forward element-wise work in one pass (before: SiLU, the product, two codec passes and two copies). With
+    `overwrite` the product goes into g's bytes (each element is read before it is written) and g is returned:
+    one chunk-sized buffer less at the MLP's peak."""
     if not (g.shape == u.shape == q_g.shape == q_u.shape and s_g.shape == s_u.shape == g.shape[:-1]):
         raise ValueError(
             f"need g, u and the float8 outputs of one shape (B, T, C) and scales (B, T); got g {tuple(g.shape)}, "
@@ -255,7 +258,7 @@ def silu_mul_quantize(
         raise ValueError("need g and u with one layout and the float8 outputs with one layout, rows contiguous")
     if s_g.stride() != s_u.stride():
         raise ValueError("need the two scale outputs with one layout")
-    hidden = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    hidden = g if overwrite else torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if g.numel():
         batch, tokens, cols = g.shape
         strides = (*g.stride()[:2], *hidden.stride()[:2], *q_g.stride()[:2], *s_g.stride())
@@ -291,16 +294,22 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def silu_mul_backward(
-    g: torch.Tensor, g_scale: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor, grad: torch.Tensor
+    g: torch.Tensor,
+    g_scale: torch.Tensor,
+    u: torch.Tensor,
+    u_scale: torch.Tensor,
+    grad: torch.Tensor,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `silu(g) * u` with respect to g and u (in grad's dtype) from their float8 copies and scales
     per row, in one pass that reads one byte of each and writes the two gradients. The gated MLP's backward
     otherwise decodes both copies and recomputes silu and the product under autograd: seven element-wise passes.
-    The arithmetic is fp32 throughout (the PyTorch path rounds to the compute dtype between steps)."""
+    The arithmetic is fp32 throughout (the PyTorch path rounds to the compute dtype between steps). With
+    `overwrite` g's gradient goes into a contiguous `grad`'s bytes (each element is read before it is written)."""
     if not (g.shape == u.shape == grad.shape and g.dtype == u.dtype == torch.float8_e4m3fn):
         raise ValueError(f"need float8 g and u and a gradient of one shape, got {g.shape}, {u.shape}, {grad.shape}")
     g, u, grad = (t.contiguous() for t in (g.view(torch.uint8), u.view(torch.uint8), grad))
-    grad_g, grad_u = torch.empty_like(grad), torch.empty_like(grad)
+    grad_g, grad_u = grad if overwrite else torch.empty_like(grad), torch.empty_like(grad)
     if grad.numel():
         rows, cols = grad.numel() // grad.shape[-1], grad.shape[-1]
         args = (g, u, g_scale.contiguous(), u_scale.contiguous(), grad, grad_g, grad_u, cols)
