@@ -141,12 +141,12 @@ def fit_checkpoints(model: nn.Module, step: Callable[[], object], budget_gib: fl
     """`checkpoint_first` with as many layers left unchecked as `budget_gib` of GPU memory (reserved bytes, what a
     cap limits) holds, measured: `step` (one forward and backward of the batch shape to train) runs once with the
     last layer unchecked (the parameters' gradients are then put back as they were). It gives how many bytes more
-    an unchecked layer keeps than a checkpointed one (the last two layers' forwards) and two peaks: up to the end
-    of the last layer's backward, which each further unchecked layer raises by that much (their activations all
-    live at the forward's end), and after it, in the checkpointed layers' recomputes, which come once the
-    unchecked layers' activations are freed. Where the measured step exceeds the budget every layer stays
-    checkpointed. Layers under `save_attention` are measured with their kept attention outputs. Needs the model on
-    a CUDA device."""
+    an unchecked layer keeps than a checkpointed one (the last two layers' forwards, less the checkpoint's input)
+    and two peaks: up to the end of the last layer's backward, which each further unchecked layer raises by that
+    much (their activations all live at the forward's end), and after it, in the checkpointed layers' recomputes,
+    which come once the unchecked layers' activations are freed. Where the measured step exceeds the budget every
+    layer stays checkpointed. Layers under `save_attention` are measured with their kept attention outputs. Needs
+    the model on a CUDA device."""
     device = next(model.parameters()).device
     memory = _memory(device)
     layers = checkpointed_layers(model, "fit_checkpoints")
@@ -167,26 +167,32 @@ def _measure_fit(
     `CheckpointFit`'s measured fields."""
     last, before_last = len(layers) - 1, len(layers) - 2
     grown: dict[int, list[int]] = {}  # layer index: allocated bytes before and after its forward's call
+    inputs: dict[int, int] = {}  # layer index: its hidden-state input's bytes
     peaks: list[tuple[int, int]] = []  # (allocated, reserved) peaks: to the split, then after it
 
     def measure(index: int) -> list:
-        def before(module, args):
+        def before(module, args, kwargs):
             if index not in grown:  # the forward's call; a checkpoint's recompute runs the hooks again
                 grown[index] = [memory.allocated()]
+                hidden = _hidden_states(args, kwargs)
+                inputs[index] = 0 if hidden is None else hidden.numel() * hidden.element_size()
 
         def after(module, args, output):
             if len(grown[index]) == 1:
                 grown[index].append(memory.allocated())
 
-        return [layers[index].register_forward_pre_hook(before), layers[index].register_forward_hook(after)]
+        return [
+            layers[index].register_forward_pre_hook(before, with_kwargs=True),
+            layers[index].register_forward_hook(after),
+        ]
 
     def split(grad: torch.Tensor) -> None:  # the last layer's input gradient: its backward is done
         peaks.append(memory.peaks())
         memory.reset_peak()
 
     def mark(module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if not peaks and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        hidden = _hidden_states(args, kwargs)
+        if not peaks and hidden is not None and hidden.requires_grad:
             hidden.register_hook(split)
 
     hooks = measure(before_last) + measure(last)
@@ -211,7 +217,11 @@ def _measure_fit(
     gib = 2**30
     slack = max(0, max(unchecked_reserved, recompute_reserved) - max(unchecked, recompute)) / gib
     unchecked, recompute = unchecked / gib, recompute / gib
-    layer = ((grown[last][1] - grown[last][0]) - (grown[before_last][1] - grown[before_last][0])) / gib
+    # Each forward grew the allocated bytes by its output (the next layer's input) and what its backward keeps: the
+    # checkpointed layer its saved attention, if any (its checkpoint, its input, was allocated before), the
+    # unchecked one its activations. A layer left unchecked keeps those activations but no longer its input.
+    checkpointed = grown[before_last][1] - grown[before_last][0] + inputs[before_last]
+    layer = (grown[last][1] - grown[last][0] - checkpointed) / gib
     if layer <= 0:
         raise RuntimeError(
             f"an unchecked layer kept {layer:.3f} GiB more than a checkpointed one in the measured step: expected "
@@ -220,6 +230,12 @@ def _measure_fit(
     room = budget_gib - slack
     count = 0 if max(unchecked, recompute) > room else min(len(layers), 1 + int((room - unchecked) // layer))
     return count, layer, unchecked, recompute, slack
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A decoder layer call's hidden-state input."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden if isinstance(hidden, torch.Tensor) else None
 
 
 class CudaMemory:
