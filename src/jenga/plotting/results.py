@@ -27,6 +27,7 @@ BENCH_SWEEPS = [
     ("eliminated-local", "The schema-1 default (a block-local attention pass for eliminated tokens), 8K"),
     ("saved-attention", "Checkpointing whose recompute reuses the attention outputs (+attnckpt) against plain +ckpt"),
     ("fewer-checkpoints/first-fit-h100", "Only the first layers checkpointed (+fitckpt, the first fit) against +ckpt"),
+    ("fewer-checkpoints/fit-h100", "Only the first layers checkpointed, as many as fit (+fitckpt, +fitattnckpt)"),
 ]
 FIGURE_SWEEPS = [
     ("real-model/bench", "The keep-0.5 schedule of config schemas 2-3 on 7B/8B architectures (random weights)"),

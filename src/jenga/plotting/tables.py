@@ -27,7 +27,8 @@ def runs_table(folder: Path, model: str, title: str) -> str | None:
         "",
         f"- device: {first.get('device')}; torch {first.get('torch')}, transformers {first.get('transformers')}, "
         f"peft {first.get('peft')}, triton {first.get('triton')}; git "
-        + ", ".join(sorted({str(h.get("git_commit")) for h in headers})),
+        + ", ".join(sorted({str(h.get("git_commit")) for h in headers}))
+        + "".join(f" ({note})" for note in sorted({h["git_commit_note"] for h in headers if "git_commit_note" in h})),
         f"- dates: {min(h['date'] for h in headers)} to {max(h['date'] for h in headers)}; weights: "
         f"{first.get('weights')}",
         "- commands (each run in its own process): " + "; ".join(f"`{c}`" for c in commands),
