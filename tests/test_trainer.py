@@ -12,8 +12,8 @@ import transformers.modeling_utils
 from conftest import add_lora, batch, tiny_llama
 from transformers import Trainer, TrainingArguments
 
-from jenga import JengaConfig, apply_jenga, jenga_state
-from jenga.checkpointing import group_checkpoints, offload_checkpoints, save_attention
+from jenga import JengaConfig, apply_jenga, checkpointing, jenga_state
+from jenga.checkpointing import FitCheckpointsCallback, group_checkpoints, offload_checkpoints, save_attention
 
 KEEP_ALL = JengaConfig(fp8_activations=False)  # no elimination, nothing rounded: exactly the unpatched model
 
@@ -43,7 +43,7 @@ CHECKPOINTING_ARGUMENT = next(
 )
 
 
-def train(model, tmp_path, checkpointing: bool = False) -> tuple[float, Trainer]:
+def train(model, tmp_path, checkpointing: bool = False, callbacks: list | None = None) -> tuple[float, Trainer]:
     """Two steps with default `TrainingArguments` (bar output, length, batch, reporting and device)."""
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -53,7 +53,7 @@ def train(model, tmp_path, checkpointing: bool = False) -> tuple[float, Trainer]
         use_cpu=True,
         **{CHECKPOINTING_ARGUMENT: checkpointing},
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset())
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
     trainer.train()
     return trainer.state.log_history[-1]["train_loss"], trainer
 
@@ -127,3 +127,37 @@ def test_trainer_keeps_the_checkpointing_it_enables_again(tmp_path, monkeypatch,
     assert math.isfinite(loss)
     assert len(regions) == 2 * 2 and all(regions), regions
     assert len(offload_calls) == 2
+
+
+def test_trainer_fits_checkpoints_with_the_callback(tmp_path, monkeypatch):
+    """`FitCheckpointsCallback` runs one measured step of the batch shape (2 rows of 256 tokens) as training
+    begins, after the Trainer enabled checkpointing (the allocator's counters faked as in test_checkpointing: 2 GiB
+    per unchecked layer less the checkpoint's input, a 10 GiB peak, 0.5 of slack, so a 12.6 GiB budget leaves 2
+    layers); the Trainer then trains with the last two layers unchecked, run once per step where the first two
+    run twice, to the loss of every layer checkpointed; a later `train()` keeps the fit. Without checkpointing, or
+    off the GPU without fakes, it is an error that says what to do."""
+    from test_checkpointing import FakeMemory
+
+    reference_loss = train(build(KEEP_ALL, layers=4), tmp_path / "reference", checkpointing=True)[0]
+    memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [(10.0, 10.5), (8.0, 9.0)])
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+    model = build(KEEP_ALL, layers=4)
+    forwards = [0] * 4
+    for i, layer in enumerate(model.get_base_model().model.layers):
+        layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: forwards.__setitem__(i, forwards[i] + 1))
+    callback = FitCheckpointsCallback(tokens=256, budget_gib=12.6)
+    loss, trainer = train(model, tmp_path, checkpointing=True, callbacks=[callback])
+    assert callback.fit.unchecked == [2, 3] and callback.fit.unchecked_peak_gib == 10.0
+    # the measured step (only the last layer unchecked), then two training steps (the last two unchecked)
+    assert forwards == [2 + 2 * 2, 2 + 2 * 2, 2 + 2 * 1, 1 + 2 * 1], forwards
+    assert math.isclose(loss, reference_loss, rel_tol=1e-5), (loss, reference_loss)
+    trainer.train()  # no second measurement: the fake counters are spent
+    assert [layer.gradient_checkpointing for layer in model.get_base_model().model.layers] == [True, True, False, False]
+
+    with pytest.raises(ValueError, match="gradient_checkpointing=True"):
+        train(build(KEEP_ALL), tmp_path / "off", callbacks=[FitCheckpointsCallback(tokens=256)])
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="CUDA device"):
+        train(build(KEEP_ALL), tmp_path / "cpu", checkpointing=True, callbacks=[FitCheckpointsCallback(tokens=256)])
+    with pytest.raises(ValueError, match="positive"):
+        FitCheckpointsCallback(tokens=0)

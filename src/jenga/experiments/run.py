@@ -329,32 +329,22 @@ def run_one(
     return summary
 
 
-# GPU memory the "+fitckpt" methods leave free of the cap (or of the whole GPU): the allocator's slack grows with
-# the number of layers whose activations stay, and the fit is measured on one step.
-FIT_MARGIN_GIB = 2.0
-
-
 def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -> dict:
     """Checkpoint only the first layers of `model`, as many as a step at `seq` tokens needs within the cap (or the
-    whole GPU) less `FIT_MARGIN_GIB` (`jenga.checkpointing.fit_checkpoints`, one forward and backward of random
+    whole GPU) less `FIT_MARGIN_GIB` (`jenga.checkpointing.fit_checkpoints_to`, one forward and backward of random
     tokens); the log record of what it chose. A measuring step out of memory leaves every layer
     checkpointed."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from ..checkpointing import fit_checkpoints
+    from .. import checkpointing
 
     total = torch.cuda.get_device_properties(0).total_memory / GIB
-    budget = (total if memory_cap_gib is None else min(memory_cap_gib, total)) - FIT_MARGIN_GIB
-    ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
-    ids = ids.to(next(model.parameters()).device)
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-
+    margin = checkpointing.FIT_MARGIN_GIB
+    budget = (total if memory_cap_gib is None else min(memory_cap_gib, total)) - margin
     layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
-    record = {"record": "checkpoint_fit", "budget_gib": budget, "margin_gib": FIT_MARGIN_GIB}
+    record = {"record": "checkpoint_fit", "budget_gib": budget, "margin_gib": margin}
     try:
-        fit = fit_checkpoints(model, step, budget)
+        fit = checkpointing.fit_checkpoints_to(model, seq, budget_gib=budget)
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
