@@ -16,6 +16,7 @@ bash scripts/ablations/predictor/run.sh                  # figure 16 left (needs
 bash scripts/ablations/segment/run.sh "$@"               # figure 18
 bash scripts/extension/2d/run.sh "$@"                    # figure 19 upper
 bash scripts/extension/offload/run.sh "$@"               # figure 19 lower
+bash scripts/fewer-checkpoints/run.sh 80 "$@"            # only the first layers checkpointed (benchmarks/RESULTS.md)
 for stage in pretrain predictor "finetune 0 1 2" eval lm_eval; do
   bash scripts/accuracy/run.sh $stage                    # the accuracy tables on the toy bases (docs/toy-accuracy.md)
 done

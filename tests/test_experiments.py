@@ -17,6 +17,7 @@ from jenga.experiments import longlora
 from jenga.experiments.length_search import Probe, longest_fitting
 from jenga.experiments.methods import METHODS, get_method
 from jenga.experiments.run import main
+from jenga.plotting.results import BENCH_SWEEPS
 from jenga.plotting.tables import runs_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -555,6 +556,27 @@ def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_pat
     if shared is None:
         assert "--seqs 65536 131072 262144 --steps 1 --warmup 1" in calls[1]
         assert calls[1].endswith(f"--logs {tmp_path}/h200-80gb/shared")
+
+
+@pytest.mark.parametrize(
+    ("setting", "cap", "folder"), [([], "--memory-gib 80 ", "run-80gb"), (["uncapped"], "", "run-uncapped")]
+)
+def test_the_fewer_checkpoints_script_runs_both_models_capped_or_not(setting, cap, folder):
+    """`scripts/fewer-checkpoints/run.sh [80|uncapped]`: one runner sweep per model of the four methods at 32K and
+    64K into the folder `benchmarks/RESULTS.md` reads; an unknown setting is an error that says the usage."""
+    script = str(ROOT / "scripts/fewer-checkpoints/run.sh")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo"}
+    done = subprocess.run(["bash", script, *setting, "--force"], env=env, capture_output=True, text=True, check=True)
+    calls = done.stdout.splitlines()
+    methods = "--methods lora+ckpt jenga+ckpt jenga+fitckpt jenga+fitattnckpt --seqs 32768 65536 --steps 2 --warmup 1"
+    assert calls == [
+        f"-m jenga.experiments.run --model {model} {methods} {cap}--logs benchmarks/logs/fewer-checkpoints/{folder} "
+        "--force"
+        for model in ("llama-2-7b", "llama-3-8b")
+    ]
+    assert folder in {f.split("/")[-1] for f, _ in BENCH_SWEEPS if f.startswith("fewer-checkpoints/")}
+    bad = subprocess.run(["bash", script, "48"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
 
 
 def test_a_sweep_reruns_a_complete_log_of_another_jenga_config(tmp_path, monkeypatch, capsys):
