@@ -448,6 +448,31 @@ def test_fitting_checkpoints_leaves_as_many_last_layers_as_the_budget_holds(monk
     assert _forward_counts(model) == [1 if i in unchecked else 2 for i in range(4)]
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_fitting_checkpoints_to_a_batch_shape_steps_on_random_tokens_of_that_shape(monkeypatch, autocast):
+    """`fit_checkpoints_to` hands `fit_checkpoints` a step of rows × tokens random ids as their own labels, under
+    the autocast asked for, and the budget given; a bad length is an error before anything runs."""
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: None)
+    seen = []
+
+    def fake_fit(model, step, budget):
+        seen.append(budget)
+        step()
+        return "fit"
+
+    monkeypatch.setattr(checkpointing, "fit_checkpoints", fake_fit)
+    model = _checkpointed_lora_model()
+    inputs = []
+    model.base_model.model.model.layers[0].register_forward_pre_hook(
+        lambda m, args: inputs.append((args[0].shape, torch.is_autocast_enabled("cpu")))
+    )
+    fit = checkpointing.fit_checkpoints_to(model, 64, rows=3, budget_gib=7.5, autocast=autocast)
+    assert fit == "fit" and seen == [7.5] and inputs[0] == ((3, 64, model.config.hidden_size), autocast is not None)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # the step ran backward
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        checkpointing.fit_checkpoints_to(model, 0)
+
+
 def test_fitting_checkpoints_needs_a_gpu_and_more_saved_bytes_unchecked(monkeypatch):
     model = _checkpointed_lora_model()
     with pytest.raises(ValueError, match="CUDA device.*checkpoint_first"):
