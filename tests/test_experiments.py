@@ -472,13 +472,18 @@ def test_a_fitted_checkpointing_method_logs_what_it_measured_and_chose(tmp_path,
     folder = tmp_path / "arch"
     tiny_llama(kv_heads=2, layers=6).config.save_pretrained(folder)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=40 * 2**30))
-    memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [(10.0, 10.5), (8.0, 9.0)])
-    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
-    log = tmp_path / "arch.jsonl"
-    assert run.run_one(str(folder), "jenga+fitckpt", 64, 1, 0, log, None)["status"] == "ok"
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    fit = next(r for r in records if r["record"] == "checkpoint_fit")
-    assert records[0]["checkpoint_fit"] and records[0]["gradient_checkpointing"]
+
+    def fitted(method: str, log: str, memory: FakeMemory | None = None) -> tuple[dict, dict]:
+        """The run's header and fit record, the allocator's counters faked by `memory`."""
+        if memory is not None:
+            monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+        path = tmp_path / log
+        assert run.run_one(str(folder), method, 64, 1, 0, path, None)["status"] == "ok"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return records[0], next(r for r in records if r["record"] == "checkpoint_fit")
+
+    header, fit = fitted("jenga+fitckpt", "arch.jsonl", FakeMemory([5.0, 6.0, 6.0, 9.0], [(10.0, 10.5), (8.0, 9.0)]))
+    assert header["checkpoint_fit"] and header["gradient_checkpointing"]
     # budget 40 - 2 (margin) = 38 GiB, less 0.5 of slack: (37.5 - 10) // 2 = 13 more layers than the measured one
     assert fit["status"] == "ok" and fit["unchecked_layers"] == list(range(6)) and fit["budget_gib"] == 38.0
     assert (
@@ -489,12 +494,8 @@ def test_a_fitted_checkpointing_method_logs_what_it_measured_and_chose(tmp_path,
     assert fit["recompute_peak_gib"] == 8.0 and fit["slack_gib"] == 0.5
     # the fit of checkpoints that keep their attention outputs (save_attention before the fit's checkpoint_first)
     memory = FakeMemory([5.0, 6.5, 6.5, 9.0], [(34.0, 34.5), (8.0, 9.0)])
-    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
-    log = tmp_path / "attention.jsonl"
-    assert run.run_one(str(folder), "jenga+fitattnckpt", 64, 1, 0, log, None)["status"] == "ok"
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    fit = next(r for r in records if r["record"] == "checkpoint_fit")
-    assert records[0]["checkpoint_fit"] and records[0]["saved_attention"]
+    header, fit = fitted("jenga+fitattnckpt", "attention.jsonl", memory)
+    assert header["checkpoint_fit"] and header["saved_attention"]
     assert fit["unchecked_layers"] == [2, 3, 4, 5] and fit["unchecked_layer_gib"] == pytest.approx(
         1.0, abs=1e-4
     )  # 1 + (37.5 - 34) // 1.0
@@ -503,10 +504,7 @@ def test_a_fitted_checkpointing_method_logs_what_it_measured_and_chose(tmp_path,
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(checkpointing, "fit_checkpoints", out_of_memory)
-    log = tmp_path / "oom.jsonl"
-    assert run.run_one(str(folder), "lora+fitckpt", 64, 1, 0, log, None)["status"] == "ok"
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    fit = next(r for r in records if r["record"] == "checkpoint_fit")
+    _, fit = fitted("lora+fitckpt", "oom.jsonl")
     assert fit["status"] == "oom" and fit["unchecked_layers"] == []
     table = runs_table(tmp_path, "arch", "fit")  # both runs' fits, in words
     assert "`jenga+fitckpt`: 0 of 6 layers checkpointed, 6 unchecked, for a budget of 38.0" in table

@@ -178,8 +178,7 @@ def fit_checkpoints_to(
     """`fit_checkpoints` for batches of `rows` × `tokens` (the largest the training will see): its step is one
     forward and backward of random token ids as their own labels, under `autocast` (a dtype) if given; the budget
     is `budget_gib`, else the GPU's whole memory less `margin_gib`."""
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"tokens must be a positive number of tokens per row, got {tokens!r}")
+    _check_tokens(tokens)
     device = next(model.parameters()).device
     _memory(device)  # a model off the GPU is an error before anything runs
     if budget_gib is None:
@@ -202,23 +201,29 @@ class FitCheckpointsCallback(TrainerCallback):
     the GPU's memory less `margin_gib`) holds. `fit` holds what it measured and chose; a later `train()` keeps it."""
 
     def __init__(self, tokens: int, budget_gib: float | None = None, margin_gib: float = FIT_MARGIN_GIB) -> None:
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"tokens must be the longest batch's tokens per row (a positive int), got {tokens!r}")
+        _check_tokens(tokens)
         self.tokens, self.budget_gib, self.margin_gib = tokens, budget_gib, margin_gib
         self.fit: CheckpointFit | None = None
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
         if self.fit is not None:  # the layers it left stay unchecked through the Trainer's re-enabling
             return
-        if not any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules()):
+        try:
+            checkpointed_layers(model, "FitCheckpointsCallback")
+        except ValueError:
             raise ValueError(
                 "FitCheckpointsCallback chooses which layers to checkpoint, but checkpointing is off: pass "
                 "TrainingArguments(gradient_checkpointing=True) (activation_checkpointing in newer transformers)"
-            )
+            ) from None
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.fit = fit_checkpoints_to(
             model, self.tokens, args.per_device_train_batch_size, self.budget_gib, self.margin_gib, dtype
         )
+
+
+def _check_tokens(tokens: int) -> None:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive number of tokens per row (the longest batch's), got {tokens!r}")
 
 
 def _measure_fit(
