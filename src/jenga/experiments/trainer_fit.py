@@ -1,0 +1,96 @@
+"""`FitCheckpointsCallback` under the HF `Trainer` on a GPU, as a user runs it: a 7B/8B architecture (random weights,
+bf16), LoRA r=8 on attention, Jenga's default, `--seq` tokens per step (batch 1), the Trainer's gradient
+checkpointing on. Logs the fit the callback chose, each step's time and the peak memory, to compare with the
+runner's `jenga+fitckpt` at the same length (`scripts/fewer-checkpoints/run.sh trainer`).
+
+    python -m jenga.experiments.trainer_fit --model llama-2-7b --seq 32768 --log trainer-fit.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from jenga import JengaConfig, apply_jenga
+from jenga.checkpointing import FIT_MARGIN_GIB, FitCheckpointsCallback
+from jenga.profiling import GIB, JsonlWriter, run_header
+
+from .training import add_attention_lora, load_model
+
+
+class StepTimes(TrainerCallback):
+    """Each optimizer step's wall time, the GPU synchronized at both ends."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-2-7b", help="folder under checkpoints/ or a path with config.json")
+    parser.add_argument("--seq", type=int, default=32768, help="tokens per step")
+    parser.add_argument("--steps", type=int, default=3, help="Trainer steps (the first one includes the fit)")
+    parser.add_argument("--memory-gib", type=float, help="cap this process's GPU memory (80: the 80 GB set)")
+    parser.add_argument("--log", type=Path, required=True, help="JSON-lines log to write")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("the fit measures a training step on the GPU; no CUDA device is visible")
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    budget = None  # the callback's default: the whole GPU less its margin
+    if args.memory_gib is not None and args.memory_gib < total:
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib / total)
+        budget = args.memory_gib - FIT_MARGIN_GIB
+    model, weights = load_model(args.model, args.seq)
+    model = add_attention_lora(model)
+    config = JengaConfig()
+    apply_jenga(model, config)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, model.config.vocab_size, (args.seq,), generator=generator) for _ in range(args.steps)]
+    data = [{"input_ids": row, "labels": row.clone()} for row in rows]
+    training = TrainingArguments(
+        output_dir="/tmp/jenga-trainer-fit", max_steps=args.steps, per_device_train_batch_size=1, report_to=[],
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="no", logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    fit, steps = FitCheckpointsCallback(tokens=args.seq, budget_gib=budget), StepTimes()
+    extra = {
+        "experiment": "trainer_fit", "model": args.model, "weights": weights, "seq_len": args.seq, "batch": 1,
+        "memory_cap_gib": args.memory_gib, "dtype": "bfloat16", "lora": "r=8 q/k/v/o",
+        "jenga_config": dataclasses.asdict(config),
+        "trainer_args": {k: getattr(training, k) for k in ("max_steps", "per_device_train_batch_size",
+                         "gradient_checkpointing", "gradient_checkpointing_kwargs", "learning_rate", "optim")},
+        "callback": {"tokens": fit.tokens, "budget_gib": fit.budget_gib, "margin_gib": fit.margin_gib},
+    }  # fmt: skip
+    torch.cuda.reset_peak_memory_stats()
+    result = Trainer(model=model, args=training, train_dataset=data, callbacks=[fit, steps]).train()
+    summary = {
+        "record": "summary", "status": "ok", "fit": dataclasses.asdict(fit.fit), "step_s": steps.times,
+        "median_step_s": statistics.median(steps.times[1:]) if len(steps.times) > 1 else None,  # after a warm-up
+        "train_loss": result.training_loss, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+        "reserved_peak_gib": torch.cuda.max_memory_reserved() / GIB,
+    }  # fmt: skip
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    with JsonlWriter(args.log) as writer:
+        writer.write(run_header(extra=extra))
+        writer.write(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
