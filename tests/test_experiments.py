@@ -561,7 +561,8 @@ def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_pat
 )
 def test_the_fewer_checkpoints_script_runs_both_models_capped_or_not(setting, cap, folder):
     """`scripts/fewer-checkpoints/run.sh [80|uncapped]`: one runner sweep per model of the four methods at 32K and
-    64K into the folder `benchmarks/RESULTS.md` reads; an unknown setting is an error that says the usage."""
+    64K into the folder `benchmarks/RESULTS.md` reads, then the fit through the Trainer per model at 32K (`--force`
+    reruns it); an unknown setting is an error that says the usage."""
     script = str(ROOT / "scripts/fewer-checkpoints/run.sh")
     env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo"}
     done = subprocess.run(["bash", script, *setting, "--force"], env=env, capture_output=True, text=True, check=True)
@@ -570,6 +571,10 @@ def test_the_fewer_checkpoints_script_runs_both_models_capped_or_not(setting, ca
     assert calls == [
         f"-m jenga.experiments.run --model {model} {methods} {cap}--logs benchmarks/logs/fewer-checkpoints/{folder} "
         "--force"
+        for model in ("llama-2-7b", "llama-3-8b")
+    ] + [
+        f"-m jenga.experiments.trainer_fit --model {model} --seq 32768 {cap}--log "
+        f"benchmarks/logs/fewer-checkpoints/{folder}/trainer/{model}_32768.jsonl"
         for model in ("llama-2-7b", "llama-3-8b")
     ]
     assert folder in {f.split("/")[-1] for f, _ in BENCH_SWEEPS if f.startswith("fewer-checkpoints/")}
@@ -617,3 +622,16 @@ def test_the_liger_composed_method_applies_fused_kernels_and_says_so(tmp_path, m
     assert run.run_one(str(folder), "jenga-liger", 64, 1, 0, log, None)["status"] == "ok"
     assert [kw["fused_kernels"] for kw in applied] == [True]
     assert json.loads(log.read_text().splitlines()[0])["fused_kernels"]
+
+
+def test_trainer_fit_needs_a_gpu(tmp_path, capsys):
+    """`jenga.experiments.trainer_fit` measures a step on the GPU: without one it stops before building a model and
+    says so, writing no log."""
+    from jenga.experiments import trainer_fit
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit) as stop:
+        trainer_fit.main(["--model", "llama-2-7b", "--log", str(tmp_path / "fit.jsonl")])
+    assert stop.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "fit.jsonl").exists()

@@ -5,7 +5,7 @@
 # architectures at 32K and 64K, 2 measured steps after a warm-up. `run.sh [80|uncapped]`: the process capped at
 # 80 GiB (the 80 GB set; default) or the whole GPU. Logs: benchmarks/logs/fewer-checkpoints/run-<80gb|uncapped>,
 # which benchmarks/RESULTS.md reads. Resumable; extra args go to the runner; PYTHON names the interpreter. Then the
-# same fit through the HF Trainer (FitCheckpointsCallback) at 32K: <logs>/trainer/<model>_32768.jsonl.
+# same fit through the HF Trainer (FitCheckpointsCallback) at 32K: <logs>/trainer/<model>_32768.jsonl (--force: again).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 cap=(--memory-gib 80); name=run-80gb
@@ -21,5 +21,7 @@ for model in llama-2-7b llama-3-8b; do
 done
 for model in llama-2-7b llama-3-8b; do
   log="benchmarks/logs/fewer-checkpoints/$name/trainer/${model}_32768.jsonl"
-  [ -s "$log" ] || ${PYTHON:-python} -m jenga.experiments.trainer_fit --model "$model" --seq 32768 "${cap[@]}" --log "$log"
+  if [ ! -s "$log" ] || [[ " $* " == *" --force "* ]]; then
+    ${PYTHON:-python} -m jenga.experiments.trainer_fit --model "$model" --seq 32768 "${cap[@]}" --log "$log"
+  fi
 done

@@ -41,7 +41,9 @@ class StepTimes(TrainerCallback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", default="llama-2-7b", help="folder under checkpoints/ or a path with config.json")
     parser.add_argument("--seq", type=int, default=32768, help="tokens per step")
     parser.add_argument("--steps", type=int, default=3, help="Trainer steps (the first one includes the fit)")
