@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="llama-2-7b", help="folder under checkpoints/ or a path with config.json")
     parser.add_argument("--seq", type=int, default=32768, help="tokens per step")
-    parser.add_argument("--steps", type=int, default=3, help="Trainer steps (the first one includes the fit)")
+    parser.add_argument("--steps", type=int, default=3, help="Trainer steps (the fit runs before the first, a warm-up)")
     parser.add_argument("--memory-gib", type=float, help="cap this process's GPU memory (80: the 80 GB set)")
     parser.add_argument("--log", type=Path, required=True, help="JSON-lines log to write")
     args = parser.parse_args(argv)
@@ -79,19 +79,24 @@ def main(argv: list[str] | None = None) -> int:
         "callback": {"tokens": fit.tokens, "budget_gib": fit.budget_gib, "margin_gib": fit.margin_gib},
     }  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
-    result = Trainer(model=model, args=training, train_dataset=data, callbacks=[fit, steps]).train()
-    summary = {
-        "record": "summary", "status": "ok", "fit": dataclasses.asdict(fit.fit), "step_s": steps.times,
+    summary: dict = {"record": "summary", "status": "ok", "error": None, "train_loss": None}
+    try:
+        result = Trainer(model=model, args=training, train_dataset=data, callbacks=[fit, steps]).train()
+        summary["train_loss"] = result.training_loss
+    except torch.OutOfMemoryError as error:  # logged as such: a fit that left too few checkpoints is a result
+        summary.update(status="oom", error=str(error).splitlines()[0])
+    summary.update({
+        "fit": None if fit.fit is None else dataclasses.asdict(fit.fit), "step_s": steps.times,
         "median_step_s": statistics.median(steps.times[1:]) if len(steps.times) > 1 else None,  # after a warm-up
-        "train_loss": result.training_loss, "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
         "reserved_peak_gib": torch.cuda.max_memory_reserved() / GIB,
-    }  # fmt: skip
+    })  # fmt: skip
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with JsonlWriter(args.log) as writer:
         writer.write(run_header(extra=extra))
         writer.write(summary)
     print(summary)
-    return 0
+    return 0 if summary["status"] == "ok" else 1
 
 
 if __name__ == "__main__":
