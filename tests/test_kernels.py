@@ -156,12 +156,8 @@ def test_gpu_checks_run_and_fail_on_a_wrong_kernel(monkeypatch):
         "rms_norm_backward_bf16",
         "rotary_bf16",
         "cross_entropy_bf16",
-        "fp8_matmul_bf16",
     ]
     assert all(isinstance(r["ok"], bool) for r in records)
-    assert records[-1]["ok"] and 1e-3 < records[-1]["vs_bf16_product"] < 0.1  # right, and float8 (not bf16)
-    monkeypatch.setattr(checks, "fp8_columns", lambda w, f=checks.fp8_columns: (f(w)[0], f(w)[1].flip(0)))
-    assert not checks.fp8_products(DEVICE)["ok"]  # a weight's column scales in the wrong order fail
 
 
 _PARSE_ALL_KERNELS = """

@@ -657,30 +657,6 @@ def test_mlp_recompute_gives_the_same_training_step_and_needs_a_gated_mlp():
     assert jenga_state(opt) is None
 
 
-def test_fp8_mlp_grads_keeps_the_loss_rounds_the_lora_gradients_and_checks_where_it_acts():
-    """`apply_jenga(fp8_mlp_grads=True)`: the same loss (the forward is untouched) and LoRA gradients off the
-    default's by float8 rounding only (the MLPs' input gradients); before any patch, an error that names the fix
-    where it cannot act: an MLP without gates, MLP channel sparsity, widths that float8 products do not take."""
-    ids = batch(2, 160)
-    ref_loss, ref_grads = loss_and_grads(apply_jenga(add_lora(tiny_llama(layers=3))), ids)
-    model = apply_jenga(add_lora(tiny_llama(layers=3)), fp8_mlp_grads=True)
-    assert jenga_state(model).fp8_mlp_grads
-    loss, grads = loss_and_grads(model, ids)
-    assert rel_err(loss, ref_loss) < 1e-6
-    flat, ref_flat = (torch.cat([g[n].flatten() for n in ref_grads]) for g in (grads, ref_grads))
-    assert 1e-4 < rel_err(flat, ref_flat) < 0.1
-    for model, kwargs, match in (
-        (tiny_opt(), {}, "fc1"),
-        (tiny_llama(layers=4), {"config": JengaConfig(mlp_keep=0.5)}, "mlp_keep"),
-        (tiny_llama(layers=2, intermediate_size=100), {}, "multiples of 16"),
-    ):
-        with pytest.raises(JengaConfigError, match=match):
-            apply_jenga(model, fp8_mlp_grads=True, **kwargs)
-        assert jenga_state(model) is None
-    with pytest.raises(TypeError, match="fp8_mlp_grads"):
-        apply_jenga(tiny_llama(layers=2), fp8_mlp_grads=1)
-
-
 def test_a_no_grad_pass_between_steps_leaves_the_next_steps_gradients_alone(family):
     """A train-mode forward without autograd (a reference or logging pass, also through a deep copy, whose
     forwards share the original's selector) runs the model's own forward and queues no selection: under

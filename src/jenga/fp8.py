@@ -9,8 +9,6 @@ tensors deviate more); the attention's q and k stay in bf16, since softmax ampli
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -36,42 +34,6 @@ def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.
 
         return dequantize_rows(x, scale, dtype)
     return (x.float() * scale[..., None]).to(dtype)
-
-
-def fp8_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float8 copy of a frozen weight `w` (K, N) that `fp8_matmul` multiplies by: its codes (K, N) in the
-    column-major layout Hopper's float8 product reads (a transposed copy) and one fp32 scale per column (N,)."""
-    codes, scale = to_fp8(w.t().contiguous())
-    return codes.t(), scale
-
-
-@functools.cache
-def float8_units(device: torch.device | str) -> bool:
-    """Whether `device` runs `fp8_matmul`: a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell), or the
-    CPU (PyTorch's reference product, for tests)."""
-    device = torch.device(device)
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def require_float8_units(device: torch.device | str) -> None:
-    """Raise, naming the fix, where `fp8_mlp_grads` cannot run (`float8_units`)."""
-    if not float8_units(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise RuntimeError(
-            f"fp8_mlp_grads needs float8 matrix units (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
-            f"this GPU is {major}.{minor}: leave fp8_mlp_grads False"
-        )
-
-
-def fp8_matmul(a: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`a @ w` in `dtype` from float8: `a` (..., K) quantized per row here, `w` from `fp8_columns`; the products
-    accumulate in fp32 (`torch._scaled_mm` with row-wise scales, up to twice the bf16 matrix rate on Hopper). On CUDA
-    the result passes through bf16, the one output row-wise float8 products have on every GPU and build."""
-    require_float8_units(a.device)
-    codes, scale = to_fp8(a.reshape(-1, a.shape[-1]))
-    out_dtype = torch.bfloat16 if a.is_cuda else dtype
-    out = torch._scaled_mm(codes, w_codes, scale_a=scale[:, None], scale_b=w_scale[None, :], out_dtype=out_dtype)
-    return out.view(*a.shape[:-1], out.shape[-1]).to(dtype)
 
 
 # A lean RMSNorm's output carries the float8 copy of the norm's input that the norm saves for backward: with the

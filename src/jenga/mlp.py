@@ -19,7 +19,7 @@ from transformers import activations
 from . import liger
 from .autocast import compute_dtype
 from .config import JengaConfig
-from .fp8 import FP8, FP8_MAX, fp8_columns, fp8_matmul, from_fp8, to_fp8
+from .fp8 import FP8, FP8_MAX, from_fp8, to_fp8
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 # the SiLU modules a LLaMA-family MLP holds as act_fn (transformers' own class, else torch's)
@@ -95,12 +95,6 @@ class GatedMLPFunction(torch.autograd.Function):
 
     With `fused` the SiLU product and its backward take Liger Kernel's kernels wherever Jenga's float8 kernels
     do not (activations saved unrounded, recomputed, or a subset of channels).
-
-    With `fp8_grads` (every channel kept) backward's three matrix products, the input gradients of the frozen
-    down, gate and up projections (all of its products but `recompute`'s), run from float8 copies of their
-    operands (`jenga.fp8.fp8_matmul`: one scale per row of the gradient and per column of the weight, each product
-    accumulated in fp32; the gate and up products are summed in the compute dtype). The weights' copies are
-    quantized from the saved weights once per backward and freed with it.
     """
 
     @staticmethod
@@ -119,7 +113,6 @@ class GatedMLPFunction(torch.autograd.Function):
         fp8: bool,
         recompute: bool = False,
         fused: bool = False,
-        fp8_grads: bool = False,
     ):
         rows, tokens, _ = x.shape
         width = gate_w.shape[0]
@@ -165,18 +158,12 @@ class GatedMLPFunction(torch.autograd.Function):
         inputs = (x, gate_b, up_b) if recompute else (None, None, None)
         ctx.save_for_backward(saved_gate, saved_up, *weights, channels, scales, *inputs)
         ctx.act_fn, ctx.spans, ctx.x_dtype, ctx.dtype, ctx.fused = act_fn, spans, x.dtype, dtype, fused
-        ctx.fp8_grads = fp8_grads and channels is None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, *weights, channels, scales, x, gate_b, up_b = ctx.saved_tensors
-        if ctx.fp8_grads:  # the products' float8 weights: (K, N) column-major codes, a scale per column
-            down_q, gate_q, up_q = (fp8_columns(weights[i]) for i in (2, 0, 1))
-        # in the compute dtype where this backward multiplies by them (the float8 path: gate and up to recompute)
-        cast = not ctx.fp8_grads or x is not None
-        gate_w, up_w = (w.to(ctx.dtype) for w in weights[:2]) if cast else weights[:2]
-        down_w = weights[2] if ctx.fp8_grads else weights[2].to(ctx.dtype)
+        gate_w, up_w, down_w = (w.to(ctx.dtype) for w in weights)  # backward multiplies in the compute dtype
         grad_out = grad_out.to(ctx.dtype)
         grad_x = grad_out.new_empty(*grad_out.shape[:-1], gate_w.shape[1])
         for i, (s, e) in enumerate(ctx.spans):
@@ -185,10 +172,7 @@ class GatedMLPFunction(torch.autograd.Function):
                 g_down, g_gate, g_up = (
                     (down_w, gate_w, up_w) if channels is None else (down_w[:, idx], gate_w[idx], up_w[idx])
                 )
-                if ctx.fp8_grads:
-                    grad_hidden = fp8_matmul(grad_out[row, s:e], *down_q, ctx.dtype)
-                else:
-                    grad_hidden = grad_out[row, s:e] @ g_down
+                grad_hidden = grad_out[row, s:e] @ g_down
                 if x is not None:  # recompute the kept channels' pre-activations of this chunk
                     part = x[row, s:e].to(ctx.dtype)
                     g = F.linear(part, g_gate, None if gate_b is None else gate_b[idx])
@@ -209,13 +193,9 @@ class GatedMLPFunction(torch.autograd.Function):
                         g = from_fp8(g, scales[0, row, s:e], ctx.dtype)
                         u = from_fp8(u, scales[1, row, s:e], ctx.dtype)
                     grad_gate, grad_up = _activation_grads(ctx.act_fn, grad_hidden, g, u)
-                if ctx.fp8_grads:
-                    grad_x[row, s:e] = fp8_matmul(grad_gate, *gate_q, ctx.dtype)
-                    grad_x[row, s:e] += fp8_matmul(grad_up, *up_q, ctx.dtype)
-                else:
-                    _products_into(grad_x[row, s:e], [(grad_gate, g_gate), (grad_up, g_up)])
+                _products_into(grad_x[row, s:e], [(grad_gate, g_gate), (grad_up, g_up)])
                 del grad_hidden, grad_gate, grad_up, g, u  # before the next chunk's come
-        return grad_x.to(ctx.x_dtype), *[None] * 13
+        return grad_x.to(ctx.x_dtype), *[None] * 12
 
 
 class SparseActivationFunction(torch.autograd.Function):
@@ -258,16 +238,14 @@ def gated_mlp(
     fp8: bool = False,
     recompute: bool = False,
     fused: bool = False,
-    fp8_grads: bool = False,
 ) -> torch.Tensor:
     """Sparse-saved SwiGLU-style MLP on (B, T, D) or (T, D) input; channels ranked per sequence and chunk; with
     `fp8` the kept activations are saved in float8 (half the bytes of bf16, 3 mantissa bits); with `recompute`
     only the input is saved and backward recomputes the activations per chunk (`fp8` then saves nothing); with
-    `fused` the SiLU product takes Liger Kernel's kernels where the float8 ones do not run (`jenga.liger`); with
-    `fp8_grads` (and `keep` 1) backward's products run in float8."""
+    `fused` the SiLU product takes Liger Kernel's kernels where the float8 ones do not run (`jenga.liger`)."""
     x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
     weights = (gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
-    out = GatedMLPFunction.apply(x3, *weights, act_fn, keep, chunk, fp8, recompute, fused, fp8_grads)
+    out = GatedMLPFunction.apply(x3, *weights, act_fn, keep, chunk, fp8, recompute, fused)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

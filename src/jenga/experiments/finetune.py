@@ -72,7 +72,6 @@ SCHEDULES = (
     "jenga-mlp",
     "jenga-a0.9-fp8",
     "jenga-dense",
-    "jenga-fp8grad",
 )
 TRAINABLE = {"embed": "embed_tokens", "norm": "norm"}
 PRECISIONS = {"fp32": "float32 (tf32 matmuls on GPU)", "bf16": "bfloat16 autocast, float32 weights and optimizer"}
@@ -140,7 +139,7 @@ def load_finetune_model(base: Path, seq_len: int, method: Method, device: str, t
     if method.name in SAMPLED:
         apply_sampled(model, method.jenga)
     elif method.jenga is not None:
-        apply_jenga(model, method.jenga, predictor=method.predictor, fp8_mlp_grads=method.fp8_mlp_grads)
+        apply_jenga(model, method.jenga, predictor=method.predictor)
     return model
 
 
@@ -257,7 +256,6 @@ def main(argv: list[str] | None = None) -> None:
             "method": method.name,
             "method_description": method.description,
             "jenga_config": logged_config(method, model),
-            "fp8_mlp_grads": method.fp8_mlp_grads,
             "trainable_params": sum(p.numel() for p in params),
             "rope_parameters": model.config.rope_parameters,
             "dtype": PRECISIONS[args.precision],

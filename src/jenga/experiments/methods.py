@@ -72,7 +72,6 @@ class Method:
     lean_lora: bool = True  # `apply_jenga(lean_lora=...)`
     mlp_recompute: bool = False  # `apply_jenga(mlp_recompute=...)`
     fused_kernels: bool = False  # `apply_jenga(fused_kernels=...)`: Liger Kernel's ops where they fit
-    fp8_mlp_grads: bool = False  # `apply_jenga(fp8_mlp_grads=...)`: the MLP's backward products in float8
     layers_per_checkpoint: int = 1  # `jenga.checkpointing.group_checkpoints`: decoder layers per checkpoint
     saved_attention: bool = False  # `jenga.checkpointing.save_attention`: the recompute skips attention
     checkpoint_fit: bool = False  # `jenga.checkpointing.fit_checkpoints`: only the first layers checkpointed
@@ -168,13 +167,6 @@ _BASE = [
         "kernels, which write their float8 copies",
         jenga=DEFAULT,
         fused_kernels=True,
-    ),
-    Method(
-        "jenga-fp8grad",
-        "Jenga's default with the frozen gated MLP's backward products (its input gradients) in float8, one scale per "
-        "row and column, fp32 accumulation (`apply_jenga(fp8_mlp_grads=True)`)",
-        jenga=DEFAULT,
-        fp8_mlp_grads=True,
     ),
     Method(
         "jenga-long",

@@ -231,7 +231,6 @@ def run_fields(method: Method, model_name: str, seq: int, memory_cap_gib: float 
         "checkpoint_offload": method.checkpoint_offload,
         "mlp_recompute": method.mlp_recompute,
         "fused_kernels": method.fused_kernels,
-        "fp8_mlp_grads": method.fp8_mlp_grads,
         "layers_per_checkpoint": method.layers_per_checkpoint,
         "saved_attention": method.saved_attention,
         "checkpoint_fit": method.checkpoint_fit,

@@ -133,11 +133,7 @@ def build(method: Method, model_name: str, seq: int) -> tuple[torch.nn.Module, s
     if method.jenga is not None:
         scorer = oracle_scorer if method.predictor is None else predictor_scorer(method, model)
         timer = TimedScorer(SelectionRecorder(scorer))
-        switches = {
-            "lean_lora": method.lean_lora,
-            "mlp_recompute": method.mlp_recompute,
-            "fp8_mlp_grads": method.fp8_mlp_grads,
-        }
+        switches = {"lean_lora": method.lean_lora, "mlp_recompute": method.mlp_recompute}
         apply_jenga(model, method.jenga, scorer=timer, fused_kernels=method.fused_kernels, **switches)
     return model, weights, timer
 

@@ -11,7 +11,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from .. import liger
 from ..config import JengaConfig, JengaConfigError
 from ..elimination import BlockScorer, Selector, oracle_scorer
-from ..fp8 import require_float8_units
 from ..predictor.bundle import PredictorBundle
 from .base import (
     FamilyAdapter,
@@ -73,34 +72,6 @@ def check_attention(model: nn.Module) -> None:
     )
 
 
-# Float8 matrix products take operand widths in multiples of 16 (cuBLASLt's float8 layouts).
-FP8_WIDTH_MULTIPLE = 16
-
-
-def check_fp8_mlp_grads(model: nn.Module, adapter: FamilyAdapter, mlp_keep: list[float]) -> None:
-    """Raise at apply time, naming the fix, where `fp8_mlp_grads` cannot act: no gated MLP, an MLP saving a subset
-    of its channels, widths the float8 product does not take, or a GPU without float8 units (`jenga.fp8`)."""
-    if not adapter.gated_mlp:
-        raise JengaConfigError(
-            f"fp8_mlp_grads runs a gated (SwiGLU) MLP's backward products in float8; {type(model).__name__} has an "
-            "fc1 -> activation -> fc2 MLP: leave fp8_mlp_grads False for this model"
-        )
-    if min(mlp_keep) < 1.0:
-        raise JengaConfigError(
-            f"fp8_mlp_grads needs every MLP channel kept, but mlp_keep goes down to {min(mlp_keep)}: set "
-            "mlp_keep=1.0 or leave fp8_mlp_grads False"
-        )
-    require_float8_units(next(model.parameters()).device)
-    config = model.config
-    widths = {"hidden_size": config.hidden_size, "intermediate_size": getattr(config, "intermediate_size", None)}
-    odd = {name: width for name, width in widths.items() if width is not None and width % FP8_WIDTH_MULTIPLE}
-    if odd:
-        raise JengaConfigError(
-            f"fp8_mlp_grads needs MLP widths that are multiples of {FP8_WIDTH_MULTIPLE} (float8 matrix products), "
-            f"got {odd}: leave fp8_mlp_grads False for this model"
-        )
-
-
 def jenga_state(model: nn.Module) -> JengaState | None:
     """The `JengaState` of a patched model, or None."""
     return unwrap(model).__dict__.get("_jenga")
@@ -116,7 +87,6 @@ def apply_jenga(
     lean_lora: bool = True,
     mlp_recompute: bool = False,
     fused_kernels: bool = False,
-    fp8_mlp_grads: bool = False,
 ) -> nn.Module:
     """Patch `model` in place for sparse long-context training and return it.
 
@@ -136,10 +106,6 @@ def apply_jenga(
     of the saved bytes or less, two more matmuls per layer): for the longest lengths, under checkpointing.
     `fused_kernels`: Liger Kernel's fused RMSNorm, rotary embedding, SiLU product and linear cross-entropy (needs
     `liger-kernel`) wherever they fit Jenga's paths without losing a float8 save (`jenga.liger`).
-    `fp8_mlp_grads`: the frozen gated MLP's backward products (its input gradients) run from float8 copies with
-    one scale per row and column and fp32 accumulation (`jenga.mlp`); needs every MLP channel kept (`mlp_keep`
-    1.0) and a GPU of compute capability 8.9 or newer. It moves the LoRA gradient about as far from the bf16
-    step's as bf16 is from fp32, and it was no faster at 8K on the H100 (docs/real-model.md).
     """
     if isinstance(config, dict):
         raise TypeError(
@@ -156,7 +122,7 @@ def apply_jenga(
             f"got {type(scorer).__name__}"
         )
     switches = {"lean_norms": lean_norms, "lean_lora": lean_lora, "mlp_recompute": mlp_recompute}
-    for name, value in {**switches, "fused_kernels": fused_kernels, "fp8_mlp_grads": fp8_mlp_grads}.items():
+    for name, value in {**switches, "fused_kernels": fused_kernels}.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
     base = unwrap(model)
@@ -194,8 +160,6 @@ def apply_jenga(
         )
     if fused_kernels:
         liger.require()
-    if fp8_mlp_grads:
-        check_fp8_mlp_grads(base, adapter, config.mlp_schedule(len(layers)))
     if config.fp8_activations is None:  # the default: on where the family has the path
         config = dataclasses.replace(config, fp8_activations=adapter.gated_mlp)
     state = JengaState(
@@ -207,7 +171,6 @@ def apply_jenga(
         lean_lora=lean_lora,
         mlp_recompute=mlp_recompute,
         fused_kernels=fused_kernels,
-        fp8_mlp_grads=fp8_mlp_grads,
         owner=base,
     )
     for idx, layer in enumerate(layers):

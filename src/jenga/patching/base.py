@@ -57,7 +57,7 @@ ScaledQK = tuple[torch.Tensor, torch.Tensor, float]
 
 DENSE_MLP_MESSAGE = (
     "Jenga: MLPs with trainable or non-standard projections (e.g. LoRA on MLP layers, quantized linears) "
-    "use the dense MLP path, which saves full activations for backward (no float8 saves, no fp8_mlp_grads)."
+    "use the dense MLP path, which saves full activations for backward (no float8 saves)."
 )
 EVAL_MODE_MESSAGE = (
     "Jenga: a forward with autograd on ran in eval mode, where Jenga leaves the model as it is (no float8 saves, "
@@ -129,7 +129,6 @@ class JengaState:
     lean_lora: bool = True
     mlp_recompute: bool = False
     fused_kernels: bool = False  # Liger Kernel's ops where they fit (`jenga.liger`)
-    fp8_mlp_grads: bool = False  # the gated MLP's backward products in float8 (`jenga.mlp`)
     patched: list[nn.Module] = field(default_factory=list)
     # (module's import name, function name) per `swap_function`: names, not modules, so a patched model deep-copies
     swapped: list[tuple[str, str]] = field(default_factory=list)

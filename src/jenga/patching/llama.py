@@ -46,10 +46,8 @@ class LlamaFamilyAdapter(FamilyAdapter):
             chunk = state.config.mlp_chunk_tokens
             fp8 = state.config.fp8_activations
             projections = (self.gate_proj, self.up_proj, self.down_proj)
-            recompute, fused, fp8_grads = state.mlp_recompute, state.fused_kernels, state.fp8_mlp_grads
-            return gated_mlp(
-                x, *projections, self.act_fn, keep, chunk, fp8, recompute=recompute, fused=fused, fp8_grads=fp8_grads
-            )
+            recompute, fused = state.mlp_recompute, state.fused_kernels
+            return gated_mlp(x, *projections, self.act_fn, keep, chunk, fp8, recompute=recompute, fused=fused)
 
         override_forward(mlp, forward, state)
 

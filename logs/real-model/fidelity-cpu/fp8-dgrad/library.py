@@ -3,6 +3,8 @@ LoRA gradients from Jenga's default step, and both from an fp32 step without Jen
 and yardstick as `screen.py` (its MLP row ran the same products outside the library, without Jenga):
 
     cd logs/real-model/fidelity-cpu/fp8-dgrad && ../../../../.venv/bin/python library.py > library.jsonl
+
+`fp8_mlp_grads` was removed after this ran (no faster at 8K: docs/real-model.md); to rerun, check out 92fefa4.
 """
 
 import json
