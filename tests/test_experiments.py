@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batch, tiny_llama
+from conftest import add_lora, batch, tiny_llama
 
-from jenga import apply_jenga
+from jenga import JengaConfig, apply_jenga
 from jenga.experiments import longlora
 from jenga.experiments.length_search import Probe, longest_fitting
 from jenga.experiments.methods import METHODS, get_method
@@ -635,3 +636,32 @@ def test_trainer_fit_needs_a_gpu(tmp_path, capsys):
         trainer_fit.main(["--model", "llama-2-7b", "--log", str(tmp_path / "fit.jsonl")])
     assert stop.value.code == 2 and "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "fit.jsonl").exists()
+
+
+def test_trainer_fit_trains_with_the_fit_and_logs_out_of_memory(monkeypatch):
+    """`trainer_fit.train_with_fit` (the GPU check's Trainer run) on a tiny model, the allocator's counters faked as
+    in test_trainer: the callback leaves the last two of four layers unchecked, each step is timed and the loss is
+    finite; a Trainer that runs out of memory gives an "oom" summary with the error's first line, not a crash."""
+    from test_checkpointing import FakeMemory
+    from transformers import Trainer
+
+    from jenga import checkpointing
+    from jenga.experiments import trainer_fit
+
+    def model():
+        return apply_jenga(add_lora(tiny_llama(layers=4)), JengaConfig(fp8_activations=False))
+
+    memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [(10.0, 10.5), (8.0, 9.0)])
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+    summary, settings = trainer_fit.train_with_fit(model(), 256, 2, budget_gib=12.6)
+    assert summary["status"] == "ok" and summary["fit"]["unchecked"] == [2, 3], summary
+    assert len(summary["step_s"]) == 2 and summary["median_step_s"] > 0 and math.isfinite(summary["train_loss"])
+    assert settings["callback"] == {"tokens": 256, "budget_gib": 12.6, "margin_gib": checkpointing.FIT_MARGIN_GIB}
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(details)")
+
+    monkeypatch.setattr(Trainer, "train", out_of_memory)
+    summary, _ = trainer_fit.train_with_fit(model(), 256, 2, budget_gib=12.6)
+    assert summary["status"] == "oom" and summary["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert summary["fit"] is None and summary["train_loss"] is None

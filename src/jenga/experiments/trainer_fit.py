@@ -25,19 +25,57 @@ from .training import add_attention_lora, load_model
 
 
 class StepTimes(TrainerCallback):
-    """Each optimizer step's wall time, the GPU synchronized at both ends."""
+    """Each optimizer step's wall time, the GPU (where there is one) synchronized at both ends."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self.start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self.start)
+
+
+def train_with_fit(model: torch.nn.Module, seq: int, steps: int, budget_gib: float | None) -> tuple[dict, dict]:
+    """`steps` Trainer steps, one row of `seq` random tokens each, with gradient checkpointing on and
+    `FitCheckpointsCallback` choosing the checkpoints as training begins: (the log's summary record, the settings
+    the header records). Out of memory is a result, logged as such."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, model.config.vocab_size, (seq,), generator=generator) for _ in range(steps)]
+    data = [{"input_ids": row, "labels": row.clone()} for row in rows]
+    cuda = torch.cuda.is_available()
+    training = TrainingArguments(
+        output_dir="/tmp/jenga-trainer-fit", max_steps=steps, per_device_train_batch_size=1, report_to=[],
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=not cuda,
+    )  # fmt: skip
+    fit, times = FitCheckpointsCallback(tokens=seq, budget_gib=budget_gib), StepTimes()
+    settings = {
+        "trainer_args": {k: getattr(training, k) for k in ("max_steps", "per_device_train_batch_size",
+                         "gradient_checkpointing", "gradient_checkpointing_kwargs", "learning_rate", "optim")},
+        "callback": {"tokens": fit.tokens, "budget_gib": fit.budget_gib, "margin_gib": fit.margin_gib},
+    }  # fmt: skip
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    summary: dict = {"record": "summary", "status": "ok", "error": None, "train_loss": None}
+    try:
+        result = Trainer(model=model, args=training, train_dataset=data, callbacks=[fit, times]).train()
+        summary["train_loss"] = result.training_loss
+    except torch.OutOfMemoryError as error:  # a fit that left too few checkpoints is a result too
+        summary.update(status="oom", error=str(error).splitlines()[0])
+    summary.update({
+        "fit": None if fit.fit is None else dataclasses.asdict(fit.fit), "step_s": times.times,
+        "median_step_s": statistics.median(times.times[1:]) if len(times.times) > 1 else None,  # after a warm-up
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "reserved_peak_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
+    })  # fmt: skip
+    return summary, settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,39 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     model = add_attention_lora(model)
     config = JengaConfig()
     apply_jenga(model, config)
-    generator = torch.Generator().manual_seed(0)
-    rows = [torch.randint(0, model.config.vocab_size, (args.seq,), generator=generator) for _ in range(args.steps)]
-    data = [{"input_ids": row, "labels": row.clone()} for row in rows]
-    training = TrainingArguments(
-        output_dir="/tmp/jenga-trainer-fit", max_steps=args.steps, per_device_train_batch_size=1, report_to=[],
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="no", logging_steps=1, disable_tqdm=True,
-    )  # fmt: skip
-    fit, steps = FitCheckpointsCallback(tokens=args.seq, budget_gib=budget), StepTimes()
-    extra = {
+    summary, settings = train_with_fit(model, args.seq, args.steps, budget)
+    header = {
         "experiment": "trainer_fit", "model": args.model, "weights": weights, "seq_len": args.seq, "batch": 1,
         "memory_cap_gib": args.memory_gib, "dtype": "bfloat16", "lora": "r=8 q/k/v/o",
-        "jenga_config": dataclasses.asdict(config),
-        "trainer_args": {k: getattr(training, k) for k in ("max_steps", "per_device_train_batch_size",
-                         "gradient_checkpointing", "gradient_checkpointing_kwargs", "learning_rate", "optim")},
-        "callback": {"tokens": fit.tokens, "budget_gib": fit.budget_gib, "margin_gib": fit.margin_gib},
+        "jenga_config": dataclasses.asdict(config), **settings,
     }  # fmt: skip
-    torch.cuda.reset_peak_memory_stats()
-    summary: dict = {"record": "summary", "status": "ok", "error": None, "train_loss": None}
-    try:
-        result = Trainer(model=model, args=training, train_dataset=data, callbacks=[fit, steps]).train()
-        summary["train_loss"] = result.training_loss
-    except torch.OutOfMemoryError as error:  # logged as such: a fit that left too few checkpoints is a result
-        summary.update(status="oom", error=str(error).splitlines()[0])
-    summary.update({
-        "fit": None if fit.fit is None else dataclasses.asdict(fit.fit), "step_s": steps.times,
-        "median_step_s": statistics.median(steps.times[1:]) if len(steps.times) > 1 else None,  # after a warm-up
-        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-        "reserved_peak_gib": torch.cuda.max_memory_reserved() / GIB,
-    })  # fmt: skip
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with JsonlWriter(args.log) as writer:
-        writer.write(run_header(extra=extra))
+        writer.write(run_header(extra=header))
         writer.write(summary)
     print(summary)
     return 0 if summary["status"] == "ok" else 1
