@@ -262,13 +262,9 @@ def run_one(
     its validation documents.
     """
     method = host_memory.resolve_offload(get_method(method_name), model_name, seq)
-    capped = None
-    if memory_gib is not None and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        capped = min(1.0, memory_gib / total)
-        torch.cuda.set_per_process_memory_fraction(capped)
+    cap = cap_gpu_memory(memory_gib)
     torch.manual_seed(0)
-    header = run_fields(method, model_name, seq, memory_gib if capped is not None else None, data)
+    header = run_fields(method, model_name, seq, cap, data)
     with JsonlWriter(path, header=None) as writer:
         refusal = host_memory.refusal(method, model_name, seq)
         if refusal is not None:  # pinned host memory beyond the machine's can take the machine down, not the run
@@ -291,7 +287,7 @@ def run_one(
         header["jenga_config"] = logged_config(method, model)
         writer.write(run_header(command, extra={**header, "weights": weights}))
         if method.checkpoint_fit:
-            writer.write(fit_record(model, seq, memory_gib if capped is not None else None))
+            writer.write(fit_record(model, seq, cap))
         offloader = None if method.offload is None else make_offloader(method, model)
         stats = train_steps(
             model,
@@ -328,6 +324,24 @@ def run_one(
     return summary
 
 
+def cap_gpu_memory(memory_gib: float | None) -> float | None:
+    """Cap this process's GPU memory at `memory_gib` (the 80 GB or 48 GB set on a larger card); the cap in force,
+    None without one or without a GPU."""
+    if memory_gib is None or not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib / total))
+    return memory_gib
+
+
+def fit_budget_gib(memory_cap_gib: float | None) -> float:
+    """The GPU memory a checkpoint fit may fill: the cap (or the whole GPU) less `FIT_MARGIN_GIB`."""
+    from ..checkpointing import FIT_MARGIN_GIB
+
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    return (total if memory_cap_gib is None else min(memory_cap_gib, total)) - FIT_MARGIN_GIB
+
+
 def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -> dict:
     """Checkpoint only the first layers of `model`, as many as a step at `seq` tokens needs within the cap (or the
     whole GPU) less `FIT_MARGIN_GIB` (`jenga.checkpointing.fit_checkpoints_to`, one forward and backward of random
@@ -337,11 +351,9 @@ def fit_record(model: torch.nn.Module, seq: int, memory_cap_gib: float | None) -
 
     from .. import checkpointing
 
-    total = torch.cuda.get_device_properties(0).total_memory / GIB
-    margin = checkpointing.FIT_MARGIN_GIB
-    budget = (total if memory_cap_gib is None else min(memory_cap_gib, total)) - margin
+    budget = fit_budget_gib(memory_cap_gib)
     layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
-    record = {"record": "checkpoint_fit", "budget_gib": budget, "margin_gib": margin}
+    record = {"record": "checkpoint_fit", "budget_gib": budget, "margin_gib": checkpointing.FIT_MARGIN_GIB}
     try:
         fit = checkpointing.fit_checkpoints_to(model, seq, budget_gib=budget)
     except RuntimeError as exc:

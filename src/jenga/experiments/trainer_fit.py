@@ -18,9 +18,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from jenga import JengaConfig, apply_jenga
-from jenga.checkpointing import FIT_MARGIN_GIB, FitCheckpointsCallback
+from jenga.checkpointing import FitCheckpointsCallback
 from jenga.profiling import GIB, JsonlWriter, run_header
 
+from .run import cap_gpu_memory, fit_budget_gib
 from .training import add_attention_lora, load_model
 
 
@@ -90,19 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the fit measures a training step on the GPU; no CUDA device is visible")
-    total = torch.cuda.get_device_properties(0).total_memory / GIB
-    budget = None  # the callback's default: the whole GPU less its margin
-    if args.memory_gib is not None and args.memory_gib < total:
-        torch.cuda.set_per_process_memory_fraction(args.memory_gib / total)
-        budget = args.memory_gib - FIT_MARGIN_GIB
+    cap = cap_gpu_memory(args.memory_gib)
     model, weights = load_model(args.model, args.seq)
     model = add_attention_lora(model)
     config = JengaConfig()
     apply_jenga(model, config)
-    summary, settings = train_with_fit(model, args.seq, args.steps, budget)
+    summary, settings = train_with_fit(model, args.seq, args.steps, fit_budget_gib(cap))
     header = {
         "experiment": "trainer_fit", "model": args.model, "weights": weights, "seq_len": args.seq, "batch": 1,
-        "memory_cap_gib": args.memory_gib, "dtype": "bfloat16", "lora": "r=8 q/k/v/o",
+        "memory_cap_gib": cap, "dtype": "bfloat16", "lora": "r=8 q/k/v/o",
         "jenga_config": dataclasses.asdict(config), **settings,
     }  # fmt: skip
     args.log.parent.mkdir(parents=True, exist_ok=True)
