@@ -18,7 +18,6 @@ from jenga.experiments import longlora
 from jenga.experiments.length_search import Probe, longest_fitting
 from jenga.experiments.methods import METHODS, get_method
 from jenga.experiments.run import main
-from jenga.plotting.results import BENCH_SWEEPS
 from jenga.plotting.tables import runs_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -558,14 +557,18 @@ def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("setting", "cap", "folder"), [([], "--memory-gib 80 ", "run-80gb"), (["uncapped"], "", "run-uncapped")]
+    ("setting", "cap", "folder"), [([], "--memory-gib 80 ", "h100-80gb"), (["uncapped"], "", "h100-uncapped")]
 )
-def test_the_fewer_checkpoints_script_runs_both_models_capped_or_not(setting, cap, folder):
+def test_the_fewer_checkpoints_script_runs_both_models_capped_or_not(tmp_path, setting, cap, folder):
     """`scripts/fewer-checkpoints/run.sh [80|uncapped]`: one runner sweep per model of the four methods at 32K and
-    64K into the folder `benchmarks/RESULTS.md` reads, then the fit through the Trainer per model at 32K (`--force`
-    reruns it); an unknown setting is an error that says the usage."""
+    64K into a folder named after the GPU's model and the cap, then the fit through the Trainer per model at 32K
+    (`--force` reruns it); an unknown setting is an error that says the usage, and no GPU is one that says so."""
     script = str(ROOT / "scripts/fewer-checkpoints/run.sh")
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo"}
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "PYTHON": "echo"}
     done = subprocess.run(["bash", script, *setting, "--force"], env=env, capture_output=True, text=True, check=True)
     calls = done.stdout.splitlines()
     methods = "--methods lora+ckpt jenga+ckpt jenga+fitckpt jenga+fitattnckpt --seqs 32768 65536 --steps 2 --warmup 1"
@@ -578,9 +581,10 @@ def test_the_fewer_checkpoints_script_runs_both_models_capped_or_not(setting, ca
         f"benchmarks/logs/fewer-checkpoints/{folder}/trainer/{model}_32768.jsonl"
         for model in ("llama-2-7b", "llama-3-8b")
     ]
-    assert folder in {f.split("/")[-1] for f, _ in BENCH_SWEEPS if f.startswith("fewer-checkpoints/")}
     bad = subprocess.run(["bash", script, "48"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+    no_gpu = subprocess.run(["bash", script], env=env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert no_gpu.returncode != 0 and not no_gpu.stdout and "needs an NVIDIA GPU" in no_gpu.stderr
 
 
 def test_a_sweep_reruns_a_complete_log_of_another_jenga_config(tmp_path, monkeypatch, capsys):

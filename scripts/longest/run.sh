@@ -25,13 +25,9 @@ $py -c "import liger_kernel" 2>/dev/null && methods="$methods liger+ckpt liger+o
 $py -c "import unsloth" 2>/dev/null && methods="$methods unsloth"
 methods=${METHODS:-$methods}
 shared=${SHARED-65536 131072 262144}
-# one folder per setting: the GPU's model and the cap, e.g. logs/longest/h200-uncapped, logs/longest/h200-80gb
-command -v nvidia-smi > /dev/null || { echo "scripts/longest/run.sh needs an NVIDIA GPU (no nvidia-smi here)" >&2; exit 1; }
-# the GPU's model: the first word of its name with a digit, up to a dash (NVIDIA H100 80GB HBM3: h100; A800-SXM4-80GB: a800)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 \
-  | awk '{for (i = 1; i <= NF; i++) if ($i ~ /[0-9]/) { print tolower($i); exit }}' | cut -d- -f1)
-cap=${MEMORY_GIB:+${MEMORY_GIB}gb}
-setting="${LOGS:-logs/longest}/${gpu}-${cap:-uncapped}"
+# one folder per setting, e.g. logs/longest/h200-uncapped, logs/longest/h200-80gb
+source scripts/gpu_setting.sh
+setting="${LOGS:-logs/longest}/$(gpu_setting "${MEMORY_GIB:-}")"
 for model in ${MODELS:-llama-3-8b llama-2-7b}; do
   $py -m jenga.experiments.run --model "$model" --methods $methods --max-length --cap "${CAP:-1048576}" \
     --length-step "$step" --start "$start" ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting"

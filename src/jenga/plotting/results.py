@@ -28,8 +28,7 @@ BENCH_SWEEPS = [
     ("saved-attention", "Checkpointing whose recompute reuses the attention outputs (+attnckpt) against plain +ckpt"),
     ("fewer-checkpoints/first-fit-h100", "Only the first layers checkpointed (+fitckpt, the first fit) against +ckpt"),
     ("fewer-checkpoints/fit-h100", "Only the first layers checkpointed, as many as fit (+fitckpt, +fitattnckpt)"),
-    ("fewer-checkpoints/run-80gb", "scripts/fewer-checkpoints/run.sh 80: as few checkpoints as fit, 80 GiB cap"),
-    ("fewer-checkpoints/run-uncapped", "scripts/fewer-checkpoints/run.sh uncapped: as few checkpoints as fit"),
+    ("fewer-checkpoints/h200-uncapped", "scripts/fewer-checkpoints/run.sh uncapped, H200: as few checkpoints as fit"),
 ]
 FIGURE_SWEEPS = [
     ("real-model/bench", "The keep-0.5 schedule of config schemas 2-3 on 7B/8B architectures (random weights)"),
