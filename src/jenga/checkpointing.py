@@ -198,7 +198,10 @@ class FitCheckpointsCallback(TrainerCallback):
     """`fit_checkpoints` for the HF Trainer: as training begins (after the Trainer enabled checkpointing), one
     measured step of `per_device_train_batch_size` rows of `tokens` random tokens (the longest batch to train)
     under the Trainer's bf16 or fp16 autocast leaves the last layers unchecked, as many as `budget_gib` (default:
-    the GPU's memory less `margin_gib`) holds. `fit` holds what it measured and chose; a later `train()` keeps it."""
+    the GPU's memory less `margin_gib`) holds. `fit` holds what it measured and chose; a later `train()` keeps it.
+    The fit counts what the allocator reserves above its peak: with PyTorch's default allocator that was 7.1 GiB
+    for Llama-3-8B at 32K (two layers more checkpointed), with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
+    0.3 GiB (docs/benchmarks.md, "Fewer checkpoints")."""
 
     def __init__(self, tokens: int, budget_gib: float | None = None, margin_gib: float = FIT_MARGIN_GIB) -> None:
         _check_tokens(tokens)
