@@ -12,7 +12,7 @@
 # Env: MODELS ("llama-3-8b llama-2-7b"), METHODS (those above), MEMORY_GIB (unset: the whole GPU; 80: the 80 GB
 #      set), CAP (1048576), STEP (16384), START (the first length searched: 65536 rounded up to STEP; near the
 #      expected limit it saves long probes), SHARED (the shared lengths: "65536 131072 262144"; empty: none), LOGS
-#      (logs/longest), PYTHON (python). Unsloth's wheels: docs/benchmarks.md. Figure and table:
+#      (logs/longest), PYTHON (python). Unsloth: scripts/longest/unsloth_bundle.sh. Figure and table:
 #      python -m jenga.plotting (output_figures/longest/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
