@@ -1,7 +1,8 @@
 """`FitCheckpointsCallback` under the HF `Trainer` on a GPU, as a user runs it: a 7B/8B architecture (random weights,
 bf16), LoRA r=8 on attention, Jenga's default, `--seq` tokens per step (batch 1), the Trainer's gradient
-checkpointing on. Logs the fit the callback chose, each step's time and the peak memory, to compare with the
-runner's `jenga+fitckpt` at the same length (`scripts/fewer-checkpoints/run.sh trainer`).
+checkpointing on, the allocator as the environment sets it (the runner sets expandable segments). Logs the fit
+the callback chose, each step's time and the peak memory, to compare with the runner's `jenga+fitckpt` at the
+same length (`scripts/fewer-checkpoints/run.sh` runs both).
 
     python -m jenga.experiments.trainer_fit --model llama-2-7b --seq 32768 --log trainer-fit.jsonl
 """
