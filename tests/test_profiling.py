@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,7 +143,8 @@ def test_run_header_keys_and_extra():
     header = run_header(command="train.py --x", extra={"seq_len": 4096, "torch": "overridden"})
     expected = {
         "record", "date", "command", "host", "python", "torch", "transformers", "peft", "triton",
-        "optional_packages", "git_commit", "device", "gpu_memory_gib", "cuda", "cuda_alloc_conf", "seq_len",
+        "optional_packages", "git_commit", "source_digest", "device", "gpu_memory_gib", "cuda", "cuda_alloc_conf",
+        "seq_len",
     }  # fmt: skip
     assert set(header) == expected
     assert header["record"] == "header"
@@ -181,6 +183,26 @@ def test_run_header_marks_a_dirty_tree(tmp_path, monkeypatch):
     assert len(clean) == 40 and "+" not in clean
     (tmp_path / "a.py").write_text("x = 2\n")
     assert run_header()["git_commit"] == clean + "+dirty"
+
+
+def test_the_source_digest_names_the_library_code_that_ran(tmp_path):
+    """The header's `source_digest` is the installed package's; it changes with any source file's bytes or name, and
+    not with files that are not Python sources."""
+    import jenga
+
+    assert run_header()["source_digest"] == profiling.source_digest(Path(jenga.__file__).parent)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    first = profiling.source_digest(tmp_path)
+    assert len(first) == 16 and first == profiling.source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a source\n")
+    assert profiling.source_digest(tmp_path) == first
+    (tmp_path / "b.py").write_text("y = 3\n")
+    changed = profiling.source_digest(tmp_path)
+    assert changed != first
+    (tmp_path / "b.py").rename(tmp_path / "c.py")
+    assert profiling.source_digest(tmp_path) not in (first, changed)
 
 
 def test_jsonl_writer_roundtrip(tmp_path):

@@ -7,6 +7,7 @@ into forward / backward / optimizer, and one JSON object per line with a header 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -213,6 +214,17 @@ def _git_commit() -> str | None:
     return commit + ("+dirty" if changed and changed.strip() else "")
 
 
+def source_digest(root: Path | None = None) -> str:
+    """The first 16 hex digits of a SHA-256 over the library's Python sources (each file's path and bytes, in path
+    order): which code ran, also where a copied tree's git metadata is missing or older than its files (a remote
+    GPU machine). `root` defaults to the installed `jenga` package; a checkout of any commit gives that commit's."""
+    root = root or Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def run_header(command: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Header record describing where and with what software a run happened (first line of each log)."""
     cuda = torch.cuda.is_available()
@@ -225,6 +237,7 @@ def run_header(command: str | None = None, extra: dict[str, Any] | None = None) 
         **{pkg: _package_version(pkg) for pkg in ("torch", "transformers", "peft", "triton")},
         "optional_packages": optional_packages(),
         "git_commit": _git_commit(),
+        "source_digest": source_digest(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "gpu_memory_gib": (
             torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB if cuda else None
