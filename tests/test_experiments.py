@@ -613,6 +613,56 @@ def test_a_sweep_reruns_a_complete_log_of_another_jenga_config(tmp_path, monkeyp
     assert "rerun arch_jenga_64.jsonl: it ran another Jenga config than jenga has today" in capsys.readouterr().out
 
 
+def test_a_length_search_cut_off_resumes_from_its_complete_probe_logs(tmp_path, monkeypatch, capsys):
+    """`--max-length` reads a probe whose log is complete instead of running it again, so a search cut off (a
+    device call's time limit) walks the same lengths and resumes at the first probe without a result; a probe log
+    without a result, one of another Jenga config and `--force` run again."""
+    from jenga.experiments import run
+    from jenga.experiments.methods import get_method
+    from jenga.profiling import read_jsonl
+
+    limit = 5 * 1024  # the fake GPU trains up to 5K tokens
+    spawned: list[tuple[str, int]] = []
+
+    def fake_spawn(args, method, seq, path, steps, warmup, extra):
+        spawned.append((method, seq))
+        status = "ok" if seq <= limit else "oom"
+        config = get_method(method).jenga
+        header = {"record": "header", "method": method, "jenga_config": config and config.to_dict()}
+        lines = [header, {"record": "summary", "status": status}]
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return {"status": status}
+
+    monkeypatch.setattr(run, "spawn", fake_spawn)
+    argv = ["--model", "arch", "--methods", "lora", "--max-length", "--length-step", "1024", "--cap", "16384"]
+    argv += ["--logs", str(tmp_path)]
+    assert run.main(argv) == 0
+    first = list(spawned)
+    result = read_jsonl(tmp_path / "maxlen" / "arch_lora.jsonl")[-1]
+    assert (result["max_ok"], result["first_oom"]) == (limit, limit + 1024)
+    spawned.clear()
+    assert run.main(argv) == 0  # every probe complete: nothing runs, the same result
+    assert spawned == [] and read_jsonl(tmp_path / "maxlen" / "arch_lora.jsonl")[-1]["max_ok"] == limit
+    assert "(its complete probe log; --force probes again)" in capsys.readouterr().out
+    cut = first[-1][1]  # the call's time limit came during the last probe: its log holds no result
+    (tmp_path / "probes" / f"arch_lora_{cut}.jsonl").write_text(json.dumps({"record": "header"}) + "\n")
+    assert run.main(argv) == 0 and spawned == [("lora", cut)]
+    spawned.clear()
+    assert run.main([*argv, "--force"]) == 0 and spawned == first
+    spawned.clear()
+    jenga = ["--model", "arch", "--methods", "jenga", "--max-length", "--length-step", "1024", "--cap", "16384"]
+    jenga += ["--logs", str(tmp_path)]
+    assert run.main(jenga) == 0
+    ran_jenga = list(spawned)
+    for _, seq in ran_jenga:  # the same lengths logged by an older default (keep 0.5): run again
+        path = tmp_path / "probes" / f"arch_jenga_{seq}.jsonl"
+        records = read_jsonl(path)
+        records[0]["jenga_config"] = get_method("jenga-0.5").jenga.to_dict()
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spawned.clear()
+    assert run.main(jenga) == 0 and spawned == ran_jenga
+
+
 def test_the_liger_composed_method_applies_fused_kernels_and_says_so(tmp_path, monkeypatch):
     """`jenga-liger` runs `apply_jenga(fused_kernels=True)` (its header says so; on the CPU Liger's kernels do not
     run and Jenga's paths compute the step)."""

@@ -8,7 +8,8 @@ out of memory is a result (logged as OOM), any other error is a failure (exit co
 A sweep runs each configuration in a fresh process (allocator peaks never leak between runs) and skips
 configurations whose log is already complete (status ok or oom) unless --force; failed ones run again.
 `--max-length` finds the longest sequence (in steps of --length-step) that trains one step without running out
-of memory, guided by the probes' memory (`jenga.experiments.length_search`).
+of memory, guided by the probes' memory (`jenga.experiments.length_search`); a probe whose log is complete is read,
+not run again (unless --force), so a search cut off by a time limit resumes where it stopped.
 
 Extra records a run can add after its measured steps: `--breakdown` runs one more, untimed step that splits
 memory into weights, optimizer state, gradients and saved activations per sublayer (figure 14);
@@ -60,11 +61,15 @@ def log_path(logs: Path, model: str, method: str, seq: int) -> Path:
 COMPLETE_STATUSES = ("ok", "oom")
 
 
+def logged_result(path: Path) -> str | None:
+    """The status of the result the log holds (a summary of status ok or oom), or None."""
+    statuses = [r.get("status") for r in read_jsonl(path) if r.get("record") == "summary"] if path.exists() else []
+    return next((status for status in statuses if status in COMPLETE_STATUSES), None)
+
+
 def is_complete(path: Path) -> bool:
     """True when the log holds a result: a summary of status ok or oom."""
-    return path.exists() and any(
-        r.get("record") == "summary" and r.get("status") in COMPLETE_STATUSES for r in read_jsonl(path)
-    )
+    return logged_result(path) is not None
 
 
 def is_stale(path: Path, method: Method) -> bool:
@@ -532,6 +537,12 @@ def max_length(args: argparse.Namespace) -> int:
 
         def fits(seq: int, method: str = method, probes: dict[int, str] = probes) -> Probe:
             path = log_path(args.logs / "probes", args.model, method, seq)
+            reused = None if args.force else logged_result(path)
+            # a search cut off (a time limit) walks the same lengths again and resumes at its first unlogged probe
+            if reused and not is_stale(path, get_method(method)):
+                probes[seq] = reused
+                tqdm.write(f"{method} {seq}: {reused} (its complete probe log; --force probes again)")
+                return probe_memory(path, reused == "ok")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
             probes[seq] = spawn(
