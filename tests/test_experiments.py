@@ -534,7 +534,7 @@ def test_the_longest_length_method_checkpoints_layer_pairs_and_budgets_them(tmp_
 def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_path, shared, gpu):
     """`scripts/longest/run.sh` per model: the length search of METHODS (else all), capped by MEMORY_GIB into a
     folder named after the GPU's model and the cap, from START (else 64K rounded up to STEP), then the shared
-    lengths unless SHARED is empty."""
+    lengths unless SHARED is empty; extra arguments go to both runner calls."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho '{gpu}'\n")
@@ -543,17 +543,17 @@ def test_the_longest_context_script_searches_a_method_subset_under_a_cap(tmp_pat
     env |= {"METHODS": "liger+ckpt jenga-long+ckpt", "MEMORY_GIB": "80"}
     env |= {"STEP": "24576"} if shared is None else {"SHARED": "", "START": "245760"}
     done = subprocess.run(
-        ["bash", str(ROOT / "scripts/longest/run.sh")], env=env, capture_output=True, text=True, check=True
+        ["bash", str(ROOT / "scripts/longest/run.sh"), "--force"], env=env, capture_output=True, text=True, check=True
     )
     calls = [c for c in done.stdout.splitlines() if "jenga.experiments.run" in c]
     assert len(calls) == (2 if shared is None else 1), calls
     assert "--methods liger+ckpt jenga-long+ckpt --max-length" in calls[0] and "--memory-gib 80" in calls[0]
-    assert calls[0].endswith(f"--logs {tmp_path}/h200-80gb")
+    assert calls[0].endswith(f"--logs {tmp_path}/h200-80gb --force")  # extra arguments go to the runner
     start = "--length-step 24576 --start 73728" if shared is None else "--length-step 16384 --start 245760"
     assert start in calls[0]
     if shared is None:
         assert "--seqs 65536 131072 262144 --steps 1 --warmup 1" in calls[1]
-        assert calls[1].endswith(f"--logs {tmp_path}/h200-80gb/shared")
+        assert calls[1].endswith(f"--logs {tmp_path}/h200-80gb/shared --force")
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@
 # when liger-kernel is installed. One step per probe; bf16 LoRA r=8, batch 1, random weights. Unsloth (its
 # offloaded checkpointing and tiled MLP, in its own interpreter) when it imports. Offloaded checkpoints that
 # would outgrow 90% of the host's available memory are logged as OOM without running (the host budget).
-#   bash scripts/longest/run.sh
+#   bash scripts/longest/run.sh [runner args, e.g. --force: probe lengths whose logs hold a result again]
 # Env: MODELS ("llama-3-8b llama-2-7b"), METHODS (those above), MEMORY_GIB (unset: the whole GPU; 80: the 80 GB
 #      set), CAP (1048576), STEP (16384), START (the first length searched: 65536 rounded up to STEP; near the
 #      expected limit it saves long probes), SHARED (the shared lengths: "65536 131072 262144"; empty: none), LOGS
@@ -30,8 +30,8 @@ source scripts/gpu_setting.sh
 setting="${LOGS:-logs/longest}/$(gpu_setting "${MEMORY_GIB:-}")"
 for model in ${MODELS:-llama-3-8b llama-2-7b}; do
   $py -m jenga.experiments.run --model "$model" --methods $methods --max-length --cap "${CAP:-1048576}" \
-    --length-step "$step" --start "$start" ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting"
+    --length-step "$step" --start "$start" ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting" "$@"
   # the shared lengths, one measured step after a warm-up each (a length a method cannot train is logged OOM)
   [ -z "$shared" ] || $py -m jenga.experiments.run --model "$model" --methods $methods --seqs $shared \
-    --steps 1 --warmup 1 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting/shared"
+    --steps 1 --warmup 1 ${MEMORY_GIB:+--memory-gib "$MEMORY_GIB"} --logs "$setting/shared" "$@"
 done
