@@ -25,6 +25,7 @@ activations); `FitCheckpointsCallback` fits as the HF Trainer starts training. A
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .messages import warn_once
 from .pinned import offloaded_saves
 from .saved import FUSED_ATTENTION
 
@@ -199,9 +201,9 @@ class FitCheckpointsCallback(TrainerCallback):
     measured step of `per_device_train_batch_size` rows of `tokens` random tokens (the longest batch to train)
     under the Trainer's bf16 or fp16 autocast leaves the last layers unchecked, as many as `budget_gib` (default:
     the GPU's memory less `margin_gib`) holds. `fit` holds what it measured and chose; a later `train()` keeps it.
-    The fit counts what the allocator reserves above its peak: with PyTorch's default allocator that was 7.1 GiB
-    for Llama-3-8B at 32K (two layers more checkpointed), with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
-    0.3 GiB (docs/benchmarks.md, "Fewer checkpoints")."""
+    The fit counts what the allocator reserves above its peak (and warns where that kept layers checkpointed): with
+    PyTorch's default allocator that was 7.1 GiB for Llama-3-8B at 32K (two layers more checkpointed), with
+    `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` 0.3 GiB (docs/benchmarks.md, "Fewer checkpoints")."""
 
     def __init__(self, tokens: int, budget_gib: float | None = None, margin_gib: float = FIT_MARGIN_GIB) -> None:
         _check_tokens(tokens)
@@ -296,9 +298,24 @@ def _measure_fit(
             f"an unchecked layer kept {layer:.3f} GiB more than a checkpointed one in the measured step: expected "
             f"more; choose the number of checkpointed layers with checkpoint_first(model, count)"
         )
-    room = budget_gib - slack
-    count = 0 if max(unchecked, recompute) > room else min(len(layers), 1 + int((room - unchecked) // layer))
+    count, without_slack = (
+        _unchecked_count(len(layers), unchecked, recompute, layer, room) for room in (budget_gib - slack, budget_gib)
+    )
+    expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
+    if without_slack > count and not expandable:
+        warn_once(
+            "fit-slack",
+            f"fit_checkpoints: the allocator reserved {slack:.1f} GiB above the measured step's peak, which kept "
+            f"{without_slack - count} more layer(s) checkpointed; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
+            f"set before the first CUDA call, makes it reserve less",
+        )
     return count, layer, unchecked, recompute, slack
+
+
+def _unchecked_count(layers: int, unchecked: float, recompute: float, layer: float, room: float) -> int:
+    """How many last layers may go unchecked in `room` GiB: the first adds nothing to the measured peaks, each
+    further one `layer` to the peak up to the last layer's backward."""
+    return 0 if max(unchecked, recompute) > room else min(layers, 1 + int((room - unchecked) // layer))
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
