@@ -3,7 +3,7 @@
 # (torch 2.11, transformers 5.17, peft, accelerate, triton, pyarrow, ...) lacks, installed for CPython 3.12 on
 # x86-64 Linux into one folder, then trimmed: Unsloth Studio (its web interface, which training never imports) and
 # bitsandbytes' libraries for other CUDA versions than 13.0 / 13.2 go. xformers stays out (its wheels are built for
-# another torch, and Unsloth then uses PyTorch's attention). Needs a package index here; writes $OUT (default
+# another torch, and Unsloth then uses PyTorch's attention). Needs a package index here; writes $BUNDLE (default
 # .whl/unsloth-bundle.tgz, about 28 MB). On the GPU machine:
 #   mkdir -p /tmp/usb && tar xzf .whl/unsloth-bundle.tgz -C /tmp/usb && export PYTHONPATH=$PWD/src:/tmp/usb
 #   bash scripts/longest/run.sh    # now finds `unsloth` and searches its longest length too
@@ -11,7 +11,7 @@
 # of 2026-12-06; PYTHON names the interpreter whose pip downloads.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-out=${OUT:-.whl/unsloth-bundle.tgz}
+out=${BUNDLE:-.whl/unsloth-bundle.tgz}
 pins=(
   unsloth==2026.10.9 unsloth-zoo==2026.10.9 bitsandbytes==0.50.2 trl==1.15.0 datasets==4.8.5 torchao==0.18.0
   diffusers==0.42.1 cut-cross-entropy==25.1.1 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1

@@ -217,7 +217,7 @@ def _git_commit() -> str | None:
 def source_digest(root: Path | None = None) -> str:
     """The first 16 hex digits of a SHA-256 over the library's Python sources (each file's path and bytes, in path
     order): which code ran, also where a copied tree's git metadata is missing or older than its files (a remote
-    GPU machine). `root` defaults to the installed `jenga` package; a checkout of any commit gives that commit's."""
+    GPU machine). `root` defaults to the installed `jenga` package; a checkout's `src/jenga` gives its commit's."""
     root = root or Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
