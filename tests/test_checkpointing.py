@@ -448,6 +448,37 @@ def test_fitting_checkpoints_leaves_as_many_last_layers_as_the_budget_holds(monk
     assert _forward_counts(model) == [1 if i in unchecked else 2 for i in range(4)]
 
 
+@pytest.mark.parametrize("alloc_conf", [None, "expandable_segments:True", "max_split_size_mb:128"])
+def test_a_fit_that_the_allocators_reserve_cost_layers_says_how_to_reserve_less(monkeypatch, caplog, alloc_conf):
+    """The reserved bytes above the measured peak count against the budget (7 GiB here, 3 of 4 layers kept
+    checkpointed that the allocated bytes would have left unchecked): the fit warns once and names the allocator's
+    expandable segments, unless they are on already."""
+    from jenga import messages
+
+    monkeypatch.setattr(messages, "_warned", set())
+    if alloc_conf is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", alloc_conf)
+    memory = FakeMemory([5.0, 6.0, 6.0, 9.0], [(10.0, 17.0), (8.0, 8.2)])
+    monkeypatch.setattr(checkpointing, "_memory", lambda device: memory)
+    model = _checkpointed_lora_model()
+
+    def step():
+        ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    with caplog.at_level("WARNING", logger="jenga"):
+        fit = fit_checkpoints(model, step, 18.0)
+    assert fit.unchecked == [3] and fit.slack_gib == pytest.approx(7.0)
+    warned = [r.getMessage() for r in caplog.records if "reserved 7.0 GiB" in r.getMessage()]
+    if alloc_conf == "expandable_segments:True":
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "kept 3 more layer(s) checkpointed" in warned[0]
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in warned[0]
+
+
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_fitting_checkpoints_to_a_batch_shape_steps_on_random_tokens_of_that_shape(monkeypatch, autocast):
     """`fit_checkpoints_to` hands `fit_checkpoints` a step of rows × tokens random ids as their own labels, under
