@@ -302,6 +302,9 @@ def test_unsloth_runs_in_its_own_interpreter_on_cached_random_weights(tmp_path, 
 def test_offloaded_checkpoints_beyond_the_hosts_memory_are_refused_before_the_run(tmp_path, monkeypatch):
     """A probe whose pinned checkpoints would outgrow the host is logged as OOM at the host budget, unrun; half
     the layers offloaded need half the bytes; GPU-only checkpointing is never refused."""
+    import argparse
+    from types import SimpleNamespace
+
     from jenga.experiments import host_memory, run
 
     folder = tmp_path / "arch"
@@ -317,6 +320,20 @@ def test_offloaded_checkpoints_beyond_the_hosts_memory_are_refused_before_the_ru
     assert summary["status"] == "oom" and summary["stage"] == "host-budget"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["record"] for r in records] == ["header", "summary"] and records[0]["checkpoint_offload"] == 1.0
+
+    # a sweep's probe (Unsloth's too) is refused before any process starts or weights are written
+    def no_process(*a, **k):
+        raise AssertionError("a refused run started a process")
+
+    monkeypatch.setattr(run, "subprocess", SimpleNamespace(run=no_process))
+    monkeypatch.setattr(run, "multiprocessing", SimpleNamespace(get_context=no_process))
+    for method, fork in [("lora+offckpt", True), ("lora+offckpt", False), ("unsloth", False)]:
+        args = argparse.Namespace(model=str(folder), fork=fork, memory_gib=None, data=None)
+        log = tmp_path / f"spawned_{method}_{fork}.jsonl"
+        summary = run.spawn(args, method, tokens, log, 1, 0, extra={})
+        assert summary["stage"] == "host-budget" and "need 1.0 GiB" in summary["error"]
+        header, logged = [json.loads(line) for line in log.read_text().splitlines()]
+        assert (header["method"], header["seq_len"], header["weights"], logged) == (method, tokens, None, summary)
     monkeypatch.setattr(host_memory, "available_gib", lambda: 2.0)
     assert host_memory.refusal(get_method("lora+offckpt"), str(folder), tokens) is None
 
@@ -381,8 +398,8 @@ def test_transformers_offload_is_the_baselines_and_its_rounded_blocks_are_budget
 
 
 def test_the_h200_hosts_budget_for_llama_3_8b_at_the_lengths_the_docs_name(monkeypatch):
-    """On the H200 machine (123 GiB available): Liger with transformers' offload fits 256K (32 x 2 GiB) but not
-    272K (32 blocks of 2.125 GiB rounded to 4 GiB), and Jenga's two-layer checkpoints at 656K all fit the host
+    """On the H200 machine (123 GiB available): Liger with transformers' offload, and Unsloth, fit 256K (32 x 2 GiB)
+    but not 272K (32 blocks of 2.125 GiB rounded to 4 GiB), and Jenga's two-layer checkpoints at 656K all fit the host
     (16 x 5.125 GiB) where PyTorch's rounded blocks would ask for 16 x 8 GiB."""
     from jenga.experiments import host_memory
 
@@ -390,6 +407,9 @@ def test_the_h200_hosts_budget_for_llama_3_8b_at_the_lengths_the_docs_name(monke
     liger = get_method("liger+offckpt")
     assert host_memory.refusal(liger, "llama-3-8b", 262144) is None
     assert "32 offloaded checkpoints need 128.0 GiB" in host_memory.refusal(liger, "llama-3-8b", 278528)
+    # Unsloth's rounded blocks: 272K and 432K (killed by the OOM killer when they ran) are refused, 256K fits
+    for seq, refused in [(262144, False), (278528, True), (442368, True)]:
+        assert (host_memory.refusal(get_method("unsloth"), "llama-3-8b", seq) is not None) == refused, seq
     fit = host_memory.resolve_offload(get_method("jenga-long+fitoffckpt"), "llama-3-8b", 671744)
     assert fit.checkpoint_offload == 1.0 and host_memory.refusal(fit, "llama-3-8b", 671744) is None
     assert host_memory.refusal(get_method("jenga-long+offckpt"), "llama-3-8b", 671744) is None

@@ -288,8 +288,13 @@ def test_longest_context_figure_says_how_far_each_length_is_the_limit(tmp_path):
     write_run(setting / "shared", "m", "liger+ckpt", 131072, ok, **header)
     write_run(setting / "shared", "m", "unsloth", 131072, ok, **header)
     write_run(setting / "probes", "m", "unsloth", 442368, {"status": "failed", "exit_code": -9}, **header)
-    write_run(setting / "probes", "m", "lora+halfoffckpt", 65536, ok, **header)
-    write_run(setting / "probes", "m", "lora+halfoffckpt", 81920, {"status": "oom", "stage": "host"}, **header)
+    write_run(setting / "probes", "m", "jenga+offckpt", 65536, ok, **header)
+    write_run(setting / "probes", "m", "jenga+offckpt", 81920, {"status": "oom", "stage": "host"}, **header)
+    # a search cut off by a time limit between a fit and a refusal 4 steps above: the lengths between are named
+    cut = {**header, "command": "python -m jenga.experiments.run --max-length --length-step 16384 --start 65536"}
+    write_run(setting / "probes", "m", "liger+offckpt", 65536, ok, **cut)
+    write_run(setting / "probes", "m", "liger+offckpt", 131072, {"status": "oom", "stage": "host-budget"}, **cut)
+    write_run(setting / "probes", "m", "lora+halfoffckpt", 65536, ok, **cut)  # cut off before a failure
     (setting / "maxlen").mkdir()
     search = {"record": "max_length", "method": "jenga+halfoffckpt", "max_ok": 524288, "cap": 524288}
     lines = [{"record": "header", "experiment": "max_length", "model": "m", "method": "jenga+halfoffckpt"}, search]
@@ -303,7 +308,9 @@ def test_longest_context_figure_says_how_far_each_length_is_the_limit(tmp_path):
         "lora+offckpt": (0, "fails at 96K (host budget)"),
         "liger+ckpt": (131072, "not searched: at least this"),
         "unsloth": (131072, "fails at 432K (killed by SIGKILL)"),
-        "lora+halfoffckpt": (65536, "fails at 80K (out of host memory)"),
+        "jenga+offckpt": (65536, "fails at 80K (out of host memory)"),
+        "lora+halfoffckpt": (65536, "the search was cut off: at least this"),
+        "liger+offckpt": (65536, "fails at 128K (host budget); 80K-112K not probed"),
         "jenga+halfoffckpt": (524288, "the search's cap: at least this"),
     }
     with capture_figures() as drawn:
@@ -311,7 +318,7 @@ def test_longest_context_figure_says_how_far_each_length_is_the_limit(tmp_path):
     assert [p.name for p in written] == ["gpu-uncapped_m.png", "gpu-uncapped.md"]
     bars, curve = drawn[tmp_path / "out" / "gpu-uncapped_m.png"].axes
     crosses = [line for line in bars.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
-    assert sorted(x for line in crosses for x in line.get_xdata()) == [80.0, 80.0, 96.0, 432.0]
+    assert sorted(x for line in crosses for x in line.get_xdata()) == [80.0, 80.0, 96.0, 128.0, 432.0]
     per_k = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata(), strict=True)) for line in curve.get_lines()}
     assert per_k["jenga+halfoffckpt"] == [(128.0, 8.0 / 128), (512.0, 1.0)]
     assert "lora+offckpt" not in per_k and per_k["lora+ckpt"] == [(64.0, 0.125)]

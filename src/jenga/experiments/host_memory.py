@@ -77,12 +77,14 @@ def killed_for_memory(exit_code: int | None, lowest_gib: float | None) -> str | 
 def _checkpoint_gib(method: Method, model_name: str, seq: int) -> tuple[int, float]:
     """(checkpoints, GiB of host memory one bf16 checkpoint at `seq` tokens takes) of the architecture as `method`
     checkpoints and offloads it: transformers' `offload=True` pins each in a block PyTorch rounds up to a power of
-    two; `jenga.pinned` pins the bytes (Unsloth pins rounded blocks while they fit, then pageable ones: at least
-    the bytes)."""
+    two, and so does Unsloth while the blocks fit (then it pins no more and keeps the rest in pageable memory,
+    which leaves too little for the process: on Llama-3-8B the H200 host's OOM killer ended it at 272K, 288K and
+    432K, each time when the rounded blocks were over the budget); `jenga.pinned` pins the bytes."""
     config = AutoConfig.from_pretrained(model_folder(model_name))
     count = math.ceil(config.num_hidden_layers / method.layers_per_checkpoint)
     nbytes = seq * config.hidden_size * 2
-    return count, (torch_block_bytes(nbytes) if method.transformers_offload else nbytes) / 2**30
+    rounded = method.transformers_offload or method.unsloth
+    return count, (torch_block_bytes(nbytes) if rounded else nbytes) / 2**30
 
 
 def resolve_offload(method: Method, model_name: str, seq: int) -> Method:

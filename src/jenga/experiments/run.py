@@ -268,15 +268,11 @@ def run_one(
     """
     method = host_memory.resolve_offload(get_method(method_name), model_name, seq)
     cap = cap_gpu_memory(memory_gib)
+    if (refused := refuse_for_host(path, method, model_name, seq, cap, data, command)) is not None:
+        return refused
     torch.manual_seed(0)
     header = run_fields(method, model_name, seq, cap, data)
     with JsonlWriter(path, header=None) as writer:
-        refusal = host_memory.refusal(method, model_name, seq)
-        if refusal is not None:  # pinned host memory beyond the machine's can take the machine down, not the run
-            writer.write(run_header(command, extra={**header, "weights": None}))
-            summary = {"record": "summary", "status": "oom", "error": refusal, "stage": "host-budget"}
-            writer.write(summary)
-            return summary
         try:
             if method.unsloth:
                 model, weights, timer = unsloth.build(model_name, seq), "random-init", None
@@ -325,6 +321,22 @@ def run_one(
                 writer.write({"record": kind, "status": "oom", "error": str(exc).splitlines()[0]})
         # this process's peak resident host memory (one configuration per process): pinned offload buffers count
         summary = {**stats.as_record(), "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        writer.write(summary)
+    return summary
+
+
+def refuse_for_host(
+    path: Path, method: Method, model_name: str, seq: int, cap: float | None, data: Path | None, command: str | None
+) -> dict | None:
+    """Log a run whose offloaded checkpoints would outgrow the host's budget as out of memory, unrun, and return
+    its summary; None when it may run. Pinned host memory beyond the machine's can take the machine down, not the
+    run."""
+    refusal = host_memory.refusal(method, model_name, seq)
+    if refusal is None:
+        return None
+    summary = {"record": "summary", "status": "oom", "error": refusal, "stage": "host-budget"}
+    with JsonlWriter(path, header=None) as writer:
+        writer.write(run_header(command, extra={**run_fields(method, model_name, seq, cap, data), "weights": None}))
         writer.write(summary)
     return summary
 
@@ -403,7 +415,14 @@ def spawn(
     )
     extra = {**extra, "data": args.data}
     command = sweep_command()
-    in_unsloth = get_method(method).unsloth
+    registered = get_method(method)
+    # refused here, before a process starts (or Unsloth's weights are written), a search's refusals take no time;
+    # "fit" offloading moves only what the host holds and is never refused
+    if registered.checkpoint_offload and registered.checkpoint_offload != "fit":
+        cap = args.memory_gib if torch.cuda.is_available() else None
+        if (refused := refuse_for_host(path, registered, args.model, seq, cap, args.data, command)) is not None:
+            return refused
+    in_unsloth = registered.unsloth
     if in_unsloth and subprocess.run([sys.executable, "-m", "jenga.experiments.unsloth", args.model]).returncode:
         summary = {"record": "summary", "status": "failed", "error": "writing the random-init weights failed"}
         with JsonlWriter(path) as writer:

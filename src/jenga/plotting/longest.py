@@ -4,8 +4,9 @@ each method trained one step at, and its time per token against the length, with
 Reads `<logs>/<setting>/` (e.g. `h200-uncapped`): the length search's probes (`probes/`) and results
 (`maxlen/`), and single runs at shared lengths (`shared/`). A method's bar is the longest length one of its
 logs trained a step at; its label says how far that is known to be its limit: the shortest failing length
-above it, the search's cap reached, or "not searched" when only shared lengths ran. Failed lengths (OOM, the
-host-memory budget) are crosses, never values.
+above it (and the lengths between left unprobed, where a search was cut off), the search's cap reached, a
+search cut off (a device call's time limit) before any failure, or "not searched" when no search ran. Failed
+lengths (OOM, the host-memory budget) are crosses, never values.
 """
 
 from __future__ import annotations
@@ -57,10 +58,26 @@ class Limit:
             why = STAGES.get(summary.get("stage"), summary.get("status", "?"))
             if why == "failed" and summary.get("exit_code") == -signal.SIGKILL:
                 why = "killed by SIGKILL"
-            return f"fails at {_k(self.failing.header['seq_len'])} ({why})"
+            failing, gap = self.failing.header["seq_len"], ""
+            step = _length_step(_words(self.failing))
+            if self.longest is not None and step and failing - self.tokens > step:  # a search cut off by a time limit
+                gap = f"; {_k(self.tokens + step)}-{_k(failing - step)} not probed"
+            return f"fails at {_k(failing)} ({why}){gap}"
         if self.search is not None and self.search["max_ok"] == self.search["cap"]:
             return "the search's cap: at least this"
+        if self.search is None and self.longest is not None and "--max-length" in _words(self.longest):
+            return "the search was cut off: at least this"
         return "not searched: at least this"
+
+
+def _words(run: Run) -> list[str]:
+    """The words of the command line that ran `run` (none where its header has none)."""
+    return (run.header.get("command") or "").split()
+
+
+def _length_step(words: list[str]) -> int | None:
+    """The search's granularity from a probe's command line (`--length-step N`), None where it has none."""
+    return int(words[words.index("--length-step") + 1]) if "--length-step" in words[:-1] else None
 
 
 def _k(tokens: int) -> str:
