@@ -100,9 +100,10 @@ def resolve_offload(method: Method, model_name: str, seq: int) -> Method:
 
 def refusal(method: Method, model_name: str, seq: int) -> str | None:
     """Why a run whose offloaded checkpoints would outgrow `BUDGET` of the available host memory is not started,
-    or None when they fit (or nothing is offloaded, or the host's memory is unknown)."""
+    or None when they fit (or nothing is offloaded, or the host's memory is unknown, or "fit" offloading, which
+    `resolve_offload` turns into the share that fits, is still unresolved)."""
     available = available_gib()
-    if not method.checkpoint_offload or available is None:
+    if not method.checkpoint_offload or method.checkpoint_offload == "fit" or available is None:
         return None
     count, each = _checkpoint_gib(method, model_name, seq)
     offloaded = offloaded_count(method.checkpoint_offload, count)

@@ -416,12 +416,10 @@ def spawn(
     extra = {**extra, "data": args.data}
     command = sweep_command()
     registered = get_method(method)
-    # refused here, before a process starts (or Unsloth's weights are written), a search's refusals take no time;
-    # "fit" offloading moves only what the host holds and is never refused
-    if registered.checkpoint_offload and registered.checkpoint_offload != "fit":
-        cap = args.memory_gib if torch.cuda.is_available() else None
-        if (refused := refuse_for_host(path, registered, args.model, seq, cap, args.data, command)) is not None:
-            return refused
+    # refused here, before a process starts (or Unsloth's weights are written): a search's refusals take no time
+    refused = refuse_for_host(path, registered, args.model, seq, sweep_cap(args), args.data, command)
+    if refused is not None:
+        return refused
     in_unsloth = registered.unsloth
     if in_unsloth and subprocess.run([sys.executable, "-m", "jenga.experiments.unsloth", args.model]).returncode:
         summary = {"record": "summary", "status": "failed", "error": "writing the random-init weights failed"}
@@ -471,13 +469,18 @@ def _ensure_header(path: Path, args: argparse.Namespace, method: str, seq: int, 
     records = read_jsonl(path) if path.exists() else []
     if any(r.get("record") == "header" for r in records):
         return
-    cap = args.memory_gib if torch.cuda.is_available() else None
+    cap = sweep_cap(args)
     # the method as registered ("fit" offloading unresolved: resolving reads the model, which may be what failed)
     fields = run_fields(get_method(method), args.model, seq, cap, args.data)
     note = "written by the sweep: the run ended before its own header"
     with JsonlWriter(path) as writer:
         for record in [run_header(command, extra={**fields, "weights": None, "header_note": note}), *records]:
             writer.write(record)
+
+
+def sweep_cap(args: argparse.Namespace) -> float | None:
+    """The GPU memory cap a sweep's runs log (none without a GPU, where `cap_gpu_memory` sets none)."""
+    return args.memory_gib if torch.cuda.is_available() else None
 
 
 def sweep_command() -> str:
